@@ -1,0 +1,16 @@
+// apectl subcommands. Each takes the positional arguments after its name and
+// returns a process exit code; results go to stdout, logs to stderr.
+#ifndef APESERVE_CLIENTS_APECTL_COMMANDS_H_
+#define APESERVE_CLIENTS_APECTL_COMMANDS_H_
+
+#include <string>
+#include <vector>
+
+namespace ape::apectl {
+
+int RunCommand(const std::vector<std::string>& args);   // local generation
+int InfoCommand(const std::vector<std::string>& args);  // describe a model
+
+}  // namespace ape::apectl
+
+#endif  // APESERVE_CLIENTS_APECTL_COMMANDS_H_

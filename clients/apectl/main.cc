@@ -1,0 +1,39 @@
+// apectl: the apeserve command-line tool.
+//   apectl run  --model M [--tokenizer T] --prompt P --max-tokens N --temperature 0
+//   apectl info --model M [--tokenizer T]
+// Flags may be spelled with dashes or underscores (--max-tokens = --max_tokens).
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "clients/apectl/commands.h"
+
+int main(int argc, char** argv) {
+  // absl flag names use underscores; accept the dashed spelling users type.
+  std::vector<std::string> storage(argv, argv + argc);
+  for (auto& a : storage) {
+    if (a.rfind("--", 0) != 0) continue;
+    size_t end = a.find('=');
+    for (size_t i = 2; i < std::min(end, a.size()); ++i) if (a[i] == '-') a[i] = '_';
+  }
+  std::vector<char*> args;
+  for (auto& s : storage) args.push_back(s.data());
+  absl::SetProgramUsageMessage(
+      "apeserve command-line tool.\n"
+      "  apectl run  --model M [--tokenizer T] --prompt P --max-tokens N [--temperature 0]\n"
+      "  apectl info --model M [--tokenizer T]");
+  std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  if (rest.size() < 2) {
+    std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
+    return 2;
+  }
+  std::string cmd = rest[1];
+  std::vector<std::string> pos(rest.begin() + 2, rest.end());
+  if (cmd == "run") return ape::apectl::RunCommand(pos);
+  if (cmd == "info") return ape::apectl::InfoCommand(pos);
+  std::fprintf(stderr, "apectl: unknown command '%s'\n%s\n", cmd.c_str(), absl::ProgramUsageMessage().data());
+  return 2;
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs every Debian bookworm package apeserve needs to build, test and run.
+# Idempotent (skips when everything is present), quiet, and fails loudly.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config git ca-certificates
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler  # gRPC API
+  libabsl-dev            # absl::Status, flags, strings
+  libopenblas-dev        # sgemm/sgemv for the transformer
+  libhiredis-dev         # Redis client for the KV store
+  redis-server           # the store itself (tests start private instances)
+  libgtest-dev           # unit tests
+)
+if [[ "${APESERVE_WITH_TORCH:-0}" == 1 ]]; then
+  PACKAGES+=(python3-torch python3-numpy)   # independent reference / model recipe
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages present" >&2
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [[ $(id -u) != 0 ]]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Debian package starts a system redis on 6379; apeserve never relies on it.
+echo "install-deps: done" >&2
