@@ -12,11 +12,32 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace ape {
 namespace {
 constexpr int kTile = 64;  // keys scored per step (a stack buffer)
+
+// expf for finite x, branch-free so that tile loops vectorize (Cephes'
+// polynomial; relative error about 2e-7, like libm's expf in float).
+inline float Exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
 }
+}  // namespace
 
 void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset,
                      int head_dim, int begin, int end, float logit_scale, AttentionState* st) {
@@ -28,6 +49,7 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
     for (int j = 0; j < nt; ++j) {
       const float* k = cache.key(layer, t0 + j) + kv_head_offset;
       float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
       for (int d = 0; d < head_dim; ++d) dot += q[d] * k[d];
       s[j] = dot * logit_scale;
       tile_max = std::max(tile_max, s[j]);
@@ -39,11 +61,14 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
       for (int d = 0; d < head_dim; ++d) st->acc[d] *= r;
       st->m = tile_max;
     }
+    float p[kTile];
+#pragma omp simd
+    for (int j = 0; j < nt; ++j) p[j] = Exp(s[j] - st->m);
     for (int j = 0; j < nt; ++j) {
-      const float p = std::exp(s[j] - st->m);
       const float* v = cache.value(layer, t0 + j) + kv_head_offset;
-      st->l += p;
-      for (int d = 0; d < head_dim; ++d) st->acc[d] += p * v[d];
+      st->l += p[j];
+#pragma omp simd
+      for (int d = 0; d < head_dim; ++d) st->acc[d] += p[j] * v[d];
     }
   }
 }

@@ -1,5 +1,7 @@
 #include "common/transformer.h"
 
+#include "common/matvec.h"
+
 #include <cblas.h>
 #include <omp.h>
 
@@ -33,7 +35,7 @@ int ComputeThreads() { return g_threads > 0 ? g_threads : omp_get_max_threads();
 
 void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy) {
   if (n == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.f, w, in, x, 1, 0.f, y, 1);
+    MatVec(w, x, y, out, in);
   } else {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.f, x, in, w, in, 0.f, y, ldy);
   }

@@ -52,7 +52,7 @@ class Transformer {
 };
 
 // y[n][out] = x[n][in] * W^T for row-major W[out][in]: sgemm for n > 1,
-// sgemv for n == 1. The hot spot of prefill and decode.
+// our streaming MatVec for n == 1. The hot spot of prefill and decode.
 void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy);
 
 }  // namespace ape

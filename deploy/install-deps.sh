@@ -10,11 +10,9 @@ PACKAGES=(
   libopenblas-dev        # sgemm/sgemv for the transformer
   libhiredis-dev         # Redis client for the KV store
   redis-server           # the store itself (tests start private instances)
-  libgtest-dev           # unit tests
+  libxxhash-dev          # XXH3-128: model fingerprints, cache keys, checksums
+  libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files
 )
-if [[ "${APESERVE_WITH_TORCH:-0}" == 1 ]]; then
-  PACKAGES+=(python3-torch python3-numpy)   # independent reference / model recipe
-fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
