@@ -62,7 +62,7 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
     tok += piece;
   }
   auto t = Tokenizer::FromLlama2c({reinterpret_cast<const uint8_t*>(tok.data()), tok.size()}, c.vocab_size, "random");
-  return Model::FromParts(c, std::move(w), *std::move(t), absl::StrFormat("random-%d", seed));
+  return Model::FromParts(c, std::move(w), *std::move(t), absl::StrFormat("%032x", seed));
 }
 
 }  // namespace ape::bench

@@ -1,0 +1,117 @@
+#include "common/server/server_util.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace ape {
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::StatusOr<Admission::Ticket> Admission::Enter(const std::function<bool()>& cancelled) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (running_ >= max_running_) {
+    if (waiting_ >= max_waiting_) {
+      return absl::ResourceExhaustedError(absl::StrCat("server busy: ", running_, " running and ", waiting_,
+                                                       " waiting requests; retry later"));
+    }
+    ++waiting_;
+    while (running_ >= max_running_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(50));
+      if (running_ < max_running_) break;
+      if (cancelled && cancelled()) {
+        --waiting_;
+        return absl::CancelledError("request cancelled or past its deadline while queued");
+      }
+    }
+    --waiting_;
+  }
+  ++running_;
+  return Ticket(this);
+}
+
+void Admission::Leave() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --running_;
+  cv_.notify_one();
+}
+
+int Admission::running() const { std::lock_guard<std::mutex> l(mu_); return running_; }
+int Admission::waiting() const { std::lock_guard<std::mutex> l(mu_); return waiting_; }
+
+void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
+                const std::string& details) {
+  std::string line = absl::StrCat(absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()), " ",
+                                  service, " ", method, " ", absl::StatusCodeToString(status.code()), " ", details);
+  if (!status.ok()) absl::StrAppend(&line, " error=\"", status.message(), "\"");
+  line += "\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+namespace {
+// Self-pipe: the handler (which may run on any thread, including ones
+// OpenBLAS started before main) writes the signal number; a thread reads it.
+int g_signal_pipe[2] = {-1, -1};
+void OnSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &c, 1);
+}
+}  // namespace
+
+void InstallTerminationHandlers() {
+  if (g_signal_pipe[0] >= 0) return;
+  if (pipe(g_signal_pipe) != 0) return;
+  struct sigaction sa {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& services, std::chrono::seconds grace) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(opts.listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(opts.max_message_bytes);
+  builder.SetMaxSendMessageSize(opts.max_message_bytes);
+  for (auto* s : services) builder.RegisterService(s);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "%s: cannot listen on %s\n", opts.name.c_str(), opts.listen.c_str());
+    return 1;
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  std::fprintf(stderr, "%s: listening on %s\n", opts.name.c_str(), opts.listen.c_str());
+  InstallTerminationHandlers();
+  std::thread waiter([&] {
+    char c = 0;
+    while (read(g_signal_pipe[0], &c, 1) < 0 && errno == EINTR) {
+    }
+    const int sig = c;
+    std::fprintf(stderr, "%s: signal %d, shutting down\n", opts.name.c_str(), sig);
+    server->GetHealthCheckService()->SetServingStatus(false);
+    server->Shutdown(std::chrono::system_clock::now() + grace);
+  });
+  server->Wait();
+  waiter.join();
+  std::fprintf(stderr, "%s: stopped\n", opts.name.c_str());
+  return 0;
+}
+
+}  // namespace ape

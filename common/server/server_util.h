@@ -1,0 +1,75 @@
+// What both gRPC services share: status conversion, admission control, the
+// per-request log line, and running a server until SIGTERM/SIGINT.
+// This is service plumbing; the engine (common/*.h) knows no gRPC.
+#ifndef APESERVE_COMMON_SERVER_SERVER_UTIL_H_
+#define APESERVE_COMMON_SERVER_SERVER_UTIL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace ape {
+
+// absl::Status -> grpc::Status, same code and message (done once, at the edge).
+grpc::Status ToGrpcStatus(const absl::Status& s);
+
+// Bounds concurrent compute: at most `max_running` requests run, at most
+// `max_waiting` wait; beyond that Enter() fails with RESOURCE_EXHAUSTED
+// instead of queueing without bound. Waiting stops when `cancelled` says so.
+class Admission {
+ public:
+  Admission(int max_running, int max_waiting) : max_running_(max_running), max_waiting_(max_waiting) {}
+  class Ticket {
+   public:
+    explicit Ticket(Admission* a) : a_(a) {}
+    Ticket(Ticket&& o) noexcept : a_(o.a_) { o.a_ = nullptr; }
+    ~Ticket() { if (a_) a_->Leave(); }
+   private:
+    Admission* a_;
+  };
+  absl::StatusOr<Ticket> Enter(const std::function<bool()>& cancelled);
+  int running() const;
+  int waiting() const;
+
+ private:
+  void Leave();
+  const int max_running_, max_waiting_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int running_ = 0, waiting_ = 0;
+};
+
+// Milliseconds since `t`.
+inline double MsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+// Writes one request line to stderr: "<time> <service> <method> <status> <details>".
+void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
+                const std::string& details);
+
+struct ServerOptions {
+  std::string listen;               // host:port
+  int max_message_bytes = 64 << 20;
+  std::string name;                 // for logs
+};
+
+// Builds a server with the services, reflection and the standard health
+// service (SERVING), and blocks until SIGTERM or SIGINT, then shuts down
+// gracefully (in-flight calls get `grace`). Returns a process exit code.
+int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& services,
+              std::chrono::seconds grace = std::chrono::seconds(5));
+
+// Routes SIGTERM/SIGINT to RunServer's graceful shutdown; call first in main().
+void InstallTerminationHandlers();
+
+}  // namespace ape
+
+#endif  // APESERVE_COMMON_SERVER_SERVER_UTIL_H_

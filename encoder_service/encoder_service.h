@@ -1,0 +1,45 @@
+// ape.v1.Encoder: validates, calls common/encode_pipeline, logs one line.
+#ifndef APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
+#define APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
+
+#include "ape/v1/encoder.grpc.pb.h"
+#include "common/encode_pipeline.h"
+#include "common/server/server_util.h"
+
+namespace ape {
+
+struct EncoderLimits {
+  int max_contexts = 64;
+  int max_context_tokens = 4096;
+  int max_prefix_tokens = 4096;
+  KvDtype default_dtype = KvDtype::kFloat16;
+  int default_ttl_seconds = 0;
+  int max_concurrent = 1;  // requests computing at once (each uses every core)
+  int max_queue = 16;      // requests waiting beyond that
+};
+
+class EncoderService final : public v1::Encoder::Service {
+ public:
+  EncoderService(const Model& model, RedisStore& store, EncoderLimits limits)
+      : model_(model), store_(store), limits_(limits), admission_(limits.max_concurrent, limits.max_queue) {}
+
+  grpc::Status Encode(grpc::ServerContext* ctx, const v1::EncodeRequest* req, v1::EncodeResponse* resp) override;
+  grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override;
+  grpc::Status Detokenize(grpc::ServerContext* ctx, const v1::DetokenizeRequest* req, v1::DetokenizeResponse* resp) override;
+  grpc::Status ModelInfo(grpc::ServerContext* ctx, const v1::ModelInfoRequest* req, v1::ModelInfoResponse* resp) override;
+
+ private:
+  absl::Status DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,
+                        std::string* log);
+  const Model& model_;
+  RedisStore& store_;
+  const EncoderLimits limits_;
+  Admission admission_;
+};
+
+// Fills a ModelInfoResponse (shared with the decoder).
+void DescribeModel(const Model& model, v1::ModelInfoResponse* resp);
+
+}  // namespace ape
+
+#endif  // APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
