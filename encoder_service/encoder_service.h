@@ -4,6 +4,7 @@
 
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/encode_pipeline.h"
+#include "common/server/model_info.h"
 #include "common/server/server_util.h"
 
 namespace ape {
@@ -36,9 +37,6 @@ class EncoderService final : public v1::Encoder::Service {
   const EncoderLimits limits_;
   Admission admission_;
 };
-
-// Fills a ModelInfoResponse (shared with the decoder).
-void DescribeModel(const Model& model, v1::ModelInfoResponse* resp);
 
 }  // namespace ape
 
