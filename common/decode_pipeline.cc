@@ -64,7 +64,8 @@ absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store,
   std::vector<bool> have(n + 1, false);
   absl::Status store_status = absl::OkStatus();
   std::vector<std::string> foreign;  // keys whose entries exist but do not match
-  std::vector<std::string> corrupt;  // keys whose bytes fail verification
+  std::vector<std::string> corrupt;  // keys whose bytes fail verification, with why
+  std::vector<std::string> corrupt_keys;
   auto try_load = [&](const std::vector<size_t>& which) -> absl::Status {
     std::vector<std::string> ks;
     for (size_t i : which) ks.push_back(keys[i]);
@@ -76,6 +77,7 @@ absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store,
       auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(out.bytes[i].data()), out.bytes[i].size()});
       if (!view.ok()) {  // corrupt: a clean miss (re-encoded when we have the content)
         corrupt.push_back(absl::StrCat(keys[i], " (", view.status().message(), ")"));
+        corrupt_keys.push_back(keys[i]);
         out.bytes[i].clear();
         continue;
       }
@@ -99,6 +101,8 @@ absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store,
   std::vector<size_t> all(n + 1);
   std::iota(all.begin(), all.end(), 0);
   if (store != nullptr) store_status = try_load(all);
+  // Unreadable entries are useless to everyone: drop them so they get rewritten.
+  if (!corrupt_keys.empty() && store_status.ok()) (void)store->Delete(corrupt_keys);
   if (!foreign.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cache entries cannot be used with this request's model, prefix and format: ", absl::StrJoin(foreign, ", ")));
