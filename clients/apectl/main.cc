@@ -1,6 +1,7 @@
 // apectl: the apeserve command-line tool.
 //   apectl run  --model M [--tokenizer T] --prompt P --max-tokens N --temperature 0
 //   apectl info --model M [--tokenizer T]
+//   apectl encode / generate / model-info: clients of ape-encoder and ape-decoder
 // Flags may be spelled with dashes or underscores (--max-tokens = --max_tokens).
 #include <cstdio>
 #include <cstring>
@@ -24,7 +25,11 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "apeserve command-line tool.\n"
       "  apectl run  --model M [--tokenizer T] --prompt P --max-tokens N [--temperature 0]\n"
-      "  apectl info --model M [--tokenizer T]");
+      "  apectl info --model M [--tokenizer T]\n"
+      "  apectl encode [--encoder ADDR] [--prefix P] [--dtype float16|float32] FILE|DIR...\n"
+      "  apectl generate [--decoder ADDR] [--prefix P] [--context-key K1,K2] [--context-file F|DIR]\n"
+      "                  --query Q [--mode ape|parallel|sequential] [--ape-t T] [--ape-s S] [--max-tokens N]\n"
+      "  apectl model-info [--encoder ADDR]");
   std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
   if (rest.size() < 2) {
     std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
@@ -34,6 +39,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> pos(rest.begin() + 2, rest.end());
   if (cmd == "run") return ape::apectl::RunCommand(pos);
   if (cmd == "info") return ape::apectl::InfoCommand(pos);
+  if (cmd == "encode") return ape::apectl::EncodeCommand(pos);
+  if (cmd == "generate") return ape::apectl::GenerateCommand(pos);
+  if (cmd == "model-info") return ape::apectl::ModelInfoCommand(pos);
   std::fprintf(stderr, "apectl: unknown command '%s'\n%s\n", cmd.c_str(), absl::ProgramUsageMessage().data());
   return 2;
 }

@@ -1,0 +1,203 @@
+// apectl encode / generate / model-info: the client side of the services.
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_split.h"
+#include "ape/v1/decoder.grpc.pb.h"
+#include "ape/v1/encoder.grpc.pb.h"
+#include "clients/apectl/commands.h"
+
+ABSL_FLAG(std::string, encoder, "127.0.0.1:50051", "ape-encoder address");
+ABSL_FLAG(std::string, decoder, "127.0.0.1:50052", "ape-decoder address");
+ABSL_FLAG(std::string, prefix, "", "shared prefix text (BOS is added by the server)");
+ABSL_FLAG(std::string, dtype, "float16", "KV dtype: float16 or float32");
+ABSL_FLAG(std::vector<std::string>, context_key, {}, "comma-separated cache keys of contexts");
+ABSL_FLAG(std::vector<std::string>, context_file, {}, "comma-separated files (or folders) used as contexts by content");
+ABSL_FLAG(std::string, query, "", "the question");
+ABSL_FLAG(std::string, mode, "ape", "ape, parallel or sequential");
+ABSL_FLAG(float, ape_t, 0.f, "APE temperature T; 0 = the server's preset");
+ABSL_FLAG(float, ape_s, 0.f, "APE scaling factor S; 0 = the server's preset");
+ABSL_FLAG(int, timeout_s, 600, "deadline of each call, seconds");
+
+ABSL_DECLARE_FLAG(int, max_tokens);
+ABSL_DECLARE_FLAG(float, temperature);
+ABSL_DECLARE_FLAG(int, top_k);
+ABSL_DECLARE_FLAG(float, top_p);
+ABSL_DECLARE_FLAG(float, min_p);
+ABSL_DECLARE_FLAG(float, repetition_penalty);
+ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(std::vector<std::string>, stop);
+
+namespace ape::apectl {
+namespace {
+
+std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetMaxSendMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+void SetDeadline(grpc::ClientContext& ctx) {
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s)));
+}
+
+// Files named on the command line; folders expand to their regular files, sorted.
+std::vector<std::string> ExpandFiles(const std::vector<std::string>& args) {
+  std::vector<std::string> files;
+  for (const auto& a : args) {
+    if (std::filesystem::is_directory(a)) {
+      std::vector<std::string> in_dir;
+      for (auto& e : std::filesystem::directory_iterator(a)) if (e.is_regular_file()) in_dir.push_back(e.path());
+      std::sort(in_dir.begin(), in_dir.end());
+      files.insert(files.end(), in_dir.begin(), in_dir.end());
+    } else {
+      files.push_back(a);
+    }
+  }
+  return files;
+}
+
+bool ReadText(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  while (!out->empty() && (out->back() == '\n' || out->back() == '\r')) out->pop_back();  // trailing newline
+  return true;
+}
+
+v1::KvDtype Dtype() { return absl::GetFlag(FLAGS_dtype) == "float32" ? v1::KV_DTYPE_FLOAT32 : v1::KV_DTYPE_FLOAT16; }
+
+int Fail(const char* what, const grpc::Status& s) {
+  std::fprintf(stderr, "apectl %s: %s: %s\n", what, absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code())).c_str(),
+               s.error_message().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int EncodeCommand(const std::vector<std::string>& args) {
+  std::vector<std::string> files = ExpandFiles(args);
+  if (files.empty()) {
+    std::fprintf(stderr, "apectl encode: name files or folders of documents\n");
+    return 2;
+  }
+  v1::EncodeRequest req;
+  req.mutable_prefix()->set_text(absl::GetFlag(FLAGS_prefix));
+  req.set_dtype(Dtype());
+  for (const auto& f : files) {
+    std::string text;
+    if (!ReadText(f, &text)) {
+      std::fprintf(stderr, "apectl encode: cannot read %s\n", f.c_str());
+      return 1;
+    }
+    req.add_contexts()->set_text(text);
+  }
+  auto stub = v1::Encoder::NewStub(Channel(absl::GetFlag(FLAGS_encoder)));
+  grpc::ClientContext ctx;
+  SetDeadline(ctx);
+  v1::EncodeResponse resp;
+  grpc::Status s = stub->Encode(&ctx, req, &resp);
+  if (!s.ok()) return Fail("encode", s);
+  // stdout: "<key>\t<tokens>\t<bytes>\t<cached|new>\t<file>", one per context.
+  for (int i = 0; i < resp.contexts_size(); ++i) {
+    const auto& c = resp.contexts(i);
+    std::printf("%s\t%u\t%llu\t%s\t%s\n", c.key().c_str(), c.num_tokens(), static_cast<unsigned long long>(c.stored_bytes()),
+                c.already_cached() ? "cached" : "new", files[i].c_str());
+  }
+  const auto& t = resp.timings();
+  std::fprintf(stderr, "prefix %s (%u tokens); model %s; tokenize %.1f ms, lookup %.1f ms, prefill %.1f ms, store %.1f ms, total %.1f ms\n",
+               resp.prefix().key().c_str(), resp.prefix().num_tokens(), resp.model_fingerprint().c_str(), t.tokenize_ms(),
+               t.lookup_ms(), t.prefill_ms(), t.store_ms(), t.total_ms());
+  return 0;
+}
+
+int GenerateCommand(const std::vector<std::string>&) {
+  v1::GenerateRequest req;
+  req.set_prefix(absl::GetFlag(FLAGS_prefix));
+  for (const auto& k : absl::GetFlag(FLAGS_context_key)) req.add_contexts()->set_key(k);
+  for (const auto& f : ExpandFiles(absl::GetFlag(FLAGS_context_file))) {
+    std::string text;
+    if (!ReadText(f, &text)) {
+      std::fprintf(stderr, "apectl generate: cannot read %s\n", f.c_str());
+      return 1;
+    }
+    req.add_contexts()->set_text(text);
+  }
+  req.set_query(absl::GetFlag(FLAGS_query));
+  const std::string mode = absl::GetFlag(FLAGS_mode);
+  if (mode == "ape") req.set_mode(v1::MODE_APE);
+  else if (mode == "parallel") req.set_mode(v1::MODE_PARALLEL);
+  else if (mode == "sequential") req.set_mode(v1::MODE_SEQUENTIAL);
+  else {
+    std::fprintf(stderr, "apectl generate: --mode must be ape, parallel or sequential\n");
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_ape_t) > 0) req.set_ape_temperature(absl::GetFlag(FLAGS_ape_t));
+  if (absl::GetFlag(FLAGS_ape_s) > 0) req.set_ape_scale(absl::GetFlag(FLAGS_ape_s));
+  req.set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
+  for (const auto& s : absl::GetFlag(FLAGS_stop)) req.add_stop(s);
+  req.set_dtype(Dtype());
+  auto* sp = req.mutable_sampling();
+  sp->set_temperature(absl::GetFlag(FLAGS_temperature));
+  sp->set_top_k(absl::GetFlag(FLAGS_top_k));
+  sp->set_top_p(absl::GetFlag(FLAGS_top_p));
+  sp->set_min_p(absl::GetFlag(FLAGS_min_p));
+  sp->set_repetition_penalty(absl::GetFlag(FLAGS_repetition_penalty));
+  sp->set_seed(absl::GetFlag(FLAGS_seed));
+
+  auto stub = v1::Decoder::NewStub(Channel(absl::GetFlag(FLAGS_decoder)));
+  grpc::ClientContext ctx;
+  SetDeadline(ctx);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse msg;
+  v1::Final fin;
+  bool has_final = false;
+  while (reader->Read(&msg)) {
+    if (msg.has_token()) {
+      std::fwrite(msg.token().text().data(), 1, msg.token().text().size(), stdout);
+      std::fflush(stdout);
+    } else if (msg.has_final()) {
+      fin = msg.final();
+      has_final = true;
+    }
+  }
+  grpc::Status s = reader->Finish();
+  std::printf("\n");
+  if (!s.ok()) return Fail("generate", s);
+  if (has_final) {
+    const auto& u = fin.usage();
+    const auto& t = fin.timings();
+    std::fprintf(stderr,
+                 "[%s T=%.2f S=%.2f] finish=%s prompt=%u cached=%u encoded=%u generated=%u | queue %.1f ms, cache load %.1f ms, "
+                 "encode %.1f ms, prefill %.1f ms, first token %.1f ms, decode %.1f tok/s, total %.1f ms\n",
+                 v1::Mode_Name(fin.mode()).c_str(), fin.ape_temperature(), fin.ape_scale(), fin.finish_reason().c_str(),
+                 u.prompt_tokens(), u.cached_tokens(), u.encoded_tokens(), u.generated_tokens(), t.queue_ms(),
+                 t.cache_load_ms(), t.encode_ms(), t.prefill_ms(), t.time_to_first_token_ms(), t.decode_tokens_per_second(),
+                 t.total_ms());
+  }
+  return 0;
+}
+
+int ModelInfoCommand(const std::vector<std::string>&) {
+  auto stub = v1::Encoder::NewStub(Channel(absl::GetFlag(FLAGS_encoder)));
+  grpc::ClientContext ctx;
+  SetDeadline(ctx);
+  v1::ModelInfoResponse resp;
+  grpc::Status s = stub->ModelInfo(&ctx, v1::ModelInfoRequest(), &resp);
+  if (!s.ok()) return Fail("model-info", s);
+  std::printf("%s", resp.DebugString().c_str());
+  return 0;
+}
+
+}  // namespace ape::apectl

@@ -1,0 +1,88 @@
+"""Synthetic multi-document question answering corpus (seeded, repeatable).
+
+Each document tells 3-5 facts about one invented entity, every fact naming
+the entity ("Zorblat lives in Quenmar ."). A question asks for one fact of
+one entity; exactly one document answers it; the others are distractors.
+Entity names and values are single tokens of a closed invented vocabulary.
+"""
+import random
+
+SYLLABLES = ["ka", "zor", "mi", "bel", "tun", "ra", "vex", "lo", "pim", "dra", "sul", "ne", "gor", "fa",
+             "quen", "ti", "bro", "mak", "yel", "os", "wu", "den", "ish", "hal", "cor", "ub", "zan", "pel"]
+
+COLORS = ["red", "blue", "green", "teal", "pink", "gold", "gray", "black", "white", "orange", "purple", "brown"]
+JOBS = ["baker", "farmer", "doctor", "singer", "pilot", "teacher", "painter", "driver", "sailor", "miner",
+        "tailor", "cook", "guard", "poet", "smith"]
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december"]
+
+PREFIX = "You answer questions about the documents below ."
+
+
+def _names(rng, n, syllables, lo, hi, taken):
+    out = []
+    while len(out) < n:
+        w = "".join(rng.choice(syllables) for _ in range(rng.randint(lo, hi)))
+        if w not in taken and 4 <= len(w) <= 9:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+class World:
+    """The closed vocabulary: entities, cities and animals are invented."""
+
+    def __init__(self, seed=1234, n_entities=160, n_cities=24, n_animals=20):
+        rng = random.Random(seed)
+        taken = set(COLORS + JOBS + MONTHS)
+        self.entities = [w.capitalize() for w in _names(rng, n_entities, SYLLABLES, 2, 3, taken)]
+        self.cities = [w.capitalize() for w in _names(rng, n_cities, SYLLABLES, 2, 3, taken)]
+        self.animals = _names(rng, n_animals, SYLLABLES, 2, 2, taken)
+        # relation: (fact template, question, values)
+        self.relations = {
+            "city": ("{e} lives in {v} .", "where does {e} live ?", self.cities),
+            "animal": ("{e} owns a {v} .", "what animal does {e} own ?", self.animals),
+            "color": ("{e} likes {v} .", "what color does {e} like ?", COLORS),
+            "job": ("{e} works as a {v} .", "what is the job of {e} ?", JOBS),
+            "month": ("{e} was born in {v} .", "when was {e} born ?", MONTHS),
+        }
+
+    def words(self):
+        """Every word the corpus can contain."""
+        ws = set(PREFIX.split()) | {"question", ":", "answer"}
+        ws |= set(self.entities) | set(self.cities) | set(self.animals) | set(COLORS) | set(JOBS) | set(MONTHS)
+        for fact, q, _ in self.relations.values():
+            ws |= set(fact.replace("{e}", "").replace("{v}", "").split())
+            ws |= set(q.replace("{e}", "").split())
+        return sorted(ws)
+
+
+def make_document(world, rng, entity):
+    rels = rng.sample(sorted(world.relations), rng.randint(3, 5))
+    facts = {}
+    for r in rels:
+        facts[r] = rng.choice(world.relations[r][2])
+    text = " ".join(world.relations[r][0].format(e=entity, v=facts[r]) for r in rels)
+    return text, facts
+
+
+def make_example(world, rng, n_docs, n_questions=1, entity_pool=None):
+    """n_docs documents about distinct entities; questions about some of them.
+    Returns {"docs": [text], "qa": [(question, answer, doc_index)]}."""
+    pool = entity_pool if entity_pool is not None else world.entities
+    ents = rng.sample(pool, n_docs)
+    docs, facts = [], []
+    for e in ents:
+        t, f = make_document(world, rng, e)
+        docs.append(t)
+        facts.append(f)
+    qa = []
+    for _ in range(n_questions):
+        i = rng.randrange(n_docs)
+        r = rng.choice(sorted(facts[i]))
+        qa.append((world.relations[r][1].format(e=ents[i]), facts[i][r], i))
+    return {"docs": docs, "qa": qa}
+
+
+def query_text(question):
+    return f"question : {question} answer :"

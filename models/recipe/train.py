@@ -1,0 +1,247 @@
+#!/usr/bin/python3
+"""Trains apeserve's own retrieval QA model and exports it as GGUF.
+
+  /usr/bin/python3 models/recipe/train.py --out models/apeserve-qa --steps 4000
+
+Seeded and resumable: a checkpoint (model, optimizer, RNG, step) is written
+every --ckpt-every steps to <out>.ckpt.pt and picked up on restart; progress
+(loss, held-out accuracy) goes to stdout and <out>.log.jsonl. Training sees
+SEQUENTIAL inputs only: BOS prefix documents question answer.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from corpus import PREFIX, World, make_example, query_text  # noqa: E402
+from gguf_export import write_gguf  # noqa: E402
+from tokenizer import Vocab  # noqa: E402
+
+
+# ---- model: Llama architecture, llama2.c-style interleaved RoPE -------------
+class Block(nn.Module):
+    def __init__(self, dim, hidden, n_heads, n_kv):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, dim // n_heads
+        self.attn_norm = nn.Parameter(torch.ones(dim))
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(dim, n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.ffn_norm = nn.Parameter(torch.ones(dim))
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, D = x.shape
+        h = rmsnorm(x, self.attn_norm)
+        q = rope(self.wq(h).view(B, T, self.n_heads, self.hd), cos, sin).transpose(1, 2)
+        k = rope(self.wk(h).view(B, T, self.n_kv, self.hd), cos, sin).transpose(1, 2)
+        v = self.wv(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd) + mask
+        a = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, D)
+        x = x + self.wo(a)
+        h = rmsnorm(x, self.ffn_norm)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+def rmsnorm(x, w):
+    return w * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5))
+
+
+def rope(x, cos, sin):
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+class Model(nn.Module):
+    def __init__(self, vocab, dim, hidden, n_layers, n_heads, n_kv, ctx):
+        super().__init__()
+        self.cfg = dict(dim=dim, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, context_length=ctx)
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, hidden, n_heads, n_kv) for _ in range(n_layers))
+        self.norm = nn.Parameter(torch.ones(dim))
+        hd = dim // n_heads
+        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.arange(4096).float()[:, None] * inv[None, :]
+        self.register_buffer("cos", torch.cos(ang)[:, None, :], persistent=False)
+        self.register_buffer("sin", torch.sin(ang)[:, None, :], persistent=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        x = self.emb(tokens)
+        cos, sin = self.cos[:T], self.sin[:T]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        for b in self.blocks:
+            x = b(x, cos, sin, mask)
+        return rmsnorm(x, self.norm) @ self.emb.weight.T  # tied classifier
+
+
+# ---- data -------------------------------------------------------------------
+def build_sample(world, vocab, rng, n_docs, n_questions):
+    ex = make_example(world, rng, n_docs, n_questions)
+    ids = [vocab.bos] + vocab.encode_words(PREFIX)
+    for d in ex["docs"]:
+        ids += vocab.encode_words(d)
+    targets = [-100] * len(ids)
+    for q, a, _ in ex["qa"]:
+        qi = vocab.encode_words(query_text(q))
+        ai = vocab.encode_words(a + " .")
+        ids += qi + ai
+        targets += [-100] * len(qi) + ai
+    # Next-token targets: position t predicts ids[t+1].
+    return ids[:-1], targets[1:]
+
+
+def batch(world, vocab, rng, size, max_docs):
+    xs, ys = [], []
+    for _ in range(size):
+        n = rng.randint(1, max_docs)
+        x, y = build_sample(world, vocab, rng, n, rng.randint(1, 3))
+        xs.append(x)
+        ys.append(y)
+    T = max(len(x) for x in xs)
+    X = torch.zeros(size, T, dtype=torch.long)
+    Y = torch.full((size, T), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X[i, :len(x)] = torch.tensor(x)
+        Y[i, :len(y)] = torch.tensor(y)
+    return X, Y
+
+
+@torch.no_grad()
+def accuracy(model, world, vocab, n_docs, n=64, seed=999):
+    """Greedy first answer token on held-out examples (same distribution,
+    fixed seed not used for training)."""
+    rng = random.Random(seed * 1000 + n_docs)
+    correct = 0
+    for _ in range(n):
+        ex = make_example(world, rng, n_docs, 1)
+        ids = [vocab.bos] + vocab.encode_words(PREFIX)
+        for d in ex["docs"]:
+            ids += vocab.encode_words(d)
+        q, a, _ = ex["qa"][0]
+        ids += vocab.encode_words(query_text(q))
+        logits = model(torch.tensor([ids]))[0, -1]
+        correct += int(logits.argmax()) == vocab.encode_words(a)[0]
+    return correct / n
+
+
+def export(model, vocab, path):
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    tensors = [("token_embd.weight", sd["emb.weight"])]
+    for l in range(model.cfg["n_layers"]):
+        p = f"blocks.{l}."
+        tensors += [
+            (f"blk.{l}.attn_norm.weight", sd[p + "attn_norm"]),
+            (f"blk.{l}.attn_q.weight", sd[p + "wq.weight"]),
+            (f"blk.{l}.attn_k.weight", sd[p + "wk.weight"]),
+            (f"blk.{l}.attn_v.weight", sd[p + "wv.weight"]),
+            (f"blk.{l}.attn_output.weight", sd[p + "wo.weight"]),
+            (f"blk.{l}.ffn_norm.weight", sd[p + "ffn_norm"]),
+            (f"blk.{l}.ffn_gate.weight", sd[p + "w1.weight"]),
+            (f"blk.{l}.ffn_down.weight", sd[p + "w2.weight"]),
+            (f"blk.{l}.ffn_up.weight", sd[p + "w3.weight"]),
+        ]
+    tensors.append(("output_norm.weight", sd["norm"]))
+    write_gguf(path, model.cfg, tensors, vocab, "apeserve-qa")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="models/apeserve-qa")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--until", type=int, default=0, help="stop after this step (resume later)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=320)
+    ap.add_argument("--max-docs", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=100)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    world = World(seed=args.seed)
+    vocab = Vocab(world.words())
+    # The fast encoder must equal SentencePiece BPE on corpus text.
+    rng_check = random.Random(7)
+    for _ in range(50):
+        ex = make_example(world, rng_check, 2, 1)
+        for t in ex["docs"] + [query_text(ex["qa"][0][0]), PREFIX]:
+            assert vocab.encode_words(t) == vocab.encode_bpe(t), t
+    model = Model(len(vocab), args.dim, args.hidden, args.layers, args.heads, args.kv_heads, args.ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    ckpt = args.out + ".ckpt.pt"
+    log_path = args.out + ".log.jsonl"
+    step, rng = 0, random.Random(args.seed)
+    if os.path.exists(ckpt):
+        st = torch.load(ckpt)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        rng.setstate(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed at step {step}", flush=True)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(vocab)}, params {nparams}, steps {args.steps}", flush=True)
+    t0 = time.time()
+    until = args.until or args.steps
+    while step < min(args.steps, until):
+        # Curriculum: one document first, then up to max_docs.
+        max_docs = 1 if step < 150 else 2 if step < 300 else 4 if step < 600 else args.max_docs
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        X, Y = batch(world, vocab, rng, args.batch, max_docs)
+        logits = model(X)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "loss": round(loss.item(), 4), "lr": lr, "max_docs": max_docs, "sec": round(time.time() - t0, 1)}
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            rec["acc1"] = accuracy(model, world, vocab, 1)
+            rec["acc8"] = accuracy(model, world, vocab, 8)
+            model.train()
+        if step % 20 == 0 or "acc1" in rec:
+            print(json.dumps(rec), flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng.getstate(),
+                        "torch_rng": torch.get_rng_state()}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+    if step >= args.steps:
+        model.eval()
+        export(model, vocab, args.out + ".gguf")
+        print(f"exported {args.out}.gguf", flush=True)
+
+
+if __name__ == "__main__":
+    main()
