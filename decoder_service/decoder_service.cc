@@ -16,6 +16,7 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
     args.SetMaxSendMessageSize(64 << 20);
+    args.SetLoadBalancingPolicyName("round_robin");  // over every address a dns:/// name resolves to
     encoder_ = v1::Encoder::NewStub(
         grpc::CreateCustomChannel(encoder_address, grpc::InsecureChannelCredentials(), args));
   }
@@ -29,8 +30,8 @@ absl::StatusOr<DecodeInput> DecoderService::Validate(const v1::GenerateRequest& 
     case v1::MODE_SEQUENTIAL: in.mode = DecodeMode::kSequential; break;
     default: return absl::InvalidArgumentError(absl::StrCat("unknown mode ", req.mode()));
   }
-  in.temperature = req.has_ape_temperature() ? req.ape_temperature() : preset_.temperature;
-  in.scale = req.has_ape_scale() ? req.ape_scale() : preset_.scale;
+  in.temperature = req.ape_temperature() != 0.f ? req.ape_temperature() : preset_.temperature;
+  in.scale = req.ape_scale() != 0.f ? req.ape_scale() : preset_.scale;
   if (!(in.temperature > 0.f && in.temperature <= 2.f)) return absl::InvalidArgumentError("ape_temperature must be in (0, 2]");
   if (!(in.scale > 0.f && in.scale <= 2.f)) return absl::InvalidArgumentError("ape_scale must be in (0, 2]");
   switch (req.dtype()) {

@@ -11,8 +11,13 @@ PACKAGES=(
   libhiredis-dev         # Redis client for the KV store
   redis-server           # the store itself (tests start private instances)
   libxxhash-dev          # XXH3-128: model fingerprints, cache keys, checksums
-  libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files
+  libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files; APE presets
+  python3-torch python3-numpy      # independent reference (tests/reference), model recipe
+  python3-grpcio python3-grpc-tools python3-yaml  # Python client, e2e and deploy tests
+  dpkg-dev libprotoc-dev           # deploy/build-grpc-cli.sh (grpc_cli from Debian's source)
 )
+# Node.js for the Node client: the machine's own node (>= 18) or Debian's.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

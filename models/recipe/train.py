@@ -98,30 +98,35 @@ def build_sample(world, vocab, rng, n_docs, n_questions):
     ids = [vocab.bos] + vocab.encode_words(PREFIX)
     for d in ex["docs"]:
         ids += vocab.encode_words(d)
-    targets = [-100] * len(ids)
+    is_answer = [False] * len(ids)
     for q, a, _ in ex["qa"]:
         qi = vocab.encode_words(query_text(q))
         ai = vocab.encode_words(a + " .")
         ids += qi + ai
-        targets += [-100] * len(qi) + ai
-    # Next-token targets: position t predicts ids[t+1].
-    return ids[:-1], targets[1:]
+        is_answer += [False] * len(qi) + [True] * len(ai)
+    # Next-token targets: position t predicts ids[t+1]. Every token is a
+    # target (the repeated entity names teach copying early); answers are
+    # marked so that the loss can weight them.
+    return ids[:-1], ids[1:], is_answer[1:]
 
 
 def batch(world, vocab, rng, size, max_docs):
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for _ in range(size):
         n = rng.randint(1, max_docs)
-        x, y = build_sample(world, vocab, rng, n, rng.randint(1, 3))
+        x, y, a = build_sample(world, vocab, rng, n, rng.randint(1, 4))
         xs.append(x)
         ys.append(y)
+        ws.append(a)
     T = max(len(x) for x in xs)
     X = torch.zeros(size, T, dtype=torch.long)
     Y = torch.full((size, T), -100, dtype=torch.long)
-    for i, (x, y) in enumerate(zip(xs, ys)):
+    A = torch.zeros(size, T, dtype=torch.bool)
+    for i, (x, y, a) in enumerate(zip(xs, ys, ws)):
         X[i, :len(x)] = torch.tensor(x)
         Y[i, :len(y)] = torch.tensor(y)
-    return X, Y
+        A[i, :len(a)] = torch.tensor(a)
+    return X, Y, A
 
 
 @torch.no_grad()
@@ -177,6 +182,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=320)
     ap.add_argument("--max-docs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--lm-weight", type=float, default=0.3, help="weight of the loss on non-answer tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -215,15 +221,20 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        X, Y = batch(world, vocab, rng, args.batch, max_docs)
+        X, Y, A = batch(world, vocab, rng, args.batch, max_docs)
         logits = model(X)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
+        per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
+                                  reduction="none").view(Y.shape)
+        valid = Y != -100
+        answer_loss = per_tok[A].mean()
+        lm_loss = per_tok[valid & ~A].mean()
+        loss = answer_loss + args.lm_weight * lm_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        rec = {"step": step, "loss": round(loss.item(), 4), "lr": lr, "max_docs": max_docs, "sec": round(time.time() - t0, 1)}
+        rec = {"step": step, "loss": round(loss.item(), 4), "answer_loss": round(answer_loss.item(), 4), "lr": lr, "max_docs": max_docs, "sec": round(time.time() - t0, 1)}
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             rec["acc1"] = accuracy(model, world, vocab, 1)

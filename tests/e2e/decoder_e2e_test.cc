@@ -241,7 +241,7 @@ TEST_F(DecoderE2eTest, MissingForeignAndCorruptCaches) {
   EXPECT_TRUE(s.status.ok()) << s.status.error_message();
   // Bad parameters.
   v1::GenerateRequest bad = Request(keys, v1::MODE_APE);
-  bad.set_ape_temperature(0);
+  bad.set_ape_temperature(-1);
   EXPECT_EQ(Generate(*dec_, bad).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   bad = Request(keys, v1::MODE_APE);
   bad.set_query("");
