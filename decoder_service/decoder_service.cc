@@ -1,5 +1,8 @@
 #include "decoder_service/decoder_service.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/server/model_info.h"
@@ -192,6 +195,31 @@ grpc::Status DecoderService::Generate(grpc::ServerContext* ctx, const v1::Genera
                              stats.cached_tokens, stats.encoded_tokens, result.tokens.size(),
                              FinishReasonName(result.reason), queue_ms, stats.cache_load_ms, stats.encode_ms,
                              stats.prefill_ms, first_token_ms, result.decode_seconds * 1e3, MsSince(t_arrival)));
+  return ToGrpcStatus(s);
+}
+
+grpc::Status DecoderService::Score(grpc::ServerContext* ctx, const v1::GenerateRequest* req, v1::ScoreResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  DecodeStats stats;
+  auto run = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(DecodeInput in, Validate(*req));
+    ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter([ctx] { return ctx->IsCancelled(); }));
+    ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, in, &stats));
+    const float mx = *std::max_element(logits.begin(), logits.end());
+    double z = 0;
+    for (float l : logits) z += std::exp(static_cast<double>(l - mx));
+    const float lse = mx + static_cast<float>(std::log(z));
+    for (float l : logits) resp->add_logprobs(l - lse);
+    resp->mutable_usage()->set_prompt_tokens(stats.prompt_tokens);
+    resp->mutable_usage()->set_cached_tokens(stats.cached_tokens);
+    resp->mutable_usage()->set_encoded_tokens(stats.encoded_tokens);
+    return absl::OkStatus();
+  };
+  absl::Status s = run();
+  LogRequest("decoder", "Score", s,
+             absl::StrFormat("mode=%s contexts=%d prompt_tokens=%d cached_tokens=%d cache_load_ms=%.2f prefill_ms=%.2f total_ms=%.2f",
+                             v1::Mode_Name(req->mode()), req->contexts_size(), stats.prompt_tokens, stats.cached_tokens,
+                             stats.cache_load_ms, stats.prefill_ms, MsSince(t0)));
   return ToGrpcStatus(s);
 }
 

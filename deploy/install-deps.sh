@@ -13,7 +13,7 @@ PACKAGES=(
   libxxhash-dev          # XXH3-128: model fingerprints, cache keys, checksums
   libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files; APE presets
   python3-torch python3-numpy      # independent reference (tests/reference), model recipe
-  python3-grpcio python3-grpc-tools python3-yaml  # Python client, e2e and deploy tests
+  python3-grpcio python3-grpc-tools python3-yaml python3-matplotlib  # clients, e2e/deploy tests, plots
   dpkg-dev libprotoc-dev           # deploy/build-grpc-cli.sh (grpc_cli from Debian's source)
 )
 # Node.js for the Node client: the machine's own node (>= 18) or Debian's.

@@ -68,7 +68,9 @@ def make_document(world, rng, entity):
 
 def make_example(world, rng, n_docs, n_questions=1, entity_pool=None):
     """n_docs documents about distinct entities; questions about some of them.
-    Returns {"docs": [text], "qa": [(question, answer, doc_index)]}."""
+    Returns {"docs": [text], "qa": [(question, answer, value, doc_index)]}:
+    the answer restates the fact ("Zorblat lives in Quenmar ."), so it is a
+    few tokens long; `value` is the fact's object ("Quenmar")."""
     pool = entity_pool if entity_pool is not None else world.entities
     ents = rng.sample(pool, n_docs)
     docs, facts = [], []
@@ -80,7 +82,8 @@ def make_example(world, rng, n_docs, n_questions=1, entity_pool=None):
     for _ in range(n_questions):
         i = rng.randrange(n_docs)
         r = rng.choice(sorted(facts[i]))
-        qa.append((world.relations[r][1].format(e=ents[i]), facts[i][r], i))
+        fact, question, _ = world.relations[r]
+        qa.append((question.format(e=ents[i]), fact.format(e=ents[i], v=facts[i][r]), facts[i][r], i))
     return {"docs": docs, "qa": qa}
 
 

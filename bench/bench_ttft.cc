@@ -1,0 +1,121 @@
+// Time to first token: SEQUENTIAL (prefix + contexts + query prefilled from
+// scratch) against APE with the contexts loaded from Redis, at 1, 4, 16 and
+// 64 contexts of 256 tokens, on a random-weight model of a realistic shape.
+// Also decode tokens/s with and without APE attention. Markdown to stdout,
+// JSON lines to --json, progress to stderr.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
+#include "bench/random_model.h"
+#include "common/decode_pipeline.h"
+#include "common/transformer.h"
+#include "tests/process_util.h"
+
+ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape");
+ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"1", "4", "16", "64"}), "context counts");
+ABSL_FLAG(int, context_tokens, 256, "tokens per context");
+ABSL_FLAG(int, query_tokens, 32, "query tokens");
+ABSL_FLAG(int, decode_tokens, 16, "tokens generated per request");
+ABSL_FLAG(int, max_sequential_tokens, 1 << 20, "skip SEQUENTIAL above this many prompt tokens");
+ABSL_FLAG(std::string, json, "", "append one JSON line per measurement here");
+
+namespace ape::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Run {
+  double ttft_ms = 0, decode_tps = 0, load_ms = 0, prefill_ms = 0;
+};
+
+Run Measure(const Model& m, RedisStore* store, const DecodeInput& in) {
+  DecodeStats st;
+  auto t0 = Clock::now();
+  double first = 0;
+  auto r = RunDecode(m, store, in, DecodeHooks{}, [&](const TokenEvent&) {
+    if (first == 0) first = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    return true;
+  }, &st);
+  Run out;
+  if (!r.ok()) { std::fprintf(stderr, "%s\n", r.status().ToString().c_str()); return out; }
+  out.ttft_ms = first;
+  out.decode_tps = r->tokens.size() > 1 ? (r->tokens.size() - 1) / r->decode_seconds : 0;
+  out.load_ms = st.cache_load_ms;
+  out.prefill_ms = st.prefill_ms;
+  return out;
+}
+
+int Main() {
+  auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
+  if (!shape.ok()) return 2;
+  auto model = RandomModel(*shape, 3);
+  const ModelConfig& c = model->config();
+  testing::RedisServer redis({"--proto-max-bulk-len", "512mb"});
+  if (!redis.ok()) return 1;
+  RedisStore store(*ParseRedisUri(redis.uri()));
+  std::ofstream json;
+  if (!absl::GetFlag(FLAGS_json).empty()) json.open(absl::GetFlag(FLAGS_json), std::ios::app);
+  const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
+  std::printf("## Time to first token: %s shape, random weights, %d threads, contexts of %d tokens, %d-token query\n\n",
+              absl::GetFlag(FLAGS_shape).c_str(), ComputeThreads(), lc, lq);
+  std::printf("| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load | SEQUENTIAL decode | APE decode |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const auto& ns : absl::GetFlag(FLAGS_contexts)) {
+    const int n = std::stoi(ns);
+    DecodeInput in;
+    in.prefix_tokens = {1, 10, 11, 12, 13, 14, 15, 16};
+    for (int i = 0; i < n; ++i) {
+      std::vector<int32_t> t(lc);
+      for (int j = 0; j < lc; ++j) t[j] = 3 + (i * 7919 + j * 31) % (c.vocab_size - 3);
+      in.contexts.push_back({"", t});
+    }
+    for (int j = 0; j < lq; ++j) in.query_tokens.push_back(3 + (j * 17) % (c.vocab_size - 3));
+    in.generate.max_tokens = absl::GetFlag(FLAGS_decode_tokens);
+    in.dtype = KvDtype::kFloat16;
+    // Fill the cache (the encoder's job, not timed), then time APE from Redis.
+    std::fprintf(stderr, "%d contexts: encoding into Redis...\n", n);
+    EncodeInput enc;
+    enc.prefix_tokens = in.prefix_tokens;
+    for (auto& s : in.contexts) enc.contexts.push_back(*s.tokens);
+    auto e = EncodeContexts(*model, store, enc);
+    if (!e.ok()) { std::fprintf(stderr, "%s\n", e.status().ToString().c_str()); return 1; }
+    std::fprintf(stderr, "%d contexts: APE...\n", n);
+    in.mode = DecodeMode::kApe;
+    Run ape = Measure(*model, &store, in);
+    const int prompt = in.prefix_tokens.size() + n * lc + lq;
+    Run seq;
+    bool seq_ok = prompt <= absl::GetFlag(FLAGS_max_sequential_tokens);
+    if (seq_ok) {
+      std::fprintf(stderr, "%d contexts: SEQUENTIAL (%d tokens)...\n", n, prompt);
+      in.mode = DecodeMode::kSequential;
+      seq = Measure(*model, nullptr, in);
+    }
+    std::printf("| %d | %d | %s | %.0f ms | %s | %.0f ms | %.2f tok/s | %.2f tok/s |\n", n, prompt,
+                seq_ok ? absl::StrFormat("%.0f ms", seq.ttft_ms).c_str() : "skipped", ape.ttft_ms,
+                seq_ok ? absl::StrFormat("%.1fx", seq.ttft_ms / ape.ttft_ms).c_str() : "-", ape.load_ms,
+                seq.decode_tps, ape.decode_tps);
+    std::fflush(stdout);
+    if (json.is_open()) {
+      json << absl::StrFormat(
+          "{\"shape\":\"%s\",\"contexts\":%d,\"context_tokens\":%d,\"prompt_tokens\":%d,\"sequential_ttft_ms\":%.3f,"
+          "\"ape_ttft_ms\":%.3f,\"ape_cache_load_ms\":%.3f,\"sequential_decode_tps\":%.3f,\"ape_decode_tps\":%.3f,\"threads\":%d}\n",
+          absl::GetFlag(FLAGS_shape), n, lc, prompt, seq_ok ? seq.ttft_ms : -1.0, ape.ttft_ms, ape.load_ms,
+          seq.decode_tps, ape.decode_tps, ComputeThreads());
+      json.flush();
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ape::bench
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  ape::SetComputeThreads(0);
+  return ape::bench::Main();
+}
