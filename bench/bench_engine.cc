@@ -15,6 +15,7 @@
 #include "absl/flags/parse.h"
 #include "bench/random_model.h"
 #include "common/transformer.h"
+#include "xxhash.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape: qwen2.5-0.5b, llama-3.2-1b, tinyllama-1.1b, small");
 ABSL_FLAG(int, prefill, 512, "prompt tokens prefilled as one block");
@@ -52,6 +53,20 @@ double MemoryBandwidthGBs() {
   return best;
 }
 
+// XXH3-128 (the model fingerprint's hash) over a 1 GiB buffer.
+double FingerprintGBs() {
+  std::vector<uint8_t> buf(size_t{1} << 30, 7);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    double t0 = Now();
+    XXH128_hash_t h = XXH3_128bits(buf.data(), buf.size());
+    double dt = Now() - t0;
+    if (h.low64 == 42) std::fprintf(stderr, "!");
+    best = std::max(best, buf.size() / dt / 1e9);
+  }
+  return best;
+}
+
 // sgemm at the model's prefill shapes: [m x in] * [out x in]^T for each matrix.
 double SgemmGflops(const ModelConfig& c, int m) {
   const int shapes[][2] = {{c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()},
@@ -81,6 +96,8 @@ int Main() {
   auto model = RandomModel(c, 1);
   std::fprintf(stderr, "measuring memory bandwidth...\n");
   const double bw = MemoryBandwidthGBs();
+  std::fprintf(stderr, "measuring fingerprint hashing...\n");
+  const double fp_gbs = FingerprintGBs();
   std::fprintf(stderr, "measuring sgemm...\n");
   const double sgemm = SgemmGflops(c, np);
 
@@ -138,6 +155,7 @@ int Main() {
   std::printf("| decode | %.2f tokens/s (%.1f ms/token) |\n", 1 / best_decode, best_decode * 1e3);
   std::printf("| weights streamed per token | %.2f GB |\n", bytes_per_token / 1e9);
   std::printf("| decode time / weight-streaming time | %.2fx |\n", best_decode / ideal_decode);
+  std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n", fp_gbs, 1.0 / fp_gbs);
   return 0;
 }
 

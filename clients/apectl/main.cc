@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
       "apeserve command-line tool.\n"
       "  apectl run  --model M [--tokenizer T] --prompt P --max-tokens N [--temperature 0]\n"
       "  apectl info --model M [--tokenizer T]\n"
+      "  apectl tokenize --model M [--tokenizer T] TEXT...\n"
       "  apectl encode [--encoder ADDR] [--prefix P] [--dtype float16|float32] FILE|DIR...\n"
       "  apectl generate [--decoder ADDR] [--prefix P] [--context-key K1,K2] [--context-file F|DIR]\n"
       "                  --query Q [--mode ape|parallel|sequential] [--ape-t T] [--ape-s S] [--max-tokens N]\n"
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> pos(rest.begin() + 2, rest.end());
   if (cmd == "run") return ape::apectl::RunCommand(pos);
   if (cmd == "info") return ape::apectl::InfoCommand(pos);
+  if (cmd == "tokenize") return ape::apectl::TokenizeCommand(pos);
   if (cmd == "encode") return ape::apectl::EncodeCommand(pos);
   if (cmd == "generate") return ape::apectl::GenerateCommand(pos);
   if (cmd == "model-info") return ape::apectl::ModelInfoCommand(pos);

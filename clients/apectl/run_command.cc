@@ -62,6 +62,21 @@ int InfoCommand(const std::vector<std::string>&) {
   return 0;
 }
 
+int TokenizeCommand(const std::vector<std::string>& args) {
+  auto model = LoadFromFlags();
+  if (!model.ok()) {
+    std::fprintf(stderr, "apectl tokenize: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  // One line of space-separated ids per argument (no BOS).
+  for (const auto& text : args) {
+    std::vector<int32_t> ids = (*model)->tokenizer().Encode(text, /*bos=*/false, /*eos=*/false);
+    for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %d" : "%d", ids[i]);
+    std::printf("\n");
+  }
+  return 0;
+}
+
 int RunCommand(const std::vector<std::string>&) {
   SetComputeThreads(absl::GetFlag(FLAGS_threads));
   auto model = LoadFromFlags();

@@ -32,20 +32,32 @@ def _names(rng, n, syllables, lo, hi, taken):
 class World:
     """The closed vocabulary: entities, cities and animals are invented."""
 
-    def __init__(self, seed=1234, n_entities=160, n_cities=24, n_animals=20):
+    def __init__(self, seed=1234, n_entities=160, n_cities=24, n_animals=20, style="uniform"):
         rng = random.Random(seed)
         taken = set(COLORS + JOBS + MONTHS)
         self.entities = [w.capitalize() for w in _names(rng, n_entities, SYLLABLES, 2, 3, taken)]
         self.cities = [w.capitalize() for w in _names(rng, n_cities, SYLLABLES, 2, 3, taken)]
         self.animals = _names(rng, n_animals, SYLLABLES, 2, 2, taken)
-        # relation: (fact template, question, values)
-        self.relations = {
-            "city": ("{e} lives in {v} .", "where does {e} live ?", self.cities),
-            "animal": ("{e} owns a {v} .", "what animal does {e} own ?", self.animals),
-            "color": ("{e} likes {v} .", "what color does {e} like ?", COLORS),
-            "job": ("{e} works as a {v} .", "what is the job of {e} ?", JOBS),
-            "month": ("{e} was born in {v} .", "when was {e} born ?", MONTHS),
-        }
+        # relation: (fact template, question, values). "uniform" puts the
+        # entity at the same distance before every value ("the city of E is
+        # V ."), which small models learn to retrieve far faster than the
+        # "varied" phrasings, where that distance depends on the relation.
+        if style == "uniform":
+            self.relations = {
+                "city": ("the city of {e} is {v} .", "what is the city of {e} ?", self.cities),
+                "animal": ("the animal of {e} is {v} .", "what is the animal of {e} ?", self.animals),
+                "color": ("the color of {e} is {v} .", "what is the color of {e} ?", COLORS),
+                "job": ("the job of {e} is {v} .", "what is the job of {e} ?", JOBS),
+                "month": ("the month of {e} is {v} .", "what is the month of {e} ?", MONTHS),
+            }
+        else:
+            self.relations = {
+                "city": ("{e} lives in {v} .", "where does {e} live ?", self.cities),
+                "animal": ("{e} owns a {v} .", "what animal does {e} own ?", self.animals),
+                "color": ("{e} likes {v} .", "what color does {e} like ?", COLORS),
+                "job": ("{e} works as a {v} .", "what is the job of {e} ?", JOBS),
+                "month": ("{e} was born in {v} .", "when was {e} born ?", MONTHS),
+            }
 
     def words(self):
         """Every word the corpus can contain."""
