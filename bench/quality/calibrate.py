@@ -31,18 +31,19 @@ def main():
         cases = []
         for n in args.docs:
             for ex in qa_examples(n, args.questions, seed=2):  # validation split
-                q, answer, _, _ = ex["qa"][0]
+                q, answer, value, _ = ex["qa"][0]
+                lead = query_text(q) + " " + answer[:answer.index(" " + value + " ")]
                 keys = svc.encode(PREFIX, ex["docs"])
-                seq = svc.score(svc.request(PREFIX, keys, query_text(q), "SEQUENTIAL"))
-                cases.append((keys, query_text(q), answer[:-2].strip(), seq))
+                seq = svc.score(svc.request(PREFIX, keys, lead, "SEQUENTIAL"))
+                cases.append((keys, query_text(q), lead, answer[:-2].strip(), seq))
         results = []
         for T in grid:
             for S in grid:
                 em, div = 0, 0.0
-                for keys, query, answer, seq in cases:
+                for keys, query, lead, answer, seq in cases:
                     req = svc.request(PREFIX, keys, query, "APE", T, S, max_tokens=12, stop=[" ."])
                     em += int(svc.generate(req).strip() == answer)
-                    div += kl(seq, svc.score(req))
+                    div += kl(seq, svc.score(svc.request(PREFIX, keys, lead, "APE", T, S)))
                 results.append({"T": T, "S": S, "exact_match": em / len(cases), "kl": div / len(cases)})
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     finally:

@@ -37,8 +37,11 @@ def evaluate_qa(svc, model_name, n_questions, T, S, log):
         exs = qa_examples(n_docs, n_questions, seed=1)
         stats = {v[0]: {"em": 0, "kl": 0.0, "top1": 0} for v in VARIANTS}
         for ex in exs:
-            q, answer, _, _ = ex["qa"][0]
+            q, answer, value, _ = ex["qa"][0]
             query = query_text(q)
+            # Distributions are compared where it matters: at the answer's
+            # value, after its restating words ("... answer : Neub lives in").
+            lead = answer[:answer.index(" " + value + " ")]
             keys = {True: svc.encode(PREFIX, ex["docs"]), False: svc.encode("", ex["docs"])}
             seq_scores = None
             for name, mode, with_prefix in VARIANTS:
@@ -48,7 +51,7 @@ def evaluate_qa(svc, model_name, n_questions, T, S, log):
                 req = svc.request(prefix, keys[with_prefix], qtext, mode, T, S, max_tokens=12, stop=[" ."])
                 out = svc.generate(req).strip()
                 stats[name]["em"] += int(out == answer[:-2].strip())
-                scores = svc.score(req)
+                scores = svc.score(svc.request(prefix, keys[with_prefix], qtext + " " + lead, mode, T, S))
                 if name == "SEQUENTIAL":
                     seq_scores = scores
                 else:
@@ -130,7 +133,9 @@ def write_outputs(records, out_prefix):
                 ratio = f"{row['APE']['exact_match'] / seq:.2f}" if seq > 0 else "-"
                 lines.append(f"| {n} | " + " | ".join(f"{row[v[0]]['exact_match']:.3f}" for v in VARIANTS) + f" | {ratio} |")
             lines.append("")
-        lines += ["Next-token distribution after the question vs SEQUENTIAL (mean KL divergence / top-1 agreement):", "",
+        what = ("at the answer's value (after its restating words)" if rs[0]["exact_match"] is not None
+                else "after the query")
+        lines += [f"Next-token distribution {what} vs SEQUENTIAL (mean KL divergence / top-1 agreement):", "",
                   "| documents | " + " | ".join(v[0] for v in VARIANTS[1:]) + " |", "|---:|" + "---:|" * (len(VARIANTS) - 1)]
         for n in DOC_COUNTS:
             row = {r["mode"]: r for r in rs if r["documents"] == n}

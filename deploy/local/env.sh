@@ -18,4 +18,4 @@ if [[ -z "${MODEL:-}" ]]; then
 fi
 TOKENIZER=${TOKENIZER:-}
 MODEL_ARGS=(--model="$MODEL")
-[[ -n "$TOKENIZER" ]] && MODEL_ARGS+=(--tokenizer="$TOKENIZER")
+if [[ -n "$TOKENIZER" ]]; then MODEL_ARGS+=(--tokenizer="$TOKENIZER"); fi

@@ -32,17 +32,27 @@ def _names(rng, n, syllables, lo, hi, taken):
 class World:
     """The closed vocabulary: entities, cities and animals are invented."""
 
-    def __init__(self, seed=1234, n_entities=160, n_cities=24, n_animals=20, style="uniform"):
+    def __init__(self, seed=1234, n_entities=160, n_cities=24, n_animals=20, style="varied"):
         rng = random.Random(seed)
         taken = set(COLORS + JOBS + MONTHS)
         self.entities = [w.capitalize() for w in _names(rng, n_entities, SYLLABLES, 2, 3, taken)]
         self.cities = [w.capitalize() for w in _names(rng, n_cities, SYLLABLES, 2, 3, taken)]
         self.animals = _names(rng, n_animals, SYLLABLES, 2, 2, taken)
-        # relation: (fact template, question, values). "uniform" puts the
-        # entity at the same distance before every value ("the city of E is
-        # V ."), which small models learn to retrieve far faster than the
-        # "varied" phrasings, where that distance depends on the relation.
-        if style == "uniform":
+        # relation: (fact template, question, values). "varied" (the shipped
+        # model) phrases each relation its own way; "uniform" ("the city of
+        # E is V .") puts the entity at the same distance before every value
+        # but was slower to learn even with one document (models/README.md).
+        if style == "fixed3":
+            # Every fact is "E <cue> <cue> V .": the entity always three tokens
+            # before the value, the relation's cue words right before it.
+            self.relations = {
+                "city": ("{e} lives in {v} .", "where does {e} live ?", self.cities),
+                "animal": ("{e} owns a {v} .", "what animal does {e} own ?", self.animals),
+                "color": ("{e} paints with {v} .", "what color does {e} paint with ?", COLORS),
+                "job": ("{e} is a {v} .", "what is the job of {e} ?", JOBS),
+                "month": ("{e} arrived in {v} .", "when did {e} arrive ?", MONTHS),
+            }
+        elif style == "uniform":
             self.relations = {
                 "city": ("the city of {e} is {v} .", "what is the city of {e} ?", self.cities),
                 "animal": ("the animal of {e} is {v} .", "what is the animal of {e} ?", self.animals),

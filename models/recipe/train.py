@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=320)
     ap.add_argument("--max-docs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--facts", default="uniform", choices=["uniform", "varied"], help="fact phrasing (corpus.World)")
+    ap.add_argument("--facts", default="varied", choices=["varied", "uniform", "fixed3"], help="fact phrasing (corpus.World)")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the loss on non-answer tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ckpt-every", type=int, default=200)
