@@ -191,8 +191,7 @@ absl::StatusOr<Prepared> Prepare(const Model& model, RedisStore* store, const De
     for (const auto& ctx : in.contexts) need_store |= !ctx.tokens.has_value();
     LoadedEntries loaded;
     if (need_store) {  // contexts by key: their token ids come from the cache
-      DecodeInput keys_only = in;
-      ASSIGN_OR_RETURN(loaded, LoadEntries(model, store, keys_only, hooks, stats));
+      ASSIGN_OR_RETURN(loaded, LoadEntries(model, store, in, hooks, stats));
       stats->cached_tokens = 0;
     }
     for (size_t i = 0; i < in.contexts.size(); ++i) {

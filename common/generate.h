@@ -24,7 +24,7 @@ struct GenerateOptions {
 };
 
 struct TokenEvent {
-  int32_t id = 0;
+  int32_t id = 0;     // -1: no token, only text held back until the end
   std::string text;   // text released with this token (may be empty: held
                       // back while it could start a stop string or is an
                       // incomplete UTF-8 sequence)

@@ -5,6 +5,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/transformer.h"
+#include "common/server/model_and_store.h"
 #include "decoder_service/decoder_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50052", "address to listen on (host:port)");
@@ -30,19 +31,13 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("ape-decoder --model M [--tokenizer T] [--listen host:port] [--redis URI] [--encoder host:port]");
   absl::ParseCommandLine(argc, argv);
   ape::SetComputeThreads(absl::GetFlag(FLAGS_threads));
-  auto model = ape::Model::Load(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
-  if (!model.ok()) {
-    std::fprintf(stderr, "ape-decoder: %s\n", model.status().ToString().c_str());
+  auto loaded = ape::LoadModelAndStore("ape-decoder", absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer),
+                                       absl::GetFlag(FLAGS_redis), absl::GetFlag(FLAGS_redis_timeout_ms), size_t{64} << 20);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "ape-decoder: %s\n", loaded.status().ToString().c_str());
     return 1;
   }
-  auto redis = ape::ParseRedisUri(absl::GetFlag(FLAGS_redis));
-  if (!redis.ok()) {
-    std::fprintf(stderr, "ape-decoder: %s\n", redis.status().ToString().c_str());
-    return 1;
-  }
-  redis->command_timeout_ms = absl::GetFlag(FLAGS_redis_timeout_ms);
-  ape::RedisStore store(*redis);
-  if (auto s = store.Ping(); !s.ok()) std::fprintf(stderr, "ape-decoder: warning: %s\n", s.ToString().c_str());
+  const ape::Model& model = *loaded->model;
   ape::ApePreset preset = ape::PresetForModel(absl::GetFlag(FLAGS_model));
   if (!absl::GetFlag(FLAGS_ape_preset).empty()) {
     auto p = ape::LoadApePreset(absl::GetFlag(FLAGS_ape_preset));
@@ -57,7 +52,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ape-decoder: --kv_dtype must be float16 or float32\n");
     return 1;
   }
-  const ape::ModelConfig& c = (*model)->config();
+  const ape::ModelConfig& c = model.config();
   ape::DecoderLimits limits;
   limits.max_contexts = absl::GetFlag(FLAGS_max_contexts);
   limits.max_context_tokens = absl::GetFlag(FLAGS_max_context_tokens) > 0 ? absl::GetFlag(FLAGS_max_context_tokens) : c.context_length;
@@ -67,11 +62,10 @@ int main(int argc, char** argv) {
   limits.max_queue = std::max(0, absl::GetFlag(FLAGS_max_queue));
   limits.default_dtype = dtype == "float16" ? ape::KvDtype::kFloat16 : ape::KvDtype::kFloat32;
   limits.ttl_seconds = absl::GetFlag(FLAGS_ttl_seconds);
-  std::fprintf(stderr, "ape-decoder: model %s (fingerprint %s), redis %s, encoder %s, APE T=%.2f S=%.2f (%s)\n",
-               (*model)->path().c_str(), (*model)->fingerprint().c_str(), redis->Describe().c_str(),
+  std::fprintf(stderr, "ape-decoder: encoder %s, APE T=%.2f S=%.2f (%s)\n",
                absl::GetFlag(FLAGS_encoder).empty() ? "local" : absl::GetFlag(FLAGS_encoder).c_str(),
                preset.temperature, preset.scale, preset.source.c_str());
-  ape::DecoderService service(**model, &store, limits, preset, absl::GetFlag(FLAGS_encoder));
+  ape::DecoderService service(model, loaded->store.get(), limits, preset, absl::GetFlag(FLAGS_encoder));
   ape::ServerOptions opts{absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_max_message_mb) << 20, "ape-decoder"};
   return ape::RunServer(opts, {&service});
 }

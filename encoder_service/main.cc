@@ -5,6 +5,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/transformer.h"
+#include "common/server/model_and_store.h"
 #include "encoder_service/encoder_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "address to listen on (host:port)");
@@ -28,24 +29,15 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("ape-encoder --model M [--tokenizer T] [--listen host:port] [--redis URI]");
   absl::ParseCommandLine(argc, argv);
   ape::SetComputeThreads(absl::GetFlag(FLAGS_threads));
-  auto model = ape::Model::Load(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer));
-  if (!model.ok()) {
-    std::fprintf(stderr, "ape-encoder: %s\n", model.status().ToString().c_str());
+  auto loaded = ape::LoadModelAndStore("ape-encoder", absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_tokenizer),
+                                       absl::GetFlag(FLAGS_redis), absl::GetFlag(FLAGS_redis_timeout_ms),
+                                       size_t(std::max(1, absl::GetFlag(FLAGS_redis_chunk_mb))) << 20);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "ape-encoder: %s\n", loaded.status().ToString().c_str());
     return 1;
   }
-  auto redis = ape::ParseRedisUri(absl::GetFlag(FLAGS_redis));
-  if (!redis.ok()) {
-    std::fprintf(stderr, "ape-encoder: %s\n", redis.status().ToString().c_str());
-    return 1;
-  }
-  redis->command_timeout_ms = absl::GetFlag(FLAGS_redis_timeout_ms);
-  redis->chunk_bytes = size_t(std::max(1, absl::GetFlag(FLAGS_redis_chunk_mb))) << 20;
-  ape::RedisStore store(*redis);
-  if (auto s = store.Ping(); !s.ok()) {
-    // Not fatal: requests fail with UNAVAILABLE until Redis is reachable.
-    std::fprintf(stderr, "ape-encoder: warning: %s\n", s.ToString().c_str());
-  }
-  const ape::ModelConfig& c = (*model)->config();
+  const ape::Model& model = *loaded->model;
+  const ape::ModelConfig& c = model.config();
   ape::EncoderLimits limits;
   limits.max_contexts = absl::GetFlag(FLAGS_max_contexts);
   limits.max_context_tokens = absl::GetFlag(FLAGS_max_context_tokens) > 0 ? absl::GetFlag(FLAGS_max_context_tokens) : c.context_length;
@@ -59,10 +51,7 @@ int main(int argc, char** argv) {
   limits.default_ttl_seconds = absl::GetFlag(FLAGS_ttl_seconds);
   limits.max_concurrent = std::max(1, absl::GetFlag(FLAGS_max_concurrent));
   limits.max_queue = std::max(0, absl::GetFlag(FLAGS_max_queue));
-  std::fprintf(stderr, "ape-encoder: model %s (%s, fingerprint %s), redis %s, kv %s\n",
-               (*model)->path().c_str(), (*model)->format().c_str(), (*model)->fingerprint().c_str(),
-               redis->Describe().c_str(), dtype.c_str());
-  ape::EncoderService service(**model, store, limits);
+  ape::EncoderService service(model, *loaded->store, limits);
   ape::ServerOptions opts{absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_max_message_mb) << 20, "ape-encoder"};
   return ape::RunServer(opts, {&service});
 }

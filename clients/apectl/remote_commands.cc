@@ -174,6 +174,7 @@ int GenerateCommand(const std::vector<std::string>&) {
   }
   grpc::Status s = reader->Finish();
   std::printf("\n");
+  std::fflush(stdout);  // the answer's line ends before the stats on stderr
   if (!s.ok()) return Fail("generate", s);
   if (has_final) {
     const auto& u = fin.usage();
