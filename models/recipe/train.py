@@ -110,10 +110,10 @@ def build_sample(world, vocab, rng, n_docs, n_questions):
     return ids[:-1], ids[1:], is_answer[1:]
 
 
-def batch(world, vocab, rng, size, max_docs):
+def batch(world, vocab, rng, size, max_docs, min_docs=1):
     xs, ys, ws = [], [], []
     for _ in range(size):
-        n = rng.randint(1, max_docs)
+        n = rng.randint(min(min_docs, max_docs), max_docs)
         x, y, a = build_sample(world, vocab, rng, n, rng.randint(1, 4))
         xs.append(x)
         ys.append(y)
@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=320)
     ap.add_argument("--max-docs", type=int, default=8)
+    ap.add_argument("--min-docs", type=int, default=1, help="fewest documents per training sequence")
+    ap.add_argument("--curriculum", type=int, default=1, help="1: grow the document count 1, 2, 4, max")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--facts", default="varied", choices=["varied", "uniform", "fixed3"], help="fact phrasing (corpus.World)")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the loss on non-answer tokens")
@@ -220,11 +222,14 @@ def main():
     until = args.until or args.steps
     while step < min(args.steps, until):
         # Curriculum: one document first, then up to max_docs.
-        max_docs = 1 if step < 150 else 2 if step < 300 else 4 if step < 600 else args.max_docs
+        if args.curriculum:
+            max_docs = 1 if step < 150 else 2 if step < 300 else 4 if step < 600 else args.max_docs
+        else:
+            max_docs = args.max_docs
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        X, Y, A = batch(world, vocab, rng, args.batch, max_docs)
+        X, Y, A = batch(world, vocab, rng, args.batch, max_docs, args.min_docs)
         logits = model(X)
         per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
                                   reduction="none").view(Y.shape)
