@@ -5,11 +5,26 @@
 #define APESERVE_COMMON_KV_CACHE_H_
 
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/model.h"
 
 namespace ape {
+
+// Allocator whose value-initialisation is a no-op: a request's KV cache
+// (up to GBs) is filled before it is read, so zeroing it first would only
+// double the memory traffic of every cache load.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind { using other = UninitializedAllocator<U>; };
+  template <typename U>
+  void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) { ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...); }
+};
 
 struct KvCache {
   KvCache(const ModelConfig& config, int capacity)
@@ -22,8 +37,9 @@ struct KvCache {
   const int kv_dim;    // n_kv_heads * head_dim
   const int capacity;  // slots allocated
   int size = 0;        // slots in use: [0, size)
-  std::vector<float> k;        // [layer][slot][kv_head][head_dim]
-  std::vector<float> v;        // [layer][slot][kv_head][head_dim]
+  // Slots >= size hold garbage until written; nothing reads them.
+  std::vector<float, UninitializedAllocator<float>> k;  // [layer][slot][kv_head][head_dim]
+  std::vector<float, UninitializedAllocator<float>> v;  // [layer][slot][kv_head][head_dim]
   std::vector<int32_t> pos;    // [slot] RoPE position of the slot
 
   float* key(int layer, int slot) { return &k[(static_cast<size_t>(layer) * capacity + slot) * kv_dim]; }
