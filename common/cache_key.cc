@@ -22,12 +22,7 @@ Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind,
   XXH3_128bits_update(st, context_tokens.data(), context_tokens.size() * 4);
   XXH128_hash_t h = XXH3_128bits_digest(st);
   XXH3_freeState(st);
-  Hash128 out;
-  for (int i = 0; i < 8; ++i) {
-    out[i] = static_cast<uint8_t>(h.high64 >> (56 - 8 * i));
-    out[8 + i] = static_cast<uint8_t>(h.low64 >> (56 - 8 * i));
-  }
-  return out;
+  return HashFromHalves(h.high64, h.low64);
 }
 
 std::string RedisKeyFor(const Hash128& key) { return absl::StrCat(kKvKeyPrefix, HashToHex(key)); }

@@ -27,11 +27,6 @@ double MsBetween(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-Hash128 FingerprintOf(const Model& m) {
-  auto h = HashFromHex(m.fingerprint());
-  return h.ok() ? *h : Hash128{};
-}
-
 // The prefix and every context as verified blocks (bytes kept alive here).
 struct LoadedEntries {
   std::vector<std::string> bytes;  // [0] prefix, [1 + i] context i
@@ -41,7 +36,7 @@ struct LoadedEntries {
 // Loads and verifies entries; encodes the missing ones that have content.
 absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store, const DecodeInput& in,
                                           const DecodeHooks& hooks, DecodeStats* stats) {
-  const Hash128 fp = FingerprintOf(model);
+  const Hash128 fp = FingerprintBytes(model);
   const size_t n = in.contexts.size();
   std::vector<Hash128> hashes(n + 1);
   std::vector<std::string> keys(n + 1);
@@ -141,9 +136,14 @@ absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store,
   for (size_t i : missing) if (!have[i]) still.push_back(i);
   // Store down or refusing writes: compute in memory, cache nothing.
   if (!still.empty()) {
+    EncodeInput local;
+    local.prefix_tokens = in.prefix_tokens;
+    local.dtype = in.dtype;
+    for (size_t i : still) if (i > 0) local.contexts.push_back(*in.contexts[i - 1].tokens);
+    std::vector<std::string> blocks = EncodeBlocks(model, local);  // [0] prefix, then `still`'s contexts
+    size_t next_context = 1;
     for (size_t i : still) {
-      std::span<const int32_t> ctx = i == 0 ? std::span<const int32_t>() : *in.contexts[i - 1].tokens;
-      out.bytes[i] = EncodeBlock(model, enc, ctx);
+      out.bytes[i] = std::move(blocks[i == 0 ? 0 : next_context++]);
       auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(out.bytes[i].data()), out.bytes[i].size()});
       if (!view.ok()) return absl::InternalError(absl::StrCat("locally encoded block is invalid: ", view.status().message()));
       out.views[i] = *std::move(view);

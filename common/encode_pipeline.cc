@@ -1,5 +1,6 @@
 #include "common/encode_pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <numeric>
 
@@ -15,15 +16,10 @@ double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::ti
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-Hash128 Fingerprint(const Model& m) {
-  auto h = HashFromHex(m.fingerprint());
-  return h.ok() ? *h : Hash128{};  // in-memory test models may use any string
-}
-
 KvBlockHeader HeaderFor(const Model& m, const EncodeInput& in, KvKind kind, uint32_t n, uint32_t first,
                         const Hash128& prefix_key) {
   KvBlockHeader h;
-  h.model_fingerprint = Fingerprint(m);
+  h.model_fingerprint = FingerprintBytes(m);
   h.n_layers = m.config().n_layers;
   h.n_kv_heads = m.config().n_kv_heads;
   h.head_dim = m.config().head_dim;
@@ -62,8 +58,13 @@ class PrefixState {
 
 }  // namespace
 
+Hash128 FingerprintBytes(const Model& model) {
+  auto h = HashFromHex(model.fingerprint());
+  return h.ok() ? *h : Hash128{};
+}
+
 EncodeOutput PlanEncode(const Model& model, const EncodeInput& in) {
-  const Hash128 fp = Fingerprint(model);
+  const Hash128 fp = FingerprintBytes(model);
   EncodeOutput out;
   const uint32_t lp = static_cast<uint32_t>(in.prefix_tokens.size());
   const uint64_t per_token = KvBytesPerToken(model.config(), in.dtype);
@@ -81,17 +82,21 @@ EncodeOutput PlanEncode(const Model& model, const EncodeInput& in) {
   return out;
 }
 
-std::string EncodeBlock(const Model& model, const EncodeInput& in, std::span<const int32_t> context) {
-  EncodeOutput plan = PlanEncode(model, in);
-  PrefixState ps(model, in, static_cast<int>(context.size()));
+std::vector<std::string> EncodeBlocks(const Model& model, const EncodeInput& in) {
+  const Hash128 prefix_key = ComputeKvKey(FingerprintBytes(model), in.dtype, KvKind::kPrefix, in.prefix_tokens, {});
   const uint32_t lp = static_cast<uint32_t>(in.prefix_tokens.size());
-  if (context.empty()) {
-    return SerializeKvBlock(HeaderFor(model, in, KvKind::kPrefix, lp, 0, plan.prefix.hash), in.prefix_tokens,
-                            ps.cache(), 0);
+  size_t longest = 0;
+  for (const auto& c : in.contexts) longest = std::max(longest, c.size());
+  PrefixState ps(model, in, static_cast<int>(longest));
+  std::vector<std::string> blocks;
+  blocks.push_back(SerializeKvBlock(HeaderFor(model, in, KvKind::kPrefix, lp, 0, prefix_key), in.prefix_tokens,
+                                    ps.cache(), 0));
+  for (const auto& c : in.contexts) {
+    ps.Encode(c);
+    blocks.push_back(SerializeKvBlock(HeaderFor(model, in, KvKind::kContext, c.size(), lp, prefix_key), c,
+                                      ps.cache(), lp));
   }
-  ps.Encode(context);
-  return SerializeKvBlock(HeaderFor(model, in, KvKind::kContext, context.size(), lp, plan.prefix.hash), context,
-                          ps.cache(), lp);
+  return blocks;
 }
 
 absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& store, const EncodeInput& in) {

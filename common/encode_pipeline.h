@@ -39,6 +39,10 @@ struct EncodeOutput {
   uint64_t bytes_written = 0;
 };
 
+// The model fingerprint as the 16 bytes stored in keys and headers (zero for
+// in-memory test models whose fingerprint is not 32 hex digits).
+Hash128 FingerprintBytes(const Model& model);
+
 // Keys only (no Redis, no compute): what EncodeContexts would report.
 EncodeOutput PlanEncode(const Model& model, const EncodeInput& in);
 
@@ -47,10 +51,11 @@ EncodeOutput PlanEncode(const Model& model, const EncodeInput& in);
 // request are computed once).
 absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& store, const EncodeInput& in);
 
-// Compute only: prefills `prefix` then `context` after it (positions
-// Lp..Lp+len-1) and returns the context's serialised block; with an empty
-// context, the prefix's own block. Exposed for tests and the decoder.
-std::string EncodeBlock(const Model& model, const EncodeInput& in, std::span<const int32_t> context);
+// Compute only, nothing stored: prefills the prefix once, then each context
+// after it (positions Lp..Lp+len-1), and returns the serialised blocks:
+// [0] the prefix's own, [1 + i] context i's. For the decoder's fallback when
+// Redis is down, and for tests.
+std::vector<std::string> EncodeBlocks(const Model& model, const EncodeInput& in);
 
 }  // namespace ape
 

@@ -19,12 +19,7 @@ void Put(std::string& out, T v) { out.append(reinterpret_cast<const char*>(&v), 
 
 Hash128 Checksum(const uint8_t* data, size_t n) {
   XXH128_hash_t h = XXH3_128bits(data, n);
-  Hash128 out;
-  for (int i = 0; i < 8; ++i) {
-    out[i] = static_cast<uint8_t>(h.high64 >> (56 - 8 * i));
-    out[8 + i] = static_cast<uint8_t>(h.low64 >> (56 - 8 * i));
-  }
-  return out;
+  return HashFromHalves(h.high64, h.low64);
 }
 
 absl::Status Corrupt(const std::string& what) {
@@ -43,6 +38,15 @@ std::string HashToHex(const Hash128& h) {
     s[2 * i + 1] = kHex[h[i] & 15];
   }
   return s;
+}
+
+Hash128 HashFromHalves(uint64_t high64, uint64_t low64) {
+  Hash128 out;
+  for (int i = 0; i < 8; ++i) {
+    out[i] = static_cast<uint8_t>(high64 >> (56 - 8 * i));
+    out[8 + i] = static_cast<uint8_t>(low64 >> (56 - 8 * i));
+  }
+  return out;
 }
 
 absl::StatusOr<Hash128> HashFromHex(const std::string& hex) {

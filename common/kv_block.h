@@ -25,6 +25,8 @@ inline size_t KvDtypeSize(KvDtype d) { return d == KvDtype::kFloat16 ? 2 : 4; }
 using Hash128 = std::array<uint8_t, 16>;
 // 32 lowercase hex digits <-> 16 bytes (high half first).
 std::string HashToHex(const Hash128& h);
+// The 16 bytes of a 128-bit hash given as its high and low halves (high first).
+Hash128 HashFromHalves(uint64_t high64, uint64_t low64);
 absl::StatusOr<Hash128> HashFromHex(const std::string& hex);
 
 // The header fields (everything but token ids, payload and checksum).

@@ -106,16 +106,18 @@ TEST_F(EncoderE2eTest, StoredKvEqualsInProcessComputation) {
     auto got = store.GetMany(keys);
     ASSERT_TRUE(got.ok());
     // The prefix block and each context block equal what this process computes.
-    EXPECT_EQ((*got)[0], EncodeBlock(*model_, in, {}));
     const char* texts[] = {"Lily had a big red ball.", "Tom liked to run in the park with his dog."};
+    for (const char* t : texts) in.contexts.push_back(model_->tokenizer().Encode(t, false, false));
+    std::vector<std::string> blocks = EncodeBlocks(*model_, in);
+    EXPECT_EQ((*got)[0], blocks[0]);
     for (int i = 0; i < 2; ++i) {
-      auto ctx = model_->tokenizer().Encode(texts[i], false, false);
+      const auto& ctx = in.contexts[i];
       EXPECT_EQ(resp.contexts(i).num_tokens(), ctx.size());
       EXPECT_EQ(resp.contexts(i).first_position(), in.prefix_tokens.size());
       EXPECT_FALSE(resp.contexts(i).already_cached());
       ASSERT_TRUE((*got)[i + 1].has_value());
       EXPECT_EQ((*got)[i + 1]->size(), resp.contexts(i).stored_bytes());
-      EXPECT_TRUE(*(*got)[i + 1] == EncodeBlock(*model_, in, ctx)) << "context " << i << " dtype " << dtype;
+      EXPECT_TRUE(*(*got)[i + 1] == blocks[i + 1]) << "context " << i << " dtype " << dtype;
     }
   }
   EXPECT_NE(enc.Log().find("Encode OK contexts=2"), std::string::npos) << enc.Log();
