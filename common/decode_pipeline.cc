@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "common/cache_key.h"
 #include "common/status_macros.h"
+#include "common/timing.h"
 #include "common/transformer.h"
 
 namespace ape {
@@ -23,9 +24,6 @@ const char* DecodeModeName(DecodeMode m) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double MsBetween(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
 
 // The prefix and every context as verified blocks (bytes kept alive here).
 struct LoadedEntries {

@@ -7,14 +7,11 @@
 #include "absl/container/flat_hash_set.h"
 #include "common/cache_key.h"
 #include "common/status_macros.h"
+#include "common/timing.h"
 #include "common/transformer.h"
 
 namespace ape {
 namespace {
-
-double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
 
 KvBlockHeader HeaderFor(const Model& m, const EncodeInput& in, KvKind kind, uint32_t n, uint32_t first,
                         const Hash128& prefix_key) {
@@ -106,7 +103,7 @@ absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& stor
   for (const auto& c : out.contexts) keys.push_back(c.key);
   ASSIGN_OR_RETURN(std::vector<bool> exists, store.Exists(keys));
   auto t1 = std::chrono::steady_clock::now();
-  out.lookup_ms = Ms(t0, t1);
+  out.lookup_ms = MsBetween(t0, t1);
   out.prefix.already_cached = exists[0];
   int max_missing = 0;
   bool any_missing = !exists[0];
@@ -126,13 +123,13 @@ absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& stor
   const uint32_t lp = static_cast<uint32_t>(in.prefix_tokens.size());
   out.tokens_computed += lp;
   auto tq = std::chrono::steady_clock::now();
-  prefill += Ms(tp, tq);
+  prefill += MsBetween(tp, tq);
   if (!out.prefix.already_cached) {
     std::string block = SerializeKvBlock(HeaderFor(model, in, KvKind::kPrefix, lp, 0, out.prefix.hash),
                                          in.prefix_tokens, ps.cache(), 0);
     RETURN_IF_ERROR(store.Put(out.prefix.key, block, in.ttl_seconds));
     out.bytes_written += block.size();
-    storing += Ms(tq, std::chrono::steady_clock::now());
+    storing += MsBetween(tq, std::chrono::steady_clock::now());
   }
   absl::flat_hash_set<std::string> written;
   for (size_t i = 0; i < out.contexts.size(); ++i) {
@@ -148,8 +145,8 @@ absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& stor
     out.bytes_written += block.size();
     written.insert(e.key);
     auto tc = std::chrono::steady_clock::now();
-    prefill += Ms(ta, tb);
-    storing += Ms(tb, tc);
+    prefill += MsBetween(ta, tb);
+    storing += MsBetween(tb, tc);
   }
   out.prefill_ms = prefill;
   out.store_ms = storing;

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/timing.h"
 
 namespace ape {
 
@@ -46,10 +47,6 @@ class Admission {
   int running_ = 0, waiting_ = 0;
 };
 
-// Milliseconds since `t`.
-inline double MsSince(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
-}
 
 // Writes one request line to stderr: "<time> <service> <method> <status> <details>".
 void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
