@@ -83,14 +83,12 @@ int32_t Sampler::Sample(float* logits, std::span<const int32_t> history) {
   return candidates_[keep - 1].second;
 }
 
-namespace {
 float LogSumExp(const float* x, int n) {
   const float mx = *std::max_element(x, x + n);
   double s = 0;
   for (int i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i] - mx));
   return mx + static_cast<float>(std::log(s));
 }
-}  // namespace
 
 float LogProb(const float* logits, int vocab_size, int32_t id) {
   return logits[id] - LogSumExp(logits, vocab_size);

@@ -39,6 +39,8 @@ class Sampler {
   std::vector<std::pair<float, int32_t>> candidates_;  // scratch [vocab]
 };
 
+// log sum_i exp(logits[i]), with max subtraction (accumulated in double).
+float LogSumExp(const float* logits, int vocab_size);
 // log softmax(logits)[id] over the raw logits.
 float LogProb(const float* logits, int vocab_size, int32_t id);
 // The `k` most likely (id, logprob) pairs, most likely first.

@@ -1,8 +1,5 @@
 #include "decoder_service/decoder_service.h"
 
-#include <algorithm>
-#include <cmath>
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/server/model_info.h"
@@ -205,10 +202,7 @@ grpc::Status DecoderService::Score(grpc::ServerContext* ctx, const v1::GenerateR
     ASSIGN_OR_RETURN(DecodeInput in, Validate(*req));
     ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter([ctx] { return ctx->IsCancelled(); }));
     ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, in, &stats));
-    const float mx = *std::max_element(logits.begin(), logits.end());
-    double z = 0;
-    for (float l : logits) z += std::exp(static_cast<double>(l - mx));
-    const float lse = mx + static_cast<float>(std::log(z));
+    const float lse = LogSumExp(logits.data(), static_cast<int>(logits.size()));
     for (float l : logits) resp->add_logprobs(l - lse);
     resp->mutable_usage()->set_prompt_tokens(stats.prompt_tokens);
     resp->mutable_usage()->set_cached_tokens(stats.cached_tokens);
