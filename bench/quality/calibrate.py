@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, Services, kl, qa_examples  # noqa: E402
+from harness import ROOT, Services, corpus_of, kl, qa_examples  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main():
     try:
         cases = []
         for n in args.docs:
-            for ex in qa_examples(n, args.questions, seed=2):  # validation split
+            for ex in qa_examples(n, args.questions, seed=2, corpus=corpus_of(args.model)):  # validation split
                 q, answer, value, _ = ex["qa"][0]
                 lead = query_text(q) + " " + answer[:answer.index(" " + value + " ")]
                 keys = svc.encode(PREFIX, ex["docs"])

@@ -17,7 +17,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, Services, argmax, kl, qa_examples  # noqa: E402
+from harness import ROOT, Services, argmax, corpus_of, kl, qa_examples  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -31,10 +31,10 @@ VARIANTS = [  # (name, mode, shared prefix?)
 ]
 
 
-def evaluate_qa(svc, model_name, n_questions, T, S, log):
+def evaluate_qa(svc, model_name, n_questions, T, S, log, corpus):
     records = []
     for n_docs in DOC_COUNTS:
-        exs = qa_examples(n_docs, n_questions, seed=1)
+        exs = qa_examples(n_docs, n_questions, seed=1, corpus=corpus)
         stats = {v[0]: {"em": 0, "kl": 0.0, "top1": 0} for v in VARIANTS}
         for ex in exs:
             q, answer, value, _ = ex["qa"][0]
@@ -189,7 +189,8 @@ def main():
     records = []
     svc = Services(args.model)
     try:
-        records += evaluate_qa(svc, os.path.basename(args.model).replace(".gguf", ""), args.questions, T, S, log)
+        records += evaluate_qa(svc, os.path.basename(args.model).replace(".gguf", ""), args.questions, T, S, log,
+                               corpus_of(args.model))
     finally:
         svc.close()
     if not args.skip_stories:

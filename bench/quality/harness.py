@@ -109,10 +109,18 @@ def argmax(v):
     return max(range(len(v)), key=v.__getitem__)
 
 
-def qa_examples(n_docs, n, seed):
+def corpus_of(model_path):
+    """(fact phrasing, world seed) the model was trained on, from its GGUF
+    metadata; models exported before the keys existed used ("varied", 1234)."""
+    from gguf_export import read_string_kvs
+    kv = read_string_kvs(model_path)
+    return kv.get("apeserve.corpus.facts", "varied"), int(kv.get("apeserve.corpus.seed", "1234"))
+
+
+def qa_examples(n_docs, n, seed, corpus=("varied", 1234)):
     """Held-out questions: a seed range the training never uses (training
-    draws from random.Random(1234) onwards; these use 10**6 + ...)."""
+    draws from random.Random(<world seed>) onwards; these use 10**6 + ...)."""
     from corpus import World, make_example
-    world = World(seed=1234)
+    world = World(seed=corpus[1], style=corpus[0])
     rng = random.Random(10**6 + seed * 1000 + n_docs)
     return [make_example(world, rng, n_docs, 1) for _ in range(n)]

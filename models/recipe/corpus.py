@@ -52,6 +52,25 @@ class World:
                 "job": ("{e} is a {v} .", "what is the job of {e} ?", JOBS),
                 "month": ("{e} arrived in {v} .", "when did {e} arrive ?", MONTHS),
             }
+        elif style == "short":
+            # Every fact is "E <cue> V .": the entity two tokens before the
+            # value, right before the relation's one-word cue.
+            self.relations = {
+                "city": ("{e} visits {v} .", "what city does {e} visit ?", self.cities),
+                "animal": ("{e} owns {v} .", "what animal does {e} own ?", self.animals),
+                "color": ("{e} likes {v} .", "what color does {e} like ?", COLORS),
+                "job": ("{e} became {v} .", "what did {e} become ?", JOBS),
+                "month": ("{e} arrived {v} .", "when did {e} arrive ?", MONTHS),
+            }
+        elif style == "pairs":
+            # Diagnostic, not English: "E V ." (the entity right before the value).
+            self.relations = {
+                "city": ("{e} {v} .", "what city does {e} visit ?", self.cities),
+                "animal": ("{e} {v} .", "what animal does {e} own ?", self.animals),
+                "color": ("{e} {v} .", "what color does {e} like ?", COLORS),
+                "job": ("{e} {v} .", "what did {e} become ?", JOBS),
+                "month": ("{e} {v} .", "when did {e} arrive ?", MONTHS),
+            }
         elif style == "uniform":
             self.relations = {
                 "city": ("the city of {e} is {v} .", "what is the city of {e} ?", self.cities),
@@ -79,8 +98,8 @@ class World:
         return sorted(ws)
 
 
-def make_document(world, rng, entity):
-    rels = rng.sample(sorted(world.relations), rng.randint(3, 5))
+def make_document(world, rng, entity, n_facts=(3, 5)):
+    rels = rng.sample(sorted(world.relations), rng.randint(*n_facts))
     facts = {}
     for r in rels:
         facts[r] = rng.choice(world.relations[r][2])
@@ -88,7 +107,7 @@ def make_document(world, rng, entity):
     return text, facts
 
 
-def make_example(world, rng, n_docs, n_questions=1, entity_pool=None):
+def make_example(world, rng, n_docs, n_questions=1, entity_pool=None, n_facts=(3, 5)):
     """n_docs documents about distinct entities; questions about some of them.
     Returns {"docs": [text], "qa": [(question, answer, value, doc_index)]}:
     the answer restates the fact ("Zorblat lives in Quenmar ."), so it is a
@@ -97,7 +116,7 @@ def make_example(world, rng, n_docs, n_questions=1, entity_pool=None):
     ents = rng.sample(pool, n_docs)
     docs, facts = [], []
     for e in ents:
-        t, f = make_document(world, rng, e)
+        t, f = make_document(world, rng, e, n_facts)
         docs.append(t)
         facts.append(f)
     qa = []

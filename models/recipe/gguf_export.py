@@ -8,6 +8,42 @@ ALIGN = 32
 T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR = 4, 5, 6, 7, 8, 9
 
 
+def read_string_kvs(path):
+    """The string-valued metadata of a GGUF file (other values skipped)."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    magic, version, _, n_kv = struct.unpack_from("<IIQQ", data, 0)
+    if magic != 0x46554747 or version < 2:
+        raise ValueError(f"{path}: not a GGUF v2/v3 file")
+    pos, out = 24, {}
+
+    def string(pos):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        return data[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
+
+    def skip(vtype, pos):
+        if vtype == T_STR:
+            return string(pos)[1]
+        if vtype == T_ARR:
+            etype, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            for _ in range(n):
+                pos = skip(etype, pos)
+            return pos
+        return pos + sizes[vtype]
+
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (vtype,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if vtype == T_STR:
+            out[key], pos = string(pos)
+        else:
+            pos = skip(vtype, pos)
+    return out
+
+
 def _str(s):
     b = s.encode("utf-8")
     return struct.pack("<Q", len(b)) + b
@@ -33,9 +69,10 @@ def _kv(key, vtype, value):
     return out
 
 
-def write_gguf(path, cfg, tensors, vocab, name):
+def write_gguf(path, cfg, tensors, vocab, name, extra=()):
     """cfg: dim, hidden, n_layers, n_heads, n_kv_heads, context_length;
-    tensors: list of (gguf name, float32 numpy array [rows, cols] or [n])."""
+    tensors: list of (gguf name, float32 numpy array [rows, cols] or [n]);
+    extra: (key, string) metadata, e.g. the corpus the model was trained on."""
     kvs = [
         _kv("general.architecture", T_STR, "llama"),
         _kv("general.name", T_STR, name),
@@ -57,7 +94,7 @@ def write_gguf(path, cfg, tensors, vocab, name):
         _kv("tokenizer.ggml.eos_token_id", T_U32, vocab.eos),
         _kv("tokenizer.ggml.add_bos_token", T_BOOL, True),
         _kv("tokenizer.ggml.add_space_prefix", T_BOOL, True),
-    ]
+    ] + [_kv(k, T_STR, v) for k, v in extra]
     header = struct.pack("<IIQQ", 0x46554747, 3, len(tensors), len(kvs)) + b"".join(kvs)
     infos, blobs, offset = b"", [], 0
     for tname, arr in tensors:
