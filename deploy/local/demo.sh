@@ -12,7 +12,7 @@ source "$HERE/env.sh"
 if [[ "$MODEL" == *apeserve-qa.gguf ]]; then
   PREFIX="You answer questions about the documents below ."
   DOCS="$HERE/docs"
-  QUESTION=${QUESTION:-"question : where does Neub live ? answer :"}
+  QUESTION=${QUESTION:-"question : what city does Neub visit ? answer :"}
   STOP=(--stop " .")
 else  # stories260K: a story prefix, two story passages
   PREFIX="Once upon a time"

@@ -63,7 +63,9 @@ class World:
                 "month": ("{e} arrived {v} .", "when did {e} arrive ?", MONTHS),
             }
         elif style == "pairs":
-            # Diagnostic, not English: "E V ." (the entity right before the value).
+            # Diagnostic, not English: "E V ." (the entity right before the value);
+            # same vocabulary as "short", so a checkpoint of one can continue on the other.
+            self.extra_words = ["visits", "owns", "likes", "became", "arrived"]
             self.relations = {
                 "city": ("{e} {v} .", "what city does {e} visit ?", self.cities),
                 "animal": ("{e} {v} .", "what animal does {e} own ?", self.animals),
@@ -90,7 +92,7 @@ class World:
 
     def words(self):
         """Every word the corpus can contain."""
-        ws = set(PREFIX.split()) | {"question", ":", "answer"}
+        ws = set(PREFIX.split()) | {"question", ":", "answer"} | set(getattr(self, "extra_words", []))
         ws |= set(self.entities) | set(self.cities) | set(self.animals) | set(COLORS) | set(JOBS) | set(MONTHS)
         for fact, q, _ in self.relations.values():
             ws |= set(fact.replace("{e}", "").replace("{v}", "").split())
