@@ -7,7 +7,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${1:-$ROOT/models/apeserve-qa}
-STEPS=${STEPS:-2200}
+STEPS=${STEPS:-3000}
 common=(--out "$OUT" --steps 20000 --threads 1 --facts short --questions 2,6 --batch 32 --copy-frac 0.3
         --entity-weight 1)
 train() { /usr/bin/python3 "$ROOT/models/recipe/train.py" "${common[@]}" "$@"; }
