@@ -132,10 +132,10 @@ def build_sample(world, vocab, rng, n_docs, n_questions, n_facts=(3, 5)):
     return ids[:-1], ids[1:], kind[1:]
 
 
-def copy_sample(word_ids, rng, kinds=("run",)):
+def copy_sample(word_ids, bos, rng, kinds=("run",)):
     """Induction exercises over corpus words; the targets are kind COPY,
     weighted like answers.
-    "run": a random run of distinct-ish words, then the same run again (the
+    "run": a random run of words (repeats allowed), then the same run again (the
     next word is the one that followed this word before: one-token
     induction, which forms abruptly after some hundred steps).
     "triples": (key, cue, value) triples, then the (key, cue) pairs again in
@@ -144,14 +144,14 @@ def copy_sample(word_ids, rng, kinds=("run",)):
     kind = rng.choice(kinds)
     if kind == "run":
         run = [rng.choice(word_ids) for _ in range(rng.randint(8, 60))]
-        ids = [vocab_bos] + run + run
+        ids = [bos] + run + run
         kinds_ = [OTHER] * (1 + len(run)) + [COPY] * len(run)
     else:
         n = rng.randint(4, 20)
         keys = rng.sample(word_ids, n)
-        cues = [rng.choice(word_ids[:5]) for _ in range(n)]
+        cues = [rng.choice(word_ids[:5]) for _ in range(n)]  # five fixed "cue" words
         vals = [rng.choice(word_ids) for _ in range(n)]
-        ids, kinds_ = [vocab_bos], [OTHER]
+        ids, kinds_ = [bos], [OTHER]
         for k, c, v in zip(keys, cues, vals):
             ids += [k, c, v]
             kinds_ += [OTHER] * 3
@@ -161,16 +161,13 @@ def copy_sample(word_ids, rng, kinds=("run",)):
     return ids[:-1], ids[1:], kinds_[1:]
 
 
-vocab_bos = 1
-
-
 def batch(world, vocab, rng, size, max_docs, min_docs=1, questions=(1, 4), n_facts=(3, 5), copy_frac=0.0, word_ids=None,
           copy_kinds=("run",)):
     xs, ys, ks = [], [], []
     for _ in range(size):
         n = rng.randint(min(min_docs, max_docs), max_docs)
         if copy_frac > 0 and rng.random() < copy_frac:
-            x, y, k = copy_sample(word_ids, rng, copy_kinds)
+            x, y, k = copy_sample(word_ids, vocab.bos, rng, copy_kinds)
         else:
             x, y, k = build_sample(world, vocab, rng, n, rng.randint(*questions), n_facts)
         xs.append(x)
