@@ -26,11 +26,12 @@ def main():
     ap.add_argument("--out", default="", help="preset path; default <model>.ape.json")
     args = ap.parse_args()
     grid = [round(0.1 * i, 1) for i in range(1, 11)]
+    corpus = corpus_of(args.model)
     svc = Services(args.model)
     try:
         cases = []
         for n in args.docs:
-            for ex in qa_examples(n, args.questions, seed=2, corpus=corpus_of(args.model)):  # validation split
+            for ex in qa_examples(n, args.questions, seed=2, corpus=corpus):  # validation split
                 q, answer, value, _ = ex["qa"][0]
                 lead = query_text(q) + " " + answer[:answer.index(" " + value + " ")]
                 keys = svc.encode(PREFIX, ex["docs"])

@@ -38,10 +38,12 @@ class World:
         self.entities = [w.capitalize() for w in _names(rng, n_entities, SYLLABLES, 2, 3, taken)]
         self.cities = [w.capitalize() for w in _names(rng, n_cities, SYLLABLES, 2, 3, taken)]
         self.animals = _names(rng, n_animals, SYLLABLES, 2, 2, taken)
-        # relation: (fact template, question, values). "varied" (the shipped
-        # model) phrases each relation its own way; "uniform" ("the city of
-        # E is V .") puts the entity at the same distance before every value
-        # but was slower to learn even with one document (models/README.md).
+        # relation: (fact template, question, values). "short" (the shipped
+        # model) puts the entity two tokens before the value; "varied" (the
+        # first model) phrases each relation its own way; "uniform" ("the
+        # city of E is V .") was slower to learn even with one document
+        # (models/README.md).
+        self.extra_words = []
         if style == "fixed3":
             # Every fact is "E <cue> <cue> V .": the entity always three tokens
             # before the value, the relation's cue words right before it.
@@ -52,7 +54,7 @@ class World:
                 "job": ("{e} is a {v} .", "what is the job of {e} ?", JOBS),
                 "month": ("{e} arrived in {v} .", "when did {e} arrive ?", MONTHS),
             }
-        elif style == "short":
+        elif style in ("short", "pairs"):
             # Every fact is "E <cue> V .": the entity two tokens before the
             # value, right before the relation's one-word cue.
             self.relations = {
@@ -62,17 +64,12 @@ class World:
                 "job": ("{e} became {v} .", "what did {e} become ?", JOBS),
                 "month": ("{e} arrived {v} .", "when did {e} arrive ?", MONTHS),
             }
-        elif style == "pairs":
-            # Diagnostic, not English: "E V ." (the entity right before the value);
-            # same vocabulary as "short", so a checkpoint of one can continue on the other.
-            self.extra_words = ["visits", "owns", "likes", "became", "arrived"]
-            self.relations = {
-                "city": ("{e} {v} .", "what city does {e} visit ?", self.cities),
-                "animal": ("{e} {v} .", "what animal does {e} own ?", self.animals),
-                "color": ("{e} {v} .", "what color does {e} like ?", COLORS),
-                "job": ("{e} {v} .", "what did {e} become ?", JOBS),
-                "month": ("{e} {v} .", "when did {e} arrive ?", MONTHS),
-            }
+            if style == "pairs":
+                # Diagnostic, not English: "E V ." (the entity right before the
+                # value), keeping the "short" vocabulary (its cue words) so a
+                # checkpoint of one can continue on the other.
+                self.extra_words = [f.split()[1] for f, _, _ in self.relations.values()]
+                self.relations = {r: ("{e} {v} .", q, vals) for r, (_, q, vals) in self.relations.items()}
         elif style == "uniform":
             self.relations = {
                 "city": ("the city of {e} is {v} .", "what is the city of {e} ?", self.cities),
@@ -92,7 +89,7 @@ class World:
 
     def words(self):
         """Every word the corpus can contain."""
-        ws = set(PREFIX.split()) | {"question", ":", "answer"} | set(getattr(self, "extra_words", []))
+        ws = set(PREFIX.split()) | {"question", ":", "answer"} | set(self.extra_words)
         ws |= set(self.entities) | set(self.cities) | set(self.animals) | set(COLORS) | set(JOBS) | set(MONTHS)
         for fact, q, _ in self.relations.values():
             ws |= set(fact.replace("{e}", "").replace("{v}", "").split())

@@ -1,5 +1,6 @@
 """Writes a GGUF v3 file (architecture "llama", F32 tensors, tokenizer inside).
 Follows the GGUF spec; tensor names and metadata keys as llama.cpp uses them."""
+import mmap
 import struct
 
 import numpy as np
@@ -11,8 +12,8 @@ T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR = 4, 5, 6, 7, 8, 9
 def read_string_kvs(path):
     """The string-valued metadata of a GGUF file (other values skipped)."""
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    with open(path, "rb") as f:
-        data = f.read(1 << 20)
+    with open(path, "rb") as f:  # mapped: only the metadata pages are read
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     magic, version, _, n_kv = struct.unpack_from("<IIQQ", data, 0)
     if magic != 0x46554747 or version < 2:
         raise ValueError(f"{path}: not a GGUF v2/v3 file")

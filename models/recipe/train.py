@@ -289,9 +289,9 @@ def main():
     t0 = time.time()
     until = args.until or args.steps
     while step < min(args.steps, until):
-        # Curriculum: one document first, then up to max_docs.
-        # A warm start of induction exercises only, then the QA task (its
-        # curriculum counted from the end of the warm start).
+        # A warm start of induction exercises only, then the QA task; its
+        # curriculum (one document first, then up to max_docs) counts from
+        # the end of the warm start.
         qa_step = step - args.copy_warmup
         copy_frac = 1.0 if qa_step < 0 else args.copy_frac
         if args.curriculum:
