@@ -14,7 +14,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "bench/random_model.h"
-#include "common/transformer.h"
+#include "common/engine/transformer.h"
 #include "xxhash.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape: qwen2.5-0.5b, llama-3.2-1b, tinyllama-1.1b, small");

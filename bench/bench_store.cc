@@ -13,10 +13,10 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "bench/random_model.h"
-#include "common/encode_pipeline.h"
-#include "common/kv_block.h"
-#include "common/redis_store.h"
-#include "common/transformer.h"
+#include "common/pipeline/encode_pipeline.h"
+#include "common/kv/kv_block.h"
+#include "common/store/redis_store.h"
+#include "common/engine/transformer.h"
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape for KV sizes and encode speed");

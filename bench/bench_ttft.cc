@@ -11,8 +11,8 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "bench/random_model.h"
-#include "common/decode_pipeline.h"
-#include "common/transformer.h"
+#include "common/pipeline/decode_pipeline.h"
+#include "common/engine/transformer.h"
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape");

@@ -5,7 +5,7 @@
 #include <memory>
 #include <string>
 
-#include "common/model.h"
+#include "common/engine/model.h"
 
 namespace ape::bench {
 

@@ -4,7 +4,7 @@
 #include "absl/strings/str_format.h"
 #include "common/server/model_info.h"
 #include "common/server/segments.h"
-#include "common/status_macros.h"
+#include "common/engine/status_macros.h"
 
 namespace ape {
 

@@ -8,8 +8,8 @@
 
 #include "ape/v1/decoder.grpc.pb.h"
 #include "ape/v1/encoder.grpc.pb.h"
-#include "common/ape_preset.h"
-#include "common/decode_pipeline.h"
+#include "common/engine/ape_preset.h"
+#include "common/pipeline/decode_pipeline.h"
 #include "common/server/server_util.h"
 
 namespace ape {

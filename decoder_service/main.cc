@@ -4,7 +4,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "common/transformer.h"
+#include "common/engine/transformer.h"
 #include "common/server/model_and_store.h"
 #include "decoder_service/decoder_service.h"
 

@@ -3,7 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/server/segments.h"
-#include "common/status_macros.h"
+#include "common/engine/status_macros.h"
 
 namespace ape {
 

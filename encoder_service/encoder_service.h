@@ -3,7 +3,7 @@
 #define APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
 
 #include "ape/v1/encoder.grpc.pb.h"
-#include "common/encode_pipeline.h"
+#include "common/pipeline/encode_pipeline.h"
 #include "common/server/model_info.h"
 #include "common/server/server_util.h"
 

@@ -1,4 +1,4 @@
-// Helpers shared by the tests: paths to ../shared/models and temp files.
+// Helpers shared by the tests: paths to tests/data/ and temp files.
 #ifndef APESERVE_TESTS_TEST_UTIL_H_
 #define APESERVE_TESTS_TEST_UTIL_H_
 
@@ -11,8 +11,9 @@
 
 namespace ape::testing {
 
-inline std::string SharedModel(const std::string& name) {
-  return std::string(APE_SHARED_MODELS) + "/" + name;
+// A file of tests/data/ (see its README for where each came from).
+inline std::string TestData(const std::string& name) {
+  return std::string(APE_TEST_DATA) + "/" + name;
 }
 
 inline std::string ReadAll(const std::string& path) {

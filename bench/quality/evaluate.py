@@ -8,7 +8,10 @@ against SEQUENTIAL's (mean KL divergence, top-1 agreement) on the same
 inputs. The same fidelity numbers on stories260K with story passages as
 contexts. Writes bench/results/quality.{md,json} and quality_*.png.
 
-  /usr/bin/python3 bench/quality/evaluate.py [--questions 50]
+  /usr/bin/python3 bench/quality/evaluate.py [--questions 50] [--ape-t 0.8 --ape-s 0.9]
+      [--bin-dir build/bin] [--out bench/results/quality]
+
+stories260K and its tokenizer come from tests/data ($APE_TEST_DATA).
 """
 import argparse
 import json
@@ -17,11 +20,11 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, Services, argmax, corpus_of, kl, qa_examples  # noqa: E402
+from harness import ROOT, Services, answer_lead, argmax, corpus_of, cut_answer, kl, qa_examples  # noqa: E402
+from apeserve_launcher import default_bin_dir, test_data_dir  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
-SHARED = os.path.join(ROOT, "..", "shared", "models")
 DOC_COUNTS = [1, 2, 4, 8, 16, 32]
 VARIANTS = [  # (name, mode, shared prefix?)
     ("SEQUENTIAL", "SEQUENTIAL", True),
@@ -41,16 +44,15 @@ def evaluate_qa(svc, model_name, n_questions, T, S, log, corpus):
             query = query_text(q)
             # Distributions are compared where it matters: at the answer's
             # value, after its restating words ("... answer : Neub lives in").
-            lead = answer[:answer.index(" " + value + " ")]
+            lead = answer_lead(answer, value)
+            expected = cut_answer(answer)
             keys = {True: svc.encode(PREFIX, ex["docs"]), False: svc.encode("", ex["docs"])}
             seq_scores = None
             for name, mode, with_prefix in VARIANTS:
                 prefix = PREFIX if with_prefix else ""
                 # Without the shared prefix the instruction moves into the query.
                 qtext = query if with_prefix else PREFIX + " " + query
-                req = svc.request(prefix, keys[with_prefix], qtext, mode, T, S, max_tokens=12, stop=[" ."])
-                out = svc.generate(req).strip()
-                stats[name]["em"] += int(out == answer[:-2].strip())
+                stats[name]["em"] += int(svc.answer(prefix, keys[with_prefix], qtext, mode, T, S) == expected)
                 scores = svc.score(svc.request(prefix, keys[with_prefix], qtext + " " + lead, mode, T, S))
                 if name == "SEQUENTIAL":
                     seq_scores = scores
@@ -71,7 +73,8 @@ def evaluate_qa(svc, model_name, n_questions, T, S, log, corpus):
 
 def story_passages(svc_prefix_free_count=200, seed=7):
     """Short story passages made of the golden stories' sentences, shuffled."""
-    golden = json.load(open(os.path.join(SHARED, "stories260K.golden.json")))
+    with open(os.path.join(test_data_dir(), "stories260K.golden.json")) as f:
+        golden = json.load(f)
     sents = set()
     for c in golden["cases"]:
         for s in c["text"].replace("\n", " ").split(". "):
@@ -116,6 +119,7 @@ def evaluate_stories(svc, n_questions, T, S, log):
 
 
 def write_outputs(records, out_prefix):
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     with open(out_prefix + ".json", "w") as f:
         json.dump(records, f, indent=1)
     lines = ["# Quality: APE against sequential encoding", "",
@@ -170,35 +174,40 @@ def write_outputs(records, out_prefix):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "apeserve-qa.gguf"))
+    ap.add_argument("--preset", default="", help="APE preset JSON giving T and S; default <model>.ape.json")
     ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--story-questions", type=int, default=30)
-    ap.add_argument("--T", type=float, default=0, help="APE T; 0 = the model's preset")
-    ap.add_argument("--S", type=float, default=0)
-    ap.add_argument("--out", default=os.path.join(RESULTS, "quality"))
+    ap.add_argument("--ape-t", type=float, default=0, help="APE temperature T; 0 = the preset's")
+    ap.add_argument("--ape-s", type=float, default=0, help="APE scale S; 0 = the preset's")
+    # Old spellings, kept working but not advertised.
+    ap.add_argument("--T", dest="ape_t", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ap.add_argument("--S", dest="ape_s", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ap.add_argument("--bin-dir", default=default_bin_dir(),
+                    help="folder of ape-encoder and ape-decoder (default $APE_BIN_DIR, else <repo>/build/bin)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "quality"), help="output prefix for .md, .json, _*.png")
     ap.add_argument("--skip-stories", action="store_true")
     args = ap.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    preset = args.model + ".ape.json"
-    T, S = args.T, args.S
+    if args.preset and not os.path.exists(args.preset):
+        ap.error(f"--preset {args.preset} does not exist")
+    preset = args.preset or args.model + ".ape.json"
+    T, S = args.ape_t, args.ape_s
     if (not T or not S) and os.path.exists(preset):
-        p = json.load(open(preset))
+        with open(preset) as f:
+            p = json.load(f)
         T, S = T or p["temperature"], S or p["scale"]
     T, S = T or 0.9, S or 0.9
     records = []
-    svc = Services(args.model)
-    try:
+    with Services(args.model, bin_dir=args.bin_dir, preset=args.preset or None) as svc:
         records += evaluate_qa(svc, os.path.basename(args.model).replace(".gguf", ""), args.questions, T, S, log,
                                corpus_of(args.model))
-    finally:
-        svc.close()
     if not args.skip_stories:
-        svc = Services(os.path.join(SHARED, "stories260K.bin"), os.path.join(SHARED, "tok512.bin"))
-        try:
+        data = test_data_dir()
+        with Services(os.path.join(data, "stories260K.bin"), os.path.join(data, "tok512.bin"),
+                      bin_dir=args.bin_dir) as svc:
             records += evaluate_stories(svc, args.story_questions, 0.9, 0.9, log)
-        finally:
-            svc.close()
     write_outputs(records, args.out)
     log(f"wrote {args.out}.md, .json and plots")
 

@@ -1,88 +1,102 @@
 """Shared pieces of the quality tools: starting (or reaching) the services,
-the held-out data, and scoring one question in one mode over gRPC."""
+the held-out data, how an answer is cut and compared, and scoring one
+question in one mode over gRPC.
+
+Importing this module runs nothing: the gRPC stubs are generated (protoc)
+the first time Services is created, or by calling stubs()."""
 import math
 import os
 import random
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
-sys.path.insert(0, os.path.join(ROOT, "models", "recipe"))
-from apeserve_client import load_stubs  # noqa: E402
-
-enc_pb, enc_grpc, dec_pb, dec_grpc = load_stubs()
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+for _p in (os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "models", "recipe")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 import grpc  # noqa: E402
+from apeserve_client import load_stubs  # noqa: E402
+from apeserve_launcher import LocalServices, default_bin_dir  # noqa: E402
 
-MODES = {"SEQUENTIAL": dec_pb.MODE_SEQUENTIAL, "PARALLEL": dec_pb.MODE_PARALLEL, "APE": dec_pb.MODE_APE}
+MODES = ("SEQUENTIAL", "PARALLEL", "APE")
+# Every corpus answer restates the fact and ends with ANSWER_STOP ("Neub
+# lives in Quenmar ."); generation stops there, within ANSWER_MAX_TOKENS.
+ANSWER_STOP = " ."
+ANSWER_MAX_TOKENS = 12
+
+_stubs = None
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def stubs():
+    """(encoder_pb2, encoder_pb2_grpc, decoder_pb2, decoder_pb2_grpc),
+    generated on first use."""
+    global _stubs
+    if _stubs is None:
+        _stubs = load_stubs()
+    return _stubs
+
+
+def cut_answer(text, stop=ANSWER_STOP):
+    """An answer as exact match compares it: the text before the first
+    `stop`, stripped. The one rule for generated answers and for the
+    corpus's reference answers alike."""
+    i = text.find(stop)
+    return (text if i < 0 else text[:i]).strip()
+
+
+def answer_lead(answer, value):
+    """The answer's restating words before its value: "Neub lives in" for
+    ("Neub lives in Quenmar .", "Quenmar"), where distributions are compared."""
+    return answer[:answer.index(" " + value + " ")]
 
 
 class Services:
-    """redis-server + ape-encoder + ape-decoder on free loopback ports, or
-    existing ones when addresses are given."""
+    """redis-server + ape-encoder + ape-decoder on free loopback ports
+    (apeserve_launcher.LocalServices), or existing ones when both addresses
+    are given. A context manager; close() stops what it started."""
 
     def __init__(self, model, tokenizer="", encoder=None, decoder=None, bin_dir=None, preset=None):
-        self.procs, self.tmp = [], None
+        enc_pb, enc_grpc, dec_pb, dec_grpc = stubs()
+        self.local = None
         if encoder and decoder:
             self.encoder, self.decoder = encoder, decoder
         else:
-            bin_dir = bin_dir or os.path.join(ROOT, "build", "bin")
-            self.tmp = tempfile.mkdtemp(prefix="apeserve-quality-")
-            rp, ep, dp = _free_port(), _free_port(), _free_port()
-            self.encoder, self.decoder = f"127.0.0.1:{ep}", f"127.0.0.1:{dp}"
-            margs = [f"--model={model}", f"--redis=redis://127.0.0.1:{rp}", "--max_context_tokens=4096"]
-            if tokenizer:
-                margs.append(f"--tokenizer={tokenizer}")
-            self._start(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--dir", self.tmp], rp, "redis")
-            self._start([f"{bin_dir}/ape-encoder", f"--listen={self.encoder}"] + margs, ep, "encoder")
-            dargs = [f"--ape_preset={preset}"] if preset else []
-            self._start([f"{bin_dir}/ape-decoder", f"--listen={self.decoder}", f"--encoder={self.encoder}",
-                         "--max_prompt_tokens=1000000"] + margs + dargs, dp, "decoder")
+            self.local = LocalServices(
+                bin_dir or default_bin_dir(), model, tokenizer, tmp_prefix="apeserve-quality-",
+                encoder_args=["--max_context_tokens=4096"],
+                decoder_args=["--max_context_tokens=4096", "--max_prompt_tokens=1000000"]
+                + ([f"--ape_preset={preset}"] if preset else [])).start()
+            self.encoder, self.decoder = self.local.encoder, self.local.decoder
         opts = [("grpc.max_receive_message_length", 64 << 20)]
-        self.enc = enc_grpc.EncoderStub(grpc.insecure_channel(self.encoder, options=opts))
-        self.dec = dec_grpc.DecoderStub(grpc.insecure_channel(self.decoder, options=opts))
+        self._channels = [grpc.insecure_channel(self.encoder, options=opts),
+                          grpc.insecure_channel(self.decoder, options=opts)]
+        self.enc = enc_grpc.EncoderStub(self._channels[0])
+        self.dec = dec_grpc.DecoderStub(self._channels[1])
 
-    def _start(self, cmd, port, name):
-        log = open(os.path.join(self.tmp, name + ".log"), "w")
-        p = subprocess.Popen(cmd, stdout=log, stderr=log)
-        self.procs.append(p)
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited, see {self.tmp}/{name}.log")
-                time.sleep(0.05)
-        raise RuntimeError(f"{name} did not start")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     def close(self):
-        for p in reversed(self.procs):
-            p.terminate()
-            p.wait(timeout=10)
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        for ch in self._channels:
+            ch.close()
+        self._channels = []
+        if self.local:
+            self.local.stop()
+            self.local = None
 
     def encode(self, prefix, docs):
+        enc_pb = stubs()[0]
         r = self.enc.Encode(enc_pb.EncodeRequest(prefix=enc_pb.Segment(text=prefix),
                                                  contexts=[enc_pb.Segment(text=d) for d in docs]), timeout=600)
         return [c.key for c in r.contexts]
 
     def request(self, prefix, keys, query, mode, T=None, S=None, max_tokens=8, stop=()):
+        dec_pb = stubs()[2]
         req = dec_pb.GenerateRequest(prefix=prefix, contexts=[dec_pb.ContextRef(key=k) for k in keys], query=query,
-                                     mode=MODES[mode], max_tokens=max_tokens, stop=list(stop))
+                                     mode=getattr(dec_pb, "MODE_" + mode), max_tokens=max_tokens, stop=list(stop))
         if T:
             req.ape_temperature = T
         if S:
@@ -95,6 +109,11 @@ class Services:
             if msg.HasField("token"):
                 text += msg.token.text
         return text
+
+    def answer(self, prefix, keys, query, mode, T=None, S=None):
+        """The greedy answer to a corpus question, cut by cut_answer."""
+        req = self.request(prefix, keys, query, mode, T, S, max_tokens=ANSWER_MAX_TOKENS, stop=[ANSWER_STOP])
+        return cut_answer(self.generate(req))
 
     def score(self, req):
         return list(self.dec.Score(req, timeout=600).logprobs)

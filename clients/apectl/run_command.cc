@@ -7,9 +7,9 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_format.h"
 #include "clients/apectl/commands.h"
-#include "common/generate.h"
-#include "common/model.h"
-#include "common/transformer.h"
+#include "common/engine/generate.h"
+#include "common/engine/model.h"
+#include "common/engine/transformer.h"
 
 ABSL_FLAG(std::string, model, "", "model file: GGUF, or a llama2.c checkpoint (.bin)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");

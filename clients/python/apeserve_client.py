@@ -2,7 +2,9 @@
 """apeserve from Python: encode documents, stream an answer.
 
 Stubs are generated from ../../proto at run time into a cache folder (never
-committed), with Debian's python3-grpc-tools:
+committed; $APESERVE_PY_GEN, else <tmp>/apeserve-py-gen) with Debian's
+python3-grpc-tools, when load_stubs() is first called (main() does): importing
+this module runs no protoc.
 
   /usr/bin/python3 clients/python/apeserve_client.py --encoder 127.0.0.1:50051 \
       --decoder 127.0.0.1:50052 --prefix "..." --doc a.txt --doc b.txt --query "..."
@@ -15,14 +17,15 @@ import sys
 import tempfile
 
 import grpc
-from grpc_tools import protoc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_ROOT = os.path.join(HERE, "..", "..", "proto")
 
 
 def load_stubs(out_dir=None):
-    """Generates ape/v1 and health stubs (once per folder) and imports them."""
+    """Generates ape/v1 and health stubs into out_dir (again only when a
+    .proto is newer than the last generation) and imports them."""
+    from grpc_tools import protoc
     out_dir = out_dir or os.environ.get("APESERVE_PY_GEN") or os.path.join(tempfile.gettempdir(), "apeserve-py-gen")
     os.makedirs(out_dir, exist_ok=True)
     protos = ["ape/v1/encoder.proto", "ape/v1/decoder.proto", "grpc/health/v1/health.proto"]
@@ -35,7 +38,8 @@ def load_stubs(out_dir=None):
         if rc != 0:
             raise RuntimeError("protoc failed")
         open(stamp, "w").close()
-    sys.path.insert(0, out_dir)
+    if out_dir not in sys.path:
+        sys.path.insert(0, out_dir)
     from ape.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc  # noqa: E402
     return encoder_pb2, encoder_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 

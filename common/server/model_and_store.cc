@@ -2,7 +2,7 @@
 
 #include <cstdio>
 
-#include "common/status_macros.h"
+#include "common/engine/status_macros.h"
 
 namespace ape {
 

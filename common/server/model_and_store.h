@@ -8,8 +8,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/model.h"
-#include "common/redis_store.h"
+#include "common/engine/model.h"
+#include "common/store/redis_store.h"
 
 namespace ape {
 

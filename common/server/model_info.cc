@@ -1,6 +1,6 @@
 #include "common/server/model_info.h"
 
-#include "common/kv_block.h"
+#include "common/kv/kv_block.h"
 
 namespace ape {
 

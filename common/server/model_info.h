@@ -3,7 +3,7 @@
 #define APESERVE_COMMON_SERVER_MODEL_INFO_H_
 
 #include "ape/v1/encoder.pb.h"
-#include "common/model.h"
+#include "common/engine/model.h"
 
 namespace ape {
 

@@ -1,7 +1,7 @@
 #include "common/server/segments.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/status_macros.h"
+#include "common/engine/status_macros.h"
 
 namespace ape {
 

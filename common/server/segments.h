@@ -7,7 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "ape/v1/encoder.pb.h"
-#include "common/tokenizer.h"
+#include "common/engine/tokenizer.h"
 
 namespace ape {
 

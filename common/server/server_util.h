@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/timing.h"
+#include "common/engine/timing.h"
 
 namespace ape {
 

@@ -12,7 +12,7 @@ namespace ape {
 namespace {
 
 using ::ape::testing::ReadAll;
-using ::ape::testing::SharedModel;
+using ::ape::testing::TestData;
 
 struct Result { int exit_code; std::string out; };
 
@@ -36,12 +36,12 @@ std::string Quote(const std::string& s) {
 }
 
 TEST(ApectlTest, RunPrintsLlama2cGoldenText) {
-  auto golden = nlohmann::json::parse(ReadAll(SharedModel("stories260K.golden.json")));
+  auto golden = nlohmann::json::parse(ReadAll(TestData("stories260K.golden.json")));
   for (const auto& c : golden["cases"]) {
     const int steps = c["steps"];
     const int prompt_len = c["prompt_tokens"].size();
-    std::string cmd = Apectl() + " run --model " + SharedModel("stories260K.bin") + " --tokenizer " +
-                      SharedModel("tok512.bin") + " --prompt " + Quote(c["prompt"]) +
+    std::string cmd = Apectl() + " run --model " + TestData("stories260K.bin") + " --tokenizer " +
+                      TestData("tok512.bin") + " --prompt " + Quote(c["prompt"]) +
                       " --max-tokens " + std::to_string(steps - prompt_len + 1) +
                       " --temperature 0 2>/dev/null";
     Result r = RunCmd(cmd);
@@ -51,7 +51,7 @@ TEST(ApectlTest, RunPrintsLlama2cGoldenText) {
 }
 
 TEST(ApectlTest, InfoDescribesTheGgufFixture) {
-  Result r = RunCmd(Apectl() + " info --model " + SharedModel("format-fixtures/llama-2-tiny-random.gguf") + " 2>/dev/null");
+  Result r = RunCmd(Apectl() + " info --model " + TestData("format-fixtures/llama-2-tiny-random.gguf") + " 2>/dev/null");
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_NE(r.out.find("architecture:  llama"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("vocab:         32000"), std::string::npos) << r.out;
@@ -59,7 +59,7 @@ TEST(ApectlTest, InfoDescribesTheGgufFixture) {
 }
 
 TEST(ApectlTest, BrokenModelFailsWithMessage) {
-  testing::TempFile broken(ReadAll(SharedModel("format-fixtures/llama-2-tiny-random.gguf")).substr(0, 5000));
+  testing::TempFile broken(ReadAll(TestData("format-fixtures/llama-2-tiny-random.gguf")).substr(0, 5000));
   Result r = RunCmd(Apectl() + " info --model " + broken.path() + " 2>&1");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.out.find(broken.path()), std::string::npos) << r.out;

@@ -4,39 +4,19 @@ against real servers (redis-server, ape-encoder, ape-decoder on free
 loopback ports). Every client must give the same greedy answer."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import unittest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BIN = os.environ.get("APE_BIN_DIR", os.path.join(ROOT, "build", "bin"))
-SHARED = os.environ.get("APE_SHARED_MODELS", os.path.join(ROOT, "..", "shared", "models"))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+from apeserve_launcher import LocalServices, default_bin_dir, test_data_dir  # noqa: E402
+
+BIN = default_bin_dir()  # $APE_BIN_DIR, else build/bin
+DATA = test_data_dir()  # $APE_TEST_DATA, else tests/data
 PREFIX = "Once upon a time"
 DOCS = [" there was a girl named Lily. She had a big red ball.", " Tom had a dog. The dog liked to run in the park."]
 QUERY = " One day, Lily"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, proc, name):
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited")
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on {port}")
 
 
 def run(cmd, **kw):
@@ -46,21 +26,9 @@ def run(cmd, **kw):
 class ClientsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="apeserve-clients-")
-        cls.procs = []
-        rp, ep, dp = free_port(), free_port(), free_port()
-        cls.enc, cls.dec = f"127.0.0.1:{ep}", f"127.0.0.1:{dp}"
-
-        def start(cmd, port, name):
-            log = open(os.path.join(cls.tmp, name + ".log"), "w")
-            p = subprocess.Popen(cmd, stdout=log, stderr=log)
-            cls.procs.append(p)
-            wait_port(port, p, name)
-
-        start(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--dir", cls.tmp], rp, "redis")
-        model = [f"--model={SHARED}/stories260K.bin", f"--tokenizer={SHARED}/tok512.bin", f"--redis=redis://127.0.0.1:{rp}"]
-        start([f"{BIN}/ape-encoder", f"--listen={cls.enc}"] + model, ep, "encoder")
-        start([f"{BIN}/ape-decoder", f"--listen={cls.dec}", f"--encoder={cls.enc}"] + model, dp, "decoder")
+        cls.services = LocalServices(BIN, f"{DATA}/stories260K.bin", f"{DATA}/tok512.bin",
+                                     tmp_prefix="apeserve-clients-").start()
+        cls.tmp, cls.enc, cls.dec = cls.services.tmp, cls.services.encoder, cls.services.decoder
         cls.doc_files = []
         for i, d in enumerate(DOCS):
             path = os.path.join(cls.tmp, f"doc{i}.txt")
@@ -71,10 +39,7 @@ class ClientsTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        for p in reversed(cls.procs):
-            p.terminate()
-            p.wait(timeout=10)
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.services.stop()
 
     def apectl_answer(self):
         r = run([f"{BIN}/apectl", "generate", f"--decoder={self.dec}", f"--prefix={PREFIX}",

@@ -8,7 +8,7 @@
 
 #include "ape/v1/decoder.grpc.pb.h"
 #include "ape/v1/encoder.grpc.pb.h"
-#include "common/model.h"
+#include "common/engine/model.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
 
@@ -17,7 +17,7 @@ namespace {
 
 using ::ape::testing::Process;
 using ::ape::testing::RedisServer;
-using ::ape::testing::SharedModel;
+using ::ape::testing::TestData;
 
 class Server {
  public:
@@ -25,8 +25,8 @@ class Server {
     port_ = testing::FreePort();
     log_ = redis.dir() + "/" + binary + "-" + std::to_string(port_) + ".log";
     std::vector<std::string> argv = {std::string(APE_BIN_DIR) + "/" + binary, "--listen=127.0.0.1:" + std::to_string(port_),
-                                     "--redis=" + redis.uri(), "--model=" + SharedModel("stories260K.bin"),
-                                     "--tokenizer=" + SharedModel("tok512.bin"), "--redis_timeout_ms=1000"};
+                                     "--redis=" + redis.uri(), "--model=" + TestData("stories260K.bin"),
+                                     "--tokenizer=" + TestData("tok512.bin"), "--redis_timeout_ms=1000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc_.Start(argv, log_);
     ok_ = testing::WaitForPort(port_, proc_);
@@ -132,7 +132,7 @@ class DecoderE2eTest : public ::testing::Test {
 TEST_F(DecoderE2eTest, AgreesWithPyTorchReference) {
   auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT32);
   nlohmann::json base;
-  base["model"] = SharedModel("stories260K.bin");
+  base["model"] = TestData("stories260K.bin");
   base["prefix"] = Tokenize(kPrefix, true);
   base["contexts"] = nlohmann::json::array();
   for (auto& d : kDocs) base["contexts"].push_back(Tokenize(d, false));

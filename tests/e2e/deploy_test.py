@@ -5,12 +5,16 @@ exists, every binary and flag the compose file and manifests use exists."""
 import os
 import re
 import subprocess
+import sys
 import unittest
 
 import yaml
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BIN = os.environ.get("APE_BIN_DIR", os.path.join(ROOT, "build", "bin"))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+from apeserve_launcher import default_bin_dir  # noqa: E402
+
+BIN = default_bin_dir()  # $APE_BIN_DIR, else build/bin
 DEPLOY = os.path.join(ROOT, "deploy")
 
 

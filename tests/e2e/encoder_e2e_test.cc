@@ -5,9 +5,9 @@
 #include <gtest/gtest.h>
 
 #include "ape/v1/encoder.grpc.pb.h"
-#include "common/cache_key.h"
-#include "common/encode_pipeline.h"
-#include "common/redis_store.h"
+#include "common/kv/cache_key.h"
+#include "common/pipeline/encode_pipeline.h"
+#include "common/store/redis_store.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
 
@@ -16,7 +16,7 @@ namespace {
 
 using ::ape::testing::Process;
 using ::ape::testing::RedisServer;
-using ::ape::testing::SharedModel;
+using ::ape::testing::TestData;
 
 class EncoderProcess {
  public:
@@ -26,8 +26,8 @@ class EncoderProcess {
     std::vector<std::string> argv = {std::string(APE_BIN_DIR) + "/ape-encoder",
                                      "--listen=127.0.0.1:" + std::to_string(port_),
                                      "--redis=" + redis.uri(),
-                                     "--model=" + SharedModel("stories260K.bin"),
-                                     "--tokenizer=" + SharedModel("tok512.bin"),
+                                     "--model=" + TestData("stories260K.bin"),
+                                     "--tokenizer=" + TestData("tok512.bin"),
                                      "--redis_timeout_ms=1000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc_.Start(argv, log_);
@@ -69,7 +69,7 @@ class EncoderE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(redis_.ok());
-    auto m = Model::Load(SharedModel("stories260K.bin"), SharedModel("tok512.bin"));
+    auto m = Model::Load(TestData("stories260K.bin"), TestData("tok512.bin"));
     ASSERT_TRUE(m.ok());
     model_ = *std::move(m);
   }

@@ -1,11 +1,11 @@
 #!/usr/bin/python3
 """Independent float32 PyTorch reference for SEQUENTIAL, PARALLEL and APE.
 
-Written from ../shared/docs/APE.md and llama2.c's model description only; it
-shares no code with apeserve. It reads a llama2.c checkpoint and a JSON
-request on stdin:
+Written from docs/APE.md and llama2.c's model description only; it shares
+no code with apeserve. It reads a llama2.c checkpoint and a JSON request on
+stdin:
 
-  {"model": "stories260K.bin", "mode": "APE" | "PARALLEL" | "SEQUENTIAL",
+  {"model": "tests/data/stories260K.bin", "mode": "APE" | "PARALLEL" | "SEQUENTIAL",
    "T": 0.9, "S": 0.9, "prefix": [ids, BOS first], "contexts": [[ids], ...],
    "query": [ids], "generated": [ids]}
 
@@ -13,7 +13,7 @@ and writes {"logprobs": [...], "argmax": [...]} to stdout: for each generated
 token, its log-probability given everything before it (teacher forcing), and
 the most likely token at that step.
 
-APE attention here uses the per-key closed form (APE.md section 2):
+APE attention here uses the per-key closed form (docs/APE.md section 3):
   w(j in C) = exp(s_j/T) Z_C^(ST-1) / (Z_C^(ST) + Z_O),  w(j in O) = exp(s_j) / (...)
 evaluated in log space, not the two-state merge apeserve uses.
 """

@@ -1,0 +1,45 @@
+// Adaptive Parallel Encoding attention (docs/APE.md, "The attention").
+#ifndef APESERVE_COMMON_ENGINE_APE_ATTENTION_H_
+#define APESERVE_COMMON_ENGINE_APE_ATTENTION_H_
+
+#include <limits>
+
+#include "common/engine/kv_cache.h"
+
+namespace ape {
+
+// Which cache slots form the pooled context block C, and APE's T and S.
+// An empty range (begin == end) is ordinary causal attention; T = S = 1 is
+// plain parallel encoding over the range.
+struct ApeParams {
+  int context_begin = 0;  // first slot of block C
+  int context_end = 0;    // one past the last slot of block C
+  float temperature = 1.f;  // T: divides context logits only
+  float scale = 1.f;        // S: the context LSE is multiplied by S*T
+};
+
+// Running softmax state over a set of keys, flash-attention style:
+//   m = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) v_j
+// so that log Z = m + log l and the normalised output is acc / l.
+struct AttentionState {
+  float m = -std::numeric_limits<float>::infinity();
+  float l = 0.f;
+  float acc[kMaxHeadDim];  // head_dim <= kMaxHeadDim: model loading refuses more
+};
+
+// Adds keys/values of slots [begin, end) to `st`, with logits
+// s_j = (q . k_j) * logit_scale. `kv_head_offset` selects the KV head.
+void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset,
+                     int head_dim, int begin, int end, float logit_scale, AttentionState* st);
+
+// Multi-head APE attention for `n` query rows at slots first_slot..+n-1 of
+// `cache` (their K/V already written and rotated). q and out are
+// [n][n_heads][head_dim]. Row i sees slots [0, first_slot + i]: slots in the
+// context range form block C, the rest (prefix, query, generated) block O.
+// Runs on ComputeThreads() threads over (row, head) pairs.
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer,
+                  int n_heads, int n_kv_heads, int head_dim, const ApeParams& ape, float* out);
+
+}  // namespace ape
+
+#endif  // APESERVE_COMMON_ENGINE_APE_ATTENTION_H_

@@ -1,0 +1,45 @@
+#include "common/engine/ape_preset.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "common/engine/mapped_file.h"
+
+namespace ape {
+
+absl::StatusOr<ApePreset> LoadApePreset(const std::string& path) {
+  auto text = ReadFileToString(path);
+  if (!text.ok()) return text.status();
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  ApePreset p;
+  p.source = path;
+  auto get = [&](const char* k, float* out) -> absl::Status {
+    if (!j.contains(k)) return absl::OkStatus();
+    if (!j[k].is_number()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " is not a number"));
+    *out = j[k].get<float>();
+    if (!(*out > 0.f && *out <= 2.f)) return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " must be in (0, 2]"));
+    return absl::OkStatus();
+  };
+  if (auto s = get("temperature", &p.temperature); !s.ok()) return s;
+  if (auto s = get("scale", &p.scale); !s.ok()) return s;
+  if (j.contains("prefix_newlines") && j["prefix_newlines"].is_number_integer()) p.prefix_newlines = j["prefix_newlines"].get<int>();
+  return p;
+}
+
+absl::Status SaveApePreset(const ApePreset& p, const std::string& path) {
+  nlohmann::json j = {{"temperature", p.temperature}, {"scale", p.scale},
+                      {"prefix_newlines", p.prefix_newlines}, {"source", p.source}};
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
+}
+
+ApePreset PresetForModel(const std::string& model_path) {
+  auto p = LoadApePreset(model_path + ".ape.json");
+  return p.ok() ? *p : ApePreset{};
+}
+
+}  // namespace ape

@@ -1,0 +1,58 @@
+// The float32 Llama transformer: RMSNorm, RoPE at caller-chosen positions,
+// grouped-query attention (APE-aware), SwiGLU, tied or untied classifier.
+// Blocks of tokens go through OpenBLAS sgemm; a single token through our
+// MatVec (matvec.h).
+//
+// Thread contract: a Transformer is bound to one model and one request at a
+// time (it owns the scratch); the Model it points to is shared read-only.
+// Parallelism inside a call comes from OpenBLAS and OpenMP, whose thread
+// counts are set in one place, SetComputeThreads() (threading.h).
+#ifndef APESERVE_COMMON_ENGINE_TRANSFORMER_H_
+#define APESERVE_COMMON_ENGINE_TRANSFORMER_H_
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/engine/ape_attention.h"
+#include "common/engine/kv_cache.h"
+#include "common/engine/model.h"
+#include "common/engine/threading.h"
+
+namespace ape {
+
+class Transformer {
+ public:
+  // `max_batch`: tokens per internal block; scratch is sized for it here,
+  // so Forward allocates nothing.
+  explicit Transformer(const Model& model, int max_batch = 256);
+
+  // Runs `tokens` (with their RoPE `positions`) and appends their K/V to
+  // `cache` at slots cache.size.. onward. Row logits go to `logits`:
+  // the last token's [vocab] when all_logits is false, else [n][vocab].
+  // Preconditions (checked by callers): cache has room, ids < vocab.
+  void Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions,
+               KvCache& cache, const ApeParams& ape, float* logits, bool all_logits = false);
+
+  const Model& model() const { return model_; }
+
+ private:
+  void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
+                    const ApeParams& ape, float* logits, bool all_logits);
+  void Rope(float* x, int n, int n_heads, int row_stride, const int32_t* positions);
+
+  const Model& model_;
+  const ModelConfig& c_;
+  const int max_batch_;
+  std::vector<float> inv_freq_;  // [rope_dim/2] RoPE frequencies
+  // Scratch, [max_batch][width] each.
+  std::vector<float> x_, xb_, xb2_, q_, att_, hb_, hb2_;
+};
+
+// y[n][out] = x[n][in] * W^T for row-major W[out][in]: sgemm for n > 1,
+// our streaming MatVec for n == 1. The hot spot of prefill and decode.
+void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy);
+
+}  // namespace ape
+
+#endif  // APESERVE_COMMON_ENGINE_TRANSFORMER_H_

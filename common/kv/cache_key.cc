@@ -1,0 +1,44 @@
+#include "common/kv/cache_key.h"
+
+#include "absl/strings/str_cat.h"
+#include "xxhash.h"
+
+namespace ape {
+
+Hash128 FingerprintBytes(const Model& model) {
+  auto h = HashFromHex(model.fingerprint());
+  return h.ok() ? *h : Hash128{};
+}
+
+Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind,
+                     std::span<const int32_t> prefix_tokens, std::span<const int32_t> context_tokens) {
+  XXH3_state_t* st = XXH3_createState();
+  XXH3_128bits_reset(st);
+  auto put_u32 = [&](uint32_t v) { XXH3_128bits_update(st, &v, 4); };
+  static const char kTag[] = "apeserve-kv-key";  // 15 chars + the NUL
+  XXH3_128bits_update(st, kTag, sizeof(kTag));
+  put_u32(kKvFormatVersion);
+  XXH3_128bits_update(st, fingerprint.data(), 16);
+  put_u32(static_cast<uint32_t>(dtype));
+  put_u32(static_cast<uint32_t>(kind));
+  put_u32(static_cast<uint32_t>(prefix_tokens.size()));
+  XXH3_128bits_update(st, prefix_tokens.data(), prefix_tokens.size() * 4);
+  put_u32(static_cast<uint32_t>(context_tokens.size()));
+  XXH3_128bits_update(st, context_tokens.data(), context_tokens.size() * 4);
+  XXH128_hash_t h = XXH3_128bits_digest(st);
+  XXH3_freeState(st);
+  return HashFromHalves(h.high64, h.low64);
+}
+
+std::string RedisKeyFor(const Hash128& key) { return absl::StrCat(kKvKeyPrefix, HashToHex(key)); }
+
+absl::StatusOr<Hash128> ParseRedisKey(const std::string& key) {
+  if (key.rfind(kKvKeyPrefix, 0) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cache key '", key, "' does not start with ", kKvKeyPrefix));
+  }
+  auto h = HashFromHex(key.substr(sizeof(kKvKeyPrefix) - 1));
+  if (!h.ok()) return absl::InvalidArgumentError(absl::StrCat("cache key '", key, "' is malformed"));
+  return h;
+}
+
+}  // namespace ape

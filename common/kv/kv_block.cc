@@ -1,0 +1,203 @@
+#include "common/kv/kv_block.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/engine/byte_reader.h"
+#include "common/engine/half.h"
+#include "common/engine/status_macros.h"
+#include "xxhash.h"
+
+namespace ape {
+namespace {
+
+constexpr char kMagic[8] = {'A', 'P', 'E', 'K', 'V', '\r', '\n', '\x1a'};
+constexpr uint32_t kMaxDim = 1 << 16;
+
+template <typename T>
+void Put(std::string& out, T v) { out.append(reinterpret_cast<const char*>(&v), sizeof(T)); }
+
+Hash128 Checksum(const uint8_t* data, size_t n) {
+  XXH128_hash_t h = XXH3_128bits(data, n);
+  return HashFromHalves(h.high64, h.low64);
+}
+
+absl::Status Corrupt(const std::string& what) {
+  return absl::DataLossError(absl::StrCat("KV block: ", what));
+}
+
+}  // namespace
+
+const char* KvDtypeName(KvDtype d) { return d == KvDtype::kFloat16 ? "float16" : "float32"; }
+
+std::string HashToHex(const Hash128& h) {
+  static const char* kHex = "0123456789abcdef";
+  std::string s(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    s[2 * i] = kHex[h[i] >> 4];
+    s[2 * i + 1] = kHex[h[i] & 15];
+  }
+  return s;
+}
+
+Hash128 HashFromHalves(uint64_t high64, uint64_t low64) {
+  Hash128 out;
+  for (int i = 0; i < 8; ++i) {
+    out[i] = static_cast<uint8_t>(high64 >> (56 - 8 * i));
+    out[8 + i] = static_cast<uint8_t>(low64 >> (56 - 8 * i));
+  }
+  return out;
+}
+
+absl::StatusOr<Hash128> HashFromHex(const std::string& hex) {
+  if (hex.size() != 32) return absl::InvalidArgumentError(absl::StrCat("hash '", hex, "' is not 32 hex digits"));
+  Hash128 h;
+  for (int i = 0; i < 32; ++i) {
+    char c = hex[i];
+    int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    if (v < 0) return absl::InvalidArgumentError(absl::StrCat("hash '", hex, "' is not 32 hex digits"));
+    if (i % 2 == 0) h[i / 2] = static_cast<uint8_t>(v << 4); else h[i / 2] |= static_cast<uint8_t>(v);
+  }
+  return h;
+}
+
+uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype) {
+  return 2ull * c.n_layers * c.kv_dim() * KvDtypeSize(dtype);
+}
+
+std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> tokens,
+                             const KvCache& cache, int first_slot) {
+  const size_t kv_dim = static_cast<size_t>(h.n_kv_heads) * h.head_dim;
+  const size_t header_bytes = kKvHeaderFixedBytes + 4 * tokens.size();
+  std::string out;
+  out.reserve(header_bytes + h.payload_bytes() + kKvChecksumBytes);
+  out.append(kMagic, 8);
+  Put<uint32_t>(out, kKvFormatVersion);
+  Put<uint32_t>(out, static_cast<uint32_t>(header_bytes));
+  out.append(reinterpret_cast<const char*>(h.model_fingerprint.data()), 16);
+  Put<uint32_t>(out, h.n_layers);
+  Put<uint32_t>(out, h.n_kv_heads);
+  Put<uint32_t>(out, h.head_dim);
+  Put<uint32_t>(out, static_cast<uint32_t>(h.dtype));
+  Put<uint32_t>(out, static_cast<uint32_t>(h.kind));
+  Put<uint32_t>(out, h.num_tokens);
+  Put<uint32_t>(out, h.first_position);
+  Put<uint32_t>(out, 0);
+  out.append(reinterpret_cast<const char*>(h.prefix_key.data()), 16);
+  Put<uint64_t>(out, h.payload_bytes());
+  Put<uint64_t>(out, 0);
+  for (int32_t t : tokens) Put<int32_t>(out, t);
+  // Payload: per layer, K then V rows of the block's slots, converted once.
+  const size_t n = static_cast<size_t>(h.num_tokens) * kv_dim;
+  std::vector<uint16_t> half(h.dtype == KvDtype::kFloat16 ? n : 0);
+  for (uint32_t l = 0; l < h.n_layers; ++l) {
+    for (const float* src : {cache.key(l, first_slot), cache.value(l, first_slot)}) {
+      if (h.dtype == KvDtype::kFloat16) {
+        FloatToHalf(src, half.data(), n);
+        out.append(reinterpret_cast<const char*>(half.data()), n * 2);
+      } else {
+        out.append(reinterpret_cast<const char*>(src), n * 4);
+      }
+    }
+  }
+  Hash128 sum = Checksum(reinterpret_cast<const uint8_t*>(out.data()), out.size());
+  out.append(reinterpret_cast<const char*>(sum.data()), 16);
+  return out;
+}
+
+absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
+  ByteReader r(bytes, "KV block");
+  if (bytes.size() < 8 || std::memcmp(bytes.data(), kMagic, 8) != 0) return Corrupt("bad magic (not a KV block)");
+  if (bytes.size() < kKvHeaderFixedBytes + kKvChecksumBytes) {
+    return Corrupt(absl::StrCat("only ", bytes.size(), " bytes, shorter than a header"));
+  }
+  RETURN_IF_ERROR(r.Seek(8, "magic"));
+  uint32_t version, header_bytes, dtype, kind, reserved32;
+  uint64_t payload_bytes, reserved64;
+  KvBlockView v;
+  KvBlockHeader& h = v.header;
+  RETURN_IF_ERROR(r.Read(&version, "version"));
+  if (version != kKvFormatVersion) {
+    return absl::UnimplementedError(absl::StrCat("KV block: format version ", version, ", this build reads ", kKvFormatVersion));
+  }
+  RETURN_IF_ERROR(r.Read(&header_bytes, "header_bytes"));
+  RETURN_IF_ERROR(r.Read(&h.model_fingerprint, "fingerprint"));
+  RETURN_IF_ERROR(r.Read(&h.n_layers, "n_layers"));
+  RETURN_IF_ERROR(r.Read(&h.n_kv_heads, "n_kv_heads"));
+  RETURN_IF_ERROR(r.Read(&h.head_dim, "head_dim"));
+  RETURN_IF_ERROR(r.Read(&dtype, "dtype"));
+  RETURN_IF_ERROR(r.Read(&kind, "kind"));
+  RETURN_IF_ERROR(r.Read(&h.num_tokens, "num_tokens"));
+  RETURN_IF_ERROR(r.Read(&h.first_position, "first_position"));
+  RETURN_IF_ERROR(r.Read(&reserved32, "reserved"));
+  RETURN_IF_ERROR(r.Read(&h.prefix_key, "prefix_key"));
+  RETURN_IF_ERROR(r.Read(&payload_bytes, "payload_bytes"));
+  RETURN_IF_ERROR(r.Read(&reserved64, "reserved"));
+  if (dtype != 1 && dtype != 2) return Corrupt(absl::StrCat("unknown dtype ", dtype));
+  if (kind != 1 && kind != 2) return Corrupt(absl::StrCat("unknown kind ", kind));
+  h.dtype = static_cast<KvDtype>(dtype);
+  h.kind = static_cast<KvKind>(kind);
+  if (h.n_layers == 0 || h.n_layers > kMaxDim || h.n_kv_heads == 0 || h.n_kv_heads > kMaxDim ||
+      h.head_dim == 0 || h.head_dim > kMaxDim || h.num_tokens == 0 || h.num_tokens > (1u << 28)) {
+    return Corrupt("shape fields out of range");
+  }
+  if (header_bytes != kKvHeaderFixedBytes + 4ull * h.num_tokens) {
+    return Corrupt(absl::StrCat("header_bytes ", header_bytes, " disagrees with ", h.num_tokens, " tokens"));
+  }
+  if (payload_bytes != h.payload_bytes()) {
+    return Corrupt(absl::StrCat("payload_bytes ", payload_bytes, " disagrees with the shape (", h.payload_bytes(), ")"));
+  }
+  const uint64_t total = uint64_t{header_bytes} + payload_bytes + kKvChecksumBytes;
+  if (bytes.size() != total) {
+    return Corrupt(absl::StrCat("size ", bytes.size(), " bytes, header says ", total));
+  }
+  Hash128 want;
+  std::memcpy(want.data(), bytes.data() + total - 16, 16);
+  if (Checksum(bytes.data(), total - 16) != want) return Corrupt("checksum mismatch");
+  v.tokens.resize(h.num_tokens);
+  std::memcpy(v.tokens.data(), bytes.data() + kKvHeaderFixedBytes, 4ull * h.num_tokens);
+  v.payload = bytes.subspan(header_bytes, payload_bytes);
+  return v;
+}
+
+absl::Status CheckKvBlockMatches(const KvBlockView& b, const Hash128& fingerprint,
+                                 const ModelConfig& c, KvKind kind, const Hash128& prefix_key) {
+  const KvBlockHeader& h = b.header;
+  if (h.model_fingerprint != fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "KV block was made by model ", HashToHex(h.model_fingerprint), ", not ", HashToHex(fingerprint)));
+  }
+  if (h.n_layers != static_cast<uint32_t>(c.n_layers) || h.n_kv_heads != static_cast<uint32_t>(c.n_kv_heads) ||
+      h.head_dim != static_cast<uint32_t>(c.head_dim)) {
+    return absl::FailedPreconditionError("KV block shape does not match the model");
+  }
+  if (h.kind != kind) return absl::FailedPreconditionError("KV block is of the wrong kind (prefix/context)");
+  if (h.prefix_key != prefix_key) {
+    return absl::FailedPreconditionError(absl::StrCat("KV block was encoded after prefix ", HashToHex(h.prefix_key),
+                                                      ", not ", HashToHex(prefix_key)));
+  }
+  for (int32_t t : b.tokens) {
+    if (t < 0 || t >= c.vocab_size) return absl::FailedPreconditionError("KV block holds token ids outside the vocabulary");
+  }
+  return absl::OkStatus();
+}
+
+void LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
+  const KvBlockHeader& h = b.header;
+  const size_t n = static_cast<size_t>(h.num_tokens) * h.n_kv_heads * h.head_dim;
+  const size_t es = KvDtypeSize(h.dtype);
+  const uint8_t* p = b.payload.data();
+  for (uint32_t l = 0; l < h.n_layers; ++l) {
+    for (float* dst : {cache.key(l, dest_slot), cache.value(l, dest_slot)}) {
+      if (h.dtype == KvDtype::kFloat16) {
+        HalfToFloat(reinterpret_cast<const uint16_t*>(p), dst, n);  // payload offsets are even
+      } else {
+        std::memcpy(dst, p, n * 4);
+      }
+      p += n * es;
+    }
+  }
+  for (uint32_t i = 0; i < h.num_tokens; ++i) cache.pos[dest_slot + i] = static_cast<int32_t>(h.first_position + i);
+}
+
+}  // namespace ape

@@ -1,0 +1,78 @@
+// KV blocks: the bytes of one cache entry. Format: kv_block_format.md.
+#ifndef APESERVE_COMMON_KV_KV_BLOCK_H_
+#define APESERVE_COMMON_KV_KV_BLOCK_H_
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/engine/kv_cache.h"
+
+namespace ape {
+
+constexpr uint32_t kKvFormatVersion = 1;
+constexpr size_t kKvHeaderFixedBytes = 96;
+constexpr size_t kKvChecksumBytes = 16;
+
+enum class KvDtype : uint32_t { kFloat16 = 1, kFloat32 = 2 };
+enum class KvKind : uint32_t { kPrefix = 1, kContext = 2 };
+const char* KvDtypeName(KvDtype d);
+inline size_t KvDtypeSize(KvDtype d) { return d == KvDtype::kFloat16 ? 2 : 4; }
+
+using Hash128 = std::array<uint8_t, 16>;
+// 32 lowercase hex digits <-> 16 bytes (high half first).
+std::string HashToHex(const Hash128& h);
+// The 16 bytes of a 128-bit hash given as its high and low halves (high first).
+Hash128 HashFromHalves(uint64_t high64, uint64_t low64);
+absl::StatusOr<Hash128> HashFromHex(const std::string& hex);
+
+// The header fields (everything but token ids, payload and checksum).
+struct KvBlockHeader {
+  Hash128 model_fingerprint{};
+  uint32_t n_layers = 0;
+  uint32_t n_kv_heads = 0;
+  uint32_t head_dim = 0;
+  KvDtype dtype = KvDtype::kFloat16;
+  KvKind kind = KvKind::kContext;
+  uint32_t num_tokens = 0;
+  uint32_t first_position = 0;
+  Hash128 prefix_key{};
+  uint64_t payload_bytes() const {
+    return 2ull * n_layers * num_tokens * n_kv_heads * head_dim * KvDtypeSize(dtype);
+  }
+};
+
+// Bytes one token costs in a block: 2 * layers * kv_dim * sizeof(dtype).
+uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype);
+
+// Serialises slots [first_slot, first_slot + header.num_tokens) of `cache`
+// (converted to header.dtype once, here) with `tokens` into a block.
+std::string SerializeKvBlock(const KvBlockHeader& header, std::span<const int32_t> tokens,
+                             const KvCache& cache, int first_slot);
+
+// A verified block: header, token ids and a view of the payload.
+struct KvBlockView {
+  KvBlockHeader header;
+  std::vector<int32_t> tokens;
+  std::span<const uint8_t> payload;
+};
+
+// Parses and verifies `bytes` (magic, version, sizes, checksum). Errors:
+// DATA_LOSS for anything malformed, UNIMPLEMENTED for another version.
+absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes);
+
+// FAILED_PRECONDITION unless the block was made by this model (fingerprint
+// and shape), with `dtype`, of `kind` and after `prefix_key`.
+absl::Status CheckKvBlockMatches(const KvBlockView& block, const Hash128& fingerprint,
+                                 const ModelConfig& config, KvKind kind, const Hash128& prefix_key);
+
+// Writes the block into `cache` slots dest_slot.. (float32; positions from
+// first_position). The cache must have room and the model's shape.
+void LoadKvBlock(const KvBlockView& block, KvCache& cache, int dest_slot);
+
+}  // namespace ape
+
+#endif  // APESERVE_COMMON_KV_KV_BLOCK_H_

@@ -1,0 +1,198 @@
+// RedisStore against a real redis-server on a private port.
+#include "common/store/redis_store.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "tests/process_util.h"
+
+namespace ape {
+namespace {
+
+using ::ape::testing::RedisServer;
+
+RedisConfig ConfigFor(const RedisServer& r, size_t chunk = size_t{64} << 20) {
+  auto c = ParseRedisUri(r.uri());
+  EXPECT_TRUE(c.ok());
+  c->chunk_bytes = chunk;
+  c->command_timeout_ms = 2000;
+  return *c;
+}
+
+TEST(RedisUriTest, Parses) {
+  auto c = ParseRedisUri("redis://alice:p%40ss@db.example:6380/3");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->user, "alice");
+  EXPECT_EQ(c->password, "p@ss");
+  EXPECT_EQ(c->host, "db.example");
+  EXPECT_EQ(c->port, 6380);
+  EXPECT_EQ(c->db, 3);
+  c = ParseRedisUri("redis://:secret@[::1]:7000");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->password, "secret");
+  EXPECT_EQ(c->host, "::1");
+  EXPECT_EQ(c->port, 7000);
+  c = ParseRedisUri("unix:///tmp/r.sock?db=2");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->unix_socket, "/tmp/r.sock");
+  EXPECT_EQ(c->db, 2);
+  EXPECT_FALSE(ParseRedisUri("http://x").ok());
+  EXPECT_FALSE(ParseRedisUri("redis://h:99999").ok());
+  EXPECT_FALSE(ParseRedisUri("redis://h/x").ok());
+}
+
+TEST(RedisStoreTest, PutGetExistsDeleteAndChunking) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis, /*chunk=*/1000));  // tiny chunks: many fields
+  ASSERT_TRUE(store.Ping().ok());
+  std::string big(12345, '\0');
+  std::mt19937 rng(1);
+  for (auto& c : big) c = static_cast<char>(rng());
+  ASSERT_TRUE(store.Put("k:big", big, 0).ok());
+  ASSERT_TRUE(store.Put("k:small", std::string("a\0b", 3), 0).ok());  // binary safe
+  ASSERT_TRUE(store.Put("k:empty", "", 0).ok());
+  auto ex = store.Exists({"k:big", "k:none", "k:small"});
+  ASSERT_TRUE(ex.ok());
+  EXPECT_EQ(*ex, (std::vector<bool>{true, false, true}));
+  auto got = store.GetMany({"k:small", "k:none", "k:big", "k:empty"});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)[0], std::string("a\0b", 3));
+  EXPECT_FALSE((*got)[1].has_value());
+  EXPECT_EQ((*got)[2], big);
+  EXPECT_EQ((*got)[3], "");
+  // No temporary keys are left behind.
+  auto keys = store.Scan("k:*", 100);
+  ASSERT_TRUE(keys.ok());
+  EXPECT_EQ(keys->size(), 3u);
+  EXPECT_EQ(*store.Delete({"k:big", "k:none"}), 1);
+  EXPECT_FALSE((*store.GetMany({"k:big"}))[0].has_value());
+}
+
+TEST(RedisStoreTest, TtlIsApplied) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis));
+  ASSERT_TRUE(store.Put("k:ttl", "value", 1).ok());
+  EXPECT_TRUE((*store.Exists({"k:ttl"}))[0]);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));
+  EXPECT_FALSE((*store.Exists({"k:ttl"}))[0]);
+}
+
+TEST(RedisStoreTest, WrongTypeAndPartialEntriesAreMisses) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis, 10));
+  // A plain string under the key (e.g. written by another tool).
+  std::string cmd = "redis-cli -p " + std::to_string(redis.port()) + " SET k:str junk >/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  // A hash with a missing chunk.
+  ASSERT_TRUE(store.Put("k:part", std::string(35, 'x'), 0).ok());
+  cmd = "redis-cli -p " + std::to_string(redis.port()) + " HDEL k:part 1 >/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  auto got = store.GetMany({"k:str", "k:part"});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE((*got)[0].has_value());
+  EXPECT_FALSE((*got)[1].has_value());
+}
+
+TEST(RedisStoreTest, DownMeansUnavailableFastAndRecovery) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis));
+  ASSERT_TRUE(store.Put("k:a", "1", 0).ok());
+  redis.Stop();
+  auto t0 = std::chrono::steady_clock::now();
+  auto s = store.Put("k:b", "2", 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find(std::to_string(redis.port())), std::string::npos) << s;
+  EXPECT_EQ(store.GetMany({"k:a"}).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
+  redis.Start();  // same port, empty data
+  ASSERT_TRUE(redis.ok());
+  EXPECT_TRUE(store.Put("k:b", "2", 0).ok());
+  EXPECT_EQ((*store.GetMany({"k:b"}))[0], "2");
+}
+
+TEST(RedisStoreTest, AuthAndDatabaseFromUri) {
+  RedisServer redis({"--requirepass", "s3cret"});
+  ASSERT_TRUE(redis.ok());
+  auto bad = ParseRedisUri(redis.uri());
+  RedisStore no_auth(*bad);
+  EXPECT_EQ(no_auth.Put("k", "v", 0).code(), absl::StatusCode::kPermissionDenied);
+  auto good = ParseRedisUri("redis://:s3cret@127.0.0.1:" + std::to_string(redis.port()) + "/2");
+  ASSERT_TRUE(good.ok());
+  RedisStore store(*good);
+  ASSERT_TRUE(store.Put("k", "v", 0).ok());
+  auto other_db = ParseRedisUri("redis://:s3cret@127.0.0.1:" + std::to_string(redis.port()) + "/0");
+  RedisStore store0(*other_db);
+  EXPECT_FALSE((*store0.Exists({"k"}))[0]);
+  EXPECT_TRUE((*store.Exists({"k"}))[0]);
+}
+
+// Tiny maxmemory with allkeys-lru, writers and readers hammering: every read
+// is the complete value some writer published, or a clean miss. Each value
+// names its id and length and is otherwise a pattern of that id, so a read can
+// be checked byte for byte without knowing which writer published it.
+std::string HammerValue(int id) {
+  std::string v = "id=" + std::to_string(id) + ";";
+  const size_t n = 20000 + static_cast<size_t>(id % 7) * 40000;  // 1 to 13 chunks of 20,000 bytes
+  std::mt19937 rng(id);
+  while (v.size() < n) v.push_back(static_cast<char>(rng()));
+  return v;
+}
+
+bool IsCompleteHammerValue(const std::string& v) {
+  if (v.rfind("id=", 0) != 0) return false;
+  const size_t semi = v.find(';');
+  int id = 0;
+  if (semi == std::string::npos || !absl::SimpleAtoi(v.substr(3, semi - 3), &id)) return false;
+  return v == HammerValue(id);
+}
+
+TEST(RedisStoreTest, EvictionNeverYieldsAPartialEntry) {
+  RedisServer redis({"--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"});
+  ASSERT_TRUE(redis.ok());
+  auto block = [](int id) { return HammerValue(id); };
+  std::atomic<int> complete{0}, misses{0}, bad{0}, write_errors{0};
+  auto writer = [&](int seed) {
+    RedisStore store(ConfigFor(redis, 20000));  // entries span several chunks
+    for (int i = 0; i < 120; ++i) {
+      int id = seed * 1000 + i;
+      auto s = store.Put("kv:" + std::to_string(id % 60), block(id), 0);
+      if (!s.ok()) ++write_errors;
+    }
+  };
+  auto reader = [&] {
+    RedisStore store(ConfigFor(redis, 20000));
+    for (int i = 0; i < 300; ++i) {
+      std::vector<std::string> keys;
+      for (int k = 0; k < 5; ++k) keys.push_back("kv:" + std::to_string((i * 7 + k) % 60));
+      auto got = store.GetMany(keys);
+      if (!got.ok()) continue;
+      for (auto& v : *got) {
+        if (!v) { ++misses; continue; }
+        if (IsCompleteHammerValue(*v)) ++complete; else ++bad;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.emplace_back(writer, 1);
+  threads.emplace_back(writer, 2);
+  threads.emplace_back(reader);
+  threads.emplace_back(reader);
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(complete.load(), 0);
+  EXPECT_GT(misses.load(), 0);  // eviction did happen
+  std::printf("eviction hammer: %d complete reads, %d misses, %d failed writes, 0 partial\n", complete.load(),
+              misses.load(), write_errors.load());
+}
+
+}  // namespace
+}  // namespace ape
