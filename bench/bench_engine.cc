@@ -69,15 +69,16 @@ double FingerprintGBs() {
 
 // sgemm at the model's prefill shapes: [m x in] * [out x in]^T for each matrix.
 double SgemmGflops(const ModelConfig& c, int m) {
-  const int shapes[][2] = {{c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()},
-                           {c.hidden_dim, c.dim}, {c.dim, c.hidden_dim}};
+  const int shapes[][2] = {
+      {c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()}, {c.hidden_dim, c.dim}, {c.dim, c.hidden_dim}};
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
     double flops = 0, t = 0;
     for (auto& s : shapes) {
       std::vector<float> x(size_t(m) * s[1], 0.01f), w(size_t(s[0]) * s[1], 0.02f), y(size_t(m) * s[0]);
       double t0 = Now();
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, s[0], s[1], 1.f, x.data(), s[1], w.data(), s[1], 0.f, y.data(), s[0]);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, s[0], s[1], 1.f, x.data(), s[1], w.data(), s[1], 0.f,
+                  y.data(), s[0]);
       t += Now() - t0;
       flops += 2.0 * m * s[0] * s[1];
     }
@@ -89,7 +90,10 @@ double SgemmGflops(const ModelConfig& c, int m) {
 int Main() {
   SetComputeThreads(absl::GetFlag(FLAGS_threads));
   auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
-  if (!shape.ok()) { std::fprintf(stderr, "%s\n", shape.status().ToString().c_str()); return 2; }
+  if (!shape.ok()) {
+    std::fprintf(stderr, "%s\n", shape.status().ToString().c_str());
+    return 2;
+  }
   const ModelConfig c = *shape;
   const int np = absl::GetFlag(FLAGS_prefill), nd = absl::GetFlag(FLAGS_decode);
   std::fprintf(stderr, "building random %s model...\n", absl::GetFlag(FLAGS_shape).c_str());
@@ -150,7 +154,8 @@ int Main() {
   std::printf("| memory read bandwidth | %.1f GB/s |\n", bw);
   std::printf("| OpenBLAS sgemm at prefill shapes (m=%d) | %.1f GFLOP/s |\n", np, sgemm);
   std::printf("| prefill %d tokens | %.1f tokens/s |\n", np, np / best_prefill);
-  std::printf("| prefill matmul rate | %.1f GFLOP/s (%.0f%% of sgemm) |\n", prefill_gflops, 100 * prefill_gflops / sgemm);
+  std::printf("| prefill matmul rate | %.1f GFLOP/s (%.0f%% of sgemm) |\n", prefill_gflops,
+              100 * prefill_gflops / sgemm);
   std::printf("| of which causal attention | %.2f s (%.0f%%) |\n", attn_seconds, 100 * attn_seconds / best_prefill);
   std::printf("| decode | %.2f tokens/s (%.1f ms/token) |\n", 1 / best_decode, best_decode * 1e3);
   std::printf("| weights streamed per token | %.2f GB |\n", bytes_per_token / 1e9);

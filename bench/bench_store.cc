@@ -13,10 +13,10 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "bench/random_model.h"
-#include "common/pipeline/encode_pipeline.h"
-#include "common/kv/kv_block.h"
-#include "common/store/redis_store.h"
 #include "common/engine/transformer.h"
+#include "common/kv/kv_block.h"
+#include "common/pipeline/encode_pipeline.h"
+#include "common/store/redis_store.h"
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape for KV sizes and encode speed");
@@ -65,13 +65,17 @@ int Main() {
   const ModelConfig c = *shape;
   const int repeats = absl::GetFlag(FLAGS_repeats);
   testing::RedisServer redis({"--proto-max-bulk-len", "512mb", "--client-query-buffer-limit", "1gb"});
-  if (!redis.ok()) { std::fprintf(stderr, "cannot start redis-server\n"); return 1; }
+  if (!redis.ok()) {
+    std::fprintf(stderr, "cannot start redis-server\n");
+    return 1;
+  }
   RedisStore store(*ParseRedisUri(redis.uri()));
 
   std::printf("## KV store: %s shape (%d layers, %d KV heads x %d), private redis-server on loopback\n\n",
               absl::GetFlag(FLAGS_shape).c_str(), c.n_layers, c.n_kv_heads, c.head_dim);
   std::printf("| dtype | bytes per token |\n|---|---:|\n| float16 | %llu |\n| float32 | %llu |\n\n",
-              (unsigned long long)KvBytesPerToken(c, KvDtype::kFloat16), (unsigned long long)KvBytesPerToken(c, KvDtype::kFloat32));
+              (unsigned long long)KvBytesPerToken(c, KvDtype::kFloat16),
+              (unsigned long long)KvBytesPerToken(c, KvDtype::kFloat32));
 
   // Encode speed: prefix + one context through EncodeContexts (compute + store).
   {
@@ -89,12 +93,17 @@ int Main() {
       double t0 = Now();
       auto out = EncodeContexts(*model, store, in);
       best = std::min(best, Now() - t0);
-      if (!out.ok()) { std::fprintf(stderr, "%s\n", out.status().ToString().c_str()); return 1; }
+      if (!out.ok()) {
+        std::fprintf(stderr, "%s\n", out.status().ToString().c_str());
+        return 1;
+      }
     }
     std::printf("encode (prefill + store, float16) of a %d-token context: %.1f tokens/s\n\n", n, n / best);
   }
 
-  std::printf("| block | dtype | bytes | RedisStore write | RedisStore read | parse+verify+load | plain SET | plain GET | write vs SET | read vs GET |\n");
+  std::printf(
+      "| block | dtype | bytes | RedisStore write | RedisStore read | parse+verify+load | plain SET | plain GET | "
+      "write vs SET | read vs GET |\n");
   std::printf("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& tok_str : absl::GetFlag(FLAGS_tokens)) {
     const int n = std::stoi(tok_str);
@@ -102,8 +111,12 @@ int Main() {
       std::fprintf(stderr, "block of %d tokens, %s...\n", n, KvDtypeName(dtype));
       // A block of random KV (layout and size are what matter here).
       KvBlockHeader h;
-      h.n_layers = c.n_layers; h.n_kv_heads = c.n_kv_heads; h.head_dim = c.head_dim;
-      h.dtype = dtype; h.num_tokens = n; h.first_position = 4;
+      h.n_layers = c.n_layers;
+      h.n_kv_heads = c.n_kv_heads;
+      h.head_dim = c.head_dim;
+      h.dtype = dtype;
+      h.num_tokens = n;
+      h.first_position = 4;
       std::string block;
       {
         KvCache cache(c, n);
@@ -119,12 +132,21 @@ int Main() {
         double t0 = Now();
         auto s = store.Put("bench:block", block, 0);
         double t1 = Now();
-        if (!s.ok()) { std::fprintf(stderr, "%s\n", s.ToString().c_str()); return 1; }
+        if (!s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          return 1;
+        }
         auto got = store.GetMany({"bench:block"});
         double t2 = Now();
-        if (!got.ok() || !(*got)[0]) { std::fprintf(stderr, "read failed\n"); return 1; }
+        if (!got.ok() || !(*got)[0]) {
+          std::fprintf(stderr, "read failed\n");
+          return 1;
+        }
         auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>((*got)[0]->data()), (*got)[0]->size()});
-        if (!view.ok()) { std::fprintf(stderr, "%s\n", view.status().ToString().c_str()); return 1; }
+        if (!view.ok()) {
+          std::fprintf(stderr, "%s\n", view.status().ToString().c_str());
+          return 1;
+        }
         KvCache dst(c, n);
         LoadKvBlock(*view, dst, 0);
         double t3 = Now();
@@ -134,11 +156,16 @@ int Main() {
       }
       (void)store.Delete({"bench:block"});
       Baseline b = PlainSetGet(redis.port(), block, repeats);
-      auto rate = [&](double s) { return s > 0 ? absl::StrFormat("%.2f GB/s", gb / s) : std::string("n/a (>512 MiB)"); };
-      auto ratio = [&](double ours, double base) { return base > 0 ? absl::StrFormat("%.2fx", base / ours) : std::string("-"); };
-      std::printf("| %d | %s | %.1f MiB | %.2f GB/s | %.2f GB/s | %.2f GB/s | %s | %s | %s | %s |\n", n, KvDtypeName(dtype),
-                  block.size() / 1048576.0, gb / wbest, gb / rbest, gb / pbest, rate(b.set_s).c_str(), rate(b.get_s).c_str(),
-                  ratio(wbest, b.set_s).c_str(), ratio(rbest, b.get_s).c_str());
+      auto rate = [&](double s) {
+        return s > 0 ? absl::StrFormat("%.2f GB/s", gb / s) : std::string("n/a (>512 MiB)");
+      };
+      auto ratio = [&](double ours, double base) {
+        return base > 0 ? absl::StrFormat("%.2fx", base / ours) : std::string("-");
+      };
+      std::printf("| %d | %s | %.1f MiB | %.2f GB/s | %.2f GB/s | %.2f GB/s | %s | %s | %s | %s |\n", n,
+                  KvDtypeName(dtype), block.size() / 1048576.0, gb / wbest, gb / rbest, gb / pbest,
+                  rate(b.set_s).c_str(), rate(b.get_s).c_str(), ratio(wbest, b.set_s).c_str(),
+                  ratio(rbest, b.get_s).c_str());
       std::fflush(stdout);
     }
   }

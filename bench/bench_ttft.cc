@@ -11,8 +11,8 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "bench/random_model.h"
-#include "common/pipeline/decode_pipeline.h"
 #include "common/engine/transformer.h"
+#include "common/pipeline/decode_pipeline.h"
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape");
@@ -36,12 +36,18 @@ Run Measure(const Model& m, RedisStore* store, const DecodeInput& in) {
   DecodeStats st;
   auto t0 = Clock::now();
   double first = 0;
-  auto r = RunDecode(m, store, in, DecodeHooks{}, [&](const TokenEvent&) {
-    if (first == 0) first = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    return true;
-  }, &st);
+  auto r = RunDecode(
+      m, store, in, DecodeHooks{},
+      [&](const TokenEvent&) {
+        if (first == 0) first = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        return true;
+      },
+      &st);
   Run out;
-  if (!r.ok()) { std::fprintf(stderr, "%s\n", r.status().ToString().c_str()); return out; }
+  if (!r.ok()) {
+    std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+    return out;
+  }
   out.ttft_ms = first;
   out.decode_tps = r->tokens.size() > 1 ? (r->tokens.size() - 1) / r->decode_seconds : 0;
   out.load_ms = st.cache_load_ms;
@@ -62,7 +68,9 @@ int Main() {
   const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
   std::printf("## Time to first token: %s shape, random weights, %d threads, contexts of %d tokens, %d-token query\n\n",
               absl::GetFlag(FLAGS_shape).c_str(), ComputeThreads(), lc, lq);
-  std::printf("| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load | SEQUENTIAL decode | APE decode |\n");
+  std::printf(
+      "| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load "
+      "| SEQUENTIAL decode | APE decode |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& ns : absl::GetFlag(FLAGS_contexts)) {
     const int n = std::stoi(ns);
@@ -82,7 +90,10 @@ int Main() {
     enc.prefix_tokens = in.prefix_tokens;
     for (auto& s : in.contexts) enc.contexts.push_back(*s.tokens);
     auto e = EncodeContexts(*model, store, enc);
-    if (!e.ok()) { std::fprintf(stderr, "%s\n", e.status().ToString().c_str()); return 1; }
+    if (!e.ok()) {
+      std::fprintf(stderr, "%s\n", e.status().ToString().c_str());
+      return 1;
+    }
     std::fprintf(stderr, "%d contexts: APE...\n", n);
     in.mode = DecodeMode::kApe;
     Run ape = Measure(*model, &store, in);
@@ -96,13 +107,14 @@ int Main() {
     }
     std::printf("| %d | %d | %s | %.0f ms | %s | %.0f ms | %.2f tok/s | %.2f tok/s |\n", n, prompt,
                 seq_ok ? absl::StrFormat("%.0f ms", seq.ttft_ms).c_str() : "skipped", ape.ttft_ms,
-                seq_ok ? absl::StrFormat("%.1fx", seq.ttft_ms / ape.ttft_ms).c_str() : "-", ape.load_ms,
-                seq.decode_tps, ape.decode_tps);
+                seq_ok ? absl::StrFormat("%.1fx", seq.ttft_ms / ape.ttft_ms).c_str() : "-", ape.load_ms, seq.decode_tps,
+                ape.decode_tps);
     std::fflush(stdout);
     if (json.is_open()) {
       json << absl::StrFormat(
           "{\"shape\":\"%s\",\"contexts\":%d,\"context_tokens\":%d,\"prompt_tokens\":%d,\"sequential_ttft_ms\":%.3f,"
-          "\"ape_ttft_ms\":%.3f,\"ape_cache_load_ms\":%.3f,\"sequential_decode_tps\":%.3f,\"ape_decode_tps\":%.3f,\"threads\":%d}\n",
+          "\"ape_ttft_ms\":%.3f,\"ape_cache_load_ms\":%.3f,\"sequential_decode_tps\":%.3f,\"ape_decode_tps\":%.3f,"
+          "\"threads\":%d}\n",
           absl::GetFlag(FLAGS_shape), n, lc, prompt, seq_ok ? seq.ttft_ms : -1.0, ape.ttft_ms, ape.load_ms,
           seq.decode_tps, ape.decode_tps, ComputeThreads());
       json.flush();

@@ -12,13 +12,33 @@ absl::StatusOr<ModelConfig> ShapeByName(const std::string& name) {
   ModelConfig c;
   c.rope_base = 10000.f;
   if (name == "qwen2.5-0.5b") {  // Qwen2.5-0.5B dims (llama attention, no biases)
-    c.dim = 896; c.hidden_dim = 4864; c.n_layers = 24; c.n_heads = 14; c.n_kv_heads = 2; c.vocab_size = 151936;
+    c.dim = 896;
+    c.hidden_dim = 4864;
+    c.n_layers = 24;
+    c.n_heads = 14;
+    c.n_kv_heads = 2;
+    c.vocab_size = 151936;
   } else if (name == "llama-3.2-1b") {
-    c.dim = 2048; c.hidden_dim = 8192; c.n_layers = 16; c.n_heads = 32; c.n_kv_heads = 8; c.vocab_size = 128256;
+    c.dim = 2048;
+    c.hidden_dim = 8192;
+    c.n_layers = 16;
+    c.n_heads = 32;
+    c.n_kv_heads = 8;
+    c.vocab_size = 128256;
   } else if (name == "tinyllama-1.1b") {
-    c.dim = 2048; c.hidden_dim = 5632; c.n_layers = 22; c.n_heads = 32; c.n_kv_heads = 4; c.vocab_size = 32000;
+    c.dim = 2048;
+    c.hidden_dim = 5632;
+    c.n_layers = 22;
+    c.n_heads = 32;
+    c.n_kv_heads = 4;
+    c.vocab_size = 32000;
   } else if (name == "small") {
-    c.dim = 256; c.hidden_dim = 768; c.n_layers = 4; c.n_heads = 8; c.n_kv_heads = 2; c.vocab_size = 512;
+    c.dim = 256;
+    c.hidden_dim = 768;
+    c.n_layers = 4;
+    c.n_heads = 8;
+    c.n_kv_heads = 2;
+    c.vocab_size = 512;
   } else {
     return absl::InvalidArgumentError(absl::StrCat("unknown shape ", name));
   }
@@ -33,10 +53,16 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
   std::normal_distribution<float> nd(0.f, 0.02f);
   auto fill = [&](std::vector<float>& v, size_t n, float constant = 0.f) {
     v.resize(n);
-    if (constant != 0.f) { std::fill(v.begin(), v.end(), constant); return; }
+    if (constant != 0.f) {
+      std::fill(v.begin(), v.end(), constant);
+      return;
+    }
     // Cheap pseudo-random fill: a few thousand normals tiled (timing only).
     static std::vector<float> pool;
-    if (pool.empty()) { pool.resize(4099); for (auto& x : pool) x = nd(rng); }
+    if (pool.empty()) {
+      pool.resize(4099);
+      for (auto& x : pool) x = nd(rng);
+    }
     for (size_t i = 0; i < n; ++i) v[i] = pool[(i * 7 + seed) % pool.size()];
   };
   ModelWeights w;
@@ -44,9 +70,15 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
   fill(w.tok_emb, size_t(c.vocab_size) * D);
   w.layers.resize(c.n_layers);
   for (auto& l : w.layers) {
-    fill(l.rms_att, D, 1.f); fill(l.rms_ffn, D, 1.f);
-    fill(l.wq, Q * D); fill(l.wk, KV * D); fill(l.wv, KV * D); fill(l.wo, D * Q);
-    fill(l.w1, H * D); fill(l.w2, D * H); fill(l.w3, H * D);
+    fill(l.rms_att, D, 1.f);
+    fill(l.rms_ffn, D, 1.f);
+    fill(l.wq, Q * D);
+    fill(l.wk, KV * D);
+    fill(l.wv, KV * D);
+    fill(l.wo, D * Q);
+    fill(l.w1, H * D);
+    fill(l.w2, D * H);
+    fill(l.w3, H * D);
   }
   fill(w.rms_final, D, 1.f);
   // A byte-level llama2.c-format vocabulary of c.vocab_size pieces.
@@ -55,8 +87,11 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
   auto put_f32 = [&](float v) { tok.append(reinterpret_cast<const char*>(&v), 4); };
   put_i32(16);
   for (int i = 0; i < c.vocab_size; ++i) {
-    std::string piece = i == 0 ? "<unk>" : i == 1 ? "<s>" : i == 2 ? "</s>"
-                        : i < 259 ? absl::StrFormat("<0x%02X>", i - 3) : absl::StrCat("t", i);
+    std::string piece = i == 0    ? "<unk>"
+                        : i == 1  ? "<s>"
+                        : i == 2  ? "</s>"
+                        : i < 259 ? absl::StrFormat("<0x%02X>", i - 3)
+                                  : absl::StrCat("t", i);
     put_f32(0.f);
     put_i32(static_cast<int32_t>(piece.size()));
     tok += piece;

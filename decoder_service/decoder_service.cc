@@ -1,219 +1,293 @@
 #include "decoder_service/decoder_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/engine/status_macros.h"
+#include "common/kv/cache_key.h"
+#include "common/server/kv_dtype.h"
 #include "common/server/model_info.h"
 #include "common/server/segments.h"
-#include "common/engine/status_macros.h"
 
 namespace ape {
+namespace {
 
-DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLimits limits, ApePreset preset,
-                               const std::string& encoder_address)
-    : model_(model), store_(store), limits_(limits), preset_(preset),
-      admission_(limits.max_concurrent, limits.max_queue) {
-  if (!encoder_address.empty()) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
-    args.SetMaxSendMessageSize(64 << 20);
-    args.SetLoadBalancingPolicyName("round_robin");  // over every address a dns:/// name resolves to
-    encoder_ = v1::Encoder::NewStub(
-        grpc::CreateCustomChannel(encoder_address, grpc::InsecureChannelCredentials(), args));
+// API limits and defaults (decoder.proto documents each).
+constexpr uint32_t kDefaultMaxTokens = 128;  // max_tokens 0
+// Larger max_tokens are read as this (so the int holds them), then checked
+// against --max_new_tokens.
+constexpr uint32_t kMaxTokensAsked = 1u << 20;
+constexpr int kMaxStopStrings = 16;
+constexpr size_t kMaxStopBytes = 256;
+constexpr uint32_t kMaxTopLogprobs = 20;
+constexpr float kMaxApeParam = 2.f;  // T and S are in (0, kMaxApeParam]
+// The longest an encode through --encoder may take within a request.
+constexpr std::chrono::minutes kRemoteEncodeTimeout(10);
+
+// A call the client cancelled is DEADLINE_EXCEEDED when its deadline passed.
+absl::Status AtDeadline(grpc::ServerContext* ctx, absl::Status s) {
+  if (s.code() == absl::StatusCode::kCancelled && ctx->IsCancelled() &&
+      ctx->deadline() < std::chrono::system_clock::now()) {
+    return absl::DeadlineExceededError("deadline passed");
   }
+  return s;
 }
 
-absl::StatusOr<DecodeInput> DecoderService::Validate(const v1::GenerateRequest& req) const {
-  DecodeInput in;
+v1::GenerateResponse TokenMessage(const TokenEvent& ev, const Tokenizer& tok) {
+  v1::GenerateResponse msg;
+  v1::TokenDelta* d = msg.mutable_token();
+  d->set_id(ev.id);
+  d->set_text(ev.text);
+  d->set_logprob(ev.logprob);
+  for (const auto& [id, lp] : ev.top) {
+    auto* t = d->add_top_logprobs();
+    t->set_id(id);
+    t->set_piece(tok.piece(id));
+    t->set_logprob(lp);
+  }
+  return msg;
+}
+
+void FillUsage(const DecodeStats& stats, v1::Usage* u) {
+  u->set_prompt_tokens(stats.prompt_tokens);
+  u->set_cached_tokens(stats.cached_tokens);
+  u->set_encoded_tokens(stats.encoded_tokens);
+}
+
+}  // namespace
+
+DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLimits limits, ApePreset preset,
+                               std::shared_ptr<grpc::Channel> encoder)
+    : model_(model),
+      store_(store),
+      limits_(limits),
+      preset_(preset),
+      admission_(limits.max_concurrent, limits.max_queue),
+      encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr) {}
+
+// ---- Validation: every field, before any I/O ------------------------------
+
+absl::Status DecoderService::ValidateApe(const v1::GenerateRequest& req, DecodeInput* in) const {
   switch (req.mode()) {
-    case v1::MODE_UNSPECIFIED: case v1::MODE_APE: in.mode = DecodeMode::kApe; break;
-    case v1::MODE_PARALLEL: in.mode = DecodeMode::kParallel; break;
-    case v1::MODE_SEQUENTIAL: in.mode = DecodeMode::kSequential; break;
+    case v1::MODE_UNSPECIFIED:
+    case v1::MODE_APE: in->mode = DecodeMode::kApe; break;
+    case v1::MODE_PARALLEL: in->mode = DecodeMode::kParallel; break;
+    case v1::MODE_SEQUENTIAL: in->mode = DecodeMode::kSequential; break;
     default: return absl::InvalidArgumentError(absl::StrCat("unknown mode ", req.mode()));
   }
-  in.temperature = req.ape_temperature() != 0.f ? req.ape_temperature() : preset_.temperature;
-  in.scale = req.ape_scale() != 0.f ? req.ape_scale() : preset_.scale;
-  if (!(in.temperature > 0.f && in.temperature <= 2.f)) return absl::InvalidArgumentError("ape_temperature must be in (0, 2]");
-  if (!(in.scale > 0.f && in.scale <= 2.f)) return absl::InvalidArgumentError("ape_scale must be in (0, 2]");
-  switch (req.dtype()) {
-    case v1::KV_DTYPE_UNSPECIFIED: in.dtype = limits_.default_dtype; break;
-    case v1::KV_DTYPE_FLOAT16: in.dtype = KvDtype::kFloat16; break;
-    case v1::KV_DTYPE_FLOAT32: in.dtype = KvDtype::kFloat32; break;
-    default: return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", req.dtype()));
+  in->temperature = req.ape_temperature() != 0.f ? req.ape_temperature() : preset_.temperature;
+  in->scale = req.ape_scale() != 0.f ? req.ape_scale() : preset_.scale;
+  if (!(in->temperature > 0.f && in->temperature <= kMaxApeParam)) {
+    return absl::InvalidArgumentError("ape_temperature must be in (0, 2]");
   }
-  in.ttl_seconds = limits_.ttl_seconds;
+  if (!(in->scale > 0.f && in->scale <= kMaxApeParam)) return absl::InvalidArgumentError("ape_scale must be in (0, 2]");
+  ASSIGN_OR_RETURN(in->dtype, KvDtypeFromProto(req.dtype(), limits_.default_dtype));
+  return absl::OkStatus();
+}
+
+absl::Status DecoderService::ValidateContexts(const v1::GenerateRequest& req, DecodeInput* in) const {
   if (req.contexts_size() > limits_.max_contexts) {
-    return absl::ResourceExhaustedError(absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
   }
-  const Tokenizer& tok = model_.tokenizer();
-  in.prefix_tokens = tok.Encode(req.prefix(), /*bos=*/true, /*eos=*/false);
-  int64_t total = in.prefix_tokens.size();
   for (int i = 0; i < req.contexts_size(); ++i) {
     const v1::ContextRef& ref = req.contexts(i);
     const std::string what = absl::StrCat("context ", i);
     ContextSource src;
-    if (ref.has_key()) {
-      src.key = ref.key();
-      if (src.key.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty key"));
-    } else if (ref.ref_case() == v1::ContextRef::REF_NOT_SET) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": set key, text or tokens"));
-    } else {
-      v1::Segment seg;
-      if (ref.has_text()) seg.set_text(ref.text()); else *seg.mutable_tokens() = ref.tokens();
-      ASSIGN_OR_RETURN(auto ids, ResolveContext(seg, tok, limits_.max_context_tokens, what));
-      total += ids.size();
-      src.tokens = std::move(ids);
+    switch (ref.ref_case()) {
+      case v1::ContextRef::kKey: {
+        if (ref.key().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty key"));
+        if (absl::Status s = ParseRedisKey(ref.key()).status(); !s.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat(what, ": ", s.message()));
+        }
+        src.key = ref.key();
+        break;
+      }
+      case v1::ContextRef::kText:
+      case v1::ContextRef::kTokens: {
+        v1::Segment seg;
+        if (ref.has_text())
+          seg.set_text(ref.text());
+        else
+          *seg.mutable_tokens() = ref.tokens();
+        ASSIGN_OR_RETURN(src.tokens, ResolveContext(seg, model_.tokenizer(), limits_.max_context_tokens, what));
+        break;
+      }
+      default: return absl::InvalidArgumentError(absl::StrCat(what, ": set key, text or tokens"));
     }
-    in.contexts.push_back(std::move(src));
+    in->contexts.push_back(std::move(src));
   }
-  in.query_tokens = tok.Encode(req.query(), /*bos=*/false, /*eos=*/false);
-  if (in.query_tokens.empty()) return absl::InvalidArgumentError("query is empty");
-  total += in.query_tokens.size();
-  GenerateOptions& g = in.generate;
-  g.max_tokens = req.max_tokens() == 0 ? 128 : static_cast<int>(std::min<uint32_t>(req.max_tokens(), 1u << 20));
-  if (g.max_tokens > limits_.max_new_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens ", g.max_tokens, " exceeds the limit ", limits_.max_new_tokens));
-  }
-  total += g.max_tokens;
-  if (total > limits_.max_prompt_tokens) {  // key-only contexts are checked again after loading
-    return absl::ResourceExhaustedError(absl::StrCat("request needs ", total, " KV slots, the limit is ", limits_.max_prompt_tokens));
+  return absl::OkStatus();
+}
+
+absl::Status DecoderService::ValidateGeneration(const v1::GenerateRequest& req, GenerateOptions* g) const {
+  g->max_tokens =
+      static_cast<int>(req.max_tokens() == 0 ? kDefaultMaxTokens : std::min(req.max_tokens(), kMaxTokensAsked));
+  if (g->max_tokens > limits_.max_new_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens ", g->max_tokens, " exceeds the limit ", limits_.max_new_tokens));
   }
   for (const auto& s : req.stop()) {
-    if (s.empty() || s.size() > 256) return absl::InvalidArgumentError("stop strings must be 1 to 256 bytes");
+    if (s.empty() || s.size() > kMaxStopBytes) return absl::InvalidArgumentError("stop strings must be 1 to 256 bytes");
   }
-  if (req.stop_size() > 16) return absl::InvalidArgumentError("at most 16 stop strings");
-  g.stop.assign(req.stop().begin(), req.stop().end());
-  if (req.top_logprobs() > 20) return absl::InvalidArgumentError("top_logprobs must be 0 to 20");
-  g.top_logprobs = static_cast<int>(req.top_logprobs());
+  if (req.stop_size() > kMaxStopStrings) return absl::InvalidArgumentError("at most 16 stop strings");
+  g->stop.assign(req.stop().begin(), req.stop().end());
+  if (req.top_logprobs() > kMaxTopLogprobs) return absl::InvalidArgumentError("top_logprobs must be 0 to 20");
+  g->top_logprobs = static_cast<int>(req.top_logprobs());
   const v1::Sampling& s = req.sampling();
-  g.sampling.temperature = s.temperature();
-  g.sampling.top_k = s.top_k();
-  g.sampling.top_p = s.top_p() == 0.f ? 1.f : s.top_p();
-  g.sampling.min_p = s.min_p();
-  g.sampling.repetition_penalty = s.repetition_penalty() == 0.f ? 1.f : s.repetition_penalty();
-  g.sampling.seed = s.seed();
-  RETURN_IF_ERROR(ValidateSamplingParams(g.sampling));
+  g->sampling.temperature = s.temperature();
+  g->sampling.top_k = s.top_k();
+  g->sampling.top_p = s.top_p() == 0.f ? 1.f : s.top_p();
+  g->sampling.min_p = s.min_p();
+  g->sampling.repetition_penalty = s.repetition_penalty() == 0.f ? 1.f : s.repetition_penalty();
+  g->sampling.seed = s.seed();
+  return ValidateSamplingParams(g->sampling);
+}
+
+absl::StatusOr<DecodeInput> DecoderService::Validate(const v1::GenerateRequest& req) const {
+  DecodeInput in;
+  RETURN_IF_ERROR(ValidateApe(req, &in));
+  in.ttl_seconds = limits_.ttl_seconds;
+  in.prefix_tokens = model_.tokenizer().Encode(req.prefix(), /*bos=*/true, /*eos=*/false);
+  RETURN_IF_ERROR(ValidateContexts(req, &in));
+  in.query_tokens = model_.tokenizer().Encode(req.query(), /*bos=*/false, /*eos=*/false);
+  RETURN_IF_ERROR(ValidateGeneration(req, &in.generate));
+  RETURN_IF_ERROR(CheckDecodeInput(in));  // e.g. an empty query
+  // The KV slots known now; contexts given by key count once loaded (the
+  // pipeline checks max_kv_slots again then).
+  int64_t slots = int64_t{in.generate.max_tokens} + in.prefix_tokens.size() + in.query_tokens.size();
+  for (const ContextSource& c : in.contexts) slots += c.tokens ? c.tokens->size() : 0;
+  if (slots > limits_.max_prompt_tokens) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request needs ", slots, " KV slots, the limit is ", limits_.max_prompt_tokens));
+  }
+  in.max_kv_slots = limits_.max_prompt_tokens;
   return in;
 }
 
-absl::Status DecoderService::RemoteEncode(const EncodeInput& in) {
+// ---- What Generate and Score share ------------------------------------------
+
+absl::StatusOr<DecoderService::Admitted> DecoderService::Admit(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
+                                                               Outcome* outcome) {
+  ASSIGN_OR_RETURN(DecodeInput in, Validate(req));
+  auto cancelled = [ctx] { return ctx->IsCancelled(); };
+  const auto t_queue = Clock::now();
+  ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter(cancelled));
+  outcome->queue_ms = MsSince(t_queue);
+  DecodeHooks hooks;
+  hooks.cancelled = cancelled;
+  if (encoder_) hooks.remote_encode = [this, ctx](const EncodeInput& e) { return RemoteEncode(ctx, e); };
+  return Admitted{std::move(in), std::move(hooks), std::move(ticket)};
+}
+
+absl::Status DecoderService::RemoteEncode(grpc::ServerContext* ctx, const EncodeInput& in) {
   v1::EncodeRequest req;
   for (int32_t id : in.prefix_tokens) req.mutable_prefix()->mutable_tokens()->add_ids(id);
   for (const auto& c : in.contexts) {
     auto* ids = req.add_contexts()->mutable_tokens();
     for (int32_t id : c) ids->add_ids(id);
   }
-  req.set_dtype(in.dtype == KvDtype::kFloat16 ? v1::KV_DTYPE_FLOAT16 : v1::KV_DTYPE_FLOAT32);
+  req.set_dtype(KvDtypeToProto(in.dtype));
   req.set_ttl_seconds(in.ttl_seconds);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(10));
+  // Part of the request: cancelled with it, and within its deadline.
+  std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*ctx);
+  call->set_deadline(std::chrono::system_clock::now() + kRemoteEncodeTimeout);
   v1::EncodeResponse resp;
-  grpc::Status s = encoder_->Encode(&ctx, req, &resp);
+  grpc::Status s = encoder_->Encode(call.get(), req, &resp);
   if (!s.ok()) {
     return absl::Status(static_cast<absl::StatusCode>(s.error_code()), absl::StrCat("encoder: ", s.error_message()));
   }
   if (resp.model_fingerprint() != model_.fingerprint()) {
-    return absl::FailedPreconditionError(absl::StrCat("encoder serves model ", resp.model_fingerprint(),
-                                                      ", this decoder ", model_.fingerprint()));
+    return absl::FailedPreconditionError(
+        absl::StrCat("encoder serves model ", resp.model_fingerprint(), ", this decoder ", model_.fingerprint()));
   }
   return absl::OkStatus();
 }
 
+// ---- Generate: stream the answer ----------------------------------------------
+
+void DecoderService::FillFinal(const v1::GenerateRequest& req, const DecodeInput& in, const Outcome& outcome,
+                               v1::Final* f) const {
+  const GenerateResult& result = outcome.result;
+  f->set_finish_reason(FinishReasonName(result.reason));
+  f->set_text(result.text);
+  f->set_ape_temperature(in.mode == DecodeMode::kApe ? in.temperature : 1.f);
+  f->set_ape_scale(in.mode == DecodeMode::kApe ? in.scale : 1.f);
+  f->set_mode(req.mode() == v1::MODE_UNSPECIFIED ? v1::MODE_APE : req.mode());
+  FillUsage(outcome.stats, f->mutable_usage());
+  f->mutable_usage()->set_generated_tokens(result.tokens.size());
+  v1::Timings* t = f->mutable_timings();
+  t->set_queue_ms(outcome.queue_ms);
+  t->set_cache_load_ms(outcome.stats.cache_load_ms);
+  t->set_encode_ms(outcome.stats.encode_ms);
+  t->set_prefill_ms(outcome.stats.prefill_ms);
+  t->set_time_to_first_token_ms(outcome.first_token_ms);
+  t->set_decode_tokens_per_second(
+      result.tokens.size() > 1 && result.decode_seconds > 0 ? (result.tokens.size() - 1) / result.decode_seconds : 0);
+  t->set_total_ms(MsSince(outcome.arrival));
+}
+
+absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
+                                        grpc::ServerWriter<v1::GenerateResponse>* writer, Outcome* outcome) {
+  ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
+  bool client_gone = false;
+  auto on_token = [&](const TokenEvent& ev) {
+    if (outcome->first_token_ms == 0) outcome->first_token_ms = MsSince(outcome->arrival);
+    if (!writer->Write(TokenMessage(ev, model_.tokenizer()))) {  // the client is gone: stop computing
+      client_gone = true;
+      return false;
+    }
+    return true;
+  };
+  ASSIGN_OR_RETURN(outcome->result, RunDecode(model_, store_, call.in, call.hooks, on_token, &outcome->stats));
+  if (client_gone || ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
+  v1::GenerateResponse fin;
+  FillFinal(req, call.in, *outcome, fin.mutable_final());
+  if (!writer->Write(fin)) return absl::CancelledError("client went away before the final message");
+  return absl::OkStatus();
+}
+
+std::string DecoderService::LogDetails(const v1::GenerateRequest& req, const Outcome& outcome) const {
+  const DecodeStats& st = outcome.stats;
+  return absl::StrFormat(
+      "mode=%s contexts=%d prompt_tokens=%d cached_tokens=%d encoded_tokens=%d queue_ms=%.2f "
+      "cache_load_ms=%.2f encode_ms=%.2f prefill_ms=%.2f",
+      v1::Mode_Name(req.mode()), req.contexts_size(), st.prompt_tokens, st.cached_tokens, st.encoded_tokens,
+      outcome.queue_ms, st.cache_load_ms, st.encode_ms, st.prefill_ms);
+}
+
 grpc::Status DecoderService::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
                                       grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  const auto t_arrival = std::chrono::steady_clock::now();
-  DecodeStats stats;
-  double queue_ms = 0, first_token_ms = 0;
-  bool client_gone = false;
-  GenerateResult result;
-  auto run = [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(DecodeInput in, Validate(*req));
-    auto tq = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter([ctx] { return ctx->IsCancelled(); }));
-    queue_ms = MsSince(tq);
-    DecodeHooks hooks;
-    hooks.cancelled = [ctx] { return ctx->IsCancelled(); };
-    if (encoder_) hooks.remote_encode = [this](const EncodeInput& e) { return RemoteEncode(e); };
-    const Tokenizer& tok = model_.tokenizer();
-    auto on_token = [&](const TokenEvent& ev) {
-      if (first_token_ms == 0) first_token_ms = MsSince(t_arrival);
-      v1::GenerateResponse msg;
-      v1::TokenDelta* d = msg.mutable_token();
-      d->set_id(ev.id);
-      d->set_text(ev.text);
-      d->set_logprob(ev.logprob);
-      for (const auto& [id, lp] : ev.top) {
-        auto* t = d->add_top_logprobs();
-        t->set_id(id);
-        t->set_piece(tok.piece(id));
-        t->set_logprob(lp);
-      }
-      if (!writer->Write(msg)) {  // the client is gone: stop computing
-        client_gone = true;
-        return false;
-      }
-      return true;
-    };
-    ASSIGN_OR_RETURN(result, RunDecode(model_, store_, in, hooks, on_token, &stats));
-    if (client_gone || ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
-    v1::GenerateResponse fin;
-    v1::Final* f = fin.mutable_final();
-    f->set_finish_reason(FinishReasonName(result.reason));
-    f->set_text(result.text);
-    f->set_ape_temperature(in.mode == DecodeMode::kApe ? in.temperature : 1.f);
-    f->set_ape_scale(in.mode == DecodeMode::kApe ? in.scale : 1.f);
-    f->set_mode(req->mode() == v1::MODE_UNSPECIFIED ? v1::MODE_APE : req->mode());
-    v1::Usage* u = f->mutable_usage();
-    u->set_prompt_tokens(stats.prompt_tokens);
-    u->set_cached_tokens(stats.cached_tokens);
-    u->set_generated_tokens(result.tokens.size());
-    u->set_encoded_tokens(stats.encoded_tokens);
-    v1::Timings* t = f->mutable_timings();
-    t->set_queue_ms(queue_ms);
-    t->set_cache_load_ms(stats.cache_load_ms);
-    t->set_encode_ms(stats.encode_ms);
-    t->set_prefill_ms(stats.prefill_ms);
-    t->set_time_to_first_token_ms(first_token_ms);
-    t->set_decode_tokens_per_second(result.tokens.size() > 1 && result.decode_seconds > 0
-                                        ? (result.tokens.size() - 1) / result.decode_seconds : 0);
-    t->set_total_ms(MsSince(t_arrival));
-    if (!writer->Write(fin)) return absl::CancelledError("client went away before the final message");
-    return absl::OkStatus();
-  };
-  absl::Status s = run();
-  if (s.code() == absl::StatusCode::kCancelled && ctx->IsCancelled() &&
-      ctx->deadline() < std::chrono::system_clock::now()) {
-    s = absl::DeadlineExceededError("deadline passed");
-  }
+  Outcome outcome;
+  const absl::Status s = AtDeadline(ctx, DoGenerate(ctx, *req, writer, &outcome));
+  const GenerateResult& r = outcome.result;
   LogRequest("decoder", "Generate", s,
-             absl::StrFormat("mode=%s contexts=%d prompt_tokens=%d cached_tokens=%d encoded_tokens=%d "
-                             "generated=%d finish=%s queue_ms=%.2f cache_load_ms=%.2f encode_ms=%.2f "
-                             "prefill_ms=%.2f ttft_ms=%.2f decode_ms=%.2f total_ms=%.2f",
-                             v1::Mode_Name(req->mode()), req->contexts_size(), stats.prompt_tokens,
-                             stats.cached_tokens, stats.encoded_tokens, result.tokens.size(),
-                             FinishReasonName(result.reason), queue_ms, stats.cache_load_ms, stats.encode_ms,
-                             stats.prefill_ms, first_token_ms, result.decode_seconds * 1e3, MsSince(t_arrival)));
+             absl::StrCat(LogDetails(*req, outcome),
+                          absl::StrFormat(" generated=%d finish=%s ttft_ms=%.2f decode_ms=%.2f total_ms=%.2f",
+                                          r.tokens.size(), FinishReasonName(r.reason), outcome.first_token_ms,
+                                          r.decode_seconds * 1e3, MsSince(outcome.arrival))));
   return ToGrpcStatus(s);
 }
 
+// ---- Score: the distribution after the prompt ---------------------------------
+
+absl::Status DecoderService::DoScore(grpc::ServerContext* ctx, const v1::GenerateRequest& req, v1::ScoreResponse* resp,
+                                     Outcome* outcome) {
+  ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
+  ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, call.in, call.hooks, &outcome->stats));
+  if (ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
+  const float lse = LogSumExp(logits.data(), static_cast<int>(logits.size()));
+  for (float l : logits) resp->add_logprobs(l - lse);
+  FillUsage(outcome->stats, resp->mutable_usage());
+  return absl::OkStatus();
+}
+
 grpc::Status DecoderService::Score(grpc::ServerContext* ctx, const v1::GenerateRequest* req, v1::ScoreResponse* resp) {
-  const auto t0 = std::chrono::steady_clock::now();
-  DecodeStats stats;
-  auto run = [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(DecodeInput in, Validate(*req));
-    ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter([ctx] { return ctx->IsCancelled(); }));
-    ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, in, &stats));
-    const float lse = LogSumExp(logits.data(), static_cast<int>(logits.size()));
-    for (float l : logits) resp->add_logprobs(l - lse);
-    resp->mutable_usage()->set_prompt_tokens(stats.prompt_tokens);
-    resp->mutable_usage()->set_cached_tokens(stats.cached_tokens);
-    resp->mutable_usage()->set_encoded_tokens(stats.encoded_tokens);
-    return absl::OkStatus();
-  };
-  absl::Status s = run();
+  Outcome outcome;
+  const absl::Status s = AtDeadline(ctx, DoScore(ctx, *req, resp, &outcome));
   LogRequest("decoder", "Score", s,
-             absl::StrFormat("mode=%s contexts=%d prompt_tokens=%d cached_tokens=%d cache_load_ms=%.2f prefill_ms=%.2f total_ms=%.2f",
-                             v1::Mode_Name(req->mode()), req->contexts_size(), stats.prompt_tokens, stats.cached_tokens,
-                             stats.cache_load_ms, stats.prefill_ms, MsSince(t0)));
+             absl::StrCat(LogDetails(*req, outcome), absl::StrFormat(" total_ms=%.2f", MsSince(outcome.arrival))));
   return ToGrpcStatus(s);
 }
 

@@ -1,8 +1,12 @@
-// ape.v1.Decoder: validates, calls common/decode_pipeline, streams tokens
-// with one Write in flight, logs one line per request.
+// ape.v1.Decoder: validates (before any I/O), calls
+// common/pipeline/decode_pipeline, streams tokens with one Write in flight,
+// logs one line per request. Generate and Score share everything up to the
+// pipeline call (validation, admission, cancellation, encoding through
+// --encoder); Generate then streams tokens, Score returns the distribution.
 #ifndef APESERVE_DECODER_SERVICE_DECODER_SERVICE_H_
 #define APESERVE_DECODER_SERVICE_DECODER_SERVICE_H_
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -14,22 +18,25 @@
 
 namespace ape {
 
+// Set field by field by main() from its flags, which hold the defaults
+// (no defaults here to drift from them).
 struct DecoderLimits {
-  int max_contexts = 256;
-  int max_context_tokens = 4096;
-  int max_prompt_tokens = 1 << 20;  // KV slots of one request
-  int max_new_tokens = 1024;
-  int max_concurrent = 1;
-  int max_queue = 16;
-  KvDtype default_dtype = KvDtype::kFloat16;
-  int ttl_seconds = 0;
+  int max_contexts;        // per request
+  int max_context_tokens;  // per context given as content
+  int max_prompt_tokens;   // KV slots of one request (prompt + generated)
+  int max_new_tokens;      // generated tokens per request
+  int max_concurrent;      // requests computing at once
+  int max_queue;           // requests waiting beyond that
+  KvDtype default_dtype;   // for KV_DTYPE_UNSPECIFIED
+  int ttl_seconds;         // of entries encoded on the fly; 0 = none
 };
 
 class DecoderService final : public v1::Decoder::Service {
  public:
-  // `encoder_address` empty: missing contexts are encoded locally.
+  // `encoder` (MakeChannel of --encoder) encodes missing contexts; null:
+  // they are encoded locally.
   DecoderService(const Model& model, RedisStore* store, DecoderLimits limits, ApePreset preset,
-                 const std::string& encoder_address);
+                 std::shared_ptr<grpc::Channel> encoder);
 
   grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override;
@@ -38,9 +45,39 @@ class DecoderService final : public v1::Decoder::Service {
                          v1::ModelInfoResponse* resp) override;
 
  private:
-  // Request -> DecodeInput; INVALID_ARGUMENT / RESOURCE_EXHAUSTED on bad input.
+  using Clock = std::chrono::steady_clock;
+  // What one request did, for its reply and its log line.
+  struct Outcome {
+    Clock::time_point arrival = Clock::now();
+    DecodeStats stats;
+    double queue_ms = 0, first_token_ms = 0;
+    GenerateResult result;
+  };
+  // A request cleared to compute: its input, its hooks and its compute slot.
+  struct Admitted {
+    DecodeInput in;
+    DecodeHooks hooks;
+    Admission::Ticket ticket;
+  };
+
+  // Request -> DecodeInput, with no I/O; INVALID_ARGUMENT /
+  // RESOURCE_EXHAUSTED on bad input.
   absl::StatusOr<DecodeInput> Validate(const v1::GenerateRequest& req) const;
-  absl::Status RemoteEncode(const EncodeInput& in);
+  absl::Status ValidateApe(const v1::GenerateRequest& req, DecodeInput* in) const;
+  absl::Status ValidateContexts(const v1::GenerateRequest& req, DecodeInput* in) const;
+  absl::Status ValidateGeneration(const v1::GenerateRequest& req, GenerateOptions* g) const;
+  // Validate, then wait for a compute slot; the hooks watch `ctx`.
+  absl::StatusOr<Admitted> Admit(grpc::ServerContext* ctx, const v1::GenerateRequest& req, Outcome* outcome);
+  absl::Status DoGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
+                          grpc::ServerWriter<v1::GenerateResponse>* writer, Outcome* outcome);
+  void FillFinal(const v1::GenerateRequest& req, const DecodeInput& in, const Outcome& outcome, v1::Final* f) const;
+  absl::Status DoScore(grpc::ServerContext* ctx, const v1::GenerateRequest& req, v1::ScoreResponse* resp,
+                       Outcome* outcome);
+  // Encodes through --encoder, as part of the request in `ctx` (cancelled
+  // with it, within its deadline).
+  absl::Status RemoteEncode(grpc::ServerContext* ctx, const EncodeInput& in);
+  // The fields both methods log: mode, contexts, usage, timings.
+  std::string LogDetails(const v1::GenerateRequest& req, const Outcome& outcome) const;
 
   const Model& model_;
   RedisStore* store_;

@@ -2,8 +2,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/server/segments.h"
 #include "common/engine/status_macros.h"
+#include "common/server/kv_dtype.h"
+#include "common/server/segments.h"
 
 namespace ape {
 
@@ -17,27 +18,24 @@ void FillEntry(const EncodedEntry& e, v1::CacheEntry* out) {
 }
 }  // namespace
 
-absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req,
-                                      v1::EncodeResponse* resp, std::string* log) {
+absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,
+                                      std::string* log) {
   auto t0 = std::chrono::steady_clock::now();
   // Validate before any work.
   if (req.contexts_size() == 0) return absl::InvalidArgumentError("no contexts: send at least one");
   if (req.contexts_size() > limits_.max_contexts) {
-    return absl::ResourceExhaustedError(absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
   }
   EncodeInput in;
-  switch (req.dtype()) {
-    case v1::KV_DTYPE_UNSPECIFIED: in.dtype = limits_.default_dtype; break;
-    case v1::KV_DTYPE_FLOAT16: in.dtype = KvDtype::kFloat16; break;
-    case v1::KV_DTYPE_FLOAT32: in.dtype = KvDtype::kFloat32; break;
-    default: return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", req.dtype()));
-  }
+  ASSIGN_OR_RETURN(in.dtype, KvDtypeFromProto(req.dtype(), limits_.default_dtype));
   in.ttl_seconds = req.ttl_seconds() > 0 ? static_cast<int>(std::min<uint32_t>(req.ttl_seconds(), 1u << 30))
                                          : limits_.default_ttl_seconds;
   const Tokenizer& tok = model_.tokenizer();
   ASSIGN_OR_RETURN(in.prefix_tokens, ResolvePrefix(req.prefix(), tok, limits_.max_prefix_tokens));
   for (int i = 0; i < req.contexts_size(); ++i) {
-    ASSIGN_OR_RETURN(auto ids, ResolveContext(req.contexts(i), tok, limits_.max_context_tokens, absl::StrCat("context ", i)));
+    ASSIGN_OR_RETURN(auto ids,
+                     ResolveContext(req.contexts(i), tok, limits_.max_context_tokens, absl::StrCat("context ", i)));
     in.contexts.push_back(std::move(ids));
   }
   const double tokenize_ms = MsSince(t0);
@@ -52,7 +50,7 @@ absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::Encode
     cached += e.already_cached;
   }
   resp->set_model_fingerprint(model_.fingerprint());
-  resp->set_dtype(in.dtype == KvDtype::kFloat16 ? v1::KV_DTYPE_FLOAT16 : v1::KV_DTYPE_FLOAT32);
+  resp->set_dtype(KvDtypeToProto(in.dtype));
   auto* t = resp->mutable_timings();
   t->set_tokenize_ms(tokenize_ms);
   t->set_lookup_ms(out.lookup_ms);
@@ -76,7 +74,8 @@ grpc::Status EncoderService::Encode(grpc::ServerContext* ctx, const v1::EncodeRe
   return ToGrpcStatus(s);
 }
 
-grpc::Status EncoderService::Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) {
+grpc::Status EncoderService::Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* req,
+                                      v1::TokenizeResponse* resp) {
   auto t0 = std::chrono::steady_clock::now();
   const Tokenizer& tok = model_.tokenizer();
   for (int32_t id : tok.Encode(req->text(), req->add_bos(), false)) {

@@ -1,4 +1,4 @@
-// ape.v1.Encoder: validates, calls common/encode_pipeline, logs one line.
+// ape.v1.Encoder: validates, calls common/pipeline/encode_pipeline, logs one line.
 #ifndef APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
 #define APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
 
@@ -9,14 +9,16 @@
 
 namespace ape {
 
+// Set field by field by main() from its flags, which hold the defaults
+// (no defaults here to drift from them).
 struct EncoderLimits {
-  int max_contexts = 64;
-  int max_context_tokens = 4096;
-  int max_prefix_tokens = 4096;
-  KvDtype default_dtype = KvDtype::kFloat16;
-  int default_ttl_seconds = 0;
-  int max_concurrent = 1;  // requests computing at once (each uses every core)
-  int max_queue = 16;      // requests waiting beyond that
+  int max_contexts;        // per request
+  int max_context_tokens;  // per context
+  int max_prefix_tokens;
+  KvDtype default_dtype;    // for KV_DTYPE_UNSPECIFIED
+  int default_ttl_seconds;  // for ttl_seconds 0; 0 = no expiry
+  int max_concurrent;       // requests computing at once (each uses every core)
+  int max_queue;            // requests waiting beyond that
 };
 
 class EncoderService final : public v1::Encoder::Service {
@@ -26,8 +28,10 @@ class EncoderService final : public v1::Encoder::Service {
 
   grpc::Status Encode(grpc::ServerContext* ctx, const v1::EncodeRequest* req, v1::EncodeResponse* resp) override;
   grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override;
-  grpc::Status Detokenize(grpc::ServerContext* ctx, const v1::DetokenizeRequest* req, v1::DetokenizeResponse* resp) override;
-  grpc::Status ModelInfo(grpc::ServerContext* ctx, const v1::ModelInfoRequest* req, v1::ModelInfoResponse* resp) override;
+  grpc::Status Detokenize(grpc::ServerContext* ctx, const v1::DetokenizeRequest* req,
+                          v1::DetokenizeResponse* resp) override;
+  grpc::Status ModelInfo(grpc::ServerContext* ctx, const v1::ModelInfoRequest* req,
+                         v1::ModelInfoResponse* resp) override;
 
  private:
   absl::Status DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,

@@ -13,8 +13,13 @@ namespace ape::testing {
 class GgufWriter {
  public:
   template <typename T>
-  static void Put(std::string& out, T v) { out.append(reinterpret_cast<const char*>(&v), sizeof(T)); }
-  static void PutStr(std::string& out, const std::string& s) { Put<uint64_t>(out, s.size()); out += s; }
+  static void Put(std::string& out, T v) {
+    out.append(reinterpret_cast<const char*>(&v), sizeof(T));
+  }
+  static void PutStr(std::string& out, const std::string& s) {
+    Put<uint64_t>(out, s.size());
+    out += s;
+  }
 
   // Raw key/value: `value` is the already-encoded payload of type `type`.
   void KvRaw(const std::string& key, uint32_t type, const std::string& value) {
@@ -23,22 +28,44 @@ class GgufWriter {
     kv_ += value;
     ++n_kv_;
   }
-  void KvU32(const std::string& k, uint32_t v) { std::string s; Put(s, v); KvRaw(k, 4, s); }
-  void KvF32(const std::string& k, float v) { std::string s; Put(s, v); KvRaw(k, 6, s); }
-  void KvBool(const std::string& k, bool v) { std::string s; Put<uint8_t>(s, v); KvRaw(k, 7, s); }
-  void KvStr(const std::string& k, const std::string& v) { std::string s; PutStr(s, v); KvRaw(k, 8, s); }
+  void KvU32(const std::string& k, uint32_t v) {
+    std::string s;
+    Put(s, v);
+    KvRaw(k, 4, s);
+  }
+  void KvF32(const std::string& k, float v) {
+    std::string s;
+    Put(s, v);
+    KvRaw(k, 6, s);
+  }
+  void KvBool(const std::string& k, bool v) {
+    std::string s;
+    Put<uint8_t>(s, v);
+    KvRaw(k, 7, s);
+  }
+  void KvStr(const std::string& k, const std::string& v) {
+    std::string s;
+    PutStr(s, v);
+    KvRaw(k, 8, s);
+  }
   void KvStrArray(const std::string& k, const std::vector<std::string>& v) {
-    std::string s; Put<uint32_t>(s, 8); Put<uint64_t>(s, v.size());
+    std::string s;
+    Put<uint32_t>(s, 8);
+    Put<uint64_t>(s, v.size());
     for (auto& e : v) PutStr(s, e);
     KvRaw(k, 9, s);
   }
   void KvF32Array(const std::string& k, const std::vector<float>& v) {
-    std::string s; Put<uint32_t>(s, 6); Put<uint64_t>(s, v.size());
+    std::string s;
+    Put<uint32_t>(s, 6);
+    Put<uint64_t>(s, v.size());
     for (float e : v) Put(s, e);
     KvRaw(k, 9, s);
   }
   void KvI32Array(const std::string& k, const std::vector<int32_t>& v) {
-    std::string s; Put<uint32_t>(s, 5); Put<uint64_t>(s, v.size());
+    std::string s;
+    Put<uint32_t>(s, 5);
+    Put<uint64_t>(s, v.size());
     for (int32_t e : v) Put(s, e);
     KvRaw(k, 9, s);
   }
@@ -80,7 +107,12 @@ class GgufWriter {
   }
 
  private:
-  struct T { std::string name; std::vector<uint64_t> dims; uint32_t type; std::string data; };
+  struct T {
+    std::string name;
+    std::vector<uint64_t> dims;
+    uint32_t type;
+    std::string data;
+  };
   std::string kv_;
   uint64_t n_kv_ = 0;
   std::vector<T> tensors_;

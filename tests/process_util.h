@@ -120,8 +120,9 @@ class RedisServer {
     std::system(("rm -rf " + dir_).c_str());
   }
   void Start() {
-    std::vector<std::string> argv = {"redis-server", "--port", std::to_string(port_), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no", "--dir", dir_, "--daemonize", "no"};
+    std::vector<std::string> argv = {
+        "redis-server", "--port", std::to_string(port_), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir",        dir_,     "--daemonize",         "no"};
     argv.insert(argv.end(), extra_.begin(), extra_.end());
     proc_.Start(argv, dir_ + "/redis.log");
     ok_ = WaitForPort(port_, proc_);

@@ -2,19 +2,17 @@
 #ifndef APESERVE_TESTS_TEST_UTIL_H_
 #define APESERVE_TESTS_TEST_UTIL_H_
 
+#include <unistd.h>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
-#include <unistd.h>
 
 namespace ape::testing {
 
 // A file of tests/data/ (see its README for where each came from).
-inline std::string TestData(const std::string& name) {
-  return std::string(APE_TEST_DATA) + "/" + name;
-}
+inline std::string TestData(const std::string& name) { return std::string(APE_TEST_DATA) + "/" + name; }
 
 inline std::string ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -64,7 +64,7 @@ def main():
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     best = max(results, key=lambda r: (r["exact_match"], -r["kl"]))
     span = "0.1..1.0" if grid == GRID else "/".join(f"{v:g}" for v in grid)
-    preset = {"temperature": best["T"], "scale": best["S"], "prefix_newlines": 0,
+    preset = {"temperature": best["T"], "scale": best["S"],
               "source": f"bench/quality/calibrate.py: grid {span}, {len(cases)} validation questions "
                         f"({'/'.join(map(str, args.docs))} documents), EM {best['exact_match']:.3f}, KL {best['kl']:.4f}"}
     for path in (out, grid_out):

@@ -8,9 +8,9 @@
 
 namespace ape::apectl {
 
-int RunCommand(const std::vector<std::string>& args);   // local generation
-int InfoCommand(const std::vector<std::string>& args);  // describe a model
-int TokenizeCommand(const std::vector<std::string>& args);  // local: texts -> ids
+int RunCommand(const std::vector<std::string>& args);        // local generation
+int InfoCommand(const std::vector<std::string>& args);       // describe a model
+int TokenizeCommand(const std::vector<std::string>& args);   // local: texts -> ids
 int EncodeCommand(const std::vector<std::string>& args);     // ape-encoder: documents -> keys
 int GenerateCommand(const std::vector<std::string>& args);   // ape-decoder: stream an answer
 int ModelInfoCommand(const std::vector<std::string>& args);  // the served model

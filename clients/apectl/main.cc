@@ -18,7 +18,8 @@ int main(int argc, char** argv) {
   for (auto& a : storage) {
     if (a.rfind("--", 0) != 0) continue;
     size_t end = a.find('=');
-    for (size_t i = 2; i < std::min(end, a.size()); ++i) if (a[i] == '-') a[i] = '_';
+    for (size_t i = 2; i < std::min(end, a.size()); ++i)
+      if (a[i] == '-') a[i] = '_';
   }
   std::vector<char*> args;
   for (auto& s : storage) args.push_back(s.data());

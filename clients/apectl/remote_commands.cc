@@ -10,6 +10,8 @@
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "ape/v1/decoder.grpc.pb.h"
 #include "ape/v1/encoder.grpc.pb.h"
@@ -26,6 +28,7 @@ ABSL_FLAG(std::string, mode, "ape", "ape, parallel or sequential");
 ABSL_FLAG(float, ape_t, 0.f, "APE temperature T; 0 = the server's preset");
 ABSL_FLAG(float, ape_s, 0.f, "APE scaling factor S; 0 = the server's preset");
 ABSL_FLAG(int, timeout_s, 600, "deadline of each call, seconds");
+ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message sent or received, MiB (as the servers' --max_message_mb)");
 
 ABSL_DECLARE_FLAG(int, max_tokens);
 ABSL_DECLARE_FLAG(float, temperature);
@@ -40,9 +43,11 @@ namespace ape::apectl {
 namespace {
 
 std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+  // Clamped to what a gRPC size (an int) holds, as the servers' flag is.
+  const int max_message_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 1, 2047) << 20;
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(64 << 20);
-  args.SetMaxSendMessageSize(64 << 20);
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
@@ -56,7 +61,8 @@ std::vector<std::string> ExpandFiles(const std::vector<std::string>& args) {
   for (const auto& a : args) {
     if (std::filesystem::is_directory(a)) {
       std::vector<std::string> in_dir;
-      for (auto& e : std::filesystem::directory_iterator(a)) if (e.is_regular_file()) in_dir.push_back(e.path());
+      for (auto& e : std::filesystem::directory_iterator(a))
+        if (e.is_regular_file()) in_dir.push_back(e.path());
       std::sort(in_dir.begin(), in_dir.end());
       files.insert(files.end(), in_dir.begin(), in_dir.end());
     } else {
@@ -76,10 +82,22 @@ bool ReadText(const std::string& path, std::string* out) {
   return true;
 }
 
-v1::KvDtype Dtype() { return absl::GetFlag(FLAGS_dtype) == "float32" ? v1::KV_DTYPE_FLOAT32 : v1::KV_DTYPE_FLOAT16; }
+// --dtype float16|float32 as the API's enum (KV_DTYPE_FLOAT16 | _FLOAT32):
+// the names come from the proto, so there is no table to keep in step.
+bool ParseDtype(const char* command, v1::KvDtype* dtype) {
+  const std::string name = absl::GetFlag(FLAGS_dtype);
+  if (name == absl::AsciiStrToLower(name) &&
+      v1::KvDtype_Parse(absl::StrCat("KV_DTYPE_", absl::AsciiStrToUpper(name)), dtype) &&
+      *dtype != v1::KV_DTYPE_UNSPECIFIED) {
+    return true;
+  }
+  std::fprintf(stderr, "apectl %s: --dtype must be float16 or float32, not '%s'\n", command, name.c_str());
+  return false;
+}
 
 int Fail(const char* what, const grpc::Status& s) {
-  std::fprintf(stderr, "apectl %s: %s: %s\n", what, absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code())).c_str(),
+  std::fprintf(stderr, "apectl %s: %s: %s\n", what,
+               absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code())).c_str(),
                s.error_message().c_str());
   return 1;
 }
@@ -92,9 +110,11 @@ int EncodeCommand(const std::vector<std::string>& args) {
     std::fprintf(stderr, "apectl encode: name files or folders of documents\n");
     return 2;
   }
+  v1::KvDtype dtype;
+  if (!ParseDtype("encode", &dtype)) return 2;
   v1::EncodeRequest req;
   req.mutable_prefix()->set_text(absl::GetFlag(FLAGS_prefix));
-  req.set_dtype(Dtype());
+  req.set_dtype(dtype);
   for (const auto& f : files) {
     std::string text;
     if (!ReadText(f, &text)) {
@@ -112,17 +132,22 @@ int EncodeCommand(const std::vector<std::string>& args) {
   // stdout: "<key>\t<tokens>\t<bytes>\t<cached|new>\t<file>", one per context.
   for (int i = 0; i < resp.contexts_size(); ++i) {
     const auto& c = resp.contexts(i);
-    std::printf("%s\t%u\t%llu\t%s\t%s\n", c.key().c_str(), c.num_tokens(), static_cast<unsigned long long>(c.stored_bytes()),
-                c.already_cached() ? "cached" : "new", files[i].c_str());
+    std::printf("%s\t%u\t%llu\t%s\t%s\n", c.key().c_str(), c.num_tokens(),
+                static_cast<unsigned long long>(c.stored_bytes()), c.already_cached() ? "cached" : "new",
+                files[i].c_str());
   }
   const auto& t = resp.timings();
-  std::fprintf(stderr, "prefix %s (%u tokens); model %s; tokenize %.1f ms, lookup %.1f ms, prefill %.1f ms, store %.1f ms, total %.1f ms\n",
-               resp.prefix().key().c_str(), resp.prefix().num_tokens(), resp.model_fingerprint().c_str(), t.tokenize_ms(),
-               t.lookup_ms(), t.prefill_ms(), t.store_ms(), t.total_ms());
+  std::fprintf(stderr,
+               "prefix %s (%u tokens); model %s; tokenize %.1f ms, lookup %.1f ms, prefill %.1f ms, store %.1f ms, "
+               "total %.1f ms\n",
+               resp.prefix().key().c_str(), resp.prefix().num_tokens(), resp.model_fingerprint().c_str(),
+               t.tokenize_ms(), t.lookup_ms(), t.prefill_ms(), t.store_ms(), t.total_ms());
   return 0;
 }
 
 int GenerateCommand(const std::vector<std::string>&) {
+  v1::KvDtype dtype;
+  if (!ParseDtype("generate", &dtype)) return 2;
   v1::GenerateRequest req;
   req.set_prefix(absl::GetFlag(FLAGS_prefix));
   for (const auto& k : absl::GetFlag(FLAGS_context_key)) req.add_contexts()->set_key(k);
@@ -136,9 +161,12 @@ int GenerateCommand(const std::vector<std::string>&) {
   }
   req.set_query(absl::GetFlag(FLAGS_query));
   const std::string mode = absl::GetFlag(FLAGS_mode);
-  if (mode == "ape") req.set_mode(v1::MODE_APE);
-  else if (mode == "parallel") req.set_mode(v1::MODE_PARALLEL);
-  else if (mode == "sequential") req.set_mode(v1::MODE_SEQUENTIAL);
+  if (mode == "ape")
+    req.set_mode(v1::MODE_APE);
+  else if (mode == "parallel")
+    req.set_mode(v1::MODE_PARALLEL);
+  else if (mode == "sequential")
+    req.set_mode(v1::MODE_SEQUENTIAL);
   else {
     std::fprintf(stderr, "apectl generate: --mode must be ape, parallel or sequential\n");
     return 2;
@@ -147,7 +175,7 @@ int GenerateCommand(const std::vector<std::string>&) {
   if (absl::GetFlag(FLAGS_ape_s) > 0) req.set_ape_scale(absl::GetFlag(FLAGS_ape_s));
   req.set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
   for (const auto& s : absl::GetFlag(FLAGS_stop)) req.add_stop(s);
-  req.set_dtype(Dtype());
+  req.set_dtype(dtype);
   auto* sp = req.mutable_sampling();
   sp->set_temperature(absl::GetFlag(FLAGS_temperature));
   sp->set_top_k(absl::GetFlag(FLAGS_top_k));
@@ -179,13 +207,13 @@ int GenerateCommand(const std::vector<std::string>&) {
   if (has_final) {
     const auto& u = fin.usage();
     const auto& t = fin.timings();
-    std::fprintf(stderr,
-                 "[%s T=%.2f S=%.2f] finish=%s prompt=%u cached=%u encoded=%u generated=%u | queue %.1f ms, cache load %.1f ms, "
-                 "encode %.1f ms, prefill %.1f ms, first token %.1f ms, decode %.1f tok/s, total %.1f ms\n",
-                 v1::Mode_Name(fin.mode()).c_str(), fin.ape_temperature(), fin.ape_scale(), fin.finish_reason().c_str(),
-                 u.prompt_tokens(), u.cached_tokens(), u.encoded_tokens(), u.generated_tokens(), t.queue_ms(),
-                 t.cache_load_ms(), t.encode_ms(), t.prefill_ms(), t.time_to_first_token_ms(), t.decode_tokens_per_second(),
-                 t.total_ms());
+    std::fprintf(
+        stderr,
+        "[%s T=%.2f S=%.2f] finish=%s prompt=%u cached=%u encoded=%u generated=%u | queue %.1f ms, cache load %.1f ms, "
+        "encode %.1f ms, prefill %.1f ms, first token %.1f ms, decode %.1f tok/s, total %.1f ms\n",
+        v1::Mode_Name(fin.mode()).c_str(), fin.ape_temperature(), fin.ape_scale(), fin.finish_reason().c_str(),
+        u.prompt_tokens(), u.cached_tokens(), u.encoded_tokens(), u.generated_tokens(), t.queue_ms(), t.cache_load_ms(),
+        t.encode_ms(), t.prefill_ms(), t.time_to_first_token_ms(), t.decode_tokens_per_second(), t.total_ms());
   }
   return 0;
 }

@@ -52,8 +52,8 @@ int InfoCommand(const std::vector<std::string>&) {
   std::printf("rope:          dim %d, base %g%s\n", c.rope_dim, c.rope_base,
               c.rope_freq_factors.empty() ? "" : ", with frequency factors");
   std::printf("rms_eps:       %g\ncontext:       %d\n", c.rms_eps, c.context_length);
-  std::printf("vocab:         %d (tokenizer %s, bos %d, eos %d)\n", c.vocab_size,
-              m.tokenizer().source().c_str(), m.tokenizer().bos_id(), m.tokenizer().eos_id());
+  std::printf("vocab:         %d (tokenizer %s, bos %d, eos %d)\n", c.vocab_size, m.tokenizer().source().c_str(),
+              m.tokenizer().bos_id(), m.tokenizer().eos_id());
   std::printf("output:        %s\n", c.tied_output ? "tied to token embedding" : "separate classifier");
   std::printf("weights:       %s (held as float32: %.1f MiB)\n", m.weight_types().c_str(),
               c.num_params() * 4.0 / (1 << 20));
@@ -114,17 +114,16 @@ int RunCommand(const std::vector<std::string>&) {
   std::string prompt_text = tok.DecodeAll(std::span(prompt).subspan(1), prompt[0]);
   std::fwrite(prompt_text.data(), 1, prompt_text.size(), stdout);
   std::fflush(stdout);
-  GenerateResult r = Generate(tf, cache, ApeParams{}, std::move(logits), prompt,
-                              static_cast<int32_t>(prompt.size()), opt, [](const TokenEvent& ev) {
+  GenerateResult r = Generate(tf, cache, ApeParams{}, std::move(logits), prompt, static_cast<int32_t>(prompt.size()),
+                              opt, [](const TokenEvent& ev) {
                                 std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
                                 std::fflush(stdout);
                                 return true;
                               });
   std::printf("\n");
   const double prefill = std::chrono::duration<double>(t1 - t0).count();
-  std::fprintf(stderr, "prompt %zu tokens in %.1f ms; generated %zu tokens, %.1f tok/s; finish %s\n",
-               prompt.size(), prefill * 1e3, r.tokens.size(),
-               r.tokens.size() > 1 ? (r.tokens.size() - 1) / r.decode_seconds : 0.0,
+  std::fprintf(stderr, "prompt %zu tokens in %.1f ms; generated %zu tokens, %.1f tok/s; finish %s\n", prompt.size(),
+               prefill * 1e3, r.tokens.size(), r.tokens.size() > 1 ? (r.tokens.size() - 1) / r.decode_seconds : 0.0,
                FinishReasonName(r.reason));
   return 0;
 }

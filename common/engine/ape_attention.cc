@@ -41,8 +41,8 @@ inline float Exp(float x) {
 }
 }  // namespace
 
-void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset,
-                     int head_dim, int begin, int end, float logit_scale, AttentionState* st) {
+void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset, int head_dim, int begin,
+                     int end, float logit_scale, AttentionState* st) {
   float s[kTile];
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int nt = std::min(kTile, end - t0);
@@ -75,8 +75,8 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
   }
 }
 
-void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer,
-                  int n_heads, int n_kv_heads, int head_dim, const ApeParams& ape, float* out) {
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out) {
   const int q_dim = n_heads * head_dim;
   const int group = n_heads / n_kv_heads;
   const float inv_sqrt_d = 1.f / std::sqrt(static_cast<float>(head_dim));
@@ -84,39 +84,39 @@ void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, i
 
   // One task per (row, head) pair; rows see different numbers of keys.
   ParallelFor(static_cast<int64_t>(n) * n_heads, /*dynamic=*/true, [&](int64_t task) {
-      const int i = static_cast<int>(task / n_heads), h = static_cast<int>(task % n_heads);
-      const float* qh = q + static_cast<size_t>(i) * q_dim + h * head_dim;
-      float* oh = out + static_cast<size_t>(i) * q_dim + h * head_dim;
-      const int kv_off = (h / group) * head_dim;
-      const int last = first_slot + i;  // the row sees slots [0, last]
-      const int cb = std::min(ape.context_begin, last + 1);
-      const int ce = std::min(ape.context_end, last + 1);
+    const int i = static_cast<int>(task / n_heads), h = static_cast<int>(task % n_heads);
+    const float* qh = q + static_cast<size_t>(i) * q_dim + h * head_dim;
+    float* oh = out + static_cast<size_t>(i) * q_dim + h * head_dim;
+    const int kv_off = (h / group) * head_dim;
+    const int last = first_slot + i;  // the row sees slots [0, last]
+    const int cb = std::min(ape.context_begin, last + 1);
+    const int ce = std::min(ape.context_end, last + 1);
 
-      // Block O: prefix [0, cb) and everything after the contexts (ce, last].
-      AttentionState o;
-      std::fill(o.acc, o.acc + head_dim, 0.f);
-      AccumulateBlock(qh, cache, layer, kv_off, head_dim, 0, cb, inv_sqrt_d, &o);
-      AccumulateBlock(qh, cache, layer, kv_off, head_dim, ce, last + 1, inv_sqrt_d, &o);
-      if (ce <= cb) {  // no context block: ordinary attention, out = O_O
-        for (int d = 0; d < head_dim; ++d) oh[d] = o.acc[d] / o.l;
-        return;
-      }
-      // Block C: all contexts pooled, logits divided by T.
-      AttentionState c;
-      std::fill(c.acc, c.acc + head_dim, 0.f);
-      AccumulateBlock(qh, cache, layer, kv_off, head_dim, cb, ce, inv_sqrt_d / ape.temperature, &c);
-      if (o.l == 0.f) {  // no O keys visible (a row inside C): out = O_C
-        for (int d = 0; d < head_dim; ++d) oh[d] = c.acc[d] / c.l;
-        return;
-      }
-      // Merge: a = S*T * log Z_C, b = log Z_O, weights e^a and e^b.
-      const float a = st_exponent * (c.m + std::log(c.l));
-      const float b = o.m + std::log(o.l);
-      const float mx = std::max(a, b);
-      const float wa = std::exp(a - mx), wb = std::exp(b - mx);
-      const float norm = 1.f / (wa + wb);
-      const float fc = wa * norm / c.l, fo = wb * norm / o.l;
-      for (int d = 0; d < head_dim; ++d) oh[d] = fc * c.acc[d] + fo * o.acc[d];
+    // Block O: prefix [0, cb) and everything after the contexts (ce, last].
+    AttentionState o;
+    std::fill(o.acc, o.acc + head_dim, 0.f);
+    AccumulateBlock(qh, cache, layer, kv_off, head_dim, 0, cb, inv_sqrt_d, &o);
+    AccumulateBlock(qh, cache, layer, kv_off, head_dim, ce, last + 1, inv_sqrt_d, &o);
+    if (ce <= cb) {  // no context block: ordinary attention, out = O_O
+      for (int d = 0; d < head_dim; ++d) oh[d] = o.acc[d] / o.l;
+      return;
+    }
+    // Block C: all contexts pooled, logits divided by T.
+    AttentionState c;
+    std::fill(c.acc, c.acc + head_dim, 0.f);
+    AccumulateBlock(qh, cache, layer, kv_off, head_dim, cb, ce, inv_sqrt_d / ape.temperature, &c);
+    if (o.l == 0.f) {  // no O keys visible (a row inside C): out = O_C
+      for (int d = 0; d < head_dim; ++d) oh[d] = c.acc[d] / c.l;
+      return;
+    }
+    // Merge: a = S*T * log Z_C, b = log Z_O, weights e^a and e^b.
+    const float a = st_exponent * (c.m + std::log(c.l));
+    const float b = o.m + std::log(o.l);
+    const float mx = std::max(a, b);
+    const float wa = std::exp(a - mx), wb = std::exp(b - mx);
+    const float norm = 1.f / (wa + wb);
+    const float fc = wa * norm / c.l, fo = wb * norm / o.l;
+    for (int d = 0; d < head_dim; ++d) oh[d] = fc * c.acc[d] + fo * o.acc[d];
   });
 }
 

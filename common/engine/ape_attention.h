@@ -12,8 +12,8 @@ namespace ape {
 // An empty range (begin == end) is ordinary causal attention; T = S = 1 is
 // plain parallel encoding over the range.
 struct ApeParams {
-  int context_begin = 0;  // first slot of block C
-  int context_end = 0;    // one past the last slot of block C
+  int context_begin = 0;    // first slot of block C
+  int context_end = 0;      // one past the last slot of block C
   float temperature = 1.f;  // T: divides context logits only
   float scale = 1.f;        // S: the context LSE is multiplied by S*T
 };
@@ -29,16 +29,16 @@ struct AttentionState {
 
 // Adds keys/values of slots [begin, end) to `st`, with logits
 // s_j = (q . k_j) * logit_scale. `kv_head_offset` selects the KV head.
-void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset,
-                     int head_dim, int begin, int end, float logit_scale, AttentionState* st);
+void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset, int head_dim, int begin,
+                     int end, float logit_scale, AttentionState* st);
 
 // Multi-head APE attention for `n` query rows at slots first_slot..+n-1 of
 // `cache` (their K/V already written and rotated). q and out are
 // [n][n_heads][head_dim]. Row i sees slots [0, first_slot + i]: slots in the
 // context range form block C, the rest (prefix, query, generated) block O.
 // Runs on ComputeThreads() threads over (row, head) pairs.
-void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer,
-                  int n_heads, int n_kv_heads, int head_dim, const ApeParams& ape, float* out);
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out);
 
 }  // namespace ape
 

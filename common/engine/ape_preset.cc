@@ -1,6 +1,6 @@
 #include "common/engine/ape_preset.h"
 
-#include <fstream>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -19,27 +19,19 @@ absl::StatusOr<ApePreset> LoadApePreset(const std::string& path) {
     if (!j.contains(k)) return absl::OkStatus();
     if (!j[k].is_number()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " is not a number"));
     *out = j[k].get<float>();
-    if (!(*out > 0.f && *out <= 2.f)) return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " must be in (0, 2]"));
+    if (!(*out > 0.f && *out <= 2.f))
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " must be in (0, 2]"));
     return absl::OkStatus();
   };
   if (auto s = get("temperature", &p.temperature); !s.ok()) return s;
   if (auto s = get("scale", &p.scale); !s.ok()) return s;
-  if (j.contains("prefix_newlines") && j["prefix_newlines"].is_number_integer()) p.prefix_newlines = j["prefix_newlines"].get<int>();
   return p;
 }
 
-absl::Status SaveApePreset(const ApePreset& p, const std::string& path) {
-  nlohmann::json j = {{"temperature", p.temperature}, {"scale", p.scale},
-                      {"prefix_newlines", p.prefix_newlines}, {"source", p.source}};
-  std::ofstream out(path);
-  out << j.dump(2) << "\n";
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
-}
-
-ApePreset PresetForModel(const std::string& model_path) {
-  auto p = LoadApePreset(model_path + ".ape.json");
-  return p.ok() ? *p : ApePreset{};
+absl::StatusOr<ApePreset> PresetForModel(const std::string& model_path) {
+  const std::string path = model_path + ".ape.json";
+  if (!std::filesystem::exists(path)) return ApePreset{};
+  return LoadApePreset(path);
 }
 
 }  // namespace ape

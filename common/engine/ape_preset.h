@@ -1,6 +1,8 @@
-// Per-model APE defaults (T and S), written by the calibration tool and read
-// by ape-decoder when a request gives none. JSON:
-//   {"temperature": 0.9, "scale": 0.9, "prefix_newlines": 0, "source": "..."}
+// Per-model APE defaults (T and S), written by the calibration tool
+// (bench/quality/calibrate.py) and read by ape-decoder when a request gives
+// none. JSON:
+//   {"temperature": 0.8, "scale": 0.9, "source": "..."}
+// Other keys are recorded by the calibration (its grid, its data) and ignored here.
 #ifndef APESERVE_COMMON_ENGINE_APE_PRESET_H_
 #define APESERVE_COMMON_ENGINE_APE_PRESET_H_
 
@@ -13,14 +15,15 @@ namespace ape {
 struct ApePreset {
   float temperature = 0.9f;  // the reference library's defaults
   float scale = 0.9f;
-  int prefix_newlines = 0;   // "\n" tokens the calibration appended to the prefix
   std::string source = "default";
 };
 
+// INVALID_ARGUMENT for a file that is not such an object or holds values
+// outside (0, 2]; NOT_FOUND when it does not exist.
 absl::StatusOr<ApePreset> LoadApePreset(const std::string& path);
-absl::Status SaveApePreset(const ApePreset& preset, const std::string& path);
-// "<model path>.ape.json" when it exists, else the defaults.
-ApePreset PresetForModel(const std::string& model_path);
+// "<model path>.ape.json" when it exists, the defaults when it does not, and
+// the error when it exists but cannot be used (a server refuses to start on it).
+absl::StatusOr<ApePreset> PresetForModel(const std::string& model_path);
 
 }  // namespace ape
 

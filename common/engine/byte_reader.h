@@ -8,8 +8,8 @@
 #include <cstring>
 #include <span>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <type_traits>
+#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -19,8 +19,7 @@ namespace ape {
 class ByteReader {
  public:
   // `what` names the input in error messages (e.g. a file path).
-  ByteReader(std::span<const uint8_t> bytes, std::string what)
-      : bytes_(bytes), what_(std::move(what)) {}
+  ByteReader(std::span<const uint8_t> bytes, std::string what) : bytes_(bytes), what_(std::move(what)) {}
 
   size_t offset() const { return offset_; }
   size_t remaining() const { return bytes_.size() - offset_; }
@@ -60,15 +59,13 @@ class ByteReader {
   }
 
   absl::Status Error(absl::string_view message) const {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what_, ": ", message, " (at byte ", offset_, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(what_, ": ", message, " (at byte ", offset_, ")"));
   }
 
  private:
   absl::Status Truncated(absl::string_view field, size_t need) const {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what_, ": truncated while reading ", field, " (need ", need,
-                     " bytes at offset ", offset_, ", ", remaining(), " left)"));
+    return absl::InvalidArgumentError(absl::StrCat(what_, ": truncated while reading ", field, " (need ", need,
+                                                   " bytes at offset ", offset_, ", ", remaining(), " left)"));
   }
 
   std::span<const uint8_t> bytes_;

@@ -19,7 +19,10 @@ size_t SafePrefixLength(const std::string& text, const std::vector<std::string>&
   size_t n = text.size();
   // Hold back an incomplete UTF-8 sequence at the end.
   size_t i = n, back = 0;
-  while (i > 0 && back < 4 && (static_cast<unsigned char>(text[i - 1]) & 0xC0) == 0x80) { --i; ++back; }
+  while (i > 0 && back < 4 && (static_cast<unsigned char>(text[i - 1]) & 0xC0) == 0x80) {
+    --i;
+    ++back;
+  }
   if (i > 0) {
     unsigned char lead = static_cast<unsigned char>(text[i - 1]);
     size_t want = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
@@ -29,15 +32,17 @@ size_t SafePrefixLength(const std::string& text, const std::vector<std::string>&
   size_t hold = 0;
   for (const auto& s : stop) {
     for (size_t k = std::min(s.size() - 1, n); k > hold; --k) {
-      if (text.compare(n - k, k, s, 0, k) == 0) { hold = k; break; }
+      if (text.compare(n - k, k, s, 0, k) == 0) {
+        hold = k;
+        break;
+      }
     }
   }
   return n - hold;
 }
 
-GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParams& ape,
-                        std::vector<float> logits, std::vector<int32_t> history,
-                        int32_t next_position, const GenerateOptions& options,
+GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParams& ape, std::vector<float> logits,
+                        std::vector<int32_t> history, int32_t next_position, const GenerateOptions& options,
                         const TokenCallback& on_token) {
   const Tokenizer& tok = transformer.model().tokenizer();
   const int vocab = transformer.model().config().vocab_size;
@@ -69,21 +74,36 @@ GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParam
       if (p != std::string::npos && p < stop_at) stop_at = p;
     }
     size_t release = stop_at != std::string::npos ? stop_at
-                     : end_token ? pending.size() : SafePrefixLength(pending, options.stop);
+                     : end_token                  ? pending.size()
+                                                  : SafePrefixLength(pending, options.stop);
     ev.text = pending.substr(0, release);
     pending.erase(0, release);
     result.text += ev.text;
-    if (!on_token(ev)) { result.reason = FinishReason::kCancelled; break; }
-    if (stop_at != std::string::npos) { result.reason = FinishReason::kStopString; break; }
-    if (end_token) { result.reason = FinishReason::kEos; break; }
-    if (step + 1 == options.max_tokens) { result.reason = FinishReason::kLength; break; }
-    if (cache.size >= cache.capacity) { result.reason = FinishReason::kCacheFull; break; }
+    if (!on_token(ev)) {
+      result.reason = FinishReason::kCancelled;
+      break;
+    }
+    if (stop_at != std::string::npos) {
+      result.reason = FinishReason::kStopString;
+      break;
+    }
+    if (end_token) {
+      result.reason = FinishReason::kEos;
+      break;
+    }
+    if (step + 1 == options.max_tokens) {
+      result.reason = FinishReason::kLength;
+      break;
+    }
+    if (cache.size >= cache.capacity) {
+      result.reason = FinishReason::kCacheFull;
+      break;
+    }
     // Feed the token back at the next position.
     const int32_t pos = next_position++;
     transformer.Forward({&id, 1}, {&pos, 1}, cache, ape, logits.data());
   }
-  if (!pending.empty() && result.reason != FinishReason::kStopString &&
-      result.reason != FinishReason::kCancelled) {
+  if (!pending.empty() && result.reason != FinishReason::kStopString && result.reason != FinishReason::kCancelled) {
     TokenEvent tail;  // flush text held back at the very end
     tail.id = -1;
     tail.text = pending;

@@ -18,17 +18,17 @@ const char* FinishReasonName(FinishReason r);
 
 struct GenerateOptions {
   SamplingParams sampling;
-  int max_tokens = 256;            // generated tokens, at most
-  std::vector<std::string> stop;   // stop strings (not included in the text)
-  int top_logprobs = 0;            // alternatives reported per token
+  int max_tokens = 256;           // generated tokens, at most
+  std::vector<std::string> stop;  // stop strings (not included in the text)
+  int top_logprobs = 0;           // alternatives reported per token
 };
 
 struct TokenEvent {
-  int32_t id = 0;     // -1: no token, only text held back until the end
-  std::string text;   // text released with this token (may be empty: held
-                      // back while it could start a stop string or is an
-                      // incomplete UTF-8 sequence)
-  float logprob = 0;  // log p(id) under the model's raw distribution
+  int32_t id = 0;                              // -1: no token, only text held back until the end
+  std::string text;                            // text released with this token (may be empty: held
+                                               // back while it could start a stop string or is an
+                                               // incomplete UTF-8 sequence)
+  float logprob = 0;                           // log p(id) under the model's raw distribution
   std::vector<std::pair<int32_t, float>> top;  // top_logprobs alternatives
 };
 using TokenCallback = std::function<bool(const TokenEvent&)>;
@@ -44,9 +44,8 @@ struct GenerateResult {
 // token). `history` is the prompt's ids (for the repetition penalty and
 // the leading-space rule); new tokens take positions next_position, +1, ...
 // and are appended to `cache` with `ape` attention.
-GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParams& ape,
-                        std::vector<float> logits, std::vector<int32_t> history,
-                        int32_t next_position, const GenerateOptions& options,
+GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParams& ape, std::vector<float> logits,
+                        std::vector<int32_t> history, int32_t next_position, const GenerateOptions& options,
                         const TokenCallback& on_token);
 
 // Length of the longest prefix of `text` that is safe to release: it holds

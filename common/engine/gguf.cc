@@ -19,35 +19,74 @@ constexpr uint32_t kMaxDims = 4;
 absl::Status ReadGgufString(ByteReader& r, std::string* out, absl::string_view field) {
   uint64_t len;
   RETURN_IF_ERROR(r.Read(&len, field));
-  if (len > r.remaining()) {
-    return r.Error(absl::StrCat(field, ": string length ", len, " exceeds the file"));
-  }
+  if (len > r.remaining()) { return r.Error(absl::StrCat(field, ": string length ", len, " exceeds the file")); }
   return r.ReadString(static_cast<size_t>(len), out, field);
 }
 
 size_t ScalarSize(GgufType t) {
   switch (t) {
-    case GgufType::kUint8: case GgufType::kInt8: case GgufType::kBool: return 1;
-    case GgufType::kUint16: case GgufType::kInt16: return 2;
-    case GgufType::kUint32: case GgufType::kInt32: case GgufType::kFloat32: return 4;
-    case GgufType::kUint64: case GgufType::kInt64: case GgufType::kFloat64: return 8;
+    case GgufType::kUint8:
+    case GgufType::kInt8:
+    case GgufType::kBool: return 1;
+    case GgufType::kUint16:
+    case GgufType::kInt16: return 2;
+    case GgufType::kUint32:
+    case GgufType::kInt32:
+    case GgufType::kFloat32: return 4;
+    case GgufType::kUint64:
+    case GgufType::kInt64:
+    case GgufType::kFloat64: return 8;
     case GgufType::kString: return 8;  // at least the length field
     case GgufType::kArray: return 12;  // at least type + count
   }
   return 0;
 }
 
-absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth,
-                       const std::string& key) {
+absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth, const std::string& key) {
   v->type = type;
   switch (type) {
-    case GgufType::kUint8: { uint8_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kInt8: { int8_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kUint16: { uint16_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kInt16: { int16_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kUint32: { uint32_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kInt32: { int32_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
-    case GgufType::kInt64: { int64_t x; RETURN_IF_ERROR(r.Read(&x, key)); v->i = x; break; }
+    case GgufType::kUint8: {
+      uint8_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kInt8: {
+      int8_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kUint16: {
+      uint16_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kInt16: {
+      int16_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kUint32: {
+      uint32_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kInt32: {
+      int32_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
+    case GgufType::kInt64: {
+      int64_t x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->i = x;
+      break;
+    }
     case GgufType::kUint64: {
       uint64_t x;
       RETURN_IF_ERROR(r.Read(&x, key));
@@ -64,8 +103,18 @@ absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth,
       v->i = x;
       break;
     }
-    case GgufType::kFloat32: { float x; RETURN_IF_ERROR(r.Read(&x, key)); v->f = x; break; }
-    case GgufType::kFloat64: { double x; RETURN_IF_ERROR(r.Read(&x, key)); v->f = x; break; }
+    case GgufType::kFloat32: {
+      float x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->f = x;
+      break;
+    }
+    case GgufType::kFloat64: {
+      double x;
+      RETURN_IF_ERROR(r.Read(&x, key));
+      v->f = x;
+      break;
+    }
     case GgufType::kString: RETURN_IF_ERROR(ReadGgufString(r, &v->str, key)); break;
     case GgufType::kArray: {
       if (depth >= kMaxArrayDepth) return r.Error(absl::StrCat("metadata ", key, ": arrays nested too deep"));
@@ -85,9 +134,7 @@ absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth,
       for (auto& e : v->array) RETURN_IF_ERROR(ReadValue(r, et, &e, depth + 1, key));
       break;
     }
-    default:
-      return r.Error(absl::StrCat("metadata ", key, ": unknown value type ",
-                                  static_cast<uint32_t>(type)));
+    default: return r.Error(absl::StrCat("metadata ", key, ": unknown value type ", static_cast<uint32_t>(type)));
   }
   return absl::OkStatus();
 }
@@ -95,26 +142,24 @@ absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth,
 // Bytes of a tensor of `n` elements of `type`; 0 if the type is unknown or
 // `n` is not a whole number of blocks.
 uint64_t TensorBytes(uint32_t type, uint64_t n) {
-  switch (type) {
-    case 0: return n * 4;                          // F32
-    case 1: case 30: return n * 2;                 // F16, BF16
-    case 8: return n % 32 ? 0 : n / 32 * 34;       // Q8_0: f16 scale + 32 x int8
-    default: return 0;
+  switch (static_cast<GgmlType>(type)) {
+    case GgmlType::kF32: return n * 4;
+    case GgmlType::kF16:
+    case GgmlType::kBF16: return n * 2;
+    case GgmlType::kQ8_0: return n % kQ8_0BlockElements ? 0 : n / kQ8_0BlockElements * kQ8_0BlockBytes;
   }
+  return 0;
 }
 
-bool IsNumeric(GgufType t) {
-  return t != GgufType::kString && t != GgufType::kArray;
-}
+bool IsNumeric(GgufType t) { return t != GgufType::kString && t != GgufType::kArray; }
 
 }  // namespace
 
 const char* GgmlTypeName(uint32_t type) {
-  static const char* kNames[] = {"F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1",
-                                 "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-                                 "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
-                                 "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
-                                 "BF16"};
+  static const char* kNames[] = {"F32",     "F16",    "Q4_0",    "Q4_1",  "Q4_2",   "Q4_3",  "Q5_0",  "Q5_1",
+                                 "Q8_0",    "Q8_1",   "Q2_K",    "Q3_K",  "Q4_K",   "Q5_K",  "Q6_K",  "Q8_K",
+                                 "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
+                                 "I8",      "I16",    "I32",     "I64",   "F64",    "IQ1_M", "BF16"};
   return type < sizeof(kNames) / sizeof(kNames[0]) ? kNames[type] : "unknown";
 }
 
@@ -127,15 +172,16 @@ absl::StatusOr<GgufFile> GgufFile::Parse(std::span<const uint8_t> bytes, std::st
   if (magic != kGgufMagic) return r.Error("not a GGUF file (bad magic)");
   RETURN_IF_ERROR(r.Read(&f.version_, "version"));
   if (f.version_ != 2 && f.version_ != 3) {
-    return absl::UnimplementedError(absl::StrCat(
-        what, ": GGUF version ", f.version_, " is not supported (only 2 and 3)"));
+    return absl::UnimplementedError(
+        absl::StrCat(what, ": GGUF version ", f.version_, " is not supported (only 2 and 3)"));
   }
   uint64_t tensor_count, kv_count;
   RETURN_IF_ERROR(r.Read(&tensor_count, "tensor_count"));
   RETURN_IF_ERROR(r.Read(&kv_count, "metadata_kv_count"));
   // Every kv takes >= 12 bytes and every tensor info >= 24: bound counts by size.
   if (kv_count > r.remaining() / 12) return r.Error(absl::StrCat("metadata count ", kv_count, " exceeds the file"));
-  if (tensor_count > r.remaining() / 24) return r.Error(absl::StrCat("tensor count ", tensor_count, " exceeds the file"));
+  if (tensor_count > r.remaining() / 24)
+    return r.Error(absl::StrCat("tensor count ", tensor_count, " exceeds the file"));
 
   for (uint64_t k = 0; k < kv_count; ++k) {
     std::string key;
@@ -202,9 +248,9 @@ absl::StatusOr<GgufFile> GgufFile::Parse(std::span<const uint8_t> bytes, std::st
       continue;
     }
     if (t.offset > f.data_section_.size() || nbytes > f.data_section_.size() - t.offset) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": tensor ", t.name, " (", nbytes, " bytes at data offset ", t.offset,
-          ") extends past the end of the file; the file is truncated"));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ", t.name, " (", nbytes, " bytes at data offset ",
+                                                     t.offset,
+                                                     ") extends past the end of the file; the file is truncated"));
     }
     t.data = f.data_section_.subspan(t.offset, nbytes);
   }
@@ -213,9 +259,7 @@ absl::StatusOr<GgufFile> GgufFile::Parse(std::span<const uint8_t> bytes, std::st
 
 absl::StatusOr<const GgufValue*> GgufFile::Get(const std::string& key) const {
   auto it = metadata_.find(key);
-  if (it == metadata_.end()) {
-    return absl::NotFoundError(absl::StrCat(what_, ": metadata key ", key, " is missing"));
-  }
+  if (it == metadata_.end()) { return absl::NotFoundError(absl::StrCat(what_, ": metadata key ", key, " is missing")); }
   return &it->second;
 }
 
@@ -263,8 +307,7 @@ absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(const std::str
 
 absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(const std::string& key) const {
   ASSIGN_OR_RETURN(const GgufValue* v, Get(key));
-  if (v->type != GgufType::kArray ||
-      (v->array_type != GgufType::kFloat32 && v->array_type != GgufType::kFloat64)) {
+  if (v->type != GgufType::kArray || (v->array_type != GgufType::kFloat32 && v->array_type != GgufType::kFloat64)) {
     return absl::InvalidArgumentError(absl::StrCat(what_, ": metadata ", key, " is not a float array"));
   }
   std::vector<float> out;
@@ -275,8 +318,8 @@ absl::StatusOr<std::vector<float>> GgufFile::GetFloatArray(const std::string& ke
 
 absl::StatusOr<std::vector<int32_t>> GgufFile::GetIntArray(const std::string& key) const {
   ASSIGN_OR_RETURN(const GgufValue* v, Get(key));
-  if (v->type != GgufType::kArray || !IsNumeric(v->array_type) ||
-      v->array_type == GgufType::kFloat32 || v->array_type == GgufType::kFloat64) {
+  if (v->type != GgufType::kArray || !IsNumeric(v->array_type) || v->array_type == GgufType::kFloat32 ||
+      v->array_type == GgufType::kFloat64) {
     return absl::InvalidArgumentError(absl::StrCat(what_, ": metadata ", key, " is not an integer array"));
   }
   std::vector<int32_t> out;
@@ -287,9 +330,7 @@ absl::StatusOr<std::vector<int32_t>> GgufFile::GetIntArray(const std::string& ke
 
 absl::StatusOr<const GgufTensor*> GgufFile::FindTensor(const std::string& name) const {
   auto it = tensor_index_.find(name);
-  if (it == tensor_index_.end()) {
-    return absl::NotFoundError(absl::StrCat(what_, ": tensor ", name, " is missing"));
-  }
+  if (it == tensor_index_.end()) { return absl::NotFoundError(absl::StrCat(what_, ": tensor ", name, " is missing")); }
   return &tensors_[it->second];
 }
 
@@ -297,42 +338,37 @@ absl::Status DequantizeTensor(const GgufTensor& t, float* out) {
   const uint8_t* p = t.data.data();
   const uint64_t n = t.num_elements;
   if (t.data.empty()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type,
-        "); supported: F32, F16, BF16, Q8_0"));
+    return absl::UnimplementedError(absl::StrCat("tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type,
+                                                 "); supported: F32, F16, BF16, Q8_0"));
   }
-  switch (t.type) {
-    case 0:
-      std::memcpy(out, p, n * 4);
-      break;
-    case 1:
+  switch (static_cast<GgmlType>(t.type)) {
+    case GgmlType::kF32: std::memcpy(out, p, n * 4); return absl::OkStatus();
+    case GgmlType::kF16:
       for (uint64_t i = 0; i < n; ++i) {
         uint16_t h;
         std::memcpy(&h, p + 2 * i, 2);
         out[i] = HalfToFloat(h);
       }
-      break;
-    case 30:
+      return absl::OkStatus();
+    case GgmlType::kBF16:
       for (uint64_t i = 0; i < n; ++i) {
         uint16_t h;
         std::memcpy(&h, p + 2 * i, 2);
         out[i] = Bf16ToFloat(h);
       }
-      break;
-    case 8:
-      for (uint64_t b = 0; b < n / 32; ++b) {
-        const uint8_t* block = p + b * 34;
+      return absl::OkStatus();
+    case GgmlType::kQ8_0:
+      for (uint64_t b = 0; b < n / kQ8_0BlockElements; ++b) {
+        const uint8_t* block = p + b * kQ8_0BlockBytes;
         uint16_t dh;
         std::memcpy(&dh, block, 2);
-        float d = HalfToFloat(dh);
+        const float d = HalfToFloat(dh);
         const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-        for (int j = 0; j < 32; ++j) out[b * 32 + j] = d * q[j];
+        for (uint64_t j = 0; j < kQ8_0BlockElements; ++j) out[b * kQ8_0BlockElements + j] = d * q[j];
       }
-      break;
-    default:
-      return absl::UnimplementedError(absl::StrCat("tensor ", t.name, " has unsupported type ", t.type));
+      return absl::OkStatus();
   }
-  return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat("tensor ", t.name, " has unsupported type ", t.type));
 }
 
 }  // namespace ape

@@ -27,8 +27,18 @@
 namespace ape {
 
 enum class GgufType : uint32_t {
-  kUint8 = 0, kInt8 = 1, kUint16 = 2, kInt16 = 3, kUint32 = 4, kInt32 = 5,
-  kFloat32 = 6, kBool = 7, kString = 8, kArray = 9, kUint64 = 10, kInt64 = 11,
+  kUint8 = 0,
+  kInt8 = 1,
+  kUint16 = 2,
+  kInt16 = 3,
+  kUint32 = 4,
+  kInt32 = 5,
+  kFloat32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kUint64 = 10,
+  kInt64 = 11,
   kFloat64 = 12,
 };
 
@@ -45,14 +55,18 @@ struct GgufValue {
 };
 
 // ggml tensor types this project can read (others are listed by name only).
+// Tensor types we read (their numbers are GGML's). Q8_0 is stored in blocks
+// of kQ8_0BlockElements: a float16 scale, then that many int8 values.
 enum class GgmlType : uint32_t { kF32 = 0, kF16 = 1, kQ8_0 = 8, kBF16 = 30 };
+constexpr uint64_t kQ8_0BlockElements = 32;
+constexpr uint64_t kQ8_0BlockBytes = 2 + kQ8_0BlockElements;
 const char* GgmlTypeName(uint32_t type);
 
 struct GgufTensor {
   std::string name;
-  std::vector<uint64_t> dims;   // dims[0] fastest varying
-  uint32_t type = 0;            // a GgmlType value (checked at load)
-  uint64_t offset = 0;          // relative to the data section
+  std::vector<uint64_t> dims;  // dims[0] fastest varying
+  uint32_t type = 0;           // a GgmlType value (checked at load)
+  uint64_t offset = 0;         // relative to the data section
   uint64_t num_elements = 0;
   std::span<const uint8_t> data;  // exactly the tensor's bytes
 };

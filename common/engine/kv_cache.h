@@ -19,16 +19,24 @@ namespace ape {
 template <typename T>
 struct UninitializedAllocator : std::allocator<T> {
   template <typename U>
-  struct rebind { using other = UninitializedAllocator<U>; };
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
   template <typename U>
-  void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
   template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) { ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...); }
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
 };
 
 struct KvCache {
   KvCache(const ModelConfig& config, int capacity)
-      : n_layers(config.n_layers), kv_dim(config.kv_dim()), capacity(capacity),
+      : n_layers(config.n_layers),
+        kv_dim(config.kv_dim()),
+        capacity(capacity),
         k(static_cast<size_t>(n_layers) * capacity * kv_dim),
         v(static_cast<size_t>(n_layers) * capacity * kv_dim),
         pos(capacity) {}
@@ -40,7 +48,7 @@ struct KvCache {
   // Slots >= size hold garbage until written; nothing reads them.
   std::vector<float, UninitializedAllocator<float>> k;  // [layer][slot][kv_head][head_dim]
   std::vector<float, UninitializedAllocator<float>> v;  // [layer][slot][kv_head][head_dim]
-  std::vector<int32_t> pos;    // [slot] RoPE position of the slot
+  std::vector<int32_t> pos;                             // [slot] RoPE position of the slot
 
   float* key(int layer, int slot) { return &k[(static_cast<size_t>(layer) * capacity + slot) * kv_dim]; }
   float* value(int layer, int slot) { return &v[(static_cast<size_t>(layer) * capacity + slot) * kv_dim]; }

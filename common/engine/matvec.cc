@@ -38,9 +38,15 @@ inline void FourRows(const float* w, const float* x, float* y, int r, int in) {
   float s0 = HorizontalSum(_mm256_add_ps(a0, b0)), s1 = HorizontalSum(_mm256_add_ps(a1, b1));
   float s2 = HorizontalSum(_mm256_add_ps(a2, b2)), s3 = HorizontalSum(_mm256_add_ps(a3, b3));
   for (; i < in; ++i) {
-    s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
+    s0 += w0[i] * x[i];
+    s1 += w1[i] * x[i];
+    s2 += w2[i] * x[i];
+    s3 += w3[i] * x[i];
   }
-  y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+  y[r] = s0;
+  y[r + 1] = s1;
+  y[r + 2] = s2;
+  y[r + 3] = s3;
 }
 
 inline void OneRow(const float* w, const float* x, float* y, int r, int in) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -19,12 +20,12 @@ constexpr int kMaxHeadDim = 256;
 
 struct ModelConfig {
   std::string architecture = "llama";
-  int dim = 0;             // residual width
-  int hidden_dim = 0;      // FFN width
+  int dim = 0;         // residual width
+  int hidden_dim = 0;  // FFN width
   int n_layers = 0;
-  int n_heads = 0;         // query heads
-  int n_kv_heads = 0;      // key/value heads (GQA when < n_heads)
-  int head_dim = 0;        // dim / n_heads
+  int n_heads = 0;     // query heads
+  int n_kv_heads = 0;  // key/value heads (GQA when < n_heads)
+  int head_dim = 0;    // dim / n_heads
   int vocab_size = 0;
   int context_length = 0;  // trained window (positions beyond it are allowed)
   int rope_dim = 0;        // leading dims of each head that are rotated
@@ -54,7 +55,7 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  std::vector<float> tok_emb;    // [vocab][dim]
+  std::vector<float> tok_emb;  // [vocab][dim]
   std::vector<LayerWeights> layers;
   std::vector<float> rms_final;  // [dim]
   std::vector<float> wcls;       // [vocab][dim]; empty when tied to tok_emb
@@ -68,6 +69,12 @@ class Model {
   // Errors name the file and the fault; nothing here aborts on bad input.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& model_path,
                                                      const std::string& tokenizer_path = "");
+  // The same from bytes (what Load maps): `what` names the model in errors;
+  // `tokenizer_bytes` is a llama2.c tokenizer file (unused for GGUF). The
+  // weights are copied, so the bytes need not outlive the call.
+  static absl::StatusOr<std::unique_ptr<Model>> Parse(std::span<const uint8_t> model_bytes, const std::string& what,
+                                                      std::span<const uint8_t> tokenizer_bytes = {},
+                                                      const std::string& tokenizer_what = "tokenizer");
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
@@ -87,8 +94,8 @@ class Model {
   std::string CanonicalConfig() const;
 
   // For tools that build models in memory (tests, benchmarks).
-  static std::unique_ptr<Model> FromParts(ModelConfig config, ModelWeights weights,
-                                          Tokenizer tokenizer, std::string fingerprint);
+  static std::unique_ptr<Model> FromParts(ModelConfig config, ModelWeights weights, Tokenizer tokenizer,
+                                          std::string fingerprint);
 
  private:
   Model() = default;

@@ -14,12 +14,12 @@
 namespace ape {
 
 struct SamplingParams {
-  float temperature = 0.f;          // 0 = greedy
-  int top_k = 0;                    // 0 = off
-  float top_p = 1.f;                // 1 = off
-  float min_p = 0.f;                // 0 = off
-  float repetition_penalty = 1.f;   // 1 = off; >1 discourages repeats
-  int repetition_window = 64;       // last N tokens penalised
+  float temperature = 0.f;         // 0 = greedy
+  int top_k = 0;                   // 0 = off
+  float top_p = 1.f;               // 1 = off
+  float min_p = 0.f;               // 0 = off
+  float repetition_penalty = 1.f;  // 1 = off; >1 discourages repeats
+  int repetition_window = 64;      // last N tokens penalised
   uint64_t seed = 0;
 };
 

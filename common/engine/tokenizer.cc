@@ -43,6 +43,11 @@ absl::StatusOr<Tokenizer> Tokenizer::FromLlama2c(std::span<const uint8_t> bytes,
   int32_t max_len;
   RETURN_IF_ERROR(r.Read(&max_len, "max_token_length"));
   if (max_len <= 0 || max_len > 4096) return r.Error(absl::StrCat("bad max_token_length ", max_len));
+  // Every piece takes at least 8 bytes (score, length): bound the count by the
+  // file before allocating for it.
+  if (static_cast<uint64_t>(vocab_size) > r.remaining() / 8) {
+    return r.Error(absl::StrCat("vocab size ", vocab_size, " needs more pieces than the file holds"));
+  }
   Tokenizer t;
   t.source_ = "llama2.c";
   t.pieces_.resize(vocab_size);
@@ -58,7 +63,8 @@ absl::StatusOr<Tokenizer> Tokenizer::FromLlama2c(std::span<const uint8_t> bytes,
     RETURN_IF_ERROR(r.ReadString(len, &t.pieces_[i], "token bytes"));
   }
   if (r.remaining() != 0) {
-    return r.Error(absl::StrCat(r.remaining(), " trailing bytes: the file holds more tokens than the model's vocabulary"));
+    return r.Error(
+        absl::StrCat(r.remaining(), " trailing bytes: the file holds more tokens than the model's vocabulary"));
   }
   t.kinds_[0] = Kind::kUnknown;
   t.kinds_[1] = Kind::kControl;
@@ -70,8 +76,8 @@ absl::StatusOr<Tokenizer> Tokenizer::FromLlama2c(std::span<const uint8_t> bytes,
 absl::StatusOr<Tokenizer> Tokenizer::FromGguf(const GgufFile& g) {
   ASSIGN_OR_RETURN(std::string model, g.GetString("tokenizer.ggml.model"));
   if (model != "llama") {
-    return absl::UnimplementedError(absl::StrCat(
-        g.what(), ": tokenizer.ggml.model '", model, "' is not supported (only 'llama' SentencePiece)"));
+    return absl::UnimplementedError(
+        absl::StrCat(g.what(), ": tokenizer.ggml.model '", model, "' is not supported (only 'llama' SentencePiece)"));
   }
   Tokenizer t;
   t.source_ = "gguf";
@@ -85,22 +91,29 @@ absl::StatusOr<Tokenizer> Tokenizer::FromGguf(const GgufFile& g) {
     t.scores_.assign(n, 0.f);
   }
   std::vector<int32_t> types(n, static_cast<int32_t>(Kind::kNormal));
-  if (g.Has("tokenizer.ggml.token_type")) {
-    ASSIGN_OR_RETURN(types, g.GetIntArray("tokenizer.ggml.token_type"));
-  }
+  if (g.Has("tokenizer.ggml.token_type")) { ASSIGN_OR_RETURN(types, g.GetIntArray("tokenizer.ggml.token_type")); }
   if (t.scores_.size() != n || types.size() != n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        g.what(), ": tokenizer arrays disagree: ", n, " tokens, ", t.scores_.size(), " scores, ",
-        types.size(), " types"));
+    return absl::InvalidArgumentError(absl::StrCat(g.what(), ": tokenizer arrays disagree: ", n, " tokens, ",
+                                                   t.scores_.size(), " scores, ", types.size(), " types"));
   }
   for (int32_t ty : types) {
     if (ty < 1 || ty > 6) ty = 1;
     t.kinds_.push_back(static_cast<Kind>(ty));
   }
-  if (g.Has("tokenizer.ggml.bos_token_id")) { ASSIGN_OR_RETURN(int64_t b, g.GetInt("tokenizer.ggml.bos_token_id")); t.bos_id_ = static_cast<int32_t>(b); }
-  if (g.Has("tokenizer.ggml.eos_token_id")) { ASSIGN_OR_RETURN(int64_t e, g.GetInt("tokenizer.ggml.eos_token_id")); t.eos_id_ = static_cast<int32_t>(e); }
-  if (g.Has("tokenizer.ggml.add_bos_token")) { ASSIGN_OR_RETURN(t.add_bos_, g.GetBool("tokenizer.ggml.add_bos_token")); }
-  if (g.Has("tokenizer.ggml.add_space_prefix")) { ASSIGN_OR_RETURN(t.add_dummy_prefix_, g.GetBool("tokenizer.ggml.add_space_prefix")); }
+  if (g.Has("tokenizer.ggml.bos_token_id")) {
+    ASSIGN_OR_RETURN(int64_t b, g.GetInt("tokenizer.ggml.bos_token_id"));
+    t.bos_id_ = static_cast<int32_t>(b);
+  }
+  if (g.Has("tokenizer.ggml.eos_token_id")) {
+    ASSIGN_OR_RETURN(int64_t e, g.GetInt("tokenizer.ggml.eos_token_id"));
+    t.eos_id_ = static_cast<int32_t>(e);
+  }
+  if (g.Has("tokenizer.ggml.add_bos_token")) {
+    ASSIGN_OR_RETURN(t.add_bos_, g.GetBool("tokenizer.ggml.add_bos_token"));
+  }
+  if (g.Has("tokenizer.ggml.add_space_prefix")) {
+    ASSIGN_OR_RETURN(t.add_dummy_prefix_, g.GetBool("tokenizer.ggml.add_space_prefix"));
+  }
   RETURN_IF_ERROR(t.Finish());
   return t;
 }
@@ -108,8 +121,8 @@ absl::StatusOr<Tokenizer> Tokenizer::FromGguf(const GgufFile& g) {
 absl::Status Tokenizer::Finish() {
   const int32_t n = static_cast<int32_t>(pieces_.size());
   if (bos_id_ < 0 || bos_id_ >= n || eos_id_ < 0 || eos_id_ >= n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokenizer: BOS ", bos_id_, " or EOS ", eos_id_, " outside the vocabulary of ", n));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: BOS ", bos_id_, " or EOS ", eos_id_, " outside the vocabulary of ", n));
   }
   for (auto& b : byte_token_) b = -1;
   piece_to_id_.reserve(n);
@@ -132,10 +145,16 @@ std::vector<int32_t> Tokenizer::Encode(absl::string_view text, bool bos, bool eo
   s.reserve(text.size() + 8);
   if (add_dummy_prefix_ && !text.empty()) s += space_;
   for (char c : text) {
-    if (c == ' ') s += space_; else s += c;
+    if (c == ' ')
+      s += space_;
+    else
+      s += c;
   }
   // 2. One symbol per code point: a doubly linked list over `s`.
-  struct Symbol { int prev, next; size_t start, len; };
+  struct Symbol {
+    int prev, next;
+    size_t start, len;
+  };
   std::vector<Symbol> sym;
   for (size_t i = 0; i < s.size();) {
     size_t len = std::min(Utf8Len(static_cast<unsigned char>(s[i])), s.size() - i);
@@ -145,7 +164,12 @@ std::vector<int32_t> Tokenizer::Encode(absl::string_view text, bool bos, bool eo
   }
   if (!sym.empty()) sym.back().next = -1;
   // 3. Best-first merges. A queued pair is stale when either side changed.
-  struct Bigram { float score; int left; size_t left_start; size_t len; };
+  struct Bigram {
+    float score;
+    int left;
+    size_t left_start;
+    size_t len;
+  };
   auto worse = [](const Bigram& a, const Bigram& b) {
     return a.score < b.score || (a.score == b.score && a.left_start > b.left_start);
   };
@@ -220,8 +244,8 @@ std::string Tokenizer::DecodeAll(std::span<const int32_t> ids, int32_t prev) con
 }
 
 std::string Tokenizer::CanonicalBytes() const {
-  std::string out = absl::StrCat("tokenizer:", source_, ":", space_, ":", add_dummy_prefix_, ":",
-                                 add_bos_, ":", bos_id_, ":", eos_id_, ":", pieces_.size(), "\n");
+  std::string out = absl::StrCat("tokenizer:", source_, ":", space_, ":", add_dummy_prefix_, ":", add_bos_, ":",
+                                 bos_id_, ":", eos_id_, ":", pieces_.size(), "\n");
   for (size_t i = 0; i < pieces_.size(); ++i) {
     uint32_t len = static_cast<uint32_t>(pieces_[i].size());
     out.append(reinterpret_cast<const char*>(&len), 4);

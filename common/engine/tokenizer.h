@@ -19,8 +19,8 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
+#include "absl/strings/string_view.h"
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
@@ -36,8 +36,7 @@ class Tokenizer {
 
   // llama2.c tokenizer file: i32 max_token_length, then per token f32 score,
   // i32 length, bytes. Id 0 <unk>, 1 BOS, 2 EOS by convention.
-  static absl::StatusOr<Tokenizer> FromLlama2c(std::span<const uint8_t> bytes, int vocab_size,
-                                               const std::string& what);
+  static absl::StatusOr<Tokenizer> FromLlama2c(std::span<const uint8_t> bytes, int vocab_size, const std::string& what);
   // GGUF `tokenizer.ggml.model == "llama"` vocabularies.
   static absl::StatusOr<Tokenizer> FromGguf(const GgufFile& gguf);
 
@@ -51,7 +50,6 @@ class Tokenizer {
   int vocab_size() const { return static_cast<int>(pieces_.size()); }
   int32_t bos_id() const { return bos_id_; }
   int32_t eos_id() const { return eos_id_; }
-  bool add_bos() const { return add_bos_; }
   const std::string& piece(int32_t id) const { return pieces_[id]; }
   const std::string& source() const { return source_; }
   // A canonical byte string of everything that affects encode/decode; part of
@@ -64,7 +62,7 @@ class Tokenizer {
   std::string source_;       // "llama2.c" or "gguf"
   std::string space_ = " ";  // the vocabulary's space symbol
   bool add_dummy_prefix_ = true;
-  bool add_bos_ = true;
+  bool add_bos_ = true;  // tokenizer.ggml.add_bos_token; recorded in the fingerprint
   int32_t bos_id_ = 1, eos_id_ = 2;
   std::vector<std::string> pieces_;
   std::vector<float> scores_;

@@ -45,16 +45,15 @@ Transformer::Transformer(const Model& model, int max_batch)
   }
 }
 
-void Transformer::Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions,
-                          KvCache& cache, const ApeParams& ape, float* logits, bool all_logits) {
+void Transformer::Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KvCache& cache,
+                          const ApeParams& ape, float* logits, bool all_logits) {
   const int n = static_cast<int>(tokens.size());
   for (int start = 0; start < n; start += max_batch_) {
     const int m = std::min(max_batch_, n - start);
     const bool last_block = start + m == n;
-    float* block_logits = all_logits ? logits + static_cast<size_t>(start) * c_.vocab_size
-                                     : (last_block ? logits : nullptr);
-    ForwardBlock(tokens.data() + start, positions.data() + start, m, cache, ape, block_logits,
-                 all_logits);
+    float* block_logits =
+        all_logits ? logits + static_cast<size_t>(start) * c_.vocab_size : (last_block ? logits : nullptr);
+    ForwardBlock(tokens.data() + start, positions.data() + start, m, cache, ape, block_logits, all_logits);
   }
 }
 
@@ -77,9 +76,8 @@ void Transformer::Rope(float* x, int n, int n_heads, int row_stride, const int32
   }
 }
 
-void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, int n,
-                               KvCache& cache, const ApeParams& ape, float* logits,
-                               bool all_logits) {
+void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
+                               const ApeParams& ape, float* logits, bool all_logits) {
   const ModelWeights& w = model_.weights();
   const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim(), hid = c_.hidden_dim;
   const int first_slot = cache.size;
@@ -102,8 +100,7 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
     MatMul(xb_.data(), n, dim, lw.wv.data(), kvd, v, kvd);
     Rope(q_.data(), n, c_.n_heads, qd, positions);
     Rope(k, n, c_.n_kv_heads, kvd, positions);
-    ApeAttention(q_.data(), n, first_slot, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim, ape,
-                 att_.data());
+    ApeAttention(q_.data(), n, first_slot, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim, ape, att_.data());
     MatMul(att_.data(), n, qd, lw.wo.data(), dim, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
 
@@ -124,7 +121,8 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
   // Final norm and classifier, for the last row or all rows.
   const int first_row = all_logits ? 0 : n - 1;
   const int rows = n - first_row;
-  for (int t = first_row; t < n; ++t) RmsNorm(&xb_[(t - first_row) * dim], &x_[t * dim], w.rms_final.data(), dim, c_.rms_eps);
+  for (int t = first_row; t < n; ++t)
+    RmsNorm(&xb_[(t - first_row) * dim], &x_[t * dim], w.rms_final.data(), dim, c_.rms_eps);
   MatMul(xb_.data(), rows, dim, w.classifier(), c_.vocab_size, logits, c_.vocab_size);
 }
 

@@ -31,14 +31,14 @@ class Transformer {
   // `cache` at slots cache.size.. onward. Row logits go to `logits`:
   // the last token's [vocab] when all_logits is false, else [n][vocab].
   // Preconditions (checked by callers): cache has room, ids < vocab.
-  void Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions,
-               KvCache& cache, const ApeParams& ape, float* logits, bool all_logits = false);
+  void Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KvCache& cache,
+               const ApeParams& ape, float* logits, bool all_logits = false);
 
   const Model& model() const { return model_; }
 
  private:
-  void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
-                    const ApeParams& ape, float* logits, bool all_logits);
+  void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache, const ApeParams& ape,
+                    float* logits, bool all_logits);
   void Rope(float* x, int n, int n_heads, int row_stride, const int32_t* positions);
 
   const Model& model_;

@@ -10,21 +10,21 @@ Hash128 FingerprintBytes(const Model& model) {
   return h.ok() ? *h : Hash128{};
 }
 
-Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind,
-                     std::span<const int32_t> prefix_tokens, std::span<const int32_t> context_tokens) {
+Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind, std::span<const int32_t> prefix_tokens,
+                     std::span<const int32_t> context_tokens) {
   XXH3_state_t* st = XXH3_createState();
   XXH3_128bits_reset(st);
-  auto put_u32 = [&](uint32_t v) { XXH3_128bits_update(st, &v, 4); };
+  auto put_u32 = [&](uint32_t v) { XXH3_128bits_update(st, &v, sizeof(v)); };
   static const char kTag[] = "apeserve-kv-key";  // 15 chars + the NUL
   XXH3_128bits_update(st, kTag, sizeof(kTag));
   put_u32(kKvFormatVersion);
-  XXH3_128bits_update(st, fingerprint.data(), 16);
+  XXH3_128bits_update(st, fingerprint.data(), fingerprint.size());
   put_u32(static_cast<uint32_t>(dtype));
   put_u32(static_cast<uint32_t>(kind));
   put_u32(static_cast<uint32_t>(prefix_tokens.size()));
-  XXH3_128bits_update(st, prefix_tokens.data(), prefix_tokens.size() * 4);
+  XXH3_128bits_update(st, prefix_tokens.data(), prefix_tokens.size() * sizeof(int32_t));
   put_u32(static_cast<uint32_t>(context_tokens.size()));
-  XXH3_128bits_update(st, context_tokens.data(), context_tokens.size() * 4);
+  XXH3_128bits_update(st, context_tokens.data(), context_tokens.size() * sizeof(int32_t));
   XXH128_hash_t h = XXH3_128bits_digest(st);
   XXH3_freeState(st);
   return HashFromHalves(h.high64, h.low64);

@@ -17,8 +17,8 @@ Hash128 FingerprintBytes(const Model& model);
 
 // Key hash of a prefix entry (context empty) or of a context encoded after
 // `prefix_tokens`.
-Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind,
-                     std::span<const int32_t> prefix_tokens, std::span<const int32_t> context_tokens);
+Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind, std::span<const int32_t> prefix_tokens,
+                     std::span<const int32_t> context_tokens);
 
 // "ape:v1:kv:" + hex; and back (INVALID_ARGUMENT for anything else).
 std::string RedisKeyFor(const Hash128& key);

@@ -11,29 +11,65 @@
 namespace ape {
 namespace {
 
-constexpr char kMagic[8] = {'A', 'P', 'E', 'K', 'V', '\r', '\n', '\x1a'};
-constexpr uint32_t kMaxDim = 1 << 16;
+// The fixed header of kv_block_format.md, in the order it is written.
+constexpr char kMagic[] = {'A', 'P', 'E', 'K', 'V', '\r', '\n', '\x1a'};  // offset 0
+constexpr size_t kMagicBytes = sizeof(kMagic);
+constexpr size_t kHashBytes = sizeof(Hash128);     // fingerprint, prefix key, checksum: 128 bits
+constexpr size_t kTokenIdBytes = sizeof(int32_t);  // each token id, from offset kKvHeaderFixedBytes
+constexpr uint32_t kReserved32 = 0;                // offset 60
+constexpr uint64_t kReserved64 = 0;                // offset 88
+// magic | version, header_bytes | fingerprint | n_layers .. reserved (8 u32) |
+// prefix key | payload_bytes, reserved (2 u64): offsets 0, 8, 16, 32, 64, 80.
+static_assert(kMagicBytes + 2 * sizeof(uint32_t) + kHashBytes + 8 * sizeof(uint32_t) + kHashBytes +
+                  2 * sizeof(uint64_t) ==
+              kKvHeaderFixedBytes);
+static_assert(kKvChecksumBytes == kHashBytes);
+
+// Reader limits (kv_block_format.md): n_layers, n_kv_heads and head_dim in
+// 1..kMaxShapeField, num_tokens in 1..kMaxTokens. Beyond them a header is
+// corrupt rather than huge (no real model or block comes near).
+constexpr uint32_t kMaxShapeField = 1 << 16;
+constexpr uint32_t kMaxTokens = 1 << 28;
+
+uint64_t HeaderBytes(uint64_t num_tokens) { return kKvHeaderFixedBytes + kTokenIdBytes * num_tokens; }
 
 template <typename T>
-void Put(std::string& out, T v) { out.append(reinterpret_cast<const char*>(&v), sizeof(T)); }
+void Put(std::string& out, T v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+void PutHash(std::string& out, const Hash128& h) { out.append(reinterpret_cast<const char*>(h.data()), h.size()); }
 
 Hash128 Checksum(const uint8_t* data, size_t n) {
   XXH128_hash_t h = XXH3_128bits(data, n);
   return HashFromHalves(h.high64, h.low64);
 }
 
-absl::Status Corrupt(const std::string& what) {
-  return absl::DataLossError(absl::StrCat("KV block: ", what));
-}
+absl::Status Corrupt(const std::string& what) { return absl::DataLossError(absl::StrCat("KV block: ", what)); }
+
+bool InShapeRange(uint32_t v, uint32_t max) { return v >= 1 && v <= max; }
 
 }  // namespace
 
-const char* KvDtypeName(KvDtype d) { return d == KvDtype::kFloat16 ? "float16" : "float32"; }
+const char* KvDtypeName(KvDtype d) {
+  switch (d) {
+    case KvDtype::kFloat16: return "float16";
+    case KvDtype::kFloat32: return "float32";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view name) {
+  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+    if (name == KvDtypeName(d)) return d;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("KV dtype '", name, "' is neither float16 nor float32"));
+}
 
 std::string HashToHex(const Hash128& h) {
   static const char* kHex = "0123456789abcdef";
-  std::string s(32, '0');
-  for (int i = 0; i < 16; ++i) {
+  std::string s(2 * h.size(), '0');
+  for (size_t i = 0; i < h.size(); ++i) {
     s[2 * i] = kHex[h[i] >> 4];
     s[2 * i + 1] = kHex[h[i] & 15];
   }
@@ -50,13 +86,20 @@ Hash128 HashFromHalves(uint64_t high64, uint64_t low64) {
 }
 
 absl::StatusOr<Hash128> HashFromHex(const std::string& hex) {
-  if (hex.size() != 32) return absl::InvalidArgumentError(absl::StrCat("hash '", hex, "' is not 32 hex digits"));
   Hash128 h;
-  for (int i = 0; i < 32; ++i) {
+  if (hex.size() != 2 * h.size())
+    return absl::InvalidArgumentError(absl::StrCat("hash '", hex, "' is not 32 hex digits"));
+  for (size_t i = 0; i < hex.size(); ++i) {
     char c = hex[i];
-    int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    int v = c >= '0' && c <= '9'   ? c - '0'
+            : c >= 'a' && c <= 'f' ? c - 'a' + 10
+            : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                   : -1;
     if (v < 0) return absl::InvalidArgumentError(absl::StrCat("hash '", hex, "' is not 32 hex digits"));
-    if (i % 2 == 0) h[i / 2] = static_cast<uint8_t>(v << 4); else h[i / 2] |= static_cast<uint8_t>(v);
+    if (i % 2 == 0)
+      h[i / 2] = static_cast<uint8_t>(v << 4);
+    else
+      h[i / 2] |= static_cast<uint8_t>(v);
   }
   return h;
 }
@@ -65,16 +108,16 @@ uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype) {
   return 2ull * c.n_layers * c.kv_dim() * KvDtypeSize(dtype);
 }
 
-std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> tokens,
-                             const KvCache& cache, int first_slot) {
+std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> tokens, const KvCache& cache,
+                             int first_slot) {
   const size_t kv_dim = static_cast<size_t>(h.n_kv_heads) * h.head_dim;
-  const size_t header_bytes = kKvHeaderFixedBytes + 4 * tokens.size();
+  const uint64_t header_bytes = HeaderBytes(tokens.size());
   std::string out;
   out.reserve(header_bytes + h.payload_bytes() + kKvChecksumBytes);
-  out.append(kMagic, 8);
+  out.append(kMagic, kMagicBytes);
   Put<uint32_t>(out, kKvFormatVersion);
   Put<uint32_t>(out, static_cast<uint32_t>(header_bytes));
-  out.append(reinterpret_cast<const char*>(h.model_fingerprint.data()), 16);
+  PutHash(out, h.model_fingerprint);
   Put<uint32_t>(out, h.n_layers);
   Put<uint32_t>(out, h.n_kv_heads);
   Put<uint32_t>(out, h.head_dim);
@@ -82,10 +125,10 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
   Put<uint32_t>(out, static_cast<uint32_t>(h.kind));
   Put<uint32_t>(out, h.num_tokens);
   Put<uint32_t>(out, h.first_position);
-  Put<uint32_t>(out, 0);
-  out.append(reinterpret_cast<const char*>(h.prefix_key.data()), 16);
+  Put<uint32_t>(out, kReserved32);
+  PutHash(out, h.prefix_key);
   Put<uint64_t>(out, h.payload_bytes());
-  Put<uint64_t>(out, 0);
+  Put<uint64_t>(out, kReserved64);
   for (int32_t t : tokens) Put<int32_t>(out, t);
   // Payload: per layer, K then V rows of the block's slots, converted once.
   const size_t n = static_cast<size_t>(h.num_tokens) * kv_dim;
@@ -94,31 +137,33 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
     for (const float* src : {cache.key(l, first_slot), cache.value(l, first_slot)}) {
       if (h.dtype == KvDtype::kFloat16) {
         FloatToHalf(src, half.data(), n);
-        out.append(reinterpret_cast<const char*>(half.data()), n * 2);
+        out.append(reinterpret_cast<const char*>(half.data()), n * sizeof(uint16_t));
       } else {
-        out.append(reinterpret_cast<const char*>(src), n * 4);
+        out.append(reinterpret_cast<const char*>(src), n * sizeof(float));
       }
     }
   }
-  Hash128 sum = Checksum(reinterpret_cast<const uint8_t*>(out.data()), out.size());
-  out.append(reinterpret_cast<const char*>(sum.data()), 16);
+  PutHash(out, Checksum(reinterpret_cast<const uint8_t*>(out.data()), out.size()));
   return out;
 }
 
 absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
   ByteReader r(bytes, "KV block");
-  if (bytes.size() < 8 || std::memcmp(bytes.data(), kMagic, 8) != 0) return Corrupt("bad magic (not a KV block)");
+  if (bytes.size() < kMagicBytes || std::memcmp(bytes.data(), kMagic, kMagicBytes) != 0) {
+    return Corrupt("bad magic (not a KV block)");
+  }
   if (bytes.size() < kKvHeaderFixedBytes + kKvChecksumBytes) {
     return Corrupt(absl::StrCat("only ", bytes.size(), " bytes, shorter than a header"));
   }
-  RETURN_IF_ERROR(r.Seek(8, "magic"));
+  RETURN_IF_ERROR(r.Seek(kMagicBytes, "magic"));
   uint32_t version, header_bytes, dtype, kind, reserved32;
   uint64_t payload_bytes, reserved64;
   KvBlockView v;
   KvBlockHeader& h = v.header;
   RETURN_IF_ERROR(r.Read(&version, "version"));
   if (version != kKvFormatVersion) {
-    return absl::UnimplementedError(absl::StrCat("KV block: format version ", version, ", this build reads ", kKvFormatVersion));
+    return absl::UnimplementedError(
+        absl::StrCat("KV block: format version ", version, ", this build reads ", kKvFormatVersion));
   }
   RETURN_IF_ERROR(r.Read(&header_bytes, "header_bytes"));
   RETURN_IF_ERROR(r.Read(&h.model_fingerprint, "fingerprint"));
@@ -133,51 +178,60 @@ absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
   RETURN_IF_ERROR(r.Read(&h.prefix_key, "prefix_key"));
   RETURN_IF_ERROR(r.Read(&payload_bytes, "payload_bytes"));
   RETURN_IF_ERROR(r.Read(&reserved64, "reserved"));
-  if (dtype != 1 && dtype != 2) return Corrupt(absl::StrCat("unknown dtype ", dtype));
-  if (kind != 1 && kind != 2) return Corrupt(absl::StrCat("unknown kind ", kind));
+  if (dtype != static_cast<uint32_t>(KvDtype::kFloat16) && dtype != static_cast<uint32_t>(KvDtype::kFloat32)) {
+    return Corrupt(absl::StrCat("unknown dtype ", dtype));
+  }
+  if (kind != static_cast<uint32_t>(KvKind::kPrefix) && kind != static_cast<uint32_t>(KvKind::kContext)) {
+    return Corrupt(absl::StrCat("unknown kind ", kind));
+  }
   h.dtype = static_cast<KvDtype>(dtype);
   h.kind = static_cast<KvKind>(kind);
-  if (h.n_layers == 0 || h.n_layers > kMaxDim || h.n_kv_heads == 0 || h.n_kv_heads > kMaxDim ||
-      h.head_dim == 0 || h.head_dim > kMaxDim || h.num_tokens == 0 || h.num_tokens > (1u << 28)) {
+  if (!InShapeRange(h.n_layers, kMaxShapeField) || !InShapeRange(h.n_kv_heads, kMaxShapeField) ||
+      !InShapeRange(h.head_dim, kMaxShapeField) || !InShapeRange(h.num_tokens, kMaxTokens)) {
     return Corrupt("shape fields out of range");
   }
-  if (header_bytes != kKvHeaderFixedBytes + 4ull * h.num_tokens) {
+  if (header_bytes != HeaderBytes(h.num_tokens)) {
     return Corrupt(absl::StrCat("header_bytes ", header_bytes, " disagrees with ", h.num_tokens, " tokens"));
   }
   if (payload_bytes != h.payload_bytes()) {
-    return Corrupt(absl::StrCat("payload_bytes ", payload_bytes, " disagrees with the shape (", h.payload_bytes(), ")"));
+    return Corrupt(
+        absl::StrCat("payload_bytes ", payload_bytes, " disagrees with the shape (", h.payload_bytes(), ")"));
   }
   const uint64_t total = uint64_t{header_bytes} + payload_bytes + kKvChecksumBytes;
-  if (bytes.size() != total) {
-    return Corrupt(absl::StrCat("size ", bytes.size(), " bytes, header says ", total));
-  }
+  if (bytes.size() != total) { return Corrupt(absl::StrCat("size ", bytes.size(), " bytes, header says ", total)); }
+  const uint64_t checksum_offset = total - kKvChecksumBytes;
   Hash128 want;
-  std::memcpy(want.data(), bytes.data() + total - 16, 16);
-  if (Checksum(bytes.data(), total - 16) != want) return Corrupt("checksum mismatch");
+  std::memcpy(want.data(), bytes.data() + checksum_offset, kKvChecksumBytes);
+  if (Checksum(bytes.data(), checksum_offset) != want) return Corrupt("checksum mismatch");
   v.tokens.resize(h.num_tokens);
-  std::memcpy(v.tokens.data(), bytes.data() + kKvHeaderFixedBytes, 4ull * h.num_tokens);
+  std::memcpy(v.tokens.data(), bytes.data() + kKvHeaderFixedBytes, kTokenIdBytes * h.num_tokens);
   v.payload = bytes.subspan(header_bytes, payload_bytes);
   return v;
 }
 
-absl::Status CheckKvBlockMatches(const KvBlockView& b, const Hash128& fingerprint,
-                                 const ModelConfig& c, KvKind kind, const Hash128& prefix_key) {
+absl::Status CheckKvBlockMatches(const KvBlockView& b, const Hash128& fingerprint, const ModelConfig& c, KvDtype dtype,
+                                 KvKind kind, const Hash128& prefix_key) {
   const KvBlockHeader& h = b.header;
   if (h.model_fingerprint != fingerprint) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "KV block was made by model ", HashToHex(h.model_fingerprint), ", not ", HashToHex(fingerprint)));
+    return absl::FailedPreconditionError(
+        absl::StrCat("KV block was made by model ", HashToHex(h.model_fingerprint), ", not ", HashToHex(fingerprint)));
   }
   if (h.n_layers != static_cast<uint32_t>(c.n_layers) || h.n_kv_heads != static_cast<uint32_t>(c.n_kv_heads) ||
       h.head_dim != static_cast<uint32_t>(c.head_dim)) {
     return absl::FailedPreconditionError("KV block shape does not match the model");
   }
+  if (h.dtype != dtype) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("KV block holds ", KvDtypeName(h.dtype), ", not ", KvDtypeName(dtype)));
+  }
   if (h.kind != kind) return absl::FailedPreconditionError("KV block is of the wrong kind (prefix/context)");
   if (h.prefix_key != prefix_key) {
-    return absl::FailedPreconditionError(absl::StrCat("KV block was encoded after prefix ", HashToHex(h.prefix_key),
-                                                      ", not ", HashToHex(prefix_key)));
+    return absl::FailedPreconditionError(
+        absl::StrCat("KV block was encoded after prefix ", HashToHex(h.prefix_key), ", not ", HashToHex(prefix_key)));
   }
   for (int32_t t : b.tokens) {
-    if (t < 0 || t >= c.vocab_size) return absl::FailedPreconditionError("KV block holds token ids outside the vocabulary");
+    if (t < 0 || t >= c.vocab_size)
+      return absl::FailedPreconditionError("KV block holds token ids outside the vocabulary");
   }
   return absl::OkStatus();
 }
@@ -192,7 +246,7 @@ void LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
       if (h.dtype == KvDtype::kFloat16) {
         HalfToFloat(reinterpret_cast<const uint16_t*>(p), dst, n);  // payload offsets are even
       } else {
-        std::memcpy(dst, p, n * 4);
+        std::memcpy(dst, p, n * sizeof(float));
       }
       p += n * es;
     }

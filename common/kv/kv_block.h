@@ -9,18 +9,26 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/engine/kv_cache.h"
 
 namespace ape {
 
 constexpr uint32_t kKvFormatVersion = 1;
+// The header up to the token ids (offsets 0..95 of kv_block_format.md); the
+// whole header is kKvHeaderFixedBytes + 4 * num_tokens.
 constexpr size_t kKvHeaderFixedBytes = 96;
+// The XXH3-128 checksum that ends every block.
 constexpr size_t kKvChecksumBytes = 16;
 
+// The values are the format's (and ape.v1.KvDtype's): they are stored.
 enum class KvDtype : uint32_t { kFloat16 = 1, kFloat32 = 2 };
 enum class KvKind : uint32_t { kPrefix = 1, kContext = 2 };
+// "float16" / "float32": the one spelling of a dtype in flags, logs and
+// tools. ParseKvDtype is its inverse: INVALID_ARGUMENT for any other name.
 const char* KvDtypeName(KvDtype d);
-inline size_t KvDtypeSize(KvDtype d) { return d == KvDtype::kFloat16 ? 2 : 4; }
+absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view name);
+inline size_t KvDtypeSize(KvDtype d) { return d == KvDtype::kFloat16 ? sizeof(uint16_t) : sizeof(float); }
 
 using Hash128 = std::array<uint8_t, 16>;
 // 32 lowercase hex digits <-> 16 bytes (high half first).
@@ -40,9 +48,7 @@ struct KvBlockHeader {
   uint32_t num_tokens = 0;
   uint32_t first_position = 0;
   Hash128 prefix_key{};
-  uint64_t payload_bytes() const {
-    return 2ull * n_layers * num_tokens * n_kv_heads * head_dim * KvDtypeSize(dtype);
-  }
+  uint64_t payload_bytes() const { return 2ull * n_layers * num_tokens * n_kv_heads * head_dim * KvDtypeSize(dtype); }
 };
 
 // Bytes one token costs in a block: 2 * layers * kv_dim * sizeof(dtype).
@@ -50,8 +56,8 @@ uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype);
 
 // Serialises slots [first_slot, first_slot + header.num_tokens) of `cache`
 // (converted to header.dtype once, here) with `tokens` into a block.
-std::string SerializeKvBlock(const KvBlockHeader& header, std::span<const int32_t> tokens,
-                             const KvCache& cache, int first_slot);
+std::string SerializeKvBlock(const KvBlockHeader& header, std::span<const int32_t> tokens, const KvCache& cache,
+                             int first_slot);
 
 // A verified block: header, token ids and a view of the payload.
 struct KvBlockView {
@@ -65,9 +71,10 @@ struct KvBlockView {
 absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes);
 
 // FAILED_PRECONDITION unless the block was made by this model (fingerprint
-// and shape), with `dtype`, of `kind` and after `prefix_key`.
-absl::Status CheckKvBlockMatches(const KvBlockView& block, const Hash128& fingerprint,
-                                 const ModelConfig& config, KvKind kind, const Hash128& prefix_key);
+// and shape), with `dtype`, of `kind` and after `prefix_key`, and holds only
+// token ids of the model's vocabulary.
+absl::Status CheckKvBlockMatches(const KvBlockView& block, const Hash128& fingerprint, const ModelConfig& config,
+                                 KvDtype dtype, KvKind kind, const Hash128& prefix_key);
 
 // Writes the block into `cache` slots dest_slot.. (float32; positions from
 // first_position). The cache must have room and the model's shape.

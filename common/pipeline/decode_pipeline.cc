@@ -1,276 +1,369 @@
 #include "common/pipeline/decode_pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/kv/cache_key.h"
 #include "common/engine/status_macros.h"
 #include "common/engine/timing.h"
 #include "common/engine/transformer.h"
+#include "common/kv/cache_key.h"
 
 namespace ape {
-
-const char* DecodeModeName(DecodeMode m) {
-  switch (m) {
-    case DecodeMode::kApe: return "APE";
-    case DecodeMode::kParallel: return "PARALLEL";
-    case DecodeMode::kSequential: return "SEQUENTIAL";
-  }
-  return "?";
-}
-
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The prefix and every context as verified blocks (bytes kept alive here).
-struct LoadedEntries {
-  std::vector<std::string> bytes;  // [0] prefix, [1 + i] context i
-  std::vector<KvBlockView> views;
+bool Cancelled(const DecodeHooks& hooks) { return hooks.cancelled && hooks.cancelled(); }
+
+// ---- Loading the entries ----------------------------------------------------
+// A request's entries are [0] its prefix and [1 + i] its context i. Each step
+// below takes the records and fills in its part of every one.
+
+// One KV entry of the request, from its key to a verified block.
+struct EntryLoad {
+  enum class Source { kNone, kCache, kEncoded };  // where `view` came from
+
+  KvKind kind = KvKind::kContext;
+  Hash128 hash{};
+  std::string key;                                // Redis key
+  const std::vector<int32_t>* content = nullptr;  // token ids; null: a context given only by key
+  // Why the stored entry was not used: "key (reason)"; empty when nothing
+  // was stored or it was used. `foreign`: it was a valid block, but made for
+  // another model, prefix, dtype or position (else it was corrupt).
+  std::string fault;
+  bool foreign = false;
+  Source source = Source::kNone;
+  // The block and its verified view into `bytes` (set with `source`). The
+  // records are sized once, by ComputeEntryKeys, and never move afterwards.
+  std::string bytes;
+  KvBlockView view;
+
+  bool ready() const { return source != Source::kNone; }
 };
 
-// Loads and verifies entries; encodes the missing ones that have content.
-absl::StatusOr<LoadedEntries> LoadEntries(const Model& model, RedisStore* store, const DecodeInput& in,
-                                          const DecodeHooks& hooks, DecodeStats* stats) {
-  const Hash128 fp = FingerprintBytes(model);
-  const size_t n = in.contexts.size();
-  std::vector<Hash128> hashes(n + 1);
-  std::vector<std::string> keys(n + 1);
-  std::vector<KvKind> kinds(n + 1, KvKind::kContext);
-  kinds[0] = KvKind::kPrefix;
-  hashes[0] = ComputeKvKey(fp, in.dtype, KvKind::kPrefix, in.prefix_tokens, {});
-  for (size_t i = 0; i < n; ++i) {
+// Step 1 (no I/O): every entry's key, computed from its content or parsed
+// from the request. INVALID_ARGUMENT for a malformed key.
+absl::StatusOr<std::vector<EntryLoad>> ComputeEntryKeys(const Hash128& fp, const DecodeInput& in) {
+  std::vector<EntryLoad> entries(in.contexts.size() + 1);
+  entries[0].kind = KvKind::kPrefix;
+  entries[0].content = &in.prefix_tokens;
+  entries[0].hash = ComputeKvKey(fp, in.dtype, KvKind::kPrefix, in.prefix_tokens, {});
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
     const ContextSource& c = in.contexts[i];
+    EntryLoad& e = entries[i + 1];
     if (c.tokens) {
-      hashes[i + 1] = ComputeKvKey(fp, in.dtype, KvKind::kContext, in.prefix_tokens, *c.tokens);
+      e.content = &*c.tokens;
+      e.hash = ComputeKvKey(fp, in.dtype, KvKind::kContext, in.prefix_tokens, *c.tokens);
     } else {
-      ASSIGN_OR_RETURN(hashes[i + 1], ParseRedisKey(c.key));
+      ASSIGN_OR_RETURN(e.hash, ParseRedisKey(c.key));
     }
   }
-  for (size_t i = 0; i <= n; ++i) keys[i] = RedisKeyFor(hashes[i]);
+  for (EntryLoad& e : entries) e.key = RedisKeyFor(e.hash);
+  return entries;
+}
 
-  LoadedEntries out;
-  out.bytes.resize(n + 1);
-  out.views.resize(n + 1);
-  std::vector<bool> have(n + 1, false);
-  absl::Status store_status = absl::OkStatus();
-  std::vector<std::string> foreign;  // keys whose entries exist but do not match
-  std::vector<std::string> corrupt;  // keys whose bytes fail verification, with why
-  std::vector<std::string> corrupt_keys;
-  auto try_load = [&](const std::vector<size_t>& which) -> absl::Status {
-    std::vector<std::string> ks;
-    for (size_t i : which) ks.push_back(keys[i]);
-    ASSIGN_OR_RETURN(auto values, store->GetMany(ks));
-    for (size_t j = 0; j < which.size(); ++j) {
-      const size_t i = which[j];
-      if (!values[j]) continue;
-      out.bytes[i] = std::move(*values[j]);
-      auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(out.bytes[i].data()), out.bytes[i].size()});
-      if (!view.ok()) {  // corrupt: a clean miss (re-encoded when we have the content)
-        corrupt.push_back(absl::StrCat(keys[i], " (", view.status().message(), ")"));
-        corrupt_keys.push_back(keys[i]);
-        out.bytes[i].clear();
-        continue;
-      }
-      // The prefix key (which covers model, dtype and prefix tokens) must match.
-      absl::Status ok = CheckKvBlockMatches(*view, fp, model.config(), kinds[i], hashes[0]);
-      if (ok.ok() && view->header.first_position != (i == 0 ? 0u : in.prefix_tokens.size())) {
-        ok = absl::FailedPreconditionError("KV block starts at the wrong position");
-      }
-      if (!ok.ok()) {  // foreign: never used
-        if (i > 0 && !in.contexts[i - 1].tokens) foreign.push_back(absl::StrCat(keys[i], " (", ok.message(), ")"));
-        out.bytes[i].clear();
-        continue;
-      }
-      out.views[i] = *std::move(view);
-      have[i] = true;
+// Parses e.bytes and checks the block against the request: model, dtype,
+// kind, the prefix key (which covers model, dtype and prefix tokens), the
+// first position and, for content, the token ids. Sets e.view, or e.fault
+// (dropping the bytes).
+void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
+                 EntryLoad::Source source, EntryLoad& e) {
+  e.fault.clear();
+  e.foreign = false;
+  absl::StatusOr<KvBlockView> view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
+  absl::Status usable = view.status();
+  if (usable.ok()) {
+    usable = CheckKvBlockMatches(*view, fp, model.config(), in.dtype, e.kind, prefix_hash);
+    const size_t first_position = e.kind == KvKind::kPrefix ? 0 : in.prefix_tokens.size();
+    if (usable.ok() && view->header.first_position != first_position) {
+      usable = absl::FailedPreconditionError("KV block starts at the wrong position");
     }
-    return absl::OkStatus();
-  };
+    if (usable.ok() && e.content != nullptr && view->tokens != *e.content) {
+      usable = absl::FailedPreconditionError("KV block holds other tokens than its key was made from");
+    }
+    e.foreign = !usable.ok();
+  }
+  if (!usable.ok()) {
+    e.fault = absl::StrCat(e.key, " (", usable.message(), ")");
+    e.bytes.clear();
+    return;
+  }
+  e.view = *std::move(view);
+  e.source = source;
+}
 
-  auto t0 = Clock::now();
-  std::vector<size_t> all(n + 1);
-  std::iota(all.begin(), all.end(), 0);
-  if (store != nullptr) store_status = try_load(all);
-  // Unreadable entries are useless to everyone: drop them so they get rewritten.
-  if (!corrupt_keys.empty() && store_status.ok()) (void)store->Delete(corrupt_keys);
+// Step 2: reads every entry not ready yet (one pipelined round trip) and
+// verifies it; those that pass are marked `source`. Corrupt entries are
+// deleted: they are useless to everyone, and get rewritten. The store's
+// error (e.g. UNAVAILABLE) when it cannot be read.
+absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& store, const DecodeInput& in,
+                            EntryLoad::Source source, std::vector<EntryLoad>& entries) {
+  std::vector<std::string> keys;
+  for (const EntryLoad& e : entries) {
+    if (!e.ready()) keys.push_back(e.key);
+  }
+  if (keys.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(std::vector<std::optional<std::string>> values, store.GetMany(keys));
+  std::vector<std::string> corrupt;
+  size_t next_value = 0;  // values[] follows the entries that were not ready
+  for (EntryLoad& e : entries) {
+    if (e.ready()) continue;
+    std::optional<std::string>& value = values[next_value++];
+    if (!value) continue;
+    e.bytes = std::move(*value);
+    VerifyEntry(model, fp, in, entries[0].hash, source, e);
+    if (!e.fault.empty() && !e.foreign) corrupt.push_back(e.key);
+  }
+  if (!corrupt.empty()) (void)store.Delete(corrupt);
+  return absl::OkStatus();
+}
+
+// Step 3: a context given only by key cannot be encoded here, so it must have
+// been loaded: FAILED_PRECONDITION for foreign entries, then the store's
+// error if it could not be read, then NOT_FOUND naming every missing key.
+absl::Status RequireKeyOnlyEntries(const std::vector<EntryLoad>& entries, const absl::Status& store_status) {
+  std::vector<std::string> foreign, missing, unreadable;
+  for (const EntryLoad& e : entries) {
+    if (!e.fault.empty() && !e.foreign) unreadable.push_back(e.fault);
+    if (e.content != nullptr || e.ready()) continue;
+    if (e.foreign)
+      foreign.push_back(e.fault);
+    else
+      missing.push_back(e.key);
+  }
   if (!foreign.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cache entries cannot be used with this request's model, prefix and format: ", absl::StrJoin(foreign, ", ")));
   }
-  // Key-only contexts must be in the cache.
-  std::vector<std::string> missing_keys;
-  for (size_t i = 1; i <= n; ++i) {
-    if (!have[i] && !in.contexts[i - 1].tokens) missing_keys.push_back(keys[i]);
-  }
-  if (!missing_keys.empty()) {
-    if (!store_status.ok()) return store_status;  // could not even look
-    return absl::NotFoundError(absl::StrCat("contexts not in the cache: ", absl::StrJoin(missing_keys, ", "),
-                                            corrupt.empty() ? "" : "; unreadable entries: ", absl::StrJoin(corrupt, ", ")));
-  }
-  for (size_t i = 0; i <= n; ++i) {
-    if (have[i]) stats->cached_tokens += out.views[i].header.num_tokens;
-  }
-  stats->cache_load_ms += MsBetween(t0, Clock::now());
+  if (missing.empty()) return absl::OkStatus();
+  if (!store_status.ok()) return store_status;  // could not even look
+  return absl::NotFoundError(
+      absl::StrCat("contexts not in the cache: ", absl::StrJoin(missing, ", "),
+                   unreadable.empty() ? "" : "; unreadable entries: ", absl::StrJoin(unreadable, ", ")));
+}
 
-  // Encode what is missing (all of it has content).
-  std::vector<size_t> missing;
-  for (size_t i = 0; i <= n; ++i) if (!have[i]) missing.push_back(i);
-  if (missing.empty()) return out;
-  auto t1 = Clock::now();
+// The entries not ready yet as an encode request: the prefix (contexts are
+// encoded after it) and the missing contexts' content, in request order.
+EncodeInput MissingAsEncodeInput(const DecodeInput& in, const std::vector<EntryLoad>& entries) {
   EncodeInput enc;
   enc.prefix_tokens = in.prefix_tokens;
   enc.dtype = in.dtype;
   enc.ttl_seconds = in.ttl_seconds;
-  for (size_t i : missing) if (i > 0) enc.contexts.push_back(*in.contexts[i - 1].tokens);
-  absl::Status stored = store_status;
-  if (stored.ok() && store != nullptr) {
-    stored = hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc).status();
-    if (stored.ok()) stored = try_load(missing);
+  for (size_t i = 1; i < entries.size(); ++i) {
+    if (!entries[i].ready()) enc.contexts.push_back(*entries[i].content);
   }
-  std::vector<size_t> still;
-  for (size_t i : missing) if (!have[i]) still.push_back(i);
-  // Store down or refusing writes: compute in memory, cache nothing.
-  if (!still.empty()) {
-    EncodeInput local;
-    local.prefix_tokens = in.prefix_tokens;
-    local.dtype = in.dtype;
-    for (size_t i : still) if (i > 0) local.contexts.push_back(*in.contexts[i - 1].tokens);
-    std::vector<std::string> blocks = EncodeBlocks(model, local);  // [0] prefix, then `still`'s contexts
-    size_t next_context = 1;
-    for (size_t i : still) {
-      out.bytes[i] = std::move(blocks[i == 0 ? 0 : next_context++]);
-      auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(out.bytes[i].data()), out.bytes[i].size()});
-      if (!view.ok()) return absl::InternalError(absl::StrCat("locally encoded block is invalid: ", view.status().message()));
-      out.views[i] = *std::move(view);
-    }
-  }
-  for (size_t i : missing) stats->encoded_tokens += out.views[i].header.num_tokens;
-  stats->encode_ms += MsBetween(t1, Clock::now());
-  return out;
+  return enc;
 }
 
-// Prefills `tokens` at `positions` in blocks, checking for cancellation.
-absl::Status Prefill(Transformer& tf, KvCache& cache, std::span<const int32_t> tokens,
-                     std::span<const int32_t> positions, const ApeParams& ape, float* logits,
-                     const std::function<bool()>& cancelled) {
-  constexpr size_t kBlock = 256;
-  for (size_t s = 0; s < tokens.size(); s += kBlock) {
-    if (cancelled && cancelled()) return absl::CancelledError("request cancelled during prefill");
-    const size_t m = std::min(kBlock, tokens.size() - s);
-    tf.Forward(tokens.subspan(s, m), positions.subspan(s, m), cache, ape,
-               s + m == tokens.size() ? logits : nullptr);
+// Computes the entries not ready yet in memory (nothing is cached).
+absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, std::vector<EntryLoad>& entries) {
+  const EncodeInput local = MissingAsEncodeInput(in, entries);
+  if (entries[0].ready() && local.contexts.empty()) return absl::OkStatus();
+  std::vector<std::string> blocks = EncodeBlocks(model, local);  // [0] prefix, then local.contexts
+  size_t next_context = 1;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    EntryLoad& e = entries[i];
+    if (e.ready()) continue;
+    e.bytes = std::move(blocks[i == 0 ? 0 : next_context++]);
+    auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
+    if (!view.ok())
+      return absl::InternalError(absl::StrCat("locally encoded block is invalid: ", view.status().message()));
+    e.view = *std::move(view);
+    e.source = EntryLoad::Source::kEncoded;
   }
   return absl::OkStatus();
 }
 
+// Step 4: encodes every entry still missing (all have content) into the
+// store, through hooks.remote_encode or locally, and reads them back. What is
+// still missing then (store down or refusing writes, a foreign entry in the
+// way, the encoder failing) is computed in memory and not cached.
+absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* store, const DecodeInput& in,
+                           const DecodeHooks& hooks, const absl::Status& store_status,
+                           std::vector<EntryLoad>& entries) {
+  if (Cancelled(hooks)) return absl::CancelledError("request cancelled before encoding its contexts");
+  if (store != nullptr && store_status.ok()) {
+    const EncodeInput enc = MissingAsEncodeInput(in, entries);
+    absl::Status stored = hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc).status();
+    if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, entries);
+  }
+  if (Cancelled(hooks)) return absl::CancelledError("request cancelled while encoding its contexts");
+  return EncodeInMemory(model, in, entries);
+}
+
+int TokensFrom(const std::vector<EntryLoad>& entries, EntryLoad::Source source) {
+  int n = 0;
+  for (const EntryLoad& e : entries) {
+    if (e.source == source) n += e.view.header.num_tokens;
+  }
+  return n;
+}
+
+// The prefix and every context as verified blocks, in request order.
+absl::StatusOr<std::vector<EntryLoad>> LoadEntries(const Model& model, RedisStore* store, const DecodeInput& in,
+                                                   const DecodeHooks& hooks, DecodeStats* stats) {
+  const Hash128 fp = FingerprintBytes(model);
+  ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, ComputeEntryKeys(fp, in));
+  const auto t_load = Clock::now();
+  absl::Status store_status = absl::OkStatus();
+  if (store != nullptr) store_status = FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kCache, entries);
+  RETURN_IF_ERROR(RequireKeyOnlyEntries(entries, store_status));
+  stats->cached_tokens += TokensFrom(entries, EntryLoad::Source::kCache);
+  stats->cache_load_ms += MsBetween(t_load, Clock::now());
+  if (std::all_of(entries.begin(), entries.end(), [](const EntryLoad& e) { return e.ready(); })) return entries;
+
+  const auto t_encode = Clock::now();
+  RETURN_IF_ERROR(EncodeMissing(model, fp, store, in, hooks, store_status, entries));
+  stats->encoded_tokens += TokensFrom(entries, EntryLoad::Source::kEncoded);
+  stats->encode_ms += MsBetween(t_encode, Clock::now());
+  return entries;
+}
+
+// ---- Prefill ------------------------------------------------------------------
+
+// Prefills `tokens` at `positions` in blocks, checking for cancellation.
+absl::Status Prefill(Transformer& tf, KvCache& cache, std::span<const int32_t> tokens,
+                     std::span<const int32_t> positions, const ApeParams& ape, float* logits,
+                     const DecodeHooks& hooks) {
+  constexpr size_t kBlock = 256;  // tokens per Forward: bounds the time between cancellation checks
+  for (size_t s = 0; s < tokens.size(); s += kBlock) {
+    if (Cancelled(hooks)) return absl::CancelledError("request cancelled during prefill");
+    const size_t m = std::min(kBlock, tokens.size() - s);
+    tf.Forward(tokens.subspan(s, m), positions.subspan(s, m), cache, ape, s + m == tokens.size() ? logits : nullptr);
+  }
+  return absl::OkStatus();
+}
+
+// RESOURCE_EXHAUSTED when the prompt and the tokens it may generate need more
+// than in.max_kv_slots slots.
+absl::Status CheckKvSlots(const DecodeInput& in, int64_t prompt_tokens, int max_new_tokens) {
+  const int64_t need = prompt_tokens + max_new_tokens;
+  if (in.max_kv_slots > 0 && need > in.max_kv_slots) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request needs ", need, " KV slots, the limit is ", in.max_kv_slots));
+  }
+  return absl::OkStatus();
+}
+
+// A request ready to generate: its cache holds the whole prompt.
 struct Prepared {
+  Prepared(const Model& model, int64_t slots)
+      : tf(std::make_unique<Transformer>(model)),
+        cache(std::make_unique<KvCache>(model.config(), static_cast<int>(slots))),
+        logits(model.config().vocab_size) {}
   std::unique_ptr<Transformer> tf;
   std::unique_ptr<KvCache> cache;
-  ApeParams ape;
-  std::vector<float> logits;
+  ApeParams ape;                 // T = S = 1 and no context range: ordinary attention
+  std::vector<float> logits;     // [vocab] after the last prompt token
   std::vector<int32_t> history;  // the whole prompt
   int32_t next_position = 0;
 };
 
-absl::StatusOr<Prepared> Prepare(const Model& model, RedisStore* store, const DecodeInput& in,
-                                 const DecodeHooks& hooks, DecodeStats* stats) {
-  const ModelConfig& c = model.config();
-  Prepared p;
-  p.logits.resize(c.vocab_size);
-  p.tf = std::make_unique<Transformer>(model);
-  const int max_new = std::max(0, in.generate.max_tokens);
-  if (in.mode == DecodeMode::kSequential) {
-    // The baseline: the concatenated ids, prefilled at positions 0..L-1.
-    std::vector<int32_t> all = in.prefix_tokens;
-    bool need_store = false;
-    for (const auto& ctx : in.contexts) need_store |= !ctx.tokens.has_value();
-    LoadedEntries loaded;
-    if (need_store) {  // contexts by key: their token ids come from the cache
-      ASSIGN_OR_RETURN(loaded, LoadEntries(model, store, in, hooks, stats));
-      stats->cached_tokens = 0;
-    }
-    for (size_t i = 0; i < in.contexts.size(); ++i) {
-      const auto& toks = in.contexts[i].tokens ? *in.contexts[i].tokens : loaded.views[i + 1].tokens;
-      all.insert(all.end(), toks.begin(), toks.end());
-    }
-    all.insert(all.end(), in.query_tokens.begin(), in.query_tokens.end());
-    std::vector<int32_t> pos(all.size());
-    std::iota(pos.begin(), pos.end(), 0);
-    p.cache = std::make_unique<KvCache>(c, static_cast<int>(all.size()) + max_new);
-    auto t0 = Clock::now();
-    RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, all, pos, ApeParams{}, p.logits.data(), hooks.cancelled));
-    stats->prefill_ms += MsBetween(t0, Clock::now());
-    stats->prompt_tokens = static_cast<int>(all.size());
-    p.history = std::move(all);
-    p.next_position = static_cast<int32_t>(p.history.size());
-    return p;
+// SEQUENTIAL, the baseline: prefix, contexts and query concatenated and
+// prefilled at positions 0..L-1. Contexts given by key take their token ids
+// from the cache (their KV is not used).
+absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store, const DecodeInput& in,
+                                           int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
+  std::vector<EntryLoad> entries;
+  if (std::any_of(in.contexts.begin(), in.contexts.end(), [](const ContextSource& c) { return !c.tokens; })) {
+    ASSIGN_OR_RETURN(entries, LoadEntries(model, store, in, hooks, stats));
+    stats->cached_tokens = 0;
   }
+  std::vector<int32_t> prompt = in.prefix_tokens;
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
+    const std::vector<int32_t>& ids = in.contexts[i].tokens ? *in.contexts[i].tokens : entries[i + 1].view.tokens;
+    prompt.insert(prompt.end(), ids.begin(), ids.end());
+  }
+  prompt.insert(prompt.end(), in.query_tokens.begin(), in.query_tokens.end());
+  RETURN_IF_ERROR(CheckKvSlots(in, prompt.size(), max_new_tokens));
+  std::vector<int32_t> positions(prompt.size());
+  std::iota(positions.begin(), positions.end(), 0);
+  Prepared p(model, prompt.size() + max_new_tokens);
+  const auto t0 = Clock::now();
+  RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, prompt, positions, p.ape, p.logits.data(), hooks));
+  stats->prefill_ms += MsBetween(t0, Clock::now());
+  stats->prompt_tokens = static_cast<int>(prompt.size());
+  p.next_position = static_cast<int32_t>(prompt.size());
+  p.history = std::move(prompt);
+  return p;
+}
 
-  // APE / PARALLEL: [prefix | C_1 .. C_N | query, generated] in slots.
-  ASSIGN_OR_RETURN(LoadedEntries loaded, LoadEntries(model, store, in, hooks, stats));
-  auto t0 = Clock::now();
+// APE and PARALLEL: slots [prefix | C_1 .. C_N | query, generated], every
+// context at positions Lp.., the query after the LONGEST context (APE.md
+// section 2), T and S on the pooled context range (1 for PARALLEL).
+absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, const DecodeInput& in,
+                                         int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
+  ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, LoadEntries(model, store, in, hooks, stats));
+  const auto t_layout = Clock::now();
   const int lp = static_cast<int>(in.prefix_tokens.size());
-  int total_ctx = 0, longest = 0;
-  for (size_t i = 1; i < loaded.views.size(); ++i) {
-    total_ctx += loaded.views[i].header.num_tokens;
-    longest = std::max<int>(longest, loaded.views[i].header.num_tokens);
-  }
   const int lq = static_cast<int>(in.query_tokens.size());
-  p.cache = std::make_unique<KvCache>(c, lp + total_ctx + lq + max_new);
-  int slot = 0;
-  for (const auto& v : loaded.views) {
-    LoadKvBlock(v, *p.cache, slot);
-    slot += v.header.num_tokens;
+  int total_ctx = 0, longest = 0;
+  for (size_t i = 1; i < entries.size(); ++i) {
+    total_ctx += entries[i].view.header.num_tokens;
+    longest = std::max<int>(longest, entries[i].view.header.num_tokens);
   }
-  p.cache->size = slot;
-  stats->cache_load_ms += MsBetween(t0, Clock::now());
+  RETURN_IF_ERROR(CheckKvSlots(in, lp + total_ctx + lq, max_new_tokens));
+  Prepared p(model, int64_t{lp} + total_ctx + lq + max_new_tokens);
+  for (const EntryLoad& e : entries) {  // the prefix, then each context
+    LoadKvBlock(e.view, *p.cache, p.cache->size);
+    p.cache->size += e.view.header.num_tokens;
+    p.history.insert(p.history.end(), e.view.tokens.begin(), e.view.tokens.end());
+  }
+  stats->cache_load_ms += MsBetween(t_layout, Clock::now());
+  p.history.insert(p.history.end(), in.query_tokens.begin(), in.query_tokens.end());
+  stats->prompt_tokens = static_cast<int>(p.history.size());
   p.ape.context_begin = lp;
   p.ape.context_end = lp + total_ctx;
   p.ape.temperature = in.mode == DecodeMode::kApe ? in.temperature : 1.f;
   p.ape.scale = in.mode == DecodeMode::kApe ? in.scale : 1.f;
-  // The query starts after the LONGEST context (APE.md section 1).
-  std::vector<int32_t> qpos(lq);
-  std::iota(qpos.begin(), qpos.end(), lp + longest);
-  p.history = in.prefix_tokens;
-  for (size_t i = 1; i < loaded.views.size(); ++i) {
-    p.history.insert(p.history.end(), loaded.views[i].tokens.begin(), loaded.views[i].tokens.end());
-  }
-  p.history.insert(p.history.end(), in.query_tokens.begin(), in.query_tokens.end());
-  stats->prompt_tokens = static_cast<int>(p.history.size());
-  auto t1 = Clock::now();
-  if (lq > 0) {
-    RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, in.query_tokens, qpos, p.ape, p.logits.data(), hooks.cancelled));
-  } else {
-    return absl::InvalidArgumentError("the query is empty: nothing to attend from (send query text)");
-  }
-  stats->prefill_ms += MsBetween(t1, Clock::now());
+  std::vector<int32_t> query_positions(lq);
+  std::iota(query_positions.begin(), query_positions.end(), lp + longest);
+  const auto t_prefill = Clock::now();
+  RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, in.query_tokens, query_positions, p.ape, p.logits.data(), hooks));
+  stats->prefill_ms += MsBetween(t_prefill, Clock::now());
   p.next_position = lp + longest + lq;
   return p;
 }
 
+// Checks the input (before any I/O), then assembles and prefills the prompt
+// with room for `max_new_tokens`.
+absl::StatusOr<Prepared> Prepare(const Model& model, RedisStore* store, const DecodeInput& in, int max_new_tokens,
+                                 const DecodeHooks& hooks, DecodeStats* stats) {
+  RETURN_IF_ERROR(CheckDecodeInput(in));
+  if (in.mode == DecodeMode::kSequential) return PrepareSequential(model, store, in, max_new_tokens, hooks, stats);
+  return PrepareParallel(model, store, in, max_new_tokens, hooks, stats);
+}
+
 }  // namespace
 
+absl::Status CheckDecodeInput(const DecodeInput& in) {
+  if (in.prefix_tokens.empty()) return absl::InvalidArgumentError("the prefix is empty (it holds at least BOS)");
+  if (in.query_tokens.empty()) {
+    return absl::InvalidArgumentError("the query is empty: nothing to predict from (send query text)");
+  }
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
+    const ContextSource& c = in.contexts[i];
+    if (c.tokens ? c.tokens->empty() : c.key.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("context ", i, c.tokens ? " is empty" : ": empty key"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GenerateResult> RunDecode(const Model& model, RedisStore* store, const DecodeInput& in,
-                                         const DecodeHooks& hooks, const TokenCallback& on_token,
-                                         DecodeStats* stats) {
-  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, in, hooks, stats));
-  if (hooks.on_prefilled) hooks.on_prefilled();
-  auto cb = [&](const TokenEvent& ev) {
-    if (hooks.cancelled && hooks.cancelled()) return false;
-    return on_token(ev);
-  };
-  return Generate(*p.tf, *p.cache, p.ape, std::move(p.logits), std::move(p.history), p.next_position,
-                  in.generate, cb);
+                                         const DecodeHooks& hooks, const TokenCallback& on_token, DecodeStats* stats) {
+  const int max_new_tokens = std::max(0, in.generate.max_tokens);
+  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, in, max_new_tokens, hooks, stats));
+  auto cb = [&](const TokenEvent& ev) { return !Cancelled(hooks) && on_token(ev); };
+  return Generate(*p.tf, *p.cache, p.ape, std::move(p.logits), std::move(p.history), p.next_position, in.generate, cb);
 }
 
 absl::StatusOr<std::vector<float>> PromptLogits(const Model& model, RedisStore* store, const DecodeInput& in,
-                                                DecodeStats* stats) {
-  DecodeInput copy = in;
-  copy.generate.max_tokens = 0;
-  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, copy, DecodeHooks{}, stats));
+                                                const DecodeHooks& hooks, DecodeStats* stats) {
+  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, in, /*max_new_tokens=*/0, hooks, stats));
   return std::move(p.logits);
 }
 

@@ -11,35 +11,41 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/pipeline/encode_pipeline.h"
 #include "common/engine/generate.h"
+#include "common/pipeline/encode_pipeline.h"
 
 namespace ape {
 
 enum class DecodeMode { kApe, kParallel, kSequential };
-const char* DecodeModeName(DecodeMode m);
 
 // A context by cache key (tokens unknown) or by token ids.
 struct ContextSource {
-  std::string key;                              // set: by key
+  std::string key;                             // set: by key
   std::optional<std::vector<int32_t>> tokens;  // set: by content
 };
 
 struct DecodeInput {
   std::vector<int32_t> prefix_tokens;  // BOS first
   std::vector<ContextSource> contexts;
-  std::vector<int32_t> query_tokens;   // no BOS
+  // No BOS; at least one token in every mode (APE and PARALLEL predict from
+  // the query's last row: without a query there is no row that attends to
+  // the contexts; SEQUENTIAL keeps the same rule so the modes accept the
+  // same requests).
+  std::vector<int32_t> query_tokens;
   DecodeMode mode = DecodeMode::kApe;
-  float temperature = 0.9f;            // APE T
-  float scale = 0.9f;                  // APE S
-  KvDtype dtype = KvDtype::kFloat16;   // for contexts given by content
-  int ttl_seconds = 0;                 // for entries encoded on the fly
+  float temperature = 0.9f;           // APE T
+  float scale = 0.9f;                 // APE S
+  KvDtype dtype = KvDtype::kFloat16;  // for contexts given by content
+  int ttl_seconds = 0;                // for entries encoded on the fly
+  // KV slots of the request (prompt + generated), checked once the length of
+  // every key-only context is known (after loading); 0 = no limit.
+  int64_t max_kv_slots = 0;
   GenerateOptions generate;
 };
 
 struct DecodeStats {
   int prompt_tokens = 0, cached_tokens = 0, encoded_tokens = 0;
-  double cache_load_ms = 0, encode_ms = 0, prefill_ms = 0, first_token_ms = 0;
+  double cache_load_ms = 0, encode_ms = 0, prefill_ms = 0;
 };
 
 // Encodes missing entries elsewhere (e.g. an ape-encoder over gRPC); null =
@@ -47,24 +53,30 @@ struct DecodeStats {
 using RemoteEncodeFn = std::function<absl::Status(const EncodeInput&)>;
 
 struct DecodeHooks {
-  std::function<bool()> cancelled;   // checked between prefill blocks
+  // Checked before encoding, between prefill blocks and between tokens.
+  std::function<bool()> cancelled;
   RemoteEncodeFn remote_encode;
-  // Called once, right before the first token is sampled.
-  std::function<void()> on_prefilled;
 };
 
-// Runs the whole request. `store` may be null (everything computed
-// locally, nothing cached). Statuses: NOT_FOUND (keys not in the cache, all
-// listed), FAILED_PRECONDITION (a key from another prefix/model/dtype),
-// UNAVAILABLE (store down and a context given only by key), CANCELLED.
-absl::StatusOr<GenerateResult> RunDecode(const Model& model, RedisStore* store, const DecodeInput& in,
-                                         const DecodeHooks& hooks, const TokenCallback& on_token,
-                                         DecodeStats* stats);
+// INVALID_ARGUMENT for an input no store or model could answer (an empty
+// query, an empty context); RunDecode and PromptLogits check it before any
+// I/O, services call it while validating.
+absl::Status CheckDecodeInput(const DecodeInput& in);
 
-// The logits after the prompt, without generating: for evaluation tools and
-// tests (same cache assembly and attention as RunDecode).
+// Runs the whole request. `store` may be null (everything computed
+// locally, nothing cached). Statuses: INVALID_ARGUMENT (CheckDecodeInput, a
+// malformed key), NOT_FOUND (keys not in the cache, all listed),
+// FAILED_PRECONDITION (a key from another prefix/model/dtype),
+// RESOURCE_EXHAUSTED (more than max_kv_slots), UNAVAILABLE (store down and a
+// context given only by key), CANCELLED.
+absl::StatusOr<GenerateResult> RunDecode(const Model& model, RedisStore* store, const DecodeInput& in,
+                                         const DecodeHooks& hooks, const TokenCallback& on_token, DecodeStats* stats);
+
+// The logits after the prompt, without generating: RunDecode's path (same
+// loading, encoding, cancellation, cache assembly and attention) up to the
+// first token. in.generate.max_tokens is not reserved.
 absl::StatusOr<std::vector<float>> PromptLogits(const Model& model, RedisStore* store, const DecodeInput& in,
-                                                DecodeStats* stats);
+                                                const DecodeHooks& hooks, DecodeStats* stats);
 
 }  // namespace ape
 

@@ -5,10 +5,10 @@
 #include <numeric>
 
 #include "absl/container/flat_hash_set.h"
-#include "common/kv/cache_key.h"
 #include "common/engine/status_macros.h"
 #include "common/engine/timing.h"
 #include "common/engine/transformer.h"
+#include "common/kv/cache_key.h"
 
 namespace ape {
 namespace {
@@ -32,7 +32,8 @@ KvBlockHeader HeaderFor(const Model& m, const EncodeInput& in, KvKind kind, uint
 class PrefixState {
  public:
   PrefixState(const Model& m, const EncodeInput& in, int max_context)
-      : tf_(m), cache_(m.config(), static_cast<int>(in.prefix_tokens.size()) + max_context),
+      : tf_(m),
+        cache_(m.config(), static_cast<int>(in.prefix_tokens.size()) + max_context),
         lp_(static_cast<int>(in.prefix_tokens.size())) {
     std::vector<int32_t> pos(lp_);
     std::iota(pos.begin(), pos.end(), 0);
@@ -81,12 +82,12 @@ std::vector<std::string> EncodeBlocks(const Model& model, const EncodeInput& in)
   for (const auto& c : in.contexts) longest = std::max(longest, c.size());
   PrefixState ps(model, in, static_cast<int>(longest));
   std::vector<std::string> blocks;
-  blocks.push_back(SerializeKvBlock(HeaderFor(model, in, KvKind::kPrefix, lp, 0, prefix_key), in.prefix_tokens,
-                                    ps.cache(), 0));
+  blocks.push_back(
+      SerializeKvBlock(HeaderFor(model, in, KvKind::kPrefix, lp, 0, prefix_key), in.prefix_tokens, ps.cache(), 0));
   for (const auto& c : in.contexts) {
     ps.Encode(c);
-    blocks.push_back(SerializeKvBlock(HeaderFor(model, in, KvKind::kContext, c.size(), lp, prefix_key), c,
-                                      ps.cache(), lp));
+    blocks.push_back(
+        SerializeKvBlock(HeaderFor(model, in, KvKind::kContext, c.size(), lp, prefix_key), c, ps.cache(), lp));
   }
   return blocks;
 }

@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/kv/kv_block.h"
 #include "common/engine/model.h"
+#include "common/kv/kv_block.h"
 #include "common/store/redis_store.h"
 
 namespace ape {
@@ -19,15 +19,15 @@ struct EncodeInput {
   std::vector<int32_t> prefix_tokens;          // BOS included when wanted
   std::vector<std::vector<int32_t>> contexts;  // each without BOS
   KvDtype dtype = KvDtype::kFloat16;
-  int ttl_seconds = 0;                         // 0 = no expiry
+  int ttl_seconds = 0;  // 0 = no expiry
 };
 
 struct EncodedEntry {
   Hash128 hash{};
-  std::string key;             // Redis key
+  std::string key;  // Redis key
   uint32_t num_tokens = 0;
   uint32_t first_position = 0;
-  uint64_t stored_bytes = 0;   // header + KV + checksum
+  uint64_t stored_bytes = 0;  // header + KV + checksum
   bool already_cached = false;
 };
 

@@ -1,6 +1,9 @@
 // Start-up shared by ape-encoder and ape-decoder: load the model, parse the
 // Redis URI, and make the store (a failed first PING is only a warning:
 // requests fail with UNAVAILABLE until Redis is reachable).
+// `redis_chunk_mb` (--redis_chunk_mb of both servers) is the size of one
+// stored chunk of an entry: 1 to 511 MiB (Redis's bulk string limit is 512
+// MiB), INVALID_ARGUMENT otherwise.
 #ifndef APESERVE_COMMON_SERVER_MODEL_AND_STORE_H_
 #define APESERVE_COMMON_SERVER_MODEL_AND_STORE_H_
 
@@ -20,7 +23,7 @@ struct ModelAndStore {
 
 absl::StatusOr<ModelAndStore> LoadModelAndStore(const std::string& name, const std::string& model_path,
                                                 const std::string& tokenizer_path, const std::string& redis_uri,
-                                                int redis_timeout_ms, size_t redis_chunk_bytes);
+                                                int redis_timeout_ms, int redis_chunk_mb);
 
 }  // namespace ape
 

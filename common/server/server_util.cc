@@ -25,8 +25,8 @@ absl::StatusOr<Admission::Ticket> Admission::Enter(const std::function<bool()>& 
   std::unique_lock<std::mutex> lock(mu_);
   if (running_ >= max_running_) {
     if (waiting_ >= max_waiting_) {
-      return absl::ResourceExhaustedError(absl::StrCat("server busy: ", running_, " running and ", waiting_,
-                                                       " waiting requests; retry later"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("server busy: ", running_, " running and ", waiting_, " waiting requests; retry later"));
     }
     ++waiting_;
     while (running_ >= max_running_) {
@@ -49,8 +49,21 @@ void Admission::Leave() {
   cv_.notify_one();
 }
 
-int Admission::running() const { std::lock_guard<std::mutex> l(mu_); return running_; }
-int Admission::waiting() const { std::lock_guard<std::mutex> l(mu_); return waiting_; }
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  args.SetLoadBalancingPolicyName("round_robin");  // over every address a dns:/// name resolves to
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+absl::StatusOr<int> MessageBytesFromMb(int mb, const std::string& flag) {
+  constexpr int kMaxMb = 2047;  // 2047 << 20 still fits an int
+  if (mb < 1 || mb > kMaxMb) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", mb, ": must be 1 to ", kMaxMb, " MiB"));
+  }
+  return mb << 20;
+}
 
 void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
                 const std::string& details) {
@@ -101,8 +114,7 @@ int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& serv
   InstallTerminationHandlers();
   std::thread waiter([&] {
     char c = 0;
-    while (read(g_signal_pipe[0], &c, 1) < 0 && errno == EINTR) {
-    }
+    while (read(g_signal_pipe[0], &c, 1) < 0 && errno == EINTR) {}
     const int sig = c;
     std::fprintf(stderr, "%s: signal %d, shutting down\n", opts.name.c_str(), sig);
     server->GetHealthCheckService()->SetServingStatus(false);

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -31,32 +32,42 @@ class Admission {
    public:
     explicit Ticket(Admission* a) : a_(a) {}
     Ticket(Ticket&& o) noexcept : a_(o.a_) { o.a_ = nullptr; }
-    ~Ticket() { if (a_) a_->Leave(); }
+    ~Ticket() {
+      if (a_) a_->Leave();
+    }
+
    private:
     Admission* a_;
   };
   absl::StatusOr<Ticket> Enter(const std::function<bool()>& cancelled);
-  int running() const;
-  int waiting() const;
 
  private:
   void Leave();
   const int max_running_, max_waiting_;
-  mutable std::mutex mu_;
+  std::mutex mu_;
   std::condition_variable cv_;
-  int running_ = 0, waiting_ = 0;
+  int running_ = 0, waiting_ = 0;  // guarded by mu_
 };
-
 
 // Writes one request line to stderr: "<time> <service> <method> <status> <details>".
 void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
                 const std::string& details);
 
+// Every field is set by main() from its flags.
 struct ServerOptions {
-  std::string listen;               // host:port
-  int max_message_bytes = 64 << 20;
-  std::string name;                 // for logs
+  std::string listen;     // host:port
+  int max_message_bytes;  // largest message received or sent (--max_message_mb)
+  std::string name;       // for logs
 };
+
+// A client channel to another of our servers (the decoder's --encoder):
+// messages up to `max_message_bytes` both ways, and round-robin over every
+// address a dns:/// name resolves to.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes);
+
+// 1 to 2047 MiB (a gRPC message size is an int) in bytes; INVALID_ARGUMENT
+// naming `flag` otherwise.
+absl::StatusOr<int> MessageBytesFromMb(int mb, const std::string& flag);
 
 // Builds a server with the services, reflection and the standard health
 // service (SERVING), and blocks until SIGTERM or SIGINT, then shuts down

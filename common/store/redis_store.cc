@@ -9,14 +9,28 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "common/engine/status_macros.h"
 
 namespace ape {
 namespace {
 
-struct ReplyDeleter { void operator()(redisReply* r) const { freeReplyObject(r); } };
+// Idle connections kept for reuse; more concurrent callers open their own.
+constexpr size_t kMaxIdleConnections = 16;
+// A temporary key left by a writer that died mid-write expires after this.
+constexpr char kTempKeyTtlSeconds[] = "600";
+// Keys SCAN examines per round trip (a hint to Redis, not a limit).
+constexpr char kScanBatch[] = "1000";
+constexpr char kWrongType[] = "WRONGTYPE";
+
+bool IsWrongType(const redisReply* r) {
+  return r->type == REDIS_REPLY_ERROR && absl::StartsWith(absl::string_view(r->str, r->len), kWrongType);
+}
+
+struct ReplyDeleter {
+  void operator()(redisReply* r) const { freeReplyObject(r); }
+};
 using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
 
 timeval Millis(int ms) { return timeval{ms / 1000, (ms % 1000) * 1000}; }
@@ -25,7 +39,12 @@ std::string PercentDecode(absl::string_view s) {
   std::string out;
   for (size_t i = 0; i < s.size(); ++i) {
     int hi, lo;
-    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
+    auto hex = [](char c) {
+      return c >= '0' && c <= '9'   ? c - '0'
+             : c >= 'a' && c <= 'f' ? c - 'a' + 10
+             : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                    : -1;
+    };
     if (s[i] == '%' && i + 2 < s.size() + 0 && (hi = hex(s[i + 1])) >= 0 && (lo = hex(s[i + 2])) >= 0) {
       out += static_cast<char>(hi * 16 + lo);
       i += 2;
@@ -43,7 +62,8 @@ absl::Status ErrorReply(const redisReply* r, absl::string_view what) {
   if (msg.rfind("NOAUTH", 0) == 0 || msg.rfind("WRONGPASS", 0) == 0 || msg.rfind("NOPERM", 0) == 0) {
     return absl::PermissionDeniedError(absl::StrCat("redis ", what, ": ", msg));
   }
-  if (msg.rfind("LOADING", 0) == 0 || msg.rfind("BUSY", 0) == 0) return absl::UnavailableError(absl::StrCat("redis ", what, ": ", msg));
+  if (msg.rfind("LOADING", 0) == 0 || msg.rfind("BUSY", 0) == 0)
+    return absl::UnavailableError(absl::StrCat("redis ", what, ": ", msg));
   return absl::InternalError(absl::StrCat("redis ", what, ": ", msg));
 }
 
@@ -135,15 +155,20 @@ absl::StatusOr<RedisStore::Context> RedisStore::Acquire() {
   auto simple = [&](std::vector<std::string> argv, absl::string_view what) -> absl::Status {
     std::vector<const char*> ptrs;
     std::vector<size_t> lens;
-    for (auto& a : argv) { ptrs.push_back(a.data()); lens.push_back(a.size()); }
+    for (auto& a : argv) {
+      ptrs.push_back(a.data());
+      lens.push_back(a.size());
+    }
     Reply r(static_cast<redisReply*>(redisCommandArgv(c.get(), argv.size(), ptrs.data(), lens.data())));
     if (!r) return absl::UnavailableError(absl::StrCat("redis ", config_.Describe(), " ", what, ": ", c->errstr));
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r.get(), what);
     return absl::OkStatus();
   };
   if (!config_.password.empty()) {
-    if (config_.user.empty()) RETURN_IF_ERROR(simple({"AUTH", config_.password}, "AUTH"));
-    else RETURN_IF_ERROR(simple({"AUTH", config_.user, config_.password}, "AUTH"));
+    if (config_.user.empty())
+      RETURN_IF_ERROR(simple({"AUTH", config_.password}, "AUTH"));
+    else
+      RETURN_IF_ERROR(simple({"AUTH", config_.user, config_.password}, "AUTH"));
   }
   if (config_.db != 0) RETURN_IF_ERROR(simple({"SELECT", absl::StrCat(config_.db)}, "SELECT"));
   return c;
@@ -151,7 +176,7 @@ absl::StatusOr<RedisStore::Context> RedisStore::Acquire() {
 
 void RedisStore::Release(Context c) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (idle_.size() < 16) idle_.push_back(std::move(c));
+  if (idle_.size() < kMaxIdleConnections) idle_.push_back(std::move(c));
 }
 
 absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_view>>& commands,
@@ -162,7 +187,10 @@ absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_vie
   for (const auto& argv : commands) {
     ptrs.clear();
     lens.clear();
-    for (auto a : argv) { ptrs.push_back(a.data()); lens.push_back(a.size()); }
+    for (auto a : argv) {
+      ptrs.push_back(a.data());
+      lens.push_back(a.size());
+    }
     if (redisAppendCommandArgv(c.get(), argv.size(), ptrs.data(), lens.data()) != REDIS_OK) {
       return absl::UnavailableError(absl::StrCat("redis ", config_.Describe(), ": ", c->errstr));
     }
@@ -172,8 +200,8 @@ absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_vie
     void* raw = nullptr;
     if (redisGetReply(c.get(), &raw) != REDIS_OK || raw == nullptr) {
       // I/O error or timeout: the connection is out of sync; drop it.
-      return absl::UnavailableError(absl::StrCat("redis ", config_.Describe(), ": ",
-                                                 c->errstr[0] ? c->errstr : "connection lost"));
+      return absl::UnavailableError(
+          absl::StrCat("redis ", config_.Describe(), ": ", c->errstr[0] ? c->errstr : "connection lost"));
     }
     Reply r(static_cast<redisReply*>(raw));
     if (on_reply && first_error.ok()) first_error = on_reply(i, r.get());
@@ -197,7 +225,7 @@ absl::StatusOr<std::vector<bool>> RedisStore::Exists(const std::vector<std::stri
   std::vector<bool> out(keys.size());
   RETURN_IF_ERROR(Pipeline(cmds, [&](size_t i, void* raw) {
     auto* r = static_cast<redisReply*>(raw);
-    if (r->type == REDIS_REPLY_ERROR && std::strncmp(r->str, "WRONGTYPE", 9) == 0) return absl::OkStatus();
+    if (IsWrongType(r)) return absl::OkStatus();
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HEXISTS");
     out[i] = r->type == REDIS_REPLY_INTEGER && r->integer > 0;
     return absl::OkStatus();
@@ -214,7 +242,7 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
   std::vector<std::vector<absl::string_view>> fill;
   for (size_t i = 0; i < fields.size(); ++i) {
     fill.push_back({"HSET", tmp, fields[i], value.substr(i * chunk, chunk)});
-    if (i == 0) fill.push_back({"EXPIRE", tmp, "600"});  // abandoned temps vanish
+    if (i == 0) fill.push_back({"EXPIRE", tmp, kTempKeyTtlSeconds});  // abandoned temps vanish
   }
   RETURN_IF_ERROR(Pipeline(fill, [](size_t, void* raw) {
     auto* r = static_cast<redisReply*>(raw);
@@ -223,7 +251,10 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
   // 2. Publish: rename and set the expiry in one transaction.
   const std::string ttl = absl::StrCat(ttl_seconds);
   std::vector<std::vector<absl::string_view>> publish = {{"MULTI"}, {"RENAME", tmp, key}};
-  if (ttl_seconds > 0) publish.push_back({"EXPIRE", key, ttl}); else publish.push_back({"PERSIST", key});
+  if (ttl_seconds > 0)
+    publish.push_back({"EXPIRE", key, ttl});
+  else
+    publish.push_back({"PERSIST", key});
   publish.push_back({"EXEC"});
   return Pipeline(publish, [&](size_t i, void* raw) -> absl::Status {
     auto* r = static_cast<redisReply*>(raw);
@@ -232,8 +263,8 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 1) return absl::AbortedError("redis: transaction aborted");
     if (r->element[0]->type == REDIS_REPLY_ERROR) {
       // The temp key vanished (evicted) before RENAME: nothing was published.
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "redis evicted entry ", key, " while it was being written (maxmemory too small?)"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("redis evicted entry ", key, " while it was being written (maxmemory too small?)"));
     }
     return absl::OkStatus();
   });
@@ -245,11 +276,8 @@ absl::StatusOr<std::vector<std::optional<std::string>>> RedisStore::GetMany(cons
   std::vector<std::optional<std::string>> out(keys.size());
   RETURN_IF_ERROR(Pipeline(cmds, [&](size_t i, void* raw) {
     auto* r = static_cast<redisReply*>(raw);
-    if (r->type == REDIS_REPLY_ERROR) {
-      // WRONGTYPE: something else lives at the key: treat as a miss.
-      if (std::strncmp(r->str, "WRONGTYPE", 9) == 0) return absl::OkStatus();
-      return ErrorReply(r, "HGETALL");
-    }
+    if (IsWrongType(r)) return absl::OkStatus();  // something else lives at the key: a miss
+    if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HGETALL");
     if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 || r->elements % 2 != 0) return absl::OkStatus();
     // Fields must be exactly "0".."n-1"; order them.
     const size_t n = r->elements / 2;
@@ -293,7 +321,7 @@ absl::StatusOr<std::vector<std::string>> RedisStore::Scan(const std::string& pat
   std::vector<std::string> keys;
   std::string cursor = "0";
   do {
-    RETURN_IF_ERROR(Pipeline({{"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"}}, [&](size_t, void* raw) {
+    RETURN_IF_ERROR(Pipeline({{"SCAN", cursor, "MATCH", pattern, "COUNT", kScanBatch}}, [&](size_t, void* raw) {
       auto* r = static_cast<redisReply*>(raw);
       if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "SCAN");
       if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return absl::InternalError("redis SCAN: bad reply");

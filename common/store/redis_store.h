@@ -66,7 +66,9 @@ class RedisStore {
   const RedisConfig& config() const { return config_; }
 
  private:
-  struct ContextDeleter { void operator()(redisContext* c) const; };
+  struct ContextDeleter {
+    void operator()(redisContext* c) const;
+  };
   using Context = std::unique_ptr<redisContext, ContextDeleter>;
   absl::StatusOr<Context> Acquire();
   void Release(Context c);

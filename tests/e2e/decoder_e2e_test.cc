@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -24,9 +25,12 @@ class Server {
   Server(const std::string& binary, const RedisServer& redis, std::vector<std::string> extra) {
     port_ = testing::FreePort();
     log_ = redis.dir() + "/" + binary + "-" + std::to_string(port_) + ".log";
-    std::vector<std::string> argv = {std::string(APE_BIN_DIR) + "/" + binary, "--listen=127.0.0.1:" + std::to_string(port_),
-                                     "--redis=" + redis.uri(), "--model=" + TestData("stories260K.bin"),
-                                     "--tokenizer=" + TestData("tok512.bin"), "--redis_timeout_ms=1000"};
+    std::vector<std::string> argv = {std::string(APE_BIN_DIR) + "/" + binary,
+                                     "--listen=127.0.0.1:" + std::to_string(port_),
+                                     "--redis=" + redis.uri(),
+                                     "--model=" + TestData("stories260K.bin"),
+                                     "--tokenizer=" + TestData("tok512.bin"),
+                                     "--redis_timeout_ms=1000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc_.Start(argv, log_);
     ok_ = testing::WaitForPort(port_, proc_);
@@ -57,7 +61,8 @@ struct Stream {
   }
   std::vector<int32_t> ids() const {
     std::vector<int32_t> v;
-    for (auto& d : tokens) if (d.id() >= 0) v.push_back(d.id());
+    for (auto& d : tokens)
+      if (d.id() >= 0) v.push_back(d.id());
     return v;
   }
 };
@@ -70,7 +75,10 @@ Stream Generate(v1::Decoder::Stub& stub, const v1::GenerateRequest& req, int can
   v1::GenerateResponse msg;
   while (reader->Read(&msg)) {
     if (msg.has_token()) s.tokens.push_back(msg.token());
-    if (msg.has_final()) { s.final = msg.final(); s.has_final = true; }
+    if (msg.has_final()) {
+      s.final = msg.final();
+      s.has_final = true;
+    }
     if (cancel_after >= 0 && static_cast<int>(s.tokens.size()) >= cancel_after) ctx.TryCancel();
   }
   s.status = reader->Finish();
@@ -87,7 +95,8 @@ class DecoderE2eTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_TRUE(redis_.ok());
     encoder_ = std::make_unique<Server>("ape-encoder", redis_, std::vector<std::string>{});
-    decoder_ = std::make_unique<Server>("ape-decoder", redis_, std::vector<std::string>{"--encoder=" + encoder_->address(), "--max_queue=16"});
+    decoder_ = std::make_unique<Server>("ape-decoder", redis_,
+                                        std::vector<std::string>{"--encoder=" + encoder_->address(), "--max_queue=16"});
     ASSERT_TRUE(encoder_->ok() && decoder_->ok()) << decoder_->Log();
     enc_ = v1::Encoder::NewStub(encoder_->channel());
     dec_ = v1::Decoder::NewStub(decoder_->channel());
@@ -113,6 +122,26 @@ class DecoderE2eTest : public ::testing::Test {
     EXPECT_TRUE(enc_->Tokenize(&ctx, req, &resp).ok());
     return {resp.ids().begin(), resp.ids().end()};
   }
+  // Commands Redis has served (INFO commandstats), INFO itself not counted.
+  int64_t RedisCommands() {
+    FILE* p = popen(("redis-cli -p " + std::to_string(redis_.port()) + " INFO commandstats").c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+    pclose(p);
+    int64_t calls = 0;
+    for (size_t at = out.find("cmdstat_"); at != std::string::npos; at = out.find("cmdstat_", at + 1)) {
+      const size_t colon = out.find(":calls=", at);
+      if (out.compare(at, colon - at, "cmdstat_info") != 0) calls += std::stoll(out.substr(colon + 7));
+    }
+    return calls;
+  }
+  grpc::Status Score(const v1::GenerateRequest& req, v1::ScoreResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    return dec_->Score(&ctx, req, resp);
+  }
   v1::GenerateRequest Request(const std::vector<std::string>& keys, v1::Mode mode, int max_tokens = 12) {
     v1::GenerateRequest req;
     req.set_prefix(kPrefix);
@@ -137,12 +166,17 @@ TEST_F(DecoderE2eTest, AgreesWithPyTorchReference) {
   base["contexts"] = nlohmann::json::array();
   for (auto& d : kDocs) base["contexts"].push_back(Tokenize(d, false));
   base["query"] = Tokenize(" One day, Lily", false);
-  for (auto [mode, name, T, S] : std::vector<std::tuple<v1::Mode, const char*, float, float>>{
-           {v1::MODE_SEQUENTIAL, "SEQUENTIAL", 1, 1}, {v1::MODE_PARALLEL, "PARALLEL", 1, 1},
-           {v1::MODE_APE, "APE", 0.9f, 0.9f}, {v1::MODE_APE, "APE", 0.4f, 0.6f}}) {
+  for (auto [mode, name, T, S] :
+       std::vector<std::tuple<v1::Mode, const char*, float, float>>{{v1::MODE_SEQUENTIAL, "SEQUENTIAL", 1, 1},
+                                                                    {v1::MODE_PARALLEL, "PARALLEL", 1, 1},
+                                                                    {v1::MODE_APE, "APE", 0.9f, 0.9f},
+                                                                    {v1::MODE_APE, "APE", 0.4f, 0.6f}}) {
     v1::GenerateRequest req = Request(keys, mode, 10);
     req.set_dtype(v1::KV_DTYPE_FLOAT32);
-    if (mode == v1::MODE_APE) { req.set_ape_temperature(T); req.set_ape_scale(S); }
+    if (mode == v1::MODE_APE) {
+      req.set_ape_temperature(T);
+      req.set_ape_scale(S);
+    }
     Stream s = Generate(*dec_, req);
     ASSERT_TRUE(s.status.ok()) << s.status.error_message();
     nlohmann::json r = base;
@@ -151,7 +185,8 @@ TEST_F(DecoderE2eTest, AgreesWithPyTorchReference) {
     r["S"] = S;
     r["generated"] = s.ids();
     testing::TempFile in(r.dump());
-    std::string cmd = "/usr/bin/python3 " + std::string(APE_SOURCE_DIR) + "/tests/reference/ape_reference.py < " + in.path();
+    std::string cmd =
+        "/usr/bin/python3 " + std::string(APE_SOURCE_DIR) + "/tests/reference/ape_reference.py < " + in.path();
     FILE* p = popen(cmd.c_str(), "r");
     std::string out;
     char buf[4096];
@@ -161,7 +196,8 @@ TEST_F(DecoderE2eTest, AgreesWithPyTorchReference) {
     auto ref = nlohmann::json::parse(out);
     ASSERT_EQ(ref["logprobs"].size(), s.ids().size());
     for (size_t i = 0; i < s.ids().size(); ++i) {
-      EXPECT_NEAR(s.tokens[i].logprob(), ref["logprobs"][i].get<float>(), 1e-3f) << name << " T=" << T << " token " << i;
+      EXPECT_NEAR(s.tokens[i].logprob(), ref["logprobs"][i].get<float>(), 1e-3f)
+          << name << " T=" << T << " token " << i;
       EXPECT_EQ(s.ids()[i], ref["argmax"][i].get<int>()) << name << " token " << i;
     }
   }
@@ -254,6 +290,97 @@ TEST_F(DecoderE2eTest, MissingForeignAndCorruptCaches) {
   EXPECT_EQ(Generate(*dec_, bad).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
+// Score takes Generate's path: a context sent as text that is not cached is
+// encoded through --encoder (its log shows the encode, Redis then holds the
+// entry), and the distribution is the one Generate's first token comes from.
+TEST_F(DecoderE2eTest, ScoreEncodesThroughTheEncoderAndAgreesWithGenerate) {
+  const std::string doc = " Sam found a small blue bird in the garden. It could not fly.";
+  v1::GenerateRequest req = Request({}, v1::MODE_APE, 1);
+  req.add_contexts()->set_text(doc);
+  req.set_top_logprobs(20);
+  v1::ScoreResponse score;
+  grpc::Status st = Score(req, &score);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ASSERT_EQ(score.logprobs_size(), 512);  // tok512's vocabulary
+  EXPECT_EQ(score.usage().cached_tokens(), 0u);
+  EXPECT_GT(score.usage().encoded_tokens(), 0u);
+  EXPECT_NE(encoder_->Log().find("encoder Encode OK contexts=1 cached=0"), std::string::npos) << encoder_->Log();
+  EXPECT_NE(decoder_->Log().find("decoder Score OK mode=MODE_APE contexts=1"), std::string::npos) << decoder_->Log();
+  v1::EncodeRequest again;
+  again.mutable_prefix()->set_text(kPrefix);
+  again.add_contexts()->set_text(doc);
+  v1::EncodeResponse cached;
+  grpc::ClientContext ectx;
+  ASSERT_TRUE(enc_->Encode(&ectx, again, &cached).ok());
+  EXPECT_TRUE(cached.contexts(0).already_cached());
+  EXPECT_TRUE(cached.prefix().already_cached());
+  // Generate, on the same request, now reads the entries back.
+  Stream s = Generate(*dec_, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.final.usage().encoded_tokens(), 0u);
+  EXPECT_EQ(s.final.usage().cached_tokens(), score.usage().encoded_tokens());
+  ASSERT_FALSE(s.tokens.empty());
+  const v1::TokenDelta& first = s.tokens[0];
+  ASSERT_GE(first.id(), 0);
+  EXPECT_NEAR(first.logprob(), score.logprobs(first.id()), 1e-4f);
+  ASSERT_EQ(first.top_logprobs_size(), 20);
+  for (const auto& t : first.top_logprobs()) EXPECT_NEAR(t.logprob(), score.logprobs(t.id()), 1e-4f) << t.id();
+  EXPECT_EQ(first.top_logprobs(0).id(),
+            std::max_element(score.logprobs().begin(), score.logprobs().end()) - score.logprobs().begin());
+}
+
+// Every field is checked before any I/O: an invalid request sends Redis no
+// command at all, and gets INVALID_ARGUMENT (not UNAVAILABLE) while Redis is
+// down.
+TEST_F(DecoderE2eTest, InvalidRequestsAreRefusedBeforeAnyIo) {
+  auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT16);
+  std::vector<std::pair<std::string, v1::GenerateRequest>> bad;
+  for (v1::Mode mode : {v1::MODE_APE, v1::MODE_PARALLEL, v1::MODE_SEQUENTIAL}) {
+    bad.emplace_back("empty query, " + v1::Mode_Name(mode), Request(keys, mode));
+    bad.back().second.set_query("");
+  }
+  bad.emplace_back("ape_temperature", Request(keys, v1::MODE_APE));
+  bad.back().second.set_ape_temperature(-1);
+  bad.emplace_back("ape_scale", Request(keys, v1::MODE_APE));
+  bad.back().second.set_ape_scale(3);
+  bad.emplace_back("unknown mode", Request(keys, static_cast<v1::Mode>(9)));
+  bad.emplace_back("unknown dtype", Request(keys, v1::MODE_APE));
+  bad.back().second.set_dtype(static_cast<v1::KvDtype>(7));
+  bad.emplace_back("malformed key", Request({keys[0], "ape:v1:kv:not-hex"}, v1::MODE_APE));
+  bad.emplace_back("empty key", Request({keys[0], ""}, v1::MODE_APE));
+  bad.emplace_back("empty ref", Request(keys, v1::MODE_APE));
+  bad.back().second.add_contexts();
+  bad.emplace_back("empty text", Request(keys, v1::MODE_APE));
+  bad.back().second.add_contexts()->set_text("");
+  bad.emplace_back("token id", Request(keys, v1::MODE_APE));
+  bad.back().second.add_contexts()->mutable_tokens()->add_ids(512);
+  bad.emplace_back("top_p", Request(keys, v1::MODE_APE));
+  bad.back().second.mutable_sampling()->set_top_p(2);
+  bad.emplace_back("top_logprobs", Request(keys, v1::MODE_APE));
+  bad.back().second.set_top_logprobs(21);
+  bad.emplace_back("stop", Request(keys, v1::MODE_APE));
+  bad.back().second.add_stop(std::string(257, 'x'));
+  bad.emplace_back("max_tokens", Request(keys, v1::MODE_APE, 5000));
+  auto expect_invalid = [&](const char* when) {
+    for (const auto& [what, req] : bad) {
+      Stream g = Generate(*dec_, req);
+      EXPECT_EQ(g.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+          << when << ": " << what << ": " << g.status.error_message();
+      v1::ScoreResponse resp;
+      grpc::Status s = Score(req, &resp);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+          << when << ": " << what << ": " << s.error_message();
+    }
+  };
+  const int64_t before = RedisCommands();
+  expect_invalid("Redis up");
+  EXPECT_EQ(RedisCommands(), before);
+  redis_.Stop();
+  expect_invalid("Redis down");
+  // The same request, valid, does reach Redis.
+  EXPECT_EQ(Generate(*dec_, Request(keys, v1::MODE_APE)).status.error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
 TEST_F(DecoderE2eTest, CancelFreesTheWorkerAndConcurrentStreamsAreCorrect) {
   auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT16);
   Stream want = Generate(*dec_, Request(keys, v1::MODE_APE, 40));
@@ -297,8 +424,10 @@ TEST_F(DecoderE2eTest, OverloadGetsResourceExhausted) {
     threads.emplace_back([&] {
       auto st = v1::Decoder::NewStub(small.channel());
       Stream s = Generate(*st, Request(keys, v1::MODE_APE, 300));
-      if (s.status.ok()) ++ok;
-      else if (s.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) ++exhausted;
+      if (s.status.ok())
+        ++ok;
+      else if (s.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED)
+        ++exhausted;
     });
   }
   for (auto& t : threads) t.join();

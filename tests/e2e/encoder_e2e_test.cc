@@ -1,7 +1,7 @@
 // ape-encoder end to end: a real redis-server, real encoder processes on
 // free loopback ports, a gRPC client.
-#include <grpcpp/grpcpp.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "ape/v1/encoder.grpc.pb.h"
@@ -183,7 +183,8 @@ TEST_F(EncoderE2eTest, JunkUnderAKeyIsReplacedByAValidEntry) {
   in.contexts = {model_->tokenizer().Encode("Lily had a big red ball.", false, false)};
   in.dtype = KvDtype::kFloat16;
   const std::string key = PlanEncode(*model_, in).contexts[0].key;
-  ASSERT_EQ(std::system(("redis-cli -p " + std::to_string(redis_.port()) + " SET " + key + " junk >/dev/null").c_str()), 0);
+  ASSERT_EQ(std::system(("redis-cli -p " + std::to_string(redis_.port()) + " SET " + key + " junk >/dev/null").c_str()),
+            0);
   v1::EncodeResponse resp;
   ASSERT_TRUE(Encode(enc, Request(v1::KV_DTYPE_FLOAT16), &resp).ok());
   EXPECT_EQ(resp.contexts(0).key(), key);
@@ -221,7 +222,8 @@ TEST_F(EncoderE2eTest, TokenizeDetokenizeModelInfoHealthAndShutdown) {
   tr.set_add_bos(true);
   v1::TokenizeResponse tresp;
   ASSERT_TRUE(enc.stub().Tokenize(&c1, tr, &tresp).ok());
-  EXPECT_EQ(std::vector<int32_t>(tresp.ids().begin(), tresp.ids().end()), (std::vector<int32_t>{1, 403, 407, 261, 378}));
+  EXPECT_EQ(std::vector<int32_t>(tresp.ids().begin(), tresp.ids().end()),
+            (std::vector<int32_t>{1, 403, 407, 261, 378}));
   grpc::ClientContext c2;
   v1::DetokenizeRequest dr;
   for (int32_t id : tresp.ids()) dr.add_ids(id);
@@ -249,7 +251,12 @@ TEST_F(EncoderE2eTest, TokenizeDetokenizeModelInfoHealthAndShutdown) {
   bool done = false;
   grpc::Status hs;
   generic.UnaryCall(&c5, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_buf, &resp_buf,
-                    [&](grpc::Status st) { std::lock_guard<std::mutex> l(mu); hs = st; done = true; cv.notify_all(); });
+                    [&](grpc::Status st) {
+                      std::lock_guard<std::mutex> l(mu);
+                      hs = st;
+                      done = true;
+                      cv.notify_all();
+                    });
   {
     std::unique_lock<std::mutex> l(mu);
     cv.wait_for(l, std::chrono::seconds(10), [&] { return done; });
@@ -260,7 +267,7 @@ TEST_F(EncoderE2eTest, TokenizeDetokenizeModelInfoHealthAndShutdown) {
   std::string bytes;
   for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
-  EXPECT_EQ(enc.Stop(), 0);  // SIGTERM: graceful exit
+  EXPECT_EQ(enc.Stop(), 0);                      // SIGTERM: graceful exit
 }
 
 }  // namespace

@@ -29,7 +29,11 @@ struct RandomCache {
   }
   static ModelConfig MakeConfig(int h, int kvh, int hd) {
     ModelConfig c;
-    c.n_layers = 1; c.n_heads = h; c.n_kv_heads = kvh; c.head_dim = hd; c.dim = h * hd;
+    c.n_layers = 1;
+    c.n_heads = h;
+    c.n_kv_heads = kvh;
+    c.head_dim = hd;
+    c.dim = h * hd;
     return c;
   }
 };
@@ -55,7 +59,11 @@ std::vector<float> ThreeBlock(const RandomCache& s, int row, int first_slot, con
   for (int h = 0; h < c.n_heads; ++h) {
     const float* q = &s.q[(row * c.n_heads + h) * c.head_dim];
     const int kvo = h / (c.n_heads / c.n_kv_heads) * c.head_dim;
-    struct Block { std::vector<double> logits; std::vector<int> slots; double weight_exp; };
+    struct Block {
+      std::vector<double> logits;
+      std::vector<int> slots;
+      double weight_exp;
+    };
     Block blocks[3];  // prefix, contexts, query
     for (int j = 0; j <= last; ++j) {
       double sj = Dot(q, s.cache.key(0, j) + kvo, c.head_dim) / std::sqrt(c.head_dim);
@@ -94,8 +102,10 @@ std::vector<float> ClosedForm(const RandomCache& s, int row, int first_slot, con
     double zc = 0, zo = 0;
     for (int j = 0; j <= last; ++j) {
       sc[j] = Dot(q, s.cache.key(0, j) + kvo, c.head_dim) / std::sqrt(c.head_dim);
-      if (j >= p.context_begin && j < p.context_end) zc += std::exp(sc[j] / p.temperature);
-      else zo += std::exp(sc[j]);
+      if (j >= p.context_begin && j < p.context_end)
+        zc += std::exp(sc[j] / p.temperature);
+      else
+        zo += std::exp(sc[j]);
     }
     const double st = p.scale * p.temperature;
     const double denom = std::pow(zc, st) + zo;
@@ -108,7 +118,11 @@ std::vector<float> ClosedForm(const RandomCache& s, int row, int first_slot, con
   return out;
 }
 
-struct Case { int heads, kv_heads, head_dim, prefix, contexts, query; float T, S; int threads; };
+struct Case {
+  int heads, kv_heads, head_dim, prefix, contexts, query;
+  float T, S;
+  int threads;
+};
 
 class ApeAttentionTest : public ::testing::TestWithParam<Case> {};
 
@@ -132,14 +146,13 @@ TEST_P(ApeAttentionTest, AgreesWithThreeBlockAndClosedForm) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, ApeAttentionTest,
-    ::testing::Values(Case{2, 1, 8, 3, 10, 4, 0.9f, 0.9f, 1},     // defaults, GQA
-                      Case{4, 2, 16, 5, 300, 7, 0.3f, 0.5f, 2},   // T, S far from 1, 2 threads
-                      Case{2, 2, 64, 1, 2000, 3, 0.5f, 0.2f, 2},  // long cache, many tiles
-                      Case{1, 1, 8, 4, 0, 5, 0.5f, 0.5f, 1},      // no contexts: plain causal
-                      Case{2, 1, 8, 2, 65, 1, 1.0f, 1.0f, 2},     // T = S = 1, tile edge
-                      Case{3, 3, 4, 0, 17, 2, 0.7f, 1.0f, 1}));   // no prefix at all
+INSTANTIATE_TEST_SUITE_P(Shapes, ApeAttentionTest,
+                         ::testing::Values(Case{2, 1, 8, 3, 10, 4, 0.9f, 0.9f, 1},     // defaults, GQA
+                                           Case{4, 2, 16, 5, 300, 7, 0.3f, 0.5f, 2},   // T, S far from 1, 2 threads
+                                           Case{2, 2, 64, 1, 2000, 3, 0.5f, 0.2f, 2},  // long cache, many tiles
+                                           Case{1, 1, 8, 4, 0, 5, 0.5f, 0.5f, 1},      // no contexts: plain causal
+                                           Case{2, 1, 8, 2, 65, 1, 1.0f, 1.0f, 2},     // T = S = 1, tile edge
+                                           Case{3, 3, 4, 0, 17, 2, 0.7f, 1.0f, 1}));   // no prefix at all
 
 // Contexts are pooled: any permutation of context slots gives the same output.
 TEST(ApeAttentionOrderTest, InvariantToContextOrder) {

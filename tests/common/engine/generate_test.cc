@@ -29,8 +29,10 @@ class GenerateTest : public ::testing::Test {
     KvCache cache(model_->config(), 300);
     std::vector<float> logits(model_->config().vocab_size);
     tf.Forward(prompt, pos, cache, ApeParams{}, logits.data());
-    return Generate(tf, cache, ApeParams{}, logits, prompt, prompt.size(), opt,
-                    [&](const TokenEvent& e) { events->push_back(e); return true; });
+    return Generate(tf, cache, ApeParams{}, logits, prompt, prompt.size(), opt, [&](const TokenEvent& e) {
+      events->push_back(e);
+      return true;
+    });
   }
   std::unique_ptr<Model> model_;
 };
@@ -71,8 +73,8 @@ TEST_F(GenerateTest, MaxTokensAndCancel) {
   std::vector<float> logits(model_->config().vocab_size);
   std::vector<int32_t> pos = {0, 1, 2, 3, 4};
   tf.Forward(prompt, pos, cache, ApeParams{}, logits.data());
-  GenerateResult c = Generate(tf, cache, ApeParams{}, logits, prompt, 5, opt,
-                              [&](const TokenEvent&) { return ++calls < 3; });
+  GenerateResult c =
+      Generate(tf, cache, ApeParams{}, logits, prompt, 5, opt, [&](const TokenEvent&) { return ++calls < 3; });
   EXPECT_EQ(c.reason, FinishReason::kCancelled);
   EXPECT_EQ(calls, 3);
 }

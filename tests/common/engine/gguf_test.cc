@@ -18,9 +18,7 @@ using ::ape::testing::GgufWriter;
 using ::ape::testing::ReadAll;
 using ::ape::testing::TestData;
 
-std::span<const uint8_t> Bytes(const std::string& s) {
-  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
-}
+std::span<const uint8_t> Bytes(const std::string& s) { return {reinterpret_cast<const uint8_t*>(s.data()), s.size()}; }
 
 TEST(GgufTest, ParsesRealFixture) {
   std::string bytes = ReadAll(TestData("format-fixtures/llama-2-tiny-random.gguf"));
@@ -43,22 +41,44 @@ TEST(GgufTest, ParsesRealFixture) {
 TEST(GgufTest, EveryValueTypeAndTensorType) {
   GgufWriter w;
   std::string s;
-  GgufWriter::Put<uint8_t>(s, 200); w.KvRaw("u8", 0, s); s.clear();
-  GgufWriter::Put<int8_t>(s, -5); w.KvRaw("i8", 1, s); s.clear();
-  GgufWriter::Put<uint16_t>(s, 60000); w.KvRaw("u16", 2, s); s.clear();
-  GgufWriter::Put<int16_t>(s, -30000); w.KvRaw("i16", 3, s); s.clear();
+  GgufWriter::Put<uint8_t>(s, 200);
+  w.KvRaw("u8", 0, s);
+  s.clear();
+  GgufWriter::Put<int8_t>(s, -5);
+  w.KvRaw("i8", 1, s);
+  s.clear();
+  GgufWriter::Put<uint16_t>(s, 60000);
+  w.KvRaw("u16", 2, s);
+  s.clear();
+  GgufWriter::Put<int16_t>(s, -30000);
+  w.KvRaw("i16", 3, s);
+  s.clear();
   w.KvU32("u32", 4000000000u);
-  GgufWriter::Put<int32_t>(s, -7); w.KvRaw("i32", 5, s); s.clear();
+  GgufWriter::Put<int32_t>(s, -7);
+  w.KvRaw("i32", 5, s);
+  s.clear();
   w.KvF32("f32", 0.25f);
   w.KvBool("bool", true);
   w.KvStr("str", "hello");
-  GgufWriter::Put<uint64_t>(s, 1ull << 40); w.KvRaw("u64", 10, s); s.clear();
-  GgufWriter::Put<int64_t>(s, -(1ll << 40)); w.KvRaw("i64", 11, s); s.clear();
-  GgufWriter::Put<double>(s, 1.5); w.KvRaw("f64", 12, s); s.clear();
+  GgufWriter::Put<uint64_t>(s, 1ull << 40);
+  w.KvRaw("u64", 10, s);
+  s.clear();
+  GgufWriter::Put<int64_t>(s, -(1ll << 40));
+  w.KvRaw("i64", 11, s);
+  s.clear();
+  GgufWriter::Put<double>(s, 1.5);
+  w.KvRaw("f64", 12, s);
+  s.clear();
   // An array of arrays of u8.
-  GgufWriter::Put<uint32_t>(s, 9); GgufWriter::Put<uint64_t>(s, 2);
-  for (int a = 0; a < 2; ++a) { GgufWriter::Put<uint32_t>(s, 0); GgufWriter::Put<uint64_t>(s, 3); s += "abc"; }
-  w.KvRaw("nested", 9, s); s.clear();
+  GgufWriter::Put<uint32_t>(s, 9);
+  GgufWriter::Put<uint64_t>(s, 2);
+  for (int a = 0; a < 2; ++a) {
+    GgufWriter::Put<uint32_t>(s, 0);
+    GgufWriter::Put<uint64_t>(s, 3);
+    s += "abc";
+  }
+  w.KvRaw("nested", 9, s);
+  s.clear();
   w.KvU32("general.alignment", 64);
 
   // Tensors: values chosen exactly representable in every type.
@@ -66,7 +86,12 @@ TEST(GgufTest, EveryValueTypeAndTensorType) {
   for (int i = 0; i < 64; ++i) vals[i] = (i - 32) * 0.5f;
   w.TensorF32("f32", {64}, vals);
   std::string f16, bf16, q8;
-  for (float v : vals) { GgufWriter::Put<uint16_t>(f16, FloatToHalf(v)); uint32_t u; std::memcpy(&u, &v, 4); GgufWriter::Put<uint16_t>(bf16, u >> 16); }
+  for (float v : vals) {
+    GgufWriter::Put<uint16_t>(f16, FloatToHalf(v));
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    GgufWriter::Put<uint16_t>(bf16, u >> 16);
+  }
   for (int b = 0; b < 2; ++b) {  // Q8_0: scale 0.5, q = v / 0.5
     GgufWriter::Put<uint16_t>(q8, FloatToHalf(0.5f));
     for (int j = 0; j < 32; ++j) GgufWriter::Put<int8_t>(q8, static_cast<int8_t>(vals[b * 32 + j] / 0.5f));
@@ -111,16 +136,21 @@ TEST(GgufTest, EveryValueTypeAndTensorType) {
 TEST(GgufTest, RejectsBadHeaders) {
   std::string ok = GgufWriter().Finish();
   EXPECT_TRUE(GgufFile::Parse(Bytes(ok), "empty").ok());
-  std::string bad_magic = ok; bad_magic[0] = 'X';
+  std::string bad_magic = ok;
+  bad_magic[0] = 'X';
   EXPECT_NE(GgufFile::Parse(Bytes(bad_magic), "f").status().message().find("magic"), std::string::npos);
-  std::string v1 = ok; v1[4] = 1;
+  std::string v1 = ok;
+  v1[4] = 1;
   EXPECT_EQ(GgufFile::Parse(Bytes(v1), "f").status().code(), absl::StatusCode::kUnimplemented);
   // A kv count far beyond the file must not allocate or loop.
-  std::string huge = ok; std::memset(&huge[16], 0x7f, 8);
+  std::string huge = ok;
+  std::memset(&huge[16], 0x7f, 8);
   EXPECT_EQ(GgufFile::Parse(Bytes(huge), "f").status().code(), absl::StatusCode::kInvalidArgument);
   // A string length that lies.
-  GgufWriter w; w.KvStr("k", "value");
-  std::string lie = w.Finish(); std::memset(&lie[24], 0xff, 8);
+  GgufWriter w;
+  w.KvStr("k", "value");
+  std::string lie = w.Finish();
+  std::memset(&lie[24], 0xff, 8);
   EXPECT_FALSE(GgufFile::Parse(Bytes(lie), "f").ok());
 }
 

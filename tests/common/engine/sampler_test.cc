@@ -40,15 +40,26 @@ TEST(SamplerTest, TopKTopPMinPRestrict) {
   p.temperature = 1.f;
   p.top_k = 2;
   Sampler k(p, 6);
-  for (int i = 0; i < 200; ++i) { auto l = Logits(); int x = k.Sample(l.data(), {}); EXPECT_TRUE(x == 1 || x == 3); }
+  for (int i = 0; i < 200; ++i) {
+    auto l = Logits();
+    int x = k.Sample(l.data(), {});
+    EXPECT_TRUE(x == 1 || x == 3);
+  }
   p.top_k = 0;
   p.top_p = 0.05f;  // only the single most likely token
   Sampler tp(p, 6);
-  for (int i = 0; i < 50; ++i) { auto l = Logits(); EXPECT_EQ(tp.Sample(l.data(), {}), 1); }
+  for (int i = 0; i < 50; ++i) {
+    auto l = Logits();
+    EXPECT_EQ(tp.Sample(l.data(), {}), 1);
+  }
   p.top_p = 1.f;
   p.min_p = 0.5f;  // keeps tokens with p >= 0.5 * p_max: ids 1, 3 (ratio 1) and 2 (e^-1 < 0.5: dropped)
   Sampler mp(p, 6);
-  for (int i = 0; i < 200; ++i) { auto l = Logits(); int x = mp.Sample(l.data(), {}); EXPECT_TRUE(x == 1 || x == 3); }
+  for (int i = 0; i < 200; ++i) {
+    auto l = Logits();
+    int x = mp.Sample(l.data(), {});
+    EXPECT_TRUE(x == 1 || x == 3);
+  }
 }
 
 TEST(SamplerTest, RepetitionPenaltyDemotesSeenTokens) {

@@ -64,7 +64,8 @@ void CheckGgufVocab(const std::string& stem) {
   ASSERT_EQ(inputs.size(), outputs.size()) << stem;
   for (size_t i = 0; i < inputs.size(); ++i) {
     std::vector<int32_t> want;
-    for (absl::string_view s : absl::StrSplit(outputs[i], ' ', absl::SkipEmpty())) want.push_back(std::stoi(std::string(s)));
+    for (absl::string_view s : absl::StrSplit(outputs[i], ' ', absl::SkipEmpty()))
+      want.push_back(std::stoi(std::string(s)));
     EXPECT_EQ(tok->Encode(inputs[i], false, false), want) << stem << " case " << i << ": [" << inputs[i] << "]";
   }
 }

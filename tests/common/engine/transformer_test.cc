@@ -67,8 +67,8 @@ TEST_P(TransformerTest, GreedyGoldenCases) {
     KvCache cache(model_->config(), steps + 1);
     std::vector<float> logits(model_->config().vocab_size);
     tf.Forward(prompt, Iota(prompt.size()), cache, ApeParams{}, logits.data());
-    GenerateResult r = Generate(tf, cache, ApeParams{}, logits, prompt, prompt.size(), opt,
-                                [](const TokenEvent&) { return true; });
+    GenerateResult r =
+        Generate(tf, cache, ApeParams{}, logits, prompt, prompt.size(), opt, [](const TokenEvent&) { return true; });
     std::vector<int32_t> all = prompt;
     all.insert(all.end(), r.tokens.begin(), r.tokens.end());
     EXPECT_EQ(all, c["tokens"].get<std::vector<int32_t>>()) << c["prompt"] << " " << steps;

@@ -5,12 +5,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <map>
 #include <random>
 
-#include "common/kv/cache_key.h"
 #include "common/engine/half.h"
 #include "common/engine/transformer.h"
+#include "common/kv/cache_key.h"
 #include "tests/test_util.h"
+#include "xxhash.h"
 
 namespace ape {
 namespace {
@@ -65,7 +68,7 @@ TEST_F(KvBlockTest, RoundTripFloat32BitExactAndFloat16WithinRounding) {
     EXPECT_EQ(view->tokens, ctx);
     Hash128 pk{};
     pk[0] = 7;
-    EXPECT_TRUE(CheckKvBlockMatches(*view, fp_, model_->config(), KvKind::kContext, pk).ok());
+    EXPECT_TRUE(CheckKvBlockMatches(*view, fp_, model_->config(), dtype, KvKind::kContext, pk).ok());
     KvCache loaded(model_->config(), 64);
     LoadKvBlock(*view, loaded, 3);
     for (int l = 0; l < model_->config().n_layers; ++l) {
@@ -106,7 +109,8 @@ TEST_F(KvBlockTest, RejectsEveryTruncationAndBitFlip) {
   std::string longer = bytes + "x";
   EXPECT_EQ(ParseKvBlock({reinterpret_cast<const uint8_t*>(longer.data()), longer.size()}).status().code(),
             absl::StatusCode::kDataLoss);
-  std::string junk = "not a kv block at all, but long enough to hold a header ............................................";
+  std::string junk =
+      "not a kv block at all, but long enough to hold a header ............................................";
   EXPECT_NE(ParseKvBlock({reinterpret_cast<const uint8_t*>(junk.data()), junk.size()}).status().message().find("magic"),
             std::string::npos);
 }
@@ -121,14 +125,100 @@ TEST_F(KvBlockTest, ForeignBlocksAreRefused) {
   pk[0] = 7;
   Hash128 other_fp = fp_;
   other_fp[15] ^= 1;
-  EXPECT_EQ(CheckKvBlockMatches(view, other_fp, model_->config(), KvKind::kContext, pk).code(),
+  const KvDtype f32 = KvDtype::kFloat32;
+  EXPECT_TRUE(CheckKvBlockMatches(view, fp_, model_->config(), f32, KvKind::kContext, pk).ok());
+  EXPECT_EQ(CheckKvBlockMatches(view, other_fp, model_->config(), f32, KvKind::kContext, pk).code(),
             absl::StatusCode::kFailedPrecondition);
   Hash128 other_prefix{};
-  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, model_->config(), KvKind::kContext, other_prefix).ok());
-  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, model_->config(), KvKind::kPrefix, pk).ok());
+  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, model_->config(), f32, KvKind::kContext, other_prefix).ok());
+  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, model_->config(), f32, KvKind::kPrefix, pk).ok());
+  auto dtype = CheckKvBlockMatches(view, fp_, model_->config(), KvDtype::kFloat16, KvKind::kContext, pk);
+  EXPECT_EQ(dtype.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(dtype.message().find("holds float32, not float16"), std::string::npos) << dtype;
   ModelConfig c = model_->config();
   c.n_layers = 4;
-  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, c, KvKind::kContext, pk).ok());
+  EXPECT_FALSE(CheckKvBlockMatches(view, fp_, c, f32, KvKind::kContext, pk).ok());
+}
+
+TEST(KvDtypeTest, NamesRoundTripAndOthersAreRefused) {
+  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+    auto parsed = ParseKvDtype(KvDtypeName(d));
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    EXPECT_EQ(*parsed, d);
+  }
+  EXPECT_STREQ(KvDtypeName(KvDtype::kFloat16), "float16");
+  EXPECT_STREQ(KvDtypeName(KvDtype::kFloat32), "float32");
+  for (const char* bad : {"", "fp16", "Float16", "float64", "float16 "}) {
+    EXPECT_EQ(ParseKvDtype(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
+// The bytes of kv_block_format.md, pinned: every header field at its offset,
+// and the XXH3-128 of two whole blocks (f16, f32) of a synthetic cache. A
+// change of these values changes every stored entry: it needs a version bump.
+TEST(KvBlockFormatTest, BytesArePinned) {
+  ModelConfig c;
+  c.n_layers = 2;
+  c.n_heads = c.n_kv_heads = 2;
+  c.head_dim = 4;
+  KvCache cache(c, 8);
+  for (size_t i = 0; i < cache.k.size(); ++i) {
+    cache.k[i] = 0.25f * static_cast<float>(i % 13) - 1.f;
+    cache.v[i] = 0.5f - 0.125f * static_cast<float>(i % 7);
+  }
+  KvBlockHeader h;
+  for (int i = 0; i < 16; ++i) {
+    h.model_fingerprint[i] = static_cast<uint8_t>(0xa0 + i);
+    h.prefix_key[i] = static_cast<uint8_t>(0x10 + i);
+  }
+  h.n_layers = 2;
+  h.n_kv_heads = 2;
+  h.head_dim = 4;
+  h.kind = KvKind::kContext;
+  h.num_tokens = 3;
+  h.first_position = 5;
+  const std::vector<int32_t> tokens = {7, 300, 2};
+  std::map<KvDtype, std::string> digests;
+  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+    h.dtype = dtype;
+    const std::string b = SerializeKvBlock(h, tokens, cache, 2);
+    auto u32 = [&](size_t at) {
+      uint32_t v;
+      std::memcpy(&v, b.data() + at, 4);
+      return v;
+    };
+    auto u64 = [&](size_t at) {
+      uint64_t v;
+      std::memcpy(&v, b.data() + at, 8);
+      return v;
+    };
+    ASSERT_EQ(b.size(), 96 + 4 * 3 + h.payload_bytes() + 16);
+    EXPECT_EQ(b.substr(0, 8), std::string("APEKV\r\n\x1a", 8));
+    EXPECT_EQ(u32(8), 1u);
+    EXPECT_EQ(u32(12), 96u + 4 * 3);
+    EXPECT_EQ(b.substr(16, 16), std::string(reinterpret_cast<const char*>(h.model_fingerprint.data()), 16));
+    EXPECT_EQ(u32(32), 2u);
+    EXPECT_EQ(u32(36), 2u);
+    EXPECT_EQ(u32(40), 4u);
+    EXPECT_EQ(u32(44), static_cast<uint32_t>(dtype));
+    EXPECT_EQ(u32(48), 2u);
+    EXPECT_EQ(u32(52), 3u);
+    EXPECT_EQ(u32(56), 5u);
+    EXPECT_EQ(u32(60), 0u);
+    EXPECT_EQ(b.substr(64, 16), std::string(reinterpret_cast<const char*>(h.prefix_key.data()), 16));
+    EXPECT_EQ(u64(80), h.payload_bytes());
+    EXPECT_EQ(u64(88), 0u);
+    EXPECT_EQ(u32(96), 7u);
+    EXPECT_EQ(u32(100), 300u);
+    EXPECT_EQ(u32(104), 2u);
+    XXH128_hash_t sum = XXH3_128bits(b.data(), b.size() - 16);
+    EXPECT_EQ(b.substr(b.size() - 16),
+              std::string(reinterpret_cast<const char*>(HashFromHalves(sum.high64, sum.low64).data()), 16));
+    XXH128_hash_t whole = XXH3_128bits(b.data(), b.size());
+    digests[dtype] = HashToHex(HashFromHalves(whole.high64, whole.low64));
+  }
+  EXPECT_EQ(digests[KvDtype::kFloat16], "7da99d5790767f1648b3acdafa89b9f6");
+  EXPECT_EQ(digests[KvDtype::kFloat32], "424f948915372a0c36c7473fd46cc7fd");
 }
 
 TEST(CacheKeyTest, StableAndSensitiveToEveryInput) {
@@ -139,7 +229,7 @@ TEST(CacheKeyTest, StableAndSensitiveToEveryInput) {
   EXPECT_EQ(k, ComputeKvKey(fp, KvDtype::kFloat16, KvKind::kContext, p, c));
   // Pinned: a change of this value breaks every cache in the field; it must
   // come with a format version bump.
-  EXPECT_EQ(RedisKeyFor(k), "ape:v1:kv:" + HashToHex(k));
+  EXPECT_EQ(RedisKeyFor(k), "ape:v1:kv:0b5f2641842d4a8e59678084a0ea48a7");
   EXPECT_NE(k, ComputeKvKey(fp, KvDtype::kFloat32, KvKind::kContext, p, c));
   EXPECT_NE(k, ComputeKvKey(fp, KvDtype::kFloat16, KvKind::kPrefix, p, c));
   EXPECT_NE(k, ComputeKvKey(fp, KvDtype::kFloat16, KvKind::kContext, {p.data(), 2}, c));

@@ -1,5 +1,7 @@
-// The decode pipeline in process (no store: contexts encoded in memory):
-// the special cases of APE.md section 3 on the real stories260K model.
+// The decode pipeline in process: the special cases of APE.md section 3 on
+// the real stories260K model (no store: contexts encoded in memory), and the
+// loading path against a private redis-server (hooks, limits, checks before
+// any I/O).
 #include "common/pipeline/decode_pipeline.h"
 
 #include <gtest/gtest.h>
@@ -8,6 +10,8 @@
 #include <cmath>
 
 #include "common/engine/sampler.h"
+#include "common/kv/cache_key.h"
+#include "tests/process_util.h"
 #include "tests/test_util.h"
 
 namespace ape {
@@ -41,17 +45,20 @@ class DecodePipelineTest : public ::testing::Test {
   }
   std::vector<float> Logits(const DecodeInput& in) {
     DecodeStats st;
-    auto l = PromptLogits(*model_, nullptr, in, &st);
+    auto l = PromptLogits(*model_, nullptr, in, DecodeHooks{}, &st);
     EXPECT_TRUE(l.ok()) << l.status();
     return LogSoftmax(*l);
   }
   GenerateResult Greedy(DecodeInput in, int n, std::vector<float>* logprobs) {
     in.generate.max_tokens = n;
     DecodeStats st;
-    auto r = RunDecode(*model_, nullptr, in, DecodeHooks{}, [&](const TokenEvent& e) {
-      if (e.id >= 0) logprobs->push_back(e.logprob);
-      return true;
-    }, &st);
+    auto r = RunDecode(
+        *model_, nullptr, in, DecodeHooks{},
+        [&](const TokenEvent& e) {
+          if (e.id >= 0) logprobs->push_back(e.logprob);
+          return true;
+        },
+        &st);
     EXPECT_TRUE(r.ok()) << r.status();
     return *r;
   }
@@ -109,13 +116,129 @@ TEST_F(DecodePipelineTest, UsageCountsTokens) {
   DecodeInput in = Input(DecodeMode::kApe, {" Lily had a red ball.", " Tom ran."}, 0.9f, 0.9f);
   in.generate.max_tokens = 3;
   DecodeStats st;
-  auto r = RunDecode(*model_, nullptr, in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+  auto r = RunDecode(
+      *model_, nullptr, in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
   ASSERT_TRUE(r.ok());
-  const int want = in.prefix_tokens.size() + in.contexts[0].tokens->size() + in.contexts[1].tokens->size() + in.query_tokens.size();
+  const int want =
+      in.prefix_tokens.size() + in.contexts[0].tokens->size() + in.contexts[1].tokens->size() + in.query_tokens.size();
   EXPECT_EQ(st.prompt_tokens, want);
   EXPECT_EQ(st.cached_tokens, 0);  // no store: everything encoded here
   EXPECT_EQ(st.encoded_tokens, want - static_cast<int>(in.query_tokens.size()));
   EXPECT_EQ(r->tokens.size(), 3u);
+}
+
+// Validation comes before any I/O: a store nobody listens on is never asked.
+TEST_F(DecodePipelineTest, InvalidInputIsRefusedBeforeTheStore) {
+  RedisConfig nowhere;
+  nowhere.port = testing::FreePort();
+  RedisStore down(nowhere);
+  DecodeInput in = Input(DecodeMode::kApe, {" Lily had a red ball."}, 0.9f, 0.9f);
+  in.contexts.push_back({"ape:v1:kv:00112233445566778899aabbccddeeff", std::nullopt});
+  DecodeStats st;
+  EXPECT_EQ(PromptLogits(*model_, &down, in, DecodeHooks{}, &st).status().code(), absl::StatusCode::kUnavailable);
+  for (DecodeMode mode : {DecodeMode::kApe, DecodeMode::kParallel, DecodeMode::kSequential}) {
+    DecodeInput bad = in;
+    bad.mode = mode;
+    bad.query_tokens.clear();
+    auto s = PromptLogits(*model_, &down, bad, DecodeHooks{}, &st);
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << s.status();
+    EXPECT_NE(s.status().message().find("query is empty"), std::string::npos) << s.status();
+    auto r = RunDecode(
+        *model_, &down, bad, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  }
+  DecodeInput bad = in;
+  bad.contexts[0].tokens->clear();
+  EXPECT_EQ(PromptLogits(*model_, &down, bad, DecodeHooks{}, &st).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = in;
+  bad.contexts[1].key = "not-a-key";
+  EXPECT_EQ(PromptLogits(*model_, &down, bad, DecodeHooks{}, &st).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// PromptLogits is RunDecode's path up to the first token: the same
+// distribution, the same hooks (cancellation, encoding through
+// remote_encode) and the same limits.
+class DecodePipelineStoreTest : public DecodePipelineTest {
+ protected:
+  void SetUp() override {
+    DecodePipelineTest::SetUp();
+    ASSERT_TRUE(redis_.ok());
+    store_ = std::make_unique<RedisStore>(*ParseRedisUri(redis_.uri()));
+  }
+  testing::RedisServer redis_;
+  std::unique_ptr<RedisStore> store_;
+};
+
+TEST_F(DecodePipelineStoreTest, PromptLogitsSharesRunDecodesHooks) {
+  DecodeInput in = Input(DecodeMode::kApe, {" Lily had a red ball.", " Tom ran."}, 0.8f, 0.9f);
+  int remote_calls = 0;
+  DecodeHooks hooks;
+  hooks.remote_encode = [&](const EncodeInput& e) {
+    ++remote_calls;
+    return EncodeContexts(*model_, *store_, e).status();
+  };
+  DecodeStats first;
+  auto logits = PromptLogits(*model_, store_.get(), in, hooks, &first);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  EXPECT_EQ(remote_calls, 1);
+  EXPECT_EQ(first.cached_tokens, 0);
+  EXPECT_GT(first.encoded_tokens, 0);
+  // Now cached: read back, nothing encoded, and RunDecode's first token has
+  // the same log-probability.
+  std::vector<float> lp;
+  in.generate.max_tokens = 1;
+  DecodeStats second;
+  auto r = RunDecode(
+      *model_, store_.get(), in, hooks,
+      [&](const TokenEvent& e) {
+        if (e.id >= 0) lp.push_back(e.logprob);
+        return true;
+      },
+      &second);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(remote_calls, 1);
+  EXPECT_EQ(second.cached_tokens, first.encoded_tokens);
+  EXPECT_EQ(second.encoded_tokens, 0);
+  ASSERT_EQ(lp.size(), 1u);
+  EXPECT_NEAR(LogSoftmax(*logits)[r->tokens[0]], lp[0], 1e-4f);
+  // Cancellation is checked on both paths.
+  hooks.cancelled = [] { return true; };
+  EXPECT_EQ(PromptLogits(*model_, store_.get(), in, hooks, &second).status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(RunDecode(
+                *model_, store_.get(), in, hooks, [](const TokenEvent&) { return true; }, &second)
+                .status()
+                .code(),
+            absl::StatusCode::kCancelled);
+  DecodeInput fresh = Input(DecodeMode::kApe, {" A new story about a cat."}, 0.8f, 0.9f);
+  EXPECT_EQ(PromptLogits(*model_, store_.get(), fresh, hooks, &second).status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(remote_calls, 1);  // cancelled before encoding
+}
+
+// Key-only contexts are measured once loaded: max_kv_slots holds for them too.
+TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
+  EncodeInput enc;
+  enc.prefix_tokens = Tok("Once upon a time", true);
+  enc.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
+  enc.dtype = KvDtype::kFloat32;
+  auto out = EncodeContexts(*model_, *store_, enc);
+  ASSERT_TRUE(out.ok()) << out.status();
+  DecodeInput in = Input(DecodeMode::kApe, {}, 0.9f, 0.9f);
+  for (const auto& c : out->contexts) in.contexts.push_back({c.key, std::nullopt});
+  in.generate.max_tokens = 4;
+  const int64_t need =
+      enc.prefix_tokens.size() + enc.contexts[0].size() + enc.contexts[1].size() + in.query_tokens.size() + 4;
+  for (DecodeMode mode : {DecodeMode::kApe, DecodeMode::kSequential}) {
+    in.mode = mode;
+    in.max_kv_slots = need;
+    DecodeStats st;
+    auto ok = RunDecode(
+        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    EXPECT_TRUE(ok.ok()) << ok.status();
+    in.max_kv_slots = need - 1;
+    auto over = RunDecode(
+        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  }
 }
 
 }  // namespace

@@ -176,8 +176,14 @@ TEST(RedisStoreTest, EvictionNeverYieldsAPartialEntry) {
       auto got = store.GetMany(keys);
       if (!got.ok()) continue;
       for (auto& v : *got) {
-        if (!v) { ++misses; continue; }
-        if (IsCompleteHammerValue(*v)) ++complete; else ++bad;
+        if (!v) {
+          ++misses;
+          continue;
+        }
+        if (IsCompleteHammerValue(*v))
+          ++complete;
+        else
+          ++bad;
       }
     }
   };

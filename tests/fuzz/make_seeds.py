@@ -1,0 +1,108 @@
+#!/usr/bin/python3
+"""Writes the fuzzers' seed corpus (tests/fuzz/corpus/<fuzzer>/): tiny valid
+inputs, so that fuzzing starts past the magic bytes. Deterministic; the files
+are committed, and this script says how they were made.
+
+  /usr/bin/python3 tests/fuzz/make_seeds.py
+"""
+import os
+import random
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPACE = "\u2581"
+
+
+def gguf_str(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def f16_bytes(values):
+    return b"".join(struct.pack("<e", v) for v in values)
+
+
+def q8_0_bytes(values):
+    out = b""
+    for i in range(0, len(values), 32):
+        block = values[i:i + 32]
+        d = max(abs(v) for v in block) / 127 or 1.0
+        out += struct.pack("<e", d) + bytes((round(v / d) & 0xFF) for v in block)
+    return out
+
+
+def tiny_gguf(matrix_type):
+    """A 1-layer llama (dim 8, 2 heads, 1 KV head, FFN 32) with an 8-piece
+    SentencePiece vocabulary; matrices in `matrix_type` (0 F32, 1 F16, 8 Q8_0)."""
+    rng = random.Random(matrix_type)
+    pieces = ["<unk>", "<s>", "</s>", SPACE, "a", "b", SPACE + "a", SPACE + "b"]
+    dim, ffn, vocab = 8, 32, len(pieces)
+    kv = [("general.architecture", 8, gguf_str("llama")),
+          ("llama.embedding_length", 4, struct.pack("<I", dim)),
+          ("llama.feed_forward_length", 4, struct.pack("<I", ffn)),
+          ("llama.block_count", 4, struct.pack("<I", 1)),
+          ("llama.attention.head_count", 4, struct.pack("<I", 2)),
+          ("llama.attention.head_count_kv", 4, struct.pack("<I", 1)),
+          ("llama.context_length", 4, struct.pack("<I", 64)),
+          ("tokenizer.ggml.model", 8, gguf_str("llama")),
+          ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, vocab) + b"".join(gguf_str(p) for p in pieces)),
+          ("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, vocab) + b"".join(struct.pack("<f", -i) for i in range(vocab))),
+          ("tokenizer.ggml.token_type", 9, struct.pack("<IQ", 5, vocab) + struct.pack("<8i", 2, 3, 3, 1, 1, 1, 1, 1))]
+    tensors = [("token_embd.weight", [dim, vocab]), ("blk.0.attn_norm.weight", [dim]),
+               ("blk.0.attn_q.weight", [dim, dim]), ("blk.0.attn_k.weight", [dim, 4]),
+               ("blk.0.attn_v.weight", [dim, 4]), ("blk.0.attn_output.weight", [dim, dim]),
+               ("blk.0.ffn_norm.weight", [dim]), ("blk.0.ffn_gate.weight", [dim, ffn]),
+               ("blk.0.ffn_down.weight", [ffn, dim]), ("blk.0.ffn_up.weight", [dim, ffn]),
+               ("output_norm.weight", [dim])]
+    head = struct.pack("<IIQQ", 0x46554747, 3, len(tensors), len(kv))
+    for key, ty, val in kv:
+        head += gguf_str(key) + struct.pack("<I", ty) + val
+    data, infos = b"", b""
+    for name, dims in tensors:
+        n = 1
+        for d in dims:
+            n *= d
+        values = [rng.uniform(-1, 1) for _ in range(n)]
+        ty = matrix_type if len(dims) == 2 and n % 32 == 0 else 0
+        blob = {0: lambda v: struct.pack(f"<{len(v)}f", *v), 1: f16_bytes, 8: q8_0_bytes}[ty](values)
+        infos += gguf_str(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        infos += struct.pack("<IQ", ty, len(data))
+        data += blob + b"\0" * (-len(blob) % 32)
+    out = head + infos
+    return out + b"\0" * (-len(out) % 32) + data
+
+
+def tiny_llama2c():
+    """A llama2.c checkpoint (dim 8, hidden 16, 1 layer, 2 heads, 1 KV head,
+    vocab 8, seq_len 16) and its tokenizer file, as llama2c_fuzzer takes them:
+    u32 model length, model bytes, tokenizer bytes."""
+    rng = random.Random(7)
+    dim, hidden, layers, heads, kv_heads, vocab, seq = 8, 16, 1, 2, 1, 8, 16
+    head_size, kv_dim = dim // heads, dim // heads * kv_heads
+    n = (vocab * dim + layers * dim + layers * dim * dim + 2 * layers * dim * kv_dim + layers * dim * dim
+         + layers * dim + 3 * layers * dim * hidden + dim + seq * head_size)
+    model = struct.pack("<7i", dim, hidden, layers, heads, kv_heads, vocab, seq)
+    model += struct.pack(f"<{n}f", *[rng.uniform(-1, 1) for _ in range(n)])
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a", b"b", b" a", b" b"]
+    tok = struct.pack("<i", 6) + b"".join(struct.pack("<fi", -i, len(p)) + p for i, p in enumerate(pieces))
+    return struct.pack("<I", len(model)) + model + tok
+
+
+def write(fuzzer, name, data):
+    d = os.path.join(HERE, "corpus", fuzzer)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    for ty, name in ((0, "f32"), (1, "f16"), (8, "q8_0")):
+        write("gguf_fuzzer", f"tiny-{name}.gguf", tiny_gguf(ty))
+    write("llama2c_fuzzer", "tiny.bin", tiny_llama2c())
+    for i, text in enumerate(["Once upon a time", "  double  spaces\nand a newline", "caf\u00e9 \u65e5\u672c",
+                              "", "\x00\xff"]):
+        write("tokenizer_fuzzer", f"text{i}.txt", text.encode("utf-8", "surrogateescape"))
+
+
+if __name__ == "__main__":
+    main()
