@@ -15,6 +15,8 @@ PACKAGES=(
   python3-torch python3-numpy      # independent reference (tests/reference), model recipe
   python3-grpcio python3-grpc-tools python3-yaml python3-matplotlib  # clients, e2e/deploy tests, plots
   dpkg-dev libprotoc-dev           # deploy/build-grpc-cli.sh (grpc_cli from Debian's source)
+  clang libclang-rt-14-dev libomp-dev  # libFuzzer targets (tests/fuzz), built with clang
+  openssl                          # throwaway CAs and certificates for the TLS tests
 )
 # Node.js for the Node client: the machine's own node (>= 18) or Debian's.
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)

@@ -20,6 +20,10 @@ struct EncodeInput {
   std::vector<std::vector<int32_t>> contexts;  // each without BOS
   KvDtype dtype = KvDtype::kFloat16;
   int ttl_seconds = 0;  // 0 = no expiry
+  // Write every entry even where its key already exists: set by a decoder
+  // that read an unusable entry there (corrupt, foreign, another prefix's),
+  // so the content key is repaired instead of re-encoded on every request.
+  bool overwrite = false;
 };
 
 struct EncodedEntry {

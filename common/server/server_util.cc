@@ -21,34 +21,6 @@ grpc::Status ToGrpcStatus(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-absl::StatusOr<Admission::Ticket> Admission::Enter(const std::function<bool()>& cancelled) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (running_ >= max_running_) {
-    if (waiting_ >= max_waiting_) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("server busy: ", running_, " running and ", waiting_, " waiting requests; retry later"));
-    }
-    ++waiting_;
-    while (running_ >= max_running_) {
-      cv_.wait_for(lock, std::chrono::milliseconds(50));
-      if (running_ < max_running_) break;
-      if (cancelled && cancelled()) {
-        --waiting_;
-        return absl::CancelledError("request cancelled or past its deadline while queued");
-      }
-    }
-    --waiting_;
-  }
-  ++running_;
-  return Ticket(this);
-}
-
-void Admission::Leave() {
-  std::lock_guard<std::mutex> lock(mu_);
-  --running_;
-  cv_.notify_one();
-}
-
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
