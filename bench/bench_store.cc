@@ -148,7 +148,7 @@ int Main() {
           return 1;
         }
         KvCache dst(c, n);
-        LoadKvBlock(*view, dst, 0);
+        if (!LoadKvBlock(*view, dst, 0).ok()) return 1;
         double t3 = Now();
         wbest = std::min(wbest, t1 - t0);
         rbest = std::min(rbest, t2 - t1);

@@ -30,6 +30,19 @@ Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind, std
   return HashFromHalves(h.high64, h.low64);
 }
 
+absl::Status CheckKvBlockKey(const KvBlockView& block, const Hash128& key, std::span<const int32_t> prefix_tokens) {
+  const KvBlockHeader& h = block.header;
+  const Hash128 identity =
+      h.kind == KvKind::kPrefix
+          ? ComputeKvKey(h.model_fingerprint, h.dtype, KvKind::kPrefix, block.tokens, {})
+          : ComputeKvKey(h.model_fingerprint, h.dtype, KvKind::kContext, prefix_tokens, block.tokens);
+  if (identity != key) {
+    return absl::FailedPreconditionError(absl::StrCat("the entry is not the one its key ", HashToHex(key),
+                                                      " names (its content hashes to ", HashToHex(identity), ")"));
+  }
+  return absl::OkStatus();
+}
+
 std::string RedisKeyFor(const Hash128& key) { return absl::StrCat(kKvKeyPrefix, HashToHex(key)); }
 
 absl::StatusOr<Hash128> ParseRedisKey(const std::string& key) {

@@ -20,6 +20,11 @@ Hash128 FingerprintBytes(const Model& model);
 Hash128 ComputeKvKey(const Hash128& fingerprint, KvDtype dtype, KvKind kind, std::span<const int32_t> prefix_tokens,
                      std::span<const int32_t> context_tokens);
 
+// FAILED_PRECONDITION unless the block's identity (fingerprint, dtype, kind,
+// its token ids and, for a context, `prefix_tokens`) hashes to `key`, the
+// key it was read from: an entry copied or forged under another key's name.
+absl::Status CheckKvBlockKey(const KvBlockView& block, const Hash128& key, std::span<const int32_t> prefix_tokens);
+
 // "ape:v1:kv:" + hex; and back (INVALID_ARGUMENT for anything else).
 std::string RedisKeyFor(const Hash128& key);
 absl::StatusOr<Hash128> ParseRedisKey(const std::string& key);

@@ -47,6 +47,27 @@ Hash128 Checksum(const uint8_t* data, size_t n) {
 
 absl::Status Corrupt(const std::string& what) { return absl::DataLossError(absl::StrCat("KV block: ", what)); }
 
+// Index of the first NaN or infinity in a payload of `dtype` values, or -1:
+// the exponent bits all set (float16: 0x7C00 of 16 bits; float32: 0x7F800000).
+int64_t FirstNonFinite(std::span<const uint8_t> payload, KvDtype dtype) {
+  if (dtype == KvDtype::kFloat16) {
+    const size_t n = payload.size() / sizeof(uint16_t);
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, payload.data() + i * sizeof(h), sizeof(h));
+      if ((h & 0x7C00u) == 0x7C00u) return static_cast<int64_t>(i);
+    }
+  } else {
+    const size_t n = payload.size() / sizeof(uint32_t);
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, payload.data() + i * sizeof(u), sizeof(u));
+      if ((u & 0x7F800000u) == 0x7F800000u) return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
 bool InShapeRange(uint32_t v, uint32_t max) { return v >= 1 && v <= max; }
 
 }  // namespace
@@ -147,11 +168,13 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
   return out;
 }
 
+bool HasKvBlockMagic(std::span<const uint8_t> bytes) {
+  return bytes.size() >= kMagicBytes && std::memcmp(bytes.data(), kMagic, kMagicBytes) == 0;
+}
+
 absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
   ByteReader r(bytes, "KV block");
-  if (bytes.size() < kMagicBytes || std::memcmp(bytes.data(), kMagic, kMagicBytes) != 0) {
-    return Corrupt("bad magic (not a KV block)");
-  }
+  if (!HasKvBlockMagic(bytes)) return Corrupt("bad magic (not a KV block)");
   if (bytes.size() < kKvHeaderFixedBytes + kKvChecksumBytes) {
     return Corrupt(absl::StrCat("only ", bytes.size(), " bytes, shorter than a header"));
   }
@@ -206,6 +229,11 @@ absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
   v.tokens.resize(h.num_tokens);
   std::memcpy(v.tokens.data(), bytes.data() + kKvHeaderFixedBytes, kTokenIdBytes * h.num_tokens);
   v.payload = bytes.subspan(header_bytes, payload_bytes);
+  // A checksum proves the bytes are what a writer sealed, not that the writer
+  // was an encoder: keys and values a model computes are finite.
+  if (const int64_t bad = FirstNonFinite(v.payload, h.dtype); bad >= 0) {
+    return Corrupt(absl::StrCat("payload value ", bad, " is NaN or infinite"));
+  }
   return v;
 }
 
@@ -236,8 +264,19 @@ absl::Status CheckKvBlockMatches(const KvBlockView& b, const Hash128& fingerprin
   return absl::OkStatus();
 }
 
-void LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
+absl::Status LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
   const KvBlockHeader& h = b.header;
+  // Every size below comes from stored bytes: check it against the cache
+  // before writing a single slot.
+  if (h.n_layers != static_cast<uint32_t>(cache.n_layers) ||
+      static_cast<uint64_t>(h.n_kv_heads) * h.head_dim != static_cast<uint64_t>(cache.kv_dim)) {
+    return absl::FailedPreconditionError("KV block shape does not match the cache");
+  }
+  if (dest_slot < 0 || static_cast<int64_t>(dest_slot) + h.num_tokens > cache.capacity) {
+    return absl::FailedPreconditionError(absl::StrCat("KV block of ", h.num_tokens, " tokens does not fit slots ",
+                                                      dest_slot, ".. of a cache of ", cache.capacity));
+  }
+  if (b.payload.size() != h.payload_bytes()) return absl::FailedPreconditionError("KV block payload size is wrong");
   const size_t n = static_cast<size_t>(h.num_tokens) * h.n_kv_heads * h.head_dim;
   const size_t es = KvDtypeSize(h.dtype);
   const uint8_t* p = b.payload.data();
@@ -252,6 +291,7 @@ void LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
     }
   }
   for (uint32_t i = 0; i < h.num_tokens; ++i) cache.pos[dest_slot + i] = static_cast<int32_t>(h.first_position + i);
+  return absl::OkStatus();
 }
 
 }  // namespace ape

@@ -66,8 +66,13 @@ struct KvBlockView {
   std::span<const uint8_t> payload;
 };
 
-// Parses and verifies `bytes` (magic, version, sizes, checksum). Errors:
-// DATA_LOSS for anything malformed, UNIMPLEMENTED for another version.
+// Whether `bytes` starts like a KV block of any version (its magic): tells a
+// damaged block of ours from a value that never was one.
+bool HasKvBlockMagic(std::span<const uint8_t> bytes);
+
+// Parses and verifies `bytes` (magic, version, sizes, checksum, a finite
+// payload). Errors: DATA_LOSS for anything malformed, UNIMPLEMENTED for
+// another version.
 absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes);
 
 // FAILED_PRECONDITION unless the block was made by this model (fingerprint
@@ -77,8 +82,9 @@ absl::Status CheckKvBlockMatches(const KvBlockView& block, const Hash128& finger
                                  KvDtype dtype, KvKind kind, const Hash128& prefix_key);
 
 // Writes the block into `cache` slots dest_slot.. (float32; positions from
-// first_position). The cache must have room and the model's shape.
-void LoadKvBlock(const KvBlockView& block, KvCache& cache, int dest_slot);
+// first_position). FAILED_PRECONDITION, before writing anything, when the
+// block's shape is not the cache's or it does not fit.
+absl::Status LoadKvBlock(const KvBlockView& block, KvCache& cache, int dest_slot);
 
 }  // namespace ape
 

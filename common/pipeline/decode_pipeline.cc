@@ -25,16 +25,22 @@ bool Cancelled(const DecodeHooks& hooks) { return hooks.cancelled && hooks.cance
 // One KV entry of the request, from its key to a verified block.
 struct EntryLoad {
   enum class Source { kNone, kCache, kEncoded };  // where `view` came from
+  // What was wrong with what the key held, if it was not used:
+  //  kForeign: a valid block made for another model, prefix, dtype or
+  //    position (a client may name such a key; a content key never holds one
+  //    legitimately);
+  //  kDamaged: our format, but corrupt, not the entry its key names, or a
+  //    chunk set with a stray field: ours to repair by rewriting it;
+  //  kAlien: not ours to touch (another Redis type, not a KV block, a newer
+  //    format version): never deleted or overwritten from here.
+  enum class Fault { kNone, kForeign, kDamaged, kAlien };
 
   KvKind kind = KvKind::kContext;
   Hash128 hash{};
   std::string key;                                // Redis key
   const std::vector<int32_t>* content = nullptr;  // token ids; null: a context given only by key
-  // Why the stored entry was not used: "key (reason)"; empty when nothing
-  // was stored or it was used. `foreign`: it was a valid block, but made for
-  // another model, prefix, dtype or position (else it was corrupt).
-  std::string fault;
-  bool foreign = false;
+  Fault fault = Fault::kNone;
+  std::string reason;  // "key (why)" when fault != kNone
   Source source = Source::kNone;
   // The block and its verified view into `bytes` (set with `source`). The
   // records are sized once, by ComputeEntryKeys, and never move afterwards.
@@ -42,6 +48,11 @@ struct EntryLoad {
   KvBlockView view;
 
   bool ready() const { return source != Source::kNone; }
+  void SetFault(Fault f, absl::string_view why) {
+    fault = f;
+    reason = absl::StrCat(key, " (", why, ")");
+    bytes.clear();
+  }
 };
 
 // Step 1 (no I/O): every entry's key, computed from its content or parsed
@@ -67,38 +78,40 @@ absl::StatusOr<std::vector<EntryLoad>> ComputeEntryKeys(const Hash128& fp, const
 
 // Parses e.bytes and checks the block against the request: model, dtype,
 // kind, the prefix key (which covers model, dtype and prefix tokens), the
-// first position and, for content, the token ids. Sets e.view, or e.fault
-// (dropping the bytes).
+// first position, its identity against the key it was read from and, for
+// content, the token ids. Sets e.view, or e.fault (dropping the bytes).
 void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
                  EntryLoad::Source source, EntryLoad& e) {
-  e.fault.clear();
-  e.foreign = false;
+  e.fault = EntryLoad::Fault::kNone;
   absl::StatusOr<KvBlockView> view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-  absl::Status usable = view.status();
-  if (usable.ok()) {
-    usable = CheckKvBlockMatches(*view, fp, model.config(), in.dtype, e.kind, prefix_hash);
-    const size_t first_position = e.kind == KvKind::kPrefix ? 0 : in.prefix_tokens.size();
-    if (usable.ok() && view->header.first_position != first_position) {
-      usable = absl::FailedPreconditionError("KV block starts at the wrong position");
-    }
-    if (usable.ok() && e.content != nullptr && view->tokens != *e.content) {
-      usable = absl::FailedPreconditionError("KV block holds other tokens than its key was made from");
-    }
-    e.foreign = !usable.ok();
-  }
-  if (!usable.ok()) {
-    e.fault = absl::StrCat(e.key, " (", usable.message(), ")");
-    e.bytes.clear();
+  if (!view.ok()) {
+    // Our magic with bad bytes is ours to repair; another version or no
+    // KV block at all is somebody else's.
+    const bool ours = view.status().code() == absl::StatusCode::kDataLoss &&
+                      HasKvBlockMagic({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
+    e.SetFault(ours ? EntryLoad::Fault::kDamaged : EntryLoad::Fault::kAlien, view.status().message());
     return;
+  }
+  absl::Status usable = CheckKvBlockMatches(*view, fp, model.config(), in.dtype, e.kind, prefix_hash);
+  const size_t first_position = e.kind == KvKind::kPrefix ? 0 : in.prefix_tokens.size();
+  if (usable.ok() && view->header.first_position != first_position) {
+    usable = absl::FailedPreconditionError("KV block starts at the wrong position");
+  }
+  if (!usable.ok()) return e.SetFault(EntryLoad::Fault::kForeign, usable.message());
+  if (absl::Status key = CheckKvBlockKey(*view, e.hash, in.prefix_tokens); !key.ok()) {
+    return e.SetFault(EntryLoad::Fault::kDamaged, key.message());
+  }
+  if (e.content != nullptr && view->tokens != *e.content) {  // implied by the key check; kept as a guard
+    return e.SetFault(EntryLoad::Fault::kDamaged, "KV block holds other tokens than its key was made from");
   }
   e.view = *std::move(view);
   e.source = source;
 }
 
 // Step 2: reads every entry not ready yet (one pipelined round trip) and
-// verifies it; those that pass are marked `source`. Corrupt entries are
-// deleted: they are useless to everyone, and get rewritten. The store's
-// error (e.g. UNAVAILABLE) when it cannot be read.
+// verifies it; those that pass are marked `source`. Nothing is deleted: what
+// cannot be used is recorded in the entry's fault. The store's error (e.g.
+// UNAVAILABLE) when it cannot be read.
 absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& store, const DecodeInput& in,
                             EntryLoad::Source source, std::vector<EntryLoad>& entries) {
   std::vector<std::string> keys;
@@ -106,18 +119,23 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
     if (!e.ready()) keys.push_back(e.key);
   }
   if (keys.empty()) return absl::OkStatus();
-  ASSIGN_OR_RETURN(std::vector<std::optional<std::string>> values, store.GetMany(keys));
-  std::vector<std::string> corrupt;
+  ASSIGN_OR_RETURN(std::vector<StoredValue> values, store.Read(keys));
   size_t next_value = 0;  // values[] follows the entries that were not ready
   for (EntryLoad& e : entries) {
     if (e.ready()) continue;
-    std::optional<std::string>& value = values[next_value++];
-    if (!value) continue;
-    e.bytes = std::move(*value);
-    VerifyEntry(model, fp, in, entries[0].hash, source, e);
-    if (!e.fault.empty() && !e.foreign) corrupt.push_back(e.key);
+    StoredValue& value = values[next_value++];
+    switch (value.state) {
+      case StoredValue::State::kMissing: break;
+      case StoredValue::State::kIncomplete:
+        e.SetFault(EntryLoad::Fault::kDamaged, "chunk fields are not 0..n-1");
+        break;
+      case StoredValue::State::kOtherType: e.SetFault(EntryLoad::Fault::kAlien, "not a KV entry (another type)"); break;
+      case StoredValue::State::kFound:
+        e.bytes = std::move(value.value);
+        VerifyEntry(model, fp, in, entries[0].hash, source, e);
+        break;
+    }
   }
-  if (!corrupt.empty()) (void)store.Delete(corrupt);
   return absl::OkStatus();
 }
 
@@ -127,10 +145,11 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
 absl::Status RequireKeyOnlyEntries(const std::vector<EntryLoad>& entries, const absl::Status& store_status) {
   std::vector<std::string> foreign, missing, unreadable;
   for (const EntryLoad& e : entries) {
-    if (!e.fault.empty() && !e.foreign) unreadable.push_back(e.fault);
+    const bool has_fault = e.fault != EntryLoad::Fault::kNone;
+    if (has_fault && e.fault != EntryLoad::Fault::kForeign) unreadable.push_back(e.reason);
     if (e.content != nullptr || e.ready()) continue;
-    if (e.foreign)
-      foreign.push_back(e.fault);
+    if (e.fault == EntryLoad::Fault::kForeign)
+      foreign.push_back(e.reason);
     else
       missing.push_back(e.key);
   }
@@ -147,20 +166,29 @@ absl::Status RequireKeyOnlyEntries(const std::vector<EntryLoad>& entries, const 
 
 // The entries not ready yet as an encode request: the prefix (contexts are
 // encoded after it) and the missing contexts' content, in request order.
-EncodeInput MissingAsEncodeInput(const DecodeInput& in, const std::vector<EntryLoad>& entries) {
+// `for_store`: leave out contexts whose key holds something not ours, and ask
+// to overwrite (repair) keys holding our entries damaged or misplaced, unless
+// the prefix's key holds something not ours.
+EncodeInput MissingAsEncodeInput(const DecodeInput& in, const std::vector<EntryLoad>& entries, bool for_store) {
+  using Fault = EntryLoad::Fault;
   EncodeInput enc;
   enc.prefix_tokens = in.prefix_tokens;
   enc.dtype = in.dtype;
   enc.ttl_seconds = in.ttl_seconds;
+  bool repair = entries[0].fault == Fault::kDamaged || entries[0].fault == Fault::kForeign;
   for (size_t i = 1; i < entries.size(); ++i) {
-    if (!entries[i].ready()) enc.contexts.push_back(*entries[i].content);
+    const EntryLoad& e = entries[i];
+    if (e.ready() || (for_store && e.fault == Fault::kAlien)) continue;
+    enc.contexts.push_back(*e.content);
+    repair = repair || e.fault == Fault::kDamaged || e.fault == Fault::kForeign;
   }
+  enc.overwrite = for_store && repair && entries[0].fault != Fault::kAlien;
   return enc;
 }
 
 // Computes the entries not ready yet in memory (nothing is cached).
 absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, std::vector<EntryLoad>& entries) {
-  const EncodeInput local = MissingAsEncodeInput(in, entries);
+  const EncodeInput local = MissingAsEncodeInput(in, entries, /*for_store=*/false);
   if (entries[0].ready() && local.contexts.empty()) return absl::OkStatus();
   std::vector<std::string> blocks = EncodeBlocks(model, local);  // [0] prefix, then local.contexts
   size_t next_context = 1;
@@ -186,7 +214,7 @@ absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* st
                            std::vector<EntryLoad>& entries) {
   if (Cancelled(hooks)) return absl::CancelledError("request cancelled before encoding its contexts");
   if (store != nullptr && store_status.ok()) {
-    const EncodeInput enc = MissingAsEncodeInput(in, entries);
+    const EncodeInput enc = MissingAsEncodeInput(in, entries, /*for_store=*/true);
     absl::Status stored = hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc).status();
     if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, entries);
   }
@@ -300,6 +328,11 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
   const auto t_layout = Clock::now();
   const int lp = static_cast<int>(in.prefix_tokens.size());
   const int lq = static_cast<int>(in.query_tokens.size());
+  // Slots are sized from the headers below; the prefix's must be the
+  // request's (VerifyEntry compared its tokens: this is the invariant).
+  if (entries[0].view.header.num_tokens != static_cast<uint32_t>(lp)) {
+    return absl::InternalError("the prefix entry's length differs from the request's prefix");
+  }
   int total_ctx = 0, longest = 0;
   for (size_t i = 1; i < entries.size(); ++i) {
     total_ctx += entries[i].view.header.num_tokens;
@@ -308,7 +341,7 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
   RETURN_IF_ERROR(CheckKvSlots(in, lp + total_ctx + lq, max_new_tokens));
   Prepared p(model, int64_t{lp} + total_ctx + lq + max_new_tokens);
   for (const EntryLoad& e : entries) {  // the prefix, then each context
-    LoadKvBlock(e.view, *p.cache, p.cache->size);
+    RETURN_IF_ERROR(LoadKvBlock(e.view, *p.cache, p.cache->size));
     p.cache->size += e.view.header.num_tokens;
     p.history.insert(p.history.end(), e.view.tokens.begin(), e.view.tokens.end());
   }

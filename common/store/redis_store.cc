@@ -133,13 +133,13 @@ void RedisStore::ContextDeleter::operator()(redisContext* c) const { redisFree(c
 RedisStore::RedisStore(RedisConfig config) : config_(std::move(config)) {}
 RedisStore::~RedisStore() = default;
 
-absl::StatusOr<RedisStore::Context> RedisStore::Acquire() {
+absl::StatusOr<RedisStore::Acquired> RedisStore::Acquire() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!idle_.empty()) {
       Context c = std::move(idle_.back());
       idle_.pop_back();
-      return c;
+      return Acquired{std::move(c), /*reused=*/true};
     }
   }
   const timeval ct = Millis(config_.connect_timeout_ms);
@@ -171,7 +171,7 @@ absl::StatusOr<RedisStore::Context> RedisStore::Acquire() {
       RETURN_IF_ERROR(simple({"AUTH", config_.user, config_.password}, "AUTH"));
   }
   if (config_.db != 0) RETURN_IF_ERROR(simple({"SELECT", absl::StrCat(config_.db)}, "SELECT"));
-  return c;
+  return Acquired{std::move(c), /*reused=*/false};
 }
 
 void RedisStore::Release(Context c) {
@@ -179,9 +179,35 @@ void RedisStore::Release(Context c) {
   if (idle_.size() < kMaxIdleConnections) idle_.push_back(std::move(c));
 }
 
+namespace {
+// A reused connection that fails this way was closed by the server side
+// (typically: Redis restarted), not slow: the commands never ran there, so
+// they may be sent again on a fresh connection.
+bool ClosedByPeer(const redisContext* c) {
+  if (c->err == REDIS_ERR_EOF) return true;
+  const absl::string_view err(c->errstr);
+  return c->err == REDIS_ERR_IO && (absl::StrContains(err, "reset by peer") || absl::StrContains(err, "Broken pipe"));
+}
+}  // namespace
+
 absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_view>>& commands,
                                   const std::function<absl::Status(size_t, void*)>& on_reply) {
-  ASSIGN_OR_RETURN(Context c, Acquire());
+  ASSIGN_OR_RETURN(Acquired a, Acquire());
+  bool retry = false;
+  absl::Status s = PipelineOn(std::move(a.context), commands, on_reply, a.reused ? &retry : nullptr);
+  if (!retry) return s;
+  // Every idle connection predates the same restart: drop them all, and try
+  // once more on a connection made now.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.clear();
+  }
+  ASSIGN_OR_RETURN(a, Acquire());
+  return PipelineOn(std::move(a.context), commands, on_reply, nullptr);
+}
+
+absl::Status RedisStore::PipelineOn(Context c, const std::vector<std::vector<absl::string_view>>& commands,
+                                    const std::function<absl::Status(size_t, void*)>& on_reply, bool* retry) {
   std::vector<const char*> ptrs;
   std::vector<size_t> lens;
   for (const auto& argv : commands) {
@@ -199,7 +225,9 @@ absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_vie
   for (size_t i = 0; i < commands.size(); ++i) {
     void* raw = nullptr;
     if (redisGetReply(c.get(), &raw) != REDIS_OK || raw == nullptr) {
-      // I/O error or timeout: the connection is out of sync; drop it.
+      // I/O error or timeout: the connection is out of sync; drop it. Only
+      // when nothing was answered yet can the whole pipeline be resent.
+      if (retry != nullptr && i == 0 && ClosedByPeer(c.get())) *retry = true;
       return absl::UnavailableError(
           absl::StrCat("redis ", config_.Describe(), ": ", c->errstr[0] ? c->errstr : "connection lost"));
     }
@@ -270,15 +298,20 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
   });
 }
 
-absl::StatusOr<std::vector<std::optional<std::string>>> RedisStore::GetMany(const std::vector<std::string>& keys) {
+absl::StatusOr<std::vector<StoredValue>> RedisStore::Read(const std::vector<std::string>& keys) {
   std::vector<std::vector<absl::string_view>> cmds;
   for (const auto& k : keys) cmds.push_back({"HGETALL", k});
-  std::vector<std::optional<std::string>> out(keys.size());
+  std::vector<StoredValue> out(keys.size());
   RETURN_IF_ERROR(Pipeline(cmds, [&](size_t i, void* raw) {
     auto* r = static_cast<redisReply*>(raw);
-    if (IsWrongType(r)) return absl::OkStatus();  // something else lives at the key: a miss
+    if (IsWrongType(r)) {  // something else lives at the key
+      out[i].state = StoredValue::State::kOtherType;
+      return absl::OkStatus();
+    }
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HGETALL");
-    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 || r->elements % 2 != 0) return absl::OkStatus();
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) return absl::OkStatus();  // kMissing
+    out[i].state = StoredValue::State::kIncomplete;
+    if (r->elements % 2 != 0) return absl::OkStatus();
     // Fields must be exactly "0".."n-1"; order them.
     const size_t n = r->elements / 2;
     std::vector<const redisReply*> chunks(n, nullptr);
@@ -289,17 +322,25 @@ absl::StatusOr<std::vector<std::optional<std::string>>> RedisStore::GetMany(cons
       size_t idx;
       if (name->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING ||
           !absl::SimpleAtoi(absl::string_view(name->str, name->len), &idx) || idx >= n || chunks[idx]) {
-        return absl::OkStatus();  // inconsistent entry: a miss
+        return absl::OkStatus();  // a stray or missing field: kIncomplete
       }
       chunks[idx] = val;
       total += val->len;
     }
-    std::string value;
-    value.reserve(total);
-    for (const redisReply* c : chunks) value.append(c->str, c->len);
-    out[i] = std::move(value);
+    out[i].value.reserve(total);
+    for (const redisReply* c : chunks) out[i].value.append(c->str, c->len);
+    out[i].state = StoredValue::State::kFound;
     return absl::OkStatus();
   }));
+  return out;
+}
+
+absl::StatusOr<std::vector<std::optional<std::string>>> RedisStore::GetMany(const std::vector<std::string>& keys) {
+  ASSIGN_OR_RETURN(std::vector<StoredValue> read, Read(keys));
+  std::vector<std::optional<std::string>> out(keys.size());
+  for (size_t i = 0; i < read.size(); ++i) {
+    if (read[i].state == StoredValue::State::kFound) out[i] = std::move(read[i].value);
+  }
   return out;
 }
 

@@ -41,6 +41,18 @@ struct RedisConfig {
 // Percent-escapes in user and password are decoded.
 absl::StatusOr<RedisConfig> ParseRedisUri(absl::string_view uri);
 
+// What one key held when it was read.
+struct StoredValue {
+  enum class State {
+    kMissing,     // no such key
+    kFound,       // an entry: `value` is its bytes (not verified here)
+    kIncomplete,  // a hash, but not exactly the chunk fields "0".."n-1"
+    kOtherType,   // a value of another Redis type
+  };
+  State state = State::kMissing;
+  std::string value;
+};
+
 class RedisStore {
  public:
   explicit RedisStore(RedisConfig config);
@@ -58,6 +70,8 @@ class RedisStore {
   // or a non-contiguous chunk set. Bytes are NOT verified here: callers
   // parse them as KV blocks.
   absl::StatusOr<std::vector<std::optional<std::string>>> GetMany(const std::vector<std::string>& keys);
+  // The same, saying for each key what it held (one pipelined round trip).
+  absl::StatusOr<std::vector<StoredValue>> Read(const std::vector<std::string>& keys);
   // Deletes `keys`; returns how many existed.
   absl::StatusOr<int64_t> Delete(const std::vector<std::string>& keys);
   // Keys matching `pattern` (SCAN, so it does not block Redis).
@@ -70,12 +84,22 @@ class RedisStore {
     void operator()(redisContext* c) const;
   };
   using Context = std::unique_ptr<redisContext, ContextDeleter>;
-  absl::StatusOr<Context> Acquire();
+  struct Acquired {
+    Context context;
+    bool reused;  // from the pool: it may have gone stale since
+  };
+  absl::StatusOr<Acquired> Acquire();
   void Release(Context c);
   // Appends commands, reads one reply each; the connection is dropped on
-  // I/O errors. Each reply is converted by `on_reply` (may be null).
+  // I/O errors. Each reply is converted by `on_reply` (may be null). When a
+  // pooled connection turns out closed by the server before any reply (a
+  // restarted Redis), the pool is emptied and the commands are sent once
+  // more on a new connection.
   absl::Status Pipeline(const std::vector<std::vector<absl::string_view>>& commands,
                         const std::function<absl::Status(size_t, void*)>& on_reply);
+  // One attempt on `c`; sets *retry (when not null) if it may be repeated.
+  absl::Status PipelineOn(Context c, const std::vector<std::vector<absl::string_view>>& commands,
+                          const std::function<absl::Status(size_t, void*)>& on_reply, bool* retry);
 
   RedisConfig config_;
   std::mutex mu_;

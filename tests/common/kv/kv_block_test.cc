@@ -70,7 +70,7 @@ TEST_F(KvBlockTest, RoundTripFloat32BitExactAndFloat16WithinRounding) {
     pk[0] = 7;
     EXPECT_TRUE(CheckKvBlockMatches(*view, fp_, model_->config(), dtype, KvKind::kContext, pk).ok());
     KvCache loaded(model_->config(), 64);
-    LoadKvBlock(*view, loaded, 3);
+    ASSERT_TRUE(LoadKvBlock(*view, loaded, 3).ok());
     for (int l = 0; l < model_->config().n_layers; ++l) {
       for (int t = 0; t < n; ++t) {
         EXPECT_EQ(loaded.pos[3 + t], lp + t);

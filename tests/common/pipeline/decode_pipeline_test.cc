@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/engine/sampler.h"
 #include "common/kv/cache_key.h"
@@ -239,6 +241,153 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
         *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
     EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
   }
+}
+
+// ---- Untrusted store: anyone who can write to Redis ---------------------------
+// Entries are checked against the request, the model and the key they were
+// read from; what cannot be used is never copied, never answered from, never
+// deleted; our own damaged entries are rewritten by the next request that
+// has their content.
+class UntrustedStoreTest : public DecodePipelineStoreTest {
+ protected:
+  void SetUp() override {
+    DecodePipelineStoreTest::SetUp();
+    enc_.prefix_tokens = Tok("Once upon a time", true);
+    enc_.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
+    enc_.dtype = KvDtype::kFloat32;
+    auto out = EncodeContexts(*model_, *store_, enc_);
+    ASSERT_TRUE(out.ok()) << out.status();
+    prefix_key_ = out->prefix.key;
+    for (const auto& c : out->contexts) keys_.push_back(c.key);
+  }
+  // The request over both contexts by text, and its logits computed with no
+  // store at all (the answer a healthy system gives).
+  DecodeInput ByText() {
+    DecodeInput in = Input(DecodeMode::kApe, {}, 0.8f, 0.9f);
+    for (const auto& c : enc_.contexts) in.contexts.push_back({"", c});
+    return in;
+  }
+  void ExpectHealthyAnswer(const DecodeInput& in) {
+    DecodeStats st;
+    auto got = PromptLogits(*model_, store_.get(), in, DecodeHooks{}, &st);
+    ASSERT_TRUE(got.ok()) << got.status();
+    std::vector<float> want = Logits(in), have = LogSoftmax(*got);
+    float max_diff = 0;
+    for (size_t i = 0; i < want.size(); ++i) max_diff = std::max(max_diff, std::abs(want[i] - have[i]));
+    EXPECT_LT(max_diff, 1e-4f);
+  }
+  // A sealed block (valid checksum) with the given header and tokens, KV
+  // from `cache` slots [0, n).
+  std::string Seal(KvKind kind, const std::vector<int32_t>& tokens, const KvCache& cache, uint32_t first_position) {
+    KvBlockHeader h;
+    h.model_fingerprint = FingerprintBytes(*model_);
+    h.n_layers = model_->config().n_layers;
+    h.n_kv_heads = model_->config().n_kv_heads;
+    h.head_dim = model_->config().head_dim;
+    h.dtype = KvDtype::kFloat32;
+    h.kind = kind;
+    h.num_tokens = tokens.size();
+    h.first_position = first_position;
+    h.prefix_key = *ParseRedisKey(prefix_key_);
+    return SerializeKvBlock(h, tokens, cache, 0);
+  }
+  // Parses what `key` holds now (it must be a KV block).
+  KvBlockView Stored(const std::string& key) {
+    auto got = store_->Read({key});
+    EXPECT_TRUE(got.ok() && (*got)[0].state == StoredValue::State::kFound) << key;
+    held_ = got.ok() ? (*got)[0].value : "";
+    auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(held_.data()), held_.size()});
+    EXPECT_TRUE(view.ok()) << view.status();
+    return view.ok() ? *view : KvBlockView{};
+  }
+  void Cli(const std::vector<std::string>& args) {
+    std::string cmd = "redis-cli -p " + std::to_string(redis_.port());
+    for (const auto& a : args) cmd += " " + a;
+    ASSERT_EQ(std::system((cmd + " >/dev/null").c_str()), 0) << cmd;
+  }
+
+  EncodeInput enc_;
+  std::string prefix_key_;
+  std::vector<std::string> keys_;
+  std::string held_;
+};
+
+// A prefix entry re-sealed with a header claiming 300 tokens (checksum
+// recomputed) used to overflow the request's cache. Now it is refused before
+// any copy, the answer is right, and the entry is rewritten.
+TEST_F(UntrustedStoreTest, ForgedPrefixLengthIsNeverCopied) {
+  KvCache junk(model_->config(), 300);
+  std::fill(junk.k.begin(), junk.k.end(), 0.5f);
+  std::fill(junk.v.begin(), junk.v.end(), 0.5f);
+  std::vector<int32_t> tokens(300, enc_.prefix_tokens.back());
+  std::copy(enc_.prefix_tokens.begin(), enc_.prefix_tokens.end(), tokens.begin());
+  ASSERT_TRUE(store_->Put(prefix_key_, Seal(KvKind::kPrefix, tokens, junk, 0), 0).ok());
+  ExpectHealthyAnswer(ByText());
+  EXPECT_EQ(Stored(prefix_key_).header.num_tokens, enc_.prefix_tokens.size());  // repaired
+  // Contexts by key after the prefix was forged again: still no copy.
+  ASSERT_TRUE(store_->Put(prefix_key_, Seal(KvKind::kPrefix, tokens, junk, 0), 0).ok());
+  DecodeInput by_key = Input(DecodeMode::kApe, {}, 0.8f, 0.9f);
+  for (const auto& k : keys_) by_key.contexts.push_back({k, std::nullopt});
+  DecodeStats st;
+  EXPECT_TRUE(PromptLogits(*model_, store_.get(), by_key, DecodeHooks{}, &st).ok());
+}
+
+// COPY <key of doc2> <key of doc1>: requests naming doc1 must not be
+// answered from doc2's entry, by key or by text.
+TEST_F(UntrustedStoreTest, CopiedEntryIsNotTheOneItsKeyNames) {
+  Cli({"COPY", keys_[1], keys_[0], "REPLACE"});
+  DecodeInput by_key = Input(DecodeMode::kApe, {}, 0.8f, 0.9f);
+  by_key.contexts.push_back({keys_[0], std::nullopt});
+  DecodeStats st;
+  for (DecodeMode mode : {DecodeMode::kApe, DecodeMode::kSequential}) {
+    by_key.mode = mode;
+    auto r = PromptLogits(*model_, store_.get(), by_key, DecodeHooks{}, &st);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+    EXPECT_NE(r.status().message().find("not the one its key"), std::string::npos) << r.status();
+  }
+  ExpectHealthyAnswer(ByText());
+  EXPECT_EQ(Stored(keys_[0]).tokens, enc_.contexts[0]);  // repaired
+}
+
+// A checksum-valid entry whose payload holds a NaN is corrupt.
+TEST_F(UntrustedStoreTest, NonFinitePayloadIsCorrupt) {
+  KvCache cache(model_->config(), enc_.contexts[0].size());
+  std::fill(cache.k.begin(), cache.k.end(), 0.25f);
+  std::fill(cache.v.begin(), cache.v.end(), 0.25f);
+  cache.v[7] = std::nanf("");
+  ASSERT_TRUE(
+      store_->Put(keys_[0], Seal(KvKind::kContext, enc_.contexts[0], cache, enc_.prefix_tokens.size()), 0).ok());
+  ExpectHealthyAnswer(ByText());
+  EXPECT_EQ(Stored(keys_[0]).tokens, enc_.contexts[0]);  // repaired with the real KV
+}
+
+// What is not ours (another Redis type; a newer format version) is never
+// deleted or overwritten by a decoder: it answers from memory instead.
+TEST_F(UntrustedStoreTest, ValuesThatAreNotOursAreLeftAlone) {
+  Cli({"DEL", keys_[0]});
+  Cli({"SET", keys_[0], "somebody-elses-value"});
+  Stored(keys_[1]);
+  std::string newer = held_;
+  const uint32_t version2 = 2;
+  std::memcpy(newer.data() + 8, &version2, 4);  // the version field follows the 8-byte magic
+  ASSERT_TRUE(store_->Put(keys_[1], newer, 0).ok());
+  ExpectHealthyAnswer(ByText());
+  auto after = store_->Read({keys_[0], keys_[1]});
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ((*after)[0].state, StoredValue::State::kOtherType);
+  EXPECT_EQ((*after)[1].state, StoredValue::State::kFound);
+  EXPECT_EQ((*after)[1].value, newer);
+}
+
+// A stray field in an entry's hash makes it unreadable; the next request by
+// text rewrites it instead of re-encoding it forever.
+TEST_F(UntrustedStoreTest, StrayHashFieldIsRepaired) {
+  Cli({"HSET", keys_[0], "junk", "x"});
+  ExpectHealthyAnswer(ByText());
+  EXPECT_EQ(Stored(keys_[0]).tokens, enc_.contexts[0]);
+  DecodeStats st;
+  ASSERT_TRUE(PromptLogits(*model_, store_.get(), ByText(), DecodeHooks{}, &st).ok());
+  EXPECT_EQ(st.encoded_tokens, 0);  // served from the cache now
 }
 
 }  // namespace

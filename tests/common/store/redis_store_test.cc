@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <thread>
@@ -15,6 +16,13 @@ namespace ape {
 namespace {
 
 using ::ape::testing::RedisServer;
+
+// Runs one redis-cli command against `r` (arguments without shell quoting).
+void RedisCli(const RedisServer& r, const std::vector<std::string>& args) {
+  std::string cmd = "redis-cli -p " + std::to_string(r.port());
+  for (const std::string& a : args) cmd += " " + a;
+  ASSERT_EQ(std::system((cmd + " >/dev/null").c_str()), 0) << cmd;
+}
 
 RedisConfig ConfigFor(const RedisServer& r, size_t chunk = size_t{64} << 20) {
   auto c = ParseRedisUri(r.uri());
@@ -117,6 +125,47 @@ TEST(RedisStoreTest, DownMeansUnavailableFastAndRecovery) {
   ASSERT_TRUE(redis.ok());
   EXPECT_TRUE(store.Put("k:b", "2", 0).ok());
   EXPECT_EQ((*store.GetMany({"k:b"}))[0], "2");
+}
+
+// A warm pool after a Redis restart: every pooled connection is stale. The
+// first command after the restart must succeed (one retry on a connection
+// made now), not fail once per stale connection.
+TEST(RedisStoreTest, RestartUnderAWarmPoolCostsNoRequest) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis));
+  // Warm the pool with several connections (concurrent callers).
+  std::vector<std::thread> warm;
+  for (int i = 0; i < 5; ++i) warm.emplace_back([&] { EXPECT_TRUE(store.Put("k:w", "1", 0).ok()); });
+  for (auto& t : warm) t.join();
+  redis.Stop();
+  redis.Start();  // same port, empty
+  ASSERT_TRUE(redis.ok());
+  for (int i = 0; i < 5; ++i) {
+    auto got = store.Read({"k:w", "k:none"});
+    ASSERT_TRUE(got.ok()) << "request " << i << " after the restart: " << got.status();
+    EXPECT_EQ((*got)[0].state, StoredValue::State::kMissing);  // the data went with the restart
+  }
+  EXPECT_TRUE(store.Put("k:w", "2", 0).ok());
+}
+
+// Read says what a key held: an entry, nothing, another type, or a hash that
+// is not a clean chunk set; GetMany gives values only for entries.
+TEST(RedisStoreTest, ReadTellsWhatAKeyHeld) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis, 4));
+  ASSERT_TRUE(store.Put("k:entry", "0123456789", 0).ok());  // three chunks
+  ASSERT_TRUE(store.Put("k:stray", "abcdef", 0).ok());
+  RedisCli(redis, {"SET", "k:string", "x"});
+  RedisCli(redis, {"HSET", "k:stray", "junk", "x"});
+  auto got = store.Read({"k:entry", "k:none", "k:string", "k:stray"});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)[0].state, StoredValue::State::kFound);
+  EXPECT_EQ((*got)[0].value, "0123456789");
+  EXPECT_EQ((*got)[1].state, StoredValue::State::kMissing);
+  EXPECT_EQ((*got)[2].state, StoredValue::State::kOtherType);
+  EXPECT_EQ((*got)[3].state, StoredValue::State::kIncomplete);
 }
 
 TEST(RedisStoreTest, AuthAndDatabaseFromUri) {
