@@ -21,7 +21,6 @@ constexpr uint32_t kMaxTokensAsked = 1u << 20;
 constexpr int kMaxStopStrings = 16;
 constexpr size_t kMaxStopBytes = 256;
 constexpr uint32_t kMaxTopLogprobs = 20;
-constexpr float kMaxApeParam = 2.f;  // T and S are in (0, kMaxApeParam]
 // The longest an encode through --encoder may take within a request.
 constexpr std::chrono::minutes kRemoteEncodeTimeout(10);
 
@@ -49,6 +48,23 @@ v1::GenerateResponse TokenMessage(const TokenEvent& ev, const Tokenizer& tok) {
   return msg;
 }
 
+// T or S of a request: 0 (the preset) or in [kMinApeParam, kMaxApeParam].
+absl::Status CheckApeParam(float value, const char* name) {
+  if (value == 0.f || (value >= kMinApeParam && value <= kMaxApeParam)) return absl::OkStatus();  // NaN fails
+  return absl::InvalidArgumentError(
+      absl::StrFormat("%s %g is outside [%g, %g] (0 = the model's preset)", name, value, kMinApeParam, kMaxApeParam));
+}
+
+// A context key: well-formed, and echoed only as an excerpt (a key may be
+// megabytes of anything).
+absl::Status CheckContextKey(const std::string& key, const std::string& what) {
+  static const size_t kKeyBytes = RedisKeyFor(Hash128{}).size();
+  if (key.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty key"));
+  if (key.size() == kKeyBytes && ParseRedisKey(key).ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, ": malformed cache key '", Excerpt(key), "' (expected ape:v1:kv: and 32 hex digits)"));
+}
+
 void FillUsage(const DecodeStats& stats, v1::Usage* u) {
   u->set_prompt_tokens(stats.prompt_tokens);
   u->set_cached_tokens(stats.cached_tokens);
@@ -62,6 +78,7 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
     : model_(model),
       store_(store),
       limits_(limits),
+      kv_budget_(MakeKvBudget(model.config(), limits.max_request_kv_mb, limits.max_prompt_tokens)),
       preset_(preset),
       admission_(limits.max_concurrent, limits.max_queue),
       encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr) {}
@@ -76,31 +93,36 @@ absl::Status DecoderService::ValidateApe(const v1::GenerateRequest& req, DecodeI
     case v1::MODE_SEQUENTIAL: in->mode = DecodeMode::kSequential; break;
     default: return absl::InvalidArgumentError(absl::StrCat("unknown mode ", req.mode()));
   }
+  RETURN_IF_ERROR(CheckApeParam(req.ape_temperature(), "ape_temperature"));
+  RETURN_IF_ERROR(CheckApeParam(req.ape_scale(), "ape_scale"));
   in->temperature = req.ape_temperature() != 0.f ? req.ape_temperature() : preset_.temperature;
   in->scale = req.ape_scale() != 0.f ? req.ape_scale() : preset_.scale;
-  if (!(in->temperature > 0.f && in->temperature <= kMaxApeParam)) {
-    return absl::InvalidArgumentError("ape_temperature must be in (0, 2]");
-  }
-  if (!(in->scale > 0.f && in->scale <= kMaxApeParam)) return absl::InvalidArgumentError("ape_scale must be in (0, 2]");
   ASSIGN_OR_RETURN(in->dtype, KvDtypeFromProto(req.dtype(), limits_.default_dtype));
   return absl::OkStatus();
 }
 
-absl::Status DecoderService::ValidateContexts(const v1::GenerateRequest& req, DecodeInput* in) const {
-  if (req.contexts_size() > limits_.max_contexts) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
+// Every text field (sizes, UTF-8) before anything is tokenized. Keys are
+// checked by ValidateContexts (they are ASCII or malformed).
+absl::Status DecoderService::CheckText(const v1::GenerateRequest& req) const {
+  if (req.stop_size() > kMaxStopStrings) return absl::InvalidArgumentError("at most 16 stop strings");
+  TextCheck text(limits_.text);
+  RETURN_IF_ERROR(text.Add(req.prefix(), "prefix"));
+  RETURN_IF_ERROR(text.Add(req.query(), "query"));
+  for (int i = 0; i < req.stop_size(); ++i) RETURN_IF_ERROR(text.Add(req.stop(i), absl::StrCat("stop ", i)));
+  for (int i = 0; i < req.contexts_size(); ++i) {
+    if (req.contexts(i).has_text()) RETURN_IF_ERROR(text.Add(req.contexts(i).text(), absl::StrCat("context ", i)));
   }
+  return absl::OkStatus();
+}
+
+absl::Status DecoderService::ValidateContexts(const v1::GenerateRequest& req, DecodeInput* in) const {
   for (int i = 0; i < req.contexts_size(); ++i) {
     const v1::ContextRef& ref = req.contexts(i);
     const std::string what = absl::StrCat("context ", i);
     ContextSource src;
     switch (ref.ref_case()) {
       case v1::ContextRef::kKey: {
-        if (ref.key().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty key"));
-        if (absl::Status s = ParseRedisKey(ref.key()).status(); !s.ok()) {
-          return absl::InvalidArgumentError(absl::StrCat(what, ": ", s.message()));
-        }
+        RETURN_IF_ERROR(CheckContextKey(ref.key(), what));
         src.key = ref.key();
         break;
       }
@@ -131,7 +153,6 @@ absl::Status DecoderService::ValidateGeneration(const v1::GenerateRequest& req, 
   for (const auto& s : req.stop()) {
     if (s.empty() || s.size() > kMaxStopBytes) return absl::InvalidArgumentError("stop strings must be 1 to 256 bytes");
   }
-  if (req.stop_size() > kMaxStopStrings) return absl::InvalidArgumentError("at most 16 stop strings");
   g->stop.assign(req.stop().begin(), req.stop().end());
   if (req.top_logprobs() > kMaxTopLogprobs) return absl::InvalidArgumentError("top_logprobs must be 0 to 20");
   g->top_logprobs = static_cast<int>(req.top_logprobs());
@@ -145,24 +166,64 @@ absl::Status DecoderService::ValidateGeneration(const v1::GenerateRequest& req, 
   return ValidateSamplingParams(g->sampling);
 }
 
+absl::Status DecoderService::TokenizePrompt(const v1::GenerateRequest& req, DecodeInput* in) const {
+  const Tokenizer& tok = model_.tokenizer();
+  in->prefix_tokens = tok.Encode(req.prefix(), /*bos=*/true, /*eos=*/false);
+  RETURN_IF_ERROR(CheckTokenCount(in->prefix_tokens.size(), limits_.max_prefix_tokens, "prefix",
+                                  "--max_prefix_tokens, default the model's context length"));
+  in->query_tokens = tok.Encode(req.query(), /*bos=*/false, /*eos=*/false);
+  RETURN_IF_ERROR(CheckTokenCount(in->query_tokens.size(), limits_.max_query_tokens, "query",
+                                  "--max_query_tokens, default the model's context length"));
+  return ValidateContexts(req, in);
+}
+
+// The positions the prompt and its generated tokens span (decoder.proto):
+// contexts given by key count once loaded (the pipeline).
+absl::Status DecoderService::CheckPositions(DecodeInput* in_out) const {
+  DecodeInput& in = *in_out;
+  in.max_positions = limits_.max_positions;  // the pipeline checks again once key-only contexts are loaded
+  const bool sequential = in.mode == DecodeMode::kSequential;
+  int64_t contexts = 0;  // SEQUENTIAL: their sum; APE, PARALLEL: the longest (they share positions)
+  for (const ContextSource& c : in.contexts) {
+    const int64_t n = c.tokens ? static_cast<int64_t>(c.tokens->size()) : 0;
+    contexts = sequential ? contexts + n : std::max(contexts, n);
+  }
+  const int64_t span = static_cast<int64_t>(in.prefix_tokens.size()) + contexts +
+                       static_cast<int64_t>(in.query_tokens.size()) + in.generate.max_tokens;
+  if (span <= limits_.max_positions) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrFormat("the request spans %d positions (prefix %d + %s %d + query %d + max_tokens %d), the limit is %d "
+                      "(--max_positions, default the model's context length)",
+                      span, in.prefix_tokens.size(), sequential ? "contexts" : "longest context", contexts,
+                      in.query_tokens.size(), in.generate.max_tokens, limits_.max_positions));
+}
+
+// The KV slots known now against the budget, before any I/O; contexts given
+// by key count one slot each here and in full once loaded (the pipeline
+// checks in->max_kv_slots then, before allocating the cache).
+absl::Status DecoderService::CheckKvSlots(DecodeInput* in) const {
+  int64_t slots = int64_t{in->generate.max_tokens} + in->prefix_tokens.size() + in->query_tokens.size();
+  for (const ContextSource& c : in->contexts) slots += c.tokens ? c.tokens->size() : 1;
+  RETURN_IF_ERROR(CheckKvBudget(kv_budget_, slots, "the request"));
+  in->max_kv_slots = kv_budget_.max_slots;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<DecodeInput> DecoderService::Validate(const v1::GenerateRequest& req) const {
+  // Sizes first: nothing is tokenized before the request is known to be small enough.
+  if (req.contexts_size() > limits_.max_contexts) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts, " (--max_contexts)"));
+  }
+  RETURN_IF_ERROR(CheckText(req));
   DecodeInput in;
   RETURN_IF_ERROR(ValidateApe(req, &in));
-  in.ttl_seconds = limits_.ttl_seconds;
-  in.prefix_tokens = model_.tokenizer().Encode(req.prefix(), /*bos=*/true, /*eos=*/false);
-  RETURN_IF_ERROR(ValidateContexts(req, &in));
-  in.query_tokens = model_.tokenizer().Encode(req.query(), /*bos=*/false, /*eos=*/false);
   RETURN_IF_ERROR(ValidateGeneration(req, &in.generate));
+  in.ttl_seconds = limits_.ttl_seconds;
+  RETURN_IF_ERROR(TokenizePrompt(req, &in));
   RETURN_IF_ERROR(CheckDecodeInput(in));  // e.g. an empty query
-  // The KV slots known now; contexts given by key count once loaded (the
-  // pipeline checks max_kv_slots again then).
-  int64_t slots = int64_t{in.generate.max_tokens} + in.prefix_tokens.size() + in.query_tokens.size();
-  for (const ContextSource& c : in.contexts) slots += c.tokens ? c.tokens->size() : 0;
-  if (slots > limits_.max_prompt_tokens) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("request needs ", slots, " KV slots, the limit is ", limits_.max_prompt_tokens));
-  }
-  in.max_kv_slots = limits_.max_prompt_tokens;
+  RETURN_IF_ERROR(CheckPositions(&in));
+  RETURN_IF_ERROR(CheckKvSlots(&in));
   return in;
 }
 
@@ -173,12 +234,13 @@ absl::StatusOr<DecoderService::Admitted> DecoderService::Admit(grpc::ServerConte
   ASSIGN_OR_RETURN(DecodeInput in, Validate(req));
   auto cancelled = [ctx] { return ctx->IsCancelled(); };
   const auto t_queue = Clock::now();
-  ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter(cancelled));
-  outcome->queue_ms = MsSince(t_queue);
+  absl::StatusOr<Admission::Ticket> ticket = admission_.Enter(cancelled, ctx->deadline());
+  outcome->queue_ms = MsSince(t_queue);  // logged also when the request leaves the queue
+  if (!ticket.ok()) return ticket.status();
   DecodeHooks hooks;
   hooks.cancelled = cancelled;
   if (encoder_) hooks.remote_encode = [this, ctx](const EncodeInput& e) { return RemoteEncode(ctx, e); };
-  return Admitted{std::move(in), std::move(hooks), std::move(ticket)};
+  return Admitted{std::move(in), std::move(hooks), *std::move(ticket)};
 }
 
 absl::Status DecoderService::RemoteEncode(grpc::ServerContext* ctx, const EncodeInput& in) {
@@ -190,6 +252,7 @@ absl::Status DecoderService::RemoteEncode(grpc::ServerContext* ctx, const Encode
   }
   req.set_dtype(KvDtypeToProto(in.dtype));
   req.set_ttl_seconds(in.ttl_seconds);
+  req.set_overwrite(in.overwrite);  // the pipeline read an unusable entry at one of the keys
   // Part of the request: cancelled with it, and within its deadline.
   std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*ctx);
   call->set_deadline(std::chrono::system_clock::now() + kRemoteEncodeTimeout);

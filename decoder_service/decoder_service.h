@@ -14,6 +14,8 @@
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/engine/ape_preset.h"
 #include "common/pipeline/decode_pipeline.h"
+#include "common/server/kv_budget.h"
+#include "common/server/segments.h"
 #include "common/server/server_util.h"
 
 namespace ape {
@@ -23,12 +25,20 @@ namespace ape {
 struct DecoderLimits {
   int max_contexts;        // per request
   int max_context_tokens;  // per context given as content
-  int max_prompt_tokens;   // KV slots of one request (prompt + generated)
-  int max_new_tokens;      // generated tokens per request
-  int max_concurrent;      // requests computing at once
-  int max_queue;           // requests waiting beyond that
-  KvDtype default_dtype;   // for KV_DTYPE_UNSPECIFIED
-  int ttl_seconds;         // of entries encoded on the fly; 0 = none
+  int max_prefix_tokens;   // BOS included
+  int max_query_tokens;
+  // Positional extent of prompt + generated tokens (decoder.proto).
+  int max_positions;
+  // Float32 KV of one request (prompt + generated): --max_request_kv_mb,
+  // capped by --max_prompt_tokens slots when set.
+  int64_t max_request_kv_mb;
+  int max_prompt_tokens;  // 0 = the byte budget alone
+  int max_new_tokens;     // generated tokens per request
+  TextLimits text;        // bytes of text, checked before tokenizing
+  int max_concurrent;     // requests computing at once
+  int max_queue;          // requests waiting beyond that
+  KvDtype default_dtype;  // for KV_DTYPE_UNSPECIFIED
+  int ttl_seconds;        // of entries encoded on the fly; 0 = none
 };
 
 class DecoderService final : public v1::Decoder::Service {
@@ -61,11 +71,16 @@ class DecoderService final : public v1::Decoder::Service {
   };
 
   // Request -> DecodeInput, with no I/O; INVALID_ARGUMENT /
-  // RESOURCE_EXHAUSTED on bad input.
+  // RESOURCE_EXHAUSTED on bad input. Sizes and text are checked before
+  // anything is tokenized, token counts right after.
   absl::StatusOr<DecodeInput> Validate(const v1::GenerateRequest& req) const;
+  absl::Status CheckText(const v1::GenerateRequest& req) const;
   absl::Status ValidateApe(const v1::GenerateRequest& req, DecodeInput* in) const;
+  absl::Status TokenizePrompt(const v1::GenerateRequest& req, DecodeInput* in) const;
   absl::Status ValidateContexts(const v1::GenerateRequest& req, DecodeInput* in) const;
   absl::Status ValidateGeneration(const v1::GenerateRequest& req, GenerateOptions* g) const;
+  absl::Status CheckPositions(DecodeInput* in) const;
+  absl::Status CheckKvSlots(DecodeInput* in) const;
   // Validate, then wait for a compute slot; the hooks watch `ctx`.
   absl::StatusOr<Admitted> Admit(grpc::ServerContext* ctx, const v1::GenerateRequest& req, Outcome* outcome);
   absl::Status DoGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
@@ -82,6 +97,7 @@ class DecoderService final : public v1::Decoder::Service {
   const Model& model_;
   RedisStore* store_;
   const DecoderLimits limits_;
+  const KvBudget kv_budget_;
   const ApePreset preset_;
   Admission admission_;
   std::unique_ptr<v1::Encoder::Stub> encoder_;

@@ -21,7 +21,18 @@ ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
 ABSL_FLAG(int, ttl_seconds, 0, "expiry of entries encoded on the fly; 0 = none");
 ABSL_FLAG(int, max_contexts, 256, "contexts per request, at most");
 ABSL_FLAG(int, max_context_tokens, 0, "tokens per context, at most; 0 = the model's context length");
-ABSL_FLAG(int, max_prompt_tokens, 1 << 18, "KV slots per request (prompt + generated), at most");
+ABSL_FLAG(int, max_prefix_tokens, 0, "prefix tokens (BOS included), at most; 0 = the model's context length");
+ABSL_FLAG(int, max_query_tokens, 0, "query tokens, at most; 0 = the model's context length");
+ABSL_FLAG(int, max_positions, 0,
+          "positional extent of a request, at most: prefix + longest context (SEQUENTIAL: all contexts) + query + "
+          "max_tokens; 0 = the model's context length (raise it only to measure quality past the window)");
+ABSL_FLAG(int64_t, max_request_kv_mb, 1024,
+          "float32 KV cache of one request (prompt + generated: slots x 2 x n_layers x kv_dim x 4 bytes), at most, "
+          "MiB; each of --max_concurrent requests may take this much");
+ABSL_FLAG(int, max_prompt_tokens, 0,
+          "KV slots per request (prompt + generated), at most; 0 = --max_request_kv_mb alone");
+ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "bytes of one text field of a request (prefix, query, context), at most");
+ABSL_FLAG(int64_t, max_request_text_bytes, 16 << 20, "bytes of all text fields of a request together, at most");
 ABSL_FLAG(int, max_new_tokens, 1024, "generated tokens per request, at most");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message accepted or sent (also to --encoder), MiB (1 to 2047)");
 ABSL_FLAG(int, threads, 0, "compute threads (OpenBLAS and ours); 0 = all cores");
@@ -57,13 +68,25 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ape-decoder: APE preset: %s\n", preset.status().ToString().c_str());
     return 1;
   }
+  if (!(preset->temperature >= ape::kMinApeParam && preset->temperature <= ape::kMaxApeParam &&
+        preset->scale >= ape::kMinApeParam && preset->scale <= ape::kMaxApeParam)) {
+    std::fprintf(stderr, "ape-decoder: APE preset T=%g S=%g (%s): each must be in [%g, %g]\n", preset->temperature,
+                 preset->scale, preset->source.c_str(), ape::kMinApeParam, ape::kMaxApeParam);
+    return 1;
+  }
   const int context_length = model.config().context_length;
+  auto or_context_length = [context_length](int flag) { return flag > 0 ? flag : context_length; };
   const ape::DecoderLimits limits{
       .max_contexts = absl::GetFlag(FLAGS_max_contexts),
-      .max_context_tokens =
-          absl::GetFlag(FLAGS_max_context_tokens) > 0 ? absl::GetFlag(FLAGS_max_context_tokens) : context_length,
-      .max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens),
+      .max_context_tokens = or_context_length(absl::GetFlag(FLAGS_max_context_tokens)),
+      .max_prefix_tokens = or_context_length(absl::GetFlag(FLAGS_max_prefix_tokens)),
+      .max_query_tokens = or_context_length(absl::GetFlag(FLAGS_max_query_tokens)),
+      .max_positions = or_context_length(absl::GetFlag(FLAGS_max_positions)),
+      .max_request_kv_mb = absl::GetFlag(FLAGS_max_request_kv_mb),
+      .max_prompt_tokens = std::max(0, absl::GetFlag(FLAGS_max_prompt_tokens)),
       .max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens),
+      .text = {.max_field_bytes = absl::GetFlag(FLAGS_max_text_bytes),
+               .max_request_bytes = absl::GetFlag(FLAGS_max_request_text_bytes)},
       .max_concurrent = std::max(1, absl::GetFlag(FLAGS_max_concurrent)),
       .max_queue = std::max(0, absl::GetFlag(FLAGS_max_queue)),
       .default_dtype = absl::GetFlag(FLAGS_kv_dtype),
@@ -72,6 +95,9 @@ int main(int argc, char** argv) {
   const std::string encoder = absl::GetFlag(FLAGS_encoder);
   std::fprintf(stderr, "ape-decoder: encoder %s, APE T=%.2f S=%.2f (%s)\n", encoder.empty() ? "local" : encoder.c_str(),
                preset->temperature, preset->scale, preset->source.c_str());
+  const ape::KvBudget budget = ape::MakeKvBudget(model.config(), limits.max_request_kv_mb, limits.max_prompt_tokens);
+  std::fprintf(stderr, "ape-decoder: per request at most %lld KV slots (%s), %d positions\n",
+               static_cast<long long>(budget.max_slots), budget.limit.c_str(), limits.max_positions);
   ape::DecoderService service(model, loaded->store.get(), limits, *preset,
                               encoder.empty() ? nullptr : ape::MakeChannel(encoder, *message_bytes));
   const ape::ServerOptions opts{

@@ -11,6 +11,7 @@ PACKAGES=(
   libhiredis-dev         # Redis client for the KV store
   redis-server           # the store itself (tests start private instances)
   libxxhash-dev          # XXH3-128: model fingerprints, cache keys, checksums
+  libicu-dev             # ICU regex: Unicode classes for the byte-level BPE pre-tokenizers
   libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files; APE presets
   python3-torch python3-numpy      # independent reference (tests/reference), model recipe
   python3-grpcio python3-grpc-tools python3-yaml python3-matplotlib  # clients, e2e/deploy tests, plots

@@ -18,19 +18,21 @@ void FillEntry(const EncodedEntry& e, v1::CacheEntry* out) {
 }
 }  // namespace
 
-absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,
-                                      std::string* log) {
-  auto t0 = std::chrono::steady_clock::now();
-  // Validate before any work.
+absl::StatusOr<EncodeInput> EncoderService::Validate(const v1::EncodeRequest& req) const {
   if (req.contexts_size() == 0) return absl::InvalidArgumentError("no contexts: send at least one");
   if (req.contexts_size() > limits_.max_contexts) {
     return absl::ResourceExhaustedError(
-        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts));
+        absl::StrCat(req.contexts_size(), " contexts, the limit is ", limits_.max_contexts, " (--max_contexts)"));
   }
+  TextCheck text(limits_.text);
+  RETURN_IF_ERROR(text.Add(req.prefix().text(), "prefix"));
+  for (int i = 0; i < req.contexts_size(); ++i)
+    RETURN_IF_ERROR(text.Add(req.contexts(i).text(), absl::StrCat("context ", i)));
   EncodeInput in;
   ASSIGN_OR_RETURN(in.dtype, KvDtypeFromProto(req.dtype(), limits_.default_dtype));
   in.ttl_seconds = req.ttl_seconds() > 0 ? static_cast<int>(std::min<uint32_t>(req.ttl_seconds(), 1u << 30))
                                          : limits_.default_ttl_seconds;
+  in.overwrite = req.overwrite();
   const Tokenizer& tok = model_.tokenizer();
   ASSIGN_OR_RETURN(in.prefix_tokens, ResolvePrefix(req.prefix(), tok, limits_.max_prefix_tokens));
   for (int i = 0; i < req.contexts_size(); ++i) {
@@ -38,10 +40,35 @@ absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::Encode
                      ResolveContext(req.contexts(i), tok, limits_.max_context_tokens, absl::StrCat("context ", i)));
     in.contexts.push_back(std::move(ids));
   }
+  RETURN_IF_ERROR(CheckSpan(in));
+  return in;
+}
+
+// Each context sits at positions Lp..Lp+len-1: within --max_positions, and
+// the prefix and the longest context in one cache within the KV budget.
+absl::Status EncoderService::CheckSpan(const EncodeInput& in) const {
+  size_t longest = 0, longest_at = 0;
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
+    if (in.contexts[i].size() > longest) longest = in.contexts[i].size(), longest_at = i;
+  }
+  const int64_t span = static_cast<int64_t>(in.prefix_tokens.size() + longest);
+  if (span > limits_.max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "context ", longest_at, " would end at position ", span, " (prefix ", in.prefix_tokens.size(), " + ", longest,
+        " tokens), the limit is ", limits_.max_positions, " (--max_positions, default the model's context length)"));
+  }
+  return CheckKvBudget(kv_budget_, span, "encoding the prefix and the longest context");
+}
+
+absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,
+                                      std::string* log) {
+  auto t0 = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(const EncodeInput in, Validate(req));  // before any work
   const double tokenize_ms = MsSince(t0);
 
-  ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter([ctx] { return ctx->IsCancelled(); }));
-  ASSIGN_OR_RETURN(EncodeOutput out, EncodeContexts(model_, store_, in));
+  auto cancelled = [ctx] { return ctx->IsCancelled(); };
+  ASSIGN_OR_RETURN(Admission::Ticket ticket, admission_.Enter(cancelled, ctx->deadline()));
+  ASSIGN_OR_RETURN(EncodeOutput out, EncodeContexts(model_, store_, in, cancelled));
 
   FillEntry(out.prefix, resp->mutable_prefix());
   int cached = 0;
@@ -78,13 +105,16 @@ grpc::Status EncoderService::Tokenize(grpc::ServerContext*, const v1::TokenizeRe
                                       v1::TokenizeResponse* resp) {
   auto t0 = std::chrono::steady_clock::now();
   const Tokenizer& tok = model_.tokenizer();
-  for (int32_t id : tok.Encode(req->text(), req->add_bos(), false)) {
-    resp->add_ids(id);
-    resp->add_pieces(tok.piece(id));
+  absl::Status s = TextCheck(limits_.text).Add(req->text(), "text");  // before tokenizing
+  if (s.ok()) {
+    for (int32_t id : tok.Encode(req->text(), req->add_bos(), false)) {
+      resp->add_ids(id);
+      resp->add_pieces(tok.piece(id));
+    }
   }
-  LogRequest("encoder", "Tokenize", absl::OkStatus(),
+  LogRequest("encoder", "Tokenize", s,
              absl::StrFormat("bytes=%d tokens=%d total_ms=%.2f", req->text().size(), resp->ids_size(), MsSince(t0)));
-  return grpc::Status::OK;
+  return ToGrpcStatus(s);
 }
 
 grpc::Status EncoderService::Detokenize(grpc::ServerContext*, const v1::DetokenizeRequest* req,

@@ -20,6 +20,14 @@ ABSL_FLAG(int, ttl_seconds, 0, "expiry of new cache entries when a request does 
 ABSL_FLAG(int, max_contexts, 64, "contexts per request, at most");
 ABSL_FLAG(int, max_context_tokens, 0, "tokens per context, at most; 0 = the model's context length");
 ABSL_FLAG(int, max_prefix_tokens, 0, "prefix tokens, at most; 0 = the model's context length");
+ABSL_FLAG(int, max_positions, 0,
+          "prefix + context tokens (the last position a context is encoded at), at most; 0 = the model's context "
+          "length (raise it only to measure quality past the window)");
+ABSL_FLAG(int64_t, max_request_kv_mb, 1024,
+          "float32 KV cache of one request (prefix + longest context: slots x 2 x n_layers x kv_dim x 4 bytes), at "
+          "most, MiB");
+ABSL_FLAG(int64_t, max_text_bytes, 1 << 20, "bytes of one text field of a request (prefix, context, Tokenize text)");
+ABSL_FLAG(int64_t, max_request_text_bytes, 16 << 20, "bytes of all text fields of a request together, at most");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message accepted or sent, MiB (1 to 2047)");
 ABSL_FLAG(int, threads, 0, "compute threads (OpenBLAS and ours); 0 = all cores");
 ABSL_FLAG(int, max_concurrent, 1, "requests computing at once");
@@ -51,6 +59,10 @@ int main(int argc, char** argv) {
       .max_contexts = absl::GetFlag(FLAGS_max_contexts),
       .max_context_tokens = or_context_length(absl::GetFlag(FLAGS_max_context_tokens)),
       .max_prefix_tokens = or_context_length(absl::GetFlag(FLAGS_max_prefix_tokens)),
+      .max_positions = or_context_length(absl::GetFlag(FLAGS_max_positions)),
+      .max_request_kv_mb = absl::GetFlag(FLAGS_max_request_kv_mb),
+      .text = {.max_field_bytes = absl::GetFlag(FLAGS_max_text_bytes),
+               .max_request_bytes = absl::GetFlag(FLAGS_max_request_text_bytes)},
       .default_dtype = absl::GetFlag(FLAGS_kv_dtype),
       .default_ttl_seconds = absl::GetFlag(FLAGS_ttl_seconds),
       .max_concurrent = std::max(1, absl::GetFlag(FLAGS_max_concurrent)),

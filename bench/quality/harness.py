@@ -13,8 +13,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 for _p in (os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "models", "recipe")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-import grpc  # noqa: E402
-from apeserve_client import load_stubs  # noqa: E402
+from apeserve_client import load_stubs, make_channel, utf8  # noqa: E402
 from apeserve_launcher import LocalServices, default_bin_dir  # noqa: E402
 
 MODES = ("SEQUENTIAL", "PARALLEL", "APE")
@@ -52,9 +51,11 @@ def answer_lead(answer, value):
 class Services:
     """redis-server + ape-encoder + ape-decoder on free loopback ports
     (apeserve_launcher.LocalServices), or existing ones when both addresses
-    are given. A context manager; close() stops what it started."""
+    are given (over TLS with `credentials`, apeserve_client's
+    channel_credentials()). A context manager; close() stops what it started."""
 
-    def __init__(self, model, tokenizer="", encoder=None, decoder=None, bin_dir=None, preset=None):
+    def __init__(self, model, tokenizer="", encoder=None, decoder=None, bin_dir=None, preset=None, credentials=None,
+                 server_name=None):
         enc_pb, enc_grpc, dec_pb, dec_grpc = stubs()
         self.local = None
         if encoder and decoder:
@@ -62,13 +63,15 @@ class Services:
         else:
             self.local = LocalServices(
                 bin_dir or default_bin_dir(), model, tokenizer, tmp_prefix="apeserve-quality-",
-                encoder_args=["--max_context_tokens=4096"],
-                decoder_args=["--max_context_tokens=4096", "--max_prompt_tokens=1000000"]
+                # Quality runs go past the trained window on purpose (SEQUENTIAL over
+                # 32+ documents is the baseline APE is measured against).
+                encoder_args=["--max_context_tokens=4096", "--max_positions=1000000"],
+                decoder_args=["--max_context_tokens=4096", "--max_positions=1000000"]
                 + ([f"--ape_preset={preset}"] if preset else [])).start()
             self.encoder, self.decoder = self.local.encoder, self.local.decoder
         opts = [("grpc.max_receive_message_length", 64 << 20)]
-        self._channels = [grpc.insecure_channel(self.encoder, options=opts),
-                          grpc.insecure_channel(self.decoder, options=opts)]
+        self._channels = [make_channel(self.encoder, credentials, server_name, opts),
+                          make_channel(self.decoder, credentials, server_name, opts)]
         self.enc = enc_grpc.EncoderStub(self._channels[0])
         self.dec = dec_grpc.DecoderStub(self._channels[1])
 
@@ -89,14 +92,16 @@ class Services:
 
     def encode(self, prefix, docs):
         enc_pb = stubs()[0]
-        r = self.enc.Encode(enc_pb.EncodeRequest(prefix=enc_pb.Segment(text=prefix),
-                                                 contexts=[enc_pb.Segment(text=d) for d in docs]), timeout=600)
+        r = self.enc.Encode(enc_pb.EncodeRequest(prefix=enc_pb.Segment(text=utf8(prefix)),
+                                                 contexts=[enc_pb.Segment(text=utf8(d)) for d in docs]), timeout=600)
         return [c.key for c in r.contexts]
 
     def request(self, prefix, keys, query, mode, T=None, S=None, max_tokens=8, stop=()):
         dec_pb = stubs()[2]
-        req = dec_pb.GenerateRequest(prefix=prefix, contexts=[dec_pb.ContextRef(key=k) for k in keys], query=query,
-                                     mode=getattr(dec_pb, "MODE_" + mode), max_tokens=max_tokens, stop=list(stop))
+        # Request text goes as UTF-8 bytes (the API's text fields are `bytes`).
+        req = dec_pb.GenerateRequest(prefix=utf8(prefix), contexts=[dec_pb.ContextRef(key=utf8(k)) for k in keys],
+                                     query=utf8(query), mode=getattr(dec_pb, "MODE_" + mode), max_tokens=max_tokens,
+                                     stop=[utf8(s) for s in stop])
         if T:
             req.ape_temperature = T
         if S:

@@ -14,6 +14,7 @@ int TokenizeCommand(const std::vector<std::string>& args);   // local: texts -> 
 int EncodeCommand(const std::vector<std::string>& args);     // ape-encoder: documents -> keys
 int GenerateCommand(const std::vector<std::string>& args);   // ape-decoder: stream an answer
 int ModelInfoCommand(const std::vector<std::string>& args);  // the served model
+int HealthCommand(const std::vector<std::string>& args);     // grpc.health.v1 Check: exit 0 when SERVING
 
 }  // namespace ape::apectl
 

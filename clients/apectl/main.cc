@@ -1,7 +1,8 @@
 // apectl: the apeserve command-line tool.
 //   apectl run  --model M [--tokenizer T] --prompt P --max-tokens N --temperature 0
 //   apectl info --model M [--tokenizer T]
-//   apectl encode / generate / model-info: clients of ape-encoder and ape-decoder
+//   apectl encode / generate / model-info / health: clients of ape-encoder and
+//   ape-decoder, in plaintext or TLS (--tls, --tls-ca, --tls-cert, --tls-key)
 // Flags may be spelled with dashes or underscores (--max-tokens = --max_tokens).
 #include <cstdio>
 #include <cstring>
@@ -31,7 +32,13 @@ int main(int argc, char** argv) {
       "  apectl encode [--encoder ADDR] [--prefix P] [--dtype float16|float32] FILE|DIR...\n"
       "  apectl generate [--decoder ADDR] [--prefix P] [--context-key K1,K2] [--context-file F|DIR]\n"
       "                  --query Q [--mode ape|parallel|sequential] [--ape-t T] [--ape-s S] [--max-tokens N]\n"
-      "  apectl model-info [--encoder ADDR]");
+      "  apectl model-info [--encoder ADDR]\n"
+      "  apectl health ADDR [SERVICE]        (prints the gRPC health status; exit 0 when SERVING)\n"
+      "Remote commands (encode, generate, model-info, health) speak plaintext unless given TLS flags:\n"
+      "  --tls                 TLS, verifying the server with the system roots\n"
+      "  --tls-ca FILE         TLS, verifying the server with this PEM CA bundle\n"
+      "  --tls-cert FILE --tls-key FILE   client certificate for servers with --tls_client_ca (mutual TLS)\n"
+      "  --tls-server-name N   name to verify in the server's certificate (default: the address's host)");
   std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
   if (rest.size() < 2) {
     std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
@@ -45,6 +52,7 @@ int main(int argc, char** argv) {
   if (cmd == "encode") return ape::apectl::EncodeCommand(pos);
   if (cmd == "generate") return ape::apectl::GenerateCommand(pos);
   if (cmd == "model-info") return ape::apectl::ModelInfoCommand(pos);
+  if (cmd == "health") return ape::apectl::HealthCommand(pos);
   std::fprintf(stderr, "apectl: unknown command '%s'\n%s\n", cmd.c_str(), absl::ProgramUsageMessage().data());
   return 2;
 }

@@ -1,5 +1,14 @@
-// apectl encode / generate / model-info: the client side of the services.
+// apectl encode / generate / model-info / health: the client side of the
+// services, in plaintext or TLS (--tls, --tls_ca, --tls_cert, --tls_key).
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+
+#include <condition_variable>
+#include <iterator>
+#include <mutex>
+#include <optional>
 
 #include <algorithm>
 #include <cstdio>
@@ -10,6 +19,7 @@
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -29,6 +39,16 @@ ABSL_FLAG(float, ape_t, 0.f, "APE temperature T; 0 = the server's preset");
 ABSL_FLAG(float, ape_s, 0.f, "APE scaling factor S; 0 = the server's preset");
 ABSL_FLAG(int, timeout_s, 600, "deadline of each call, seconds");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message sent or received, MiB (as the servers' --max_message_mb)");
+ABSL_FLAG(bool, tls, false,
+          "remote commands: TLS, verifying the server with the system roots unless --tls-ca "
+          "(implied by --tls-ca, --tls-cert, --tls-key)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "remote commands: PEM CA bundle that verifies the server's certificate (implies TLS)");
+ABSL_FLAG(std::string, tls_cert, "",
+          "remote commands: PEM client certificate for a server with --tls_client_ca (mutual TLS; with --tls-key)");
+ABSL_FLAG(std::string, tls_key, "", "remote commands: PEM private key of --tls-cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "remote commands: name to verify in the server's certificate; empty = the address's host");
 
 ABSL_DECLARE_FLAG(int, max_tokens);
 ABSL_DECLARE_FLAG(float, temperature);
@@ -42,13 +62,57 @@ ABSL_DECLARE_FLAG(std::vector<std::string>, stop);
 namespace ape::apectl {
 namespace {
 
-std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+// The whole file named by --`flag`, or an error naming both.
+absl::StatusOr<std::string> ReadFlagFile(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, ": cannot open"));
+  std::string pem((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, ": cannot read"));
+  if (pem.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, ": file is empty"));
+  return pem;
+}
+
+// Plaintext, or TLS as the --tls* flags say.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials() {
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca), cert = absl::GetFlag(FLAGS_tls_cert),
+                    key = absl::GetFlag(FLAGS_tls_key);
+  if (!absl::GetFlag(FLAGS_tls) && ca.empty() && cert.empty() && key.empty()) {
+    if (!absl::GetFlag(FLAGS_tls_server_name).empty())
+      return absl::InvalidArgumentError("--tls-server-name needs TLS (--tls or --tls-ca)");
+    return grpc::InsecureChannelCredentials();
+  }
+  if (cert.empty() != key.empty()) return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  grpc::SslCredentialsOptions opts;  // empty pem_root_certs = the system roots
+  if (!ca.empty()) {
+    auto pem = ReadFlagFile("tls-ca", ca);
+    if (!pem.ok()) return pem.status();
+    opts.pem_root_certs = *pem;
+  }
+  if (!cert.empty()) {
+    auto cert_pem = ReadFlagFile("tls-cert", cert);
+    if (!cert_pem.ok()) return cert_pem.status();
+    auto key_pem = ReadFlagFile("tls-key", key);
+    if (!key_pem.ok()) return key_pem.status();
+    opts.pem_cert_chain = *cert_pem;
+    opts.pem_private_key = *key_pem;
+  }
+  return grpc::SslCredentials(opts);
+}
+
+// A channel to `address`, or null after printing why not.
+std::shared_ptr<grpc::Channel> Channel(const char* command, const std::string& address) {
+  auto creds = Credentials();
+  if (!creds.ok()) {
+    std::fprintf(stderr, "apectl %s: %s\n", command, std::string(creds.status().message()).c_str());
+    return nullptr;
+  }
   // Clamped to what a gRPC size (an int) holds, as the servers' flag is.
   const int max_message_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 1, 2047) << 20;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) args.SetSslTargetNameOverride(name);
+  return grpc::CreateCustomChannel(address, *creds, args);
 }
 
 void SetDeadline(grpc::ClientContext& ctx) {
@@ -123,7 +187,9 @@ int EncodeCommand(const std::vector<std::string>& args) {
     }
     req.add_contexts()->set_text(text);
   }
-  auto stub = v1::Encoder::NewStub(Channel(absl::GetFlag(FLAGS_encoder)));
+  auto channel = Channel("encode", absl::GetFlag(FLAGS_encoder));
+  if (!channel) return 2;
+  auto stub = v1::Encoder::NewStub(channel);
   grpc::ClientContext ctx;
   SetDeadline(ctx);
   v1::EncodeResponse resp;
@@ -184,7 +250,9 @@ int GenerateCommand(const std::vector<std::string>&) {
   sp->set_repetition_penalty(absl::GetFlag(FLAGS_repetition_penalty));
   sp->set_seed(absl::GetFlag(FLAGS_seed));
 
-  auto stub = v1::Decoder::NewStub(Channel(absl::GetFlag(FLAGS_decoder)));
+  auto channel = Channel("generate", absl::GetFlag(FLAGS_decoder));
+  if (!channel) return 2;
+  auto stub = v1::Decoder::NewStub(channel);
   grpc::ClientContext ctx;
   SetDeadline(ctx);
   auto reader = stub->Generate(&ctx, req);
@@ -219,7 +287,9 @@ int GenerateCommand(const std::vector<std::string>&) {
 }
 
 int ModelInfoCommand(const std::vector<std::string>&) {
-  auto stub = v1::Encoder::NewStub(Channel(absl::GetFlag(FLAGS_encoder)));
+  auto channel = Channel("model-info", absl::GetFlag(FLAGS_encoder));
+  if (!channel) return 2;
+  auto stub = v1::Encoder::NewStub(channel);
   grpc::ClientContext ctx;
   SetDeadline(ctx);
   v1::ModelInfoResponse resp;
@@ -227,6 +297,61 @@ int ModelInfoCommand(const std::vector<std::string>&) {
   if (!s.ok()) return Fail("model-info", s);
   std::printf("%s", resp.DebugString().c_str());
   return 0;
+}
+
+// grpc.health.v1.Health/Check without generated code (apectl links only the
+// ape.v1 API): HealthCheckRequest is field 1 `service` (string), and
+// HealthCheckResponse field 1 `status` (enum: 0 UNKNOWN, 1 SERVING,
+// 2 NOT_SERVING, 3 SERVICE_UNKNOWN).
+int HealthCommand(const std::vector<std::string>& args) {
+  if (args.empty() || args.size() > 2) {
+    std::fprintf(stderr, "apectl health: usage: apectl health [--tls...] ADDRESS [SERVICE]\n");
+    return 2;
+  }
+  auto channel = Channel("health", args[0]);
+  if (!channel) return 2;
+  std::string request;
+  if (args.size() == 2) {
+    google::protobuf::io::StringOutputStream out(&request);
+    google::protobuf::io::CodedOutputStream coded(&out);
+    google::protobuf::internal::WireFormatLite::WriteString(1, args[1], &coded);
+  }
+  grpc::Slice request_slice(request);
+  grpc::ByteBuffer request_buffer(&request_slice, 1), response_buffer;
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s)));
+  std::mutex mu;
+  std::condition_variable cv;
+  std::optional<grpc::Status> status;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request_buffer, &response_buffer,
+                 [&](grpc::Status s) {
+                   std::lock_guard<std::mutex> lock(mu);
+                   status = std::move(s);
+                   cv.notify_one();
+                 });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return status.has_value(); });
+  }
+  if (!status->ok()) return Fail("health", *status);
+  std::vector<grpc::Slice> slices;
+  std::string response;
+  if (!response_buffer.Dump(&slices).ok()) return Fail("health", grpc::Status(grpc::StatusCode::INTERNAL, "bad reply"));
+  for (const auto& sl : slices) response.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(response.data()),
+                                            static_cast<int>(response.size()));
+  uint32_t serving_status = 0;  // UNKNOWN when absent
+  while (uint32_t tag = in.ReadTag()) {
+    if (tag == 8) {  // field 1, varint
+      if (!in.ReadVarint32(&serving_status)) break;
+    } else if (!google::protobuf::internal::WireFormatLite::SkipField(&in, tag)) {
+      break;
+    }
+  }
+  static constexpr const char* kNames[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+  std::printf("%s\n", serving_status < 4 ? kNames[serving_status] : absl::StrCat(serving_status).c_str());
+  return serving_status == 1 ? 0 : 1;
 }
 
 }  // namespace ape::apectl

@@ -5,7 +5,10 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "clients/apectl/commands.h"
 #include "common/engine/generate.h"
 #include "common/engine/model.h"
@@ -14,6 +17,11 @@
 ABSL_FLAG(std::string, model, "", "model file: GGUF, or a llama2.c checkpoint (.bin)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");
 ABSL_FLAG(std::string, prompt, "", "prompt text (BOS is prepended)");
+ABSL_FLAG(std::string, prompt_ids, "",
+          "prompt as comma-separated token ids, used exactly as given (no BOS added); replaces --prompt");
+ABSL_FLAG(bool, print_ids, false,
+          "print the generated token ids instead of the text: comma-separated on one line, as --prompt_ids takes "
+          "them (generation still stops at EOS)");
 ABSL_FLAG(int, max_tokens, 256, "tokens to generate after the prompt");
 ABSL_FLAG(float, temperature, 0.f, "sampling temperature; 0 = greedy");
 ABSL_FLAG(int, top_k, 0, "keep the k most likely tokens; 0 = off");
@@ -23,9 +31,34 @@ ABSL_FLAG(float, repetition_penalty, 1.f, "penalty for recent tokens; 1 = off");
 ABSL_FLAG(uint64_t, seed, 0, "random seed for sampling");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
+ABSL_FLAG(bool, parse_special, false,
+          "tokenize: text of control tokens (e.g. <|im_start|>) becomes those tokens; else it is plain text");
 
 namespace ape::apectl {
 namespace {
+
+// "1,2,3" -> {1, 2, 3}; every id must be a token of the model.
+absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text, int vocab_size) {
+  std::vector<int32_t> ids;
+  for (absl::string_view field : absl::StrSplit(text, ',')) {
+    int32_t id;
+    if (!absl::SimpleAtoi(field, &id) || id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--prompt_ids: '", field, "' is not a token id in [0, ", vocab_size, ")"));
+    }
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+// The chat format a tokenizer.chat_template (Jinja) writes, by its markers.
+const char* ChatTemplateFamily(const std::string& tmpl) {
+  if (tmpl.empty()) return "none";
+  if (tmpl.find("<|start_header_id|>") != std::string::npos) return "llama3";
+  if (tmpl.find("<|im_start|>") != std::string::npos) return "chatml";
+  if (tmpl.find("[INST]") != std::string::npos) return "mistral/llama2-inst";
+  return "unknown";
+}
 
 absl::StatusOr<std::unique_ptr<Model>> LoadFromFlags() {
   const std::string path = absl::GetFlag(FLAGS_model);
@@ -54,23 +87,43 @@ int InfoCommand(const std::vector<std::string>&) {
   std::printf("rms_eps:       %g\ncontext:       %d\n", c.rms_eps, c.context_length);
   std::printf("vocab:         %d (tokenizer %s, bos %d, eos %d)\n", c.vocab_size, m.tokenizer().source().c_str(),
               m.tokenizer().bos_id(), m.tokenizer().eos_id());
+  std::printf("tokenizer:     %s%s%s\n", m.tokenizer_model().c_str(), m.tokenizer_pre().empty() ? "" : ", pre ",
+              m.tokenizer_pre().c_str());
+  std::printf("chat template: %s\n", ChatTemplateFamily(m.chat_template()));
+  std::printf("attention:     rope %s%s%s%s\n", c.rope_style == RopeStyle::kNeox ? "neox" : "interleaved",
+              c.rope_freq_scale != 1.f ? absl::StrFormat(", linear scale %g", c.rope_freq_scale).c_str() : "",
+              c.qkv_bias ? ", q/k/v biases" : "", c.qk_norm ? ", q/k head norms" : "");
   std::printf("output:        %s\n", c.tied_output ? "tied to token embedding" : "separate classifier");
   std::printf("weights:       %s (held as float32: %.1f MiB)\n", m.weight_types().c_str(),
               c.num_params() * 4.0 / (1 << 20));
+  std::printf("kv cache:      %.1f KiB per token (float32 K and V, all layers)\n",
+              2.0 * c.n_layers * c.kv_dim() * sizeof(float) / 1024);
   std::printf("fingerprint:   %s\n", m.fingerprint().c_str());
   std::fprintf(stderr, "fingerprint computed in %.3f ms\n", m.fingerprint_seconds() * 1e3);
   return 0;
 }
 
-int TokenizeCommand(const std::vector<std::string>& args) {
+// apectl tokenize reads only the tokenizer: a GGUF file's metadata (so a
+// vocabulary-only GGUF works), or with --tokenizer a llama2.c checkpoint and
+// its tokenizer file.
+absl::StatusOr<Tokenizer> TokenizerFromFlags() {
+  const std::string path = absl::GetFlag(FLAGS_model);
+  if (path.empty()) return absl::InvalidArgumentError("--model is required");
+  if (absl::GetFlag(FLAGS_tokenizer).empty()) return Tokenizer::FromGgufFile(path);
   auto model = LoadFromFlags();
-  if (!model.ok()) {
-    std::fprintf(stderr, "apectl tokenize: %s\n", model.status().ToString().c_str());
+  if (!model.ok()) return model.status();
+  return (*model)->tokenizer();
+}
+
+int TokenizeCommand(const std::vector<std::string>& args) {
+  auto tok = TokenizerFromFlags();
+  if (!tok.ok()) {
+    std::fprintf(stderr, "apectl tokenize: %s\n", tok.status().ToString().c_str());
     return 1;
   }
   // One line of space-separated ids per argument (no BOS).
   for (const auto& text : args) {
-    std::vector<int32_t> ids = (*model)->tokenizer().Encode(text, /*bos=*/false, /*eos=*/false);
+    std::vector<int32_t> ids = tok->Encode(text, /*bos=*/false, /*eos=*/false, absl::GetFlag(FLAGS_parse_special));
     for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %d" : "%d", ids[i]);
     std::printf("\n");
   }
@@ -99,7 +152,16 @@ int RunCommand(const std::vector<std::string>&) {
     return 2;
   }
   const Tokenizer& tok = m.tokenizer();
-  std::vector<int32_t> prompt = tok.Encode(absl::GetFlag(FLAGS_prompt), /*bos=*/true, /*eos=*/false);
+  const bool print_ids = absl::GetFlag(FLAGS_print_ids);
+  std::vector<int32_t> prompt;
+  if (absl::GetFlag(FLAGS_prompt_ids).empty()) {
+    prompt = tok.Encode(absl::GetFlag(FLAGS_prompt), /*bos=*/true, /*eos=*/false);
+  } else if (auto ids = ParseIds(absl::GetFlag(FLAGS_prompt_ids), m.config().vocab_size); ids.ok()) {
+    prompt = *std::move(ids);
+  } else {
+    std::fprintf(stderr, "apectl run: %s\n", ids.status().ToString().c_str());
+    return 2;
+  }
   std::vector<int32_t> positions(prompt.size());
   for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int32_t>(i);
 
@@ -110,13 +172,21 @@ int RunCommand(const std::vector<std::string>&) {
   tf.Forward(prompt, positions, cache, ApeParams{}, logits.data());
   auto t1 = std::chrono::steady_clock::now();
 
-  // Print as llama2.c does: the prompt's pieces after BOS, then the stream.
-  std::string prompt_text = tok.DecodeAll(std::span(prompt).subspan(1), prompt[0]);
-  std::fwrite(prompt_text.data(), 1, prompt_text.size(), stdout);
-  std::fflush(stdout);
+  // Print as llama2.c does: the prompt's pieces after BOS, then the stream;
+  // or, with --print_ids, only the generated ids ("5,17,17,...").
+  if (!print_ids) {
+    std::string prompt_text = tok.DecodeAll(std::span(prompt).subspan(1), prompt[0]);
+    std::fwrite(prompt_text.data(), 1, prompt_text.size(), stdout);
+    std::fflush(stdout);
+  }
+  int printed = 0;
   GenerateResult r = Generate(tf, cache, ApeParams{}, std::move(logits), prompt, static_cast<int32_t>(prompt.size()),
-                              opt, [](const TokenEvent& ev) {
-                                std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
+                              opt, [&](const TokenEvent& ev) {
+                                if (!print_ids) {
+                                  std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
+                                } else if (ev.id >= 0) {
+                                  std::printf(printed++ ? ",%d" : "%d", ev.id);
+                                }
                                 std::fflush(stdout);
                                 return true;
                               });

@@ -3,26 +3,78 @@
 //   cd clients/node && npm install && node client.js --encoder 127.0.0.1:50051 \
 //     --decoder 127.0.0.1:50052 --prefix "..." --doc a.txt --doc b.txt --query "..."
 // Loads ../../proto at run time with @grpc/proto-loader (no generated code).
+// TLS with --tls-ca (or --tls for the system roots); mutual TLS adds
+// --tls-cert and --tls-key. `node client.js --help` lists every flag.
 'use strict';
 const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
+const USAGE = `usage: node client.js --query Q [flags]
+Encodes --doc files on the encoder (cached under content keys), then asks the
+decoder with those keys and streams the answer to stdout (usage to stderr).
+
+  --encoder ADDR         ape-encoder address (default 127.0.0.1:50051)
+  --decoder ADDR         ape-decoder address (default 127.0.0.1:50052)
+  --prefix TEXT          shared prefix text (default "")
+  --doc FILE             a document, UTF-8 (repeat)
+  --query TEXT           the question (required)
+  --mode M               ape, parallel or sequential (default ape)
+  --max-tokens N         generated tokens, at most (default 64)
+  --stop TEXT            a stop string (repeat)
+TLS (default: plaintext):
+  --tls                  TLS, verifying the servers with the system roots
+  --tls-ca PEM           TLS, verifying the servers with this CA bundle
+  --tls-cert PEM         client certificate, for servers started with
+                         --tls_client_ca (mutual TLS; with --tls-key)
+  --tls-key PEM          private key of --tls-cert
+  --tls-server-name NAME name to verify in the servers' certificates
+                         (default: the address's host)
+  --help                 this text
+`;
+
 function parseArgs(argv) {
   const a = {encoder: '127.0.0.1:50051', decoder: '127.0.0.1:50052', prefix: '', doc: [], query: '',
-             mode: 'ape', maxTokens: 64, stop: []};
-  for (let i = 2; i < argv.length; i += 2) {
-    const k = argv[i].replace(/^--/, ''), v = argv[i + 1];
+             mode: 'ape', maxTokens: 64, stop: [], tls: false, tlsCa: '', tlsCert: '', tlsKey: '',
+             tlsServerName: ''};
+  const valued = {'encoder': 'encoder', 'decoder': 'decoder', 'prefix': 'prefix', 'query': 'query', 'mode': 'mode',
+                  'tls-ca': 'tlsCa', 'tls-cert': 'tlsCert', 'tls-key': 'tlsKey', 'tls-server-name': 'tlsServerName'};
+  for (let i = 2; i < argv.length; i++) {
+    let k = argv[i].replace(/^--/, ''), v;
+    const eq = k.indexOf('=');
+    if (eq >= 0) [k, v] = [k.slice(0, eq), k.slice(eq + 1)];
+    if (k === 'help' || k === 'h') return null;
+    if (k === 'tls') { a.tls = true; continue; }
+    if (v === undefined) {
+      if (i + 1 >= argv.length) throw new Error(`--${k} needs a value`);
+      v = argv[++i];
+    }
     if (k === 'doc') a.doc.push(v);
     else if (k === 'stop') a.stop.push(v);
     else if (k === 'max-tokens') a.maxTokens = parseInt(v, 10);
-    else if (k in a) a[k] = v;
-    else throw new Error(`unknown flag --${k}`);
+    else if (k in valued) a[valued[k]] = v;
+    else throw new Error(`unknown flag --${k} (see --help)`);
   }
-  if (!a.query) throw new Error('--query is required');
+  if (!a.query) throw new Error('--query is required (see --help)');
+  if (!['ape', 'parallel', 'sequential'].includes(a.mode)) throw new Error('--mode must be ape, parallel or sequential');
+  if (!a.tlsCert !== !a.tlsKey) throw new Error('--tls-cert and --tls-key go together');
   return a;
 }
+
+// Plaintext, or TLS when any --tls* flag is given; the channel options
+// carry --tls-server-name.
+function credentials(a) {
+  if (!(a.tls || a.tlsCa || a.tlsCert)) return {creds: grpc.credentials.createInsecure(), options: {}};
+  const read = (f) => (f ? fs.readFileSync(f) : null);
+  return {creds: grpc.credentials.createSsl(read(a.tlsCa), read(a.tlsKey), read(a.tlsCert)),
+          options: a.tlsServerName ? {'grpc.ssl_target_name_override': a.tlsServerName,
+                                      'grpc.default_authority': a.tlsServerName} : {}};
+}
+
+// Request text goes as UTF-8 bytes: the API's text fields are `bytes`, and
+// protobufjs would read a JS string given to a bytes field as base64.
+const utf8 = (s) => Buffer.from(s, 'utf8');
 
 function loadApi() {
   const root = path.join(__dirname, '..', '..', 'proto');
@@ -34,18 +86,24 @@ function loadApi() {
 
 async function main() {
   const args = parseArgs(process.argv);
+  if (args === null) {
+    process.stdout.write(USAGE);
+    return;
+  }
+  const {creds, options} = credentials(args);
   const api = loadApi();
   const docs = args.doc.map((f) => fs.readFileSync(f, 'utf8').replace(/[\r\n]+$/, ''));
-  const encoder = new api.Encoder(args.encoder, grpc.credentials.createInsecure());
+  const encoder = new api.Encoder(args.encoder, creds, options);
   const resp = await new Promise((resolve, reject) => encoder.Encode(
-      {prefix: {text: args.prefix}, contexts: docs.map((text) => ({text}))},
+      {prefix: {text: utf8(args.prefix)}, contexts: docs.map((text) => ({text: utf8(text)}))},
       {deadline: Date.now() + 600000}, (err, r) => (err ? reject(err) : resolve(r))));
   resp.contexts.forEach((c, i) => process.stderr.write(
       `${c.key}\t${c.num_tokens} tokens\t${c.already_cached ? 'cached' : 'new'}\t${args.doc[i]}\n`));
-  const decoder = new api.Decoder(args.decoder, grpc.credentials.createInsecure());
+  const decoder = new api.Decoder(args.decoder, creds, options);
   const mode = {ape: 'MODE_APE', parallel: 'MODE_PARALLEL', sequential: 'MODE_SEQUENTIAL'}[args.mode];
-  const call = decoder.Generate({prefix: args.prefix, contexts: resp.contexts.map((c) => ({key: c.key})),
-                                 query: args.query, mode, max_tokens: args.maxTokens, stop: args.stop},
+  const call = decoder.Generate({prefix: utf8(args.prefix), contexts: resp.contexts.map((c) => ({key: utf8(c.key)})),
+                                 query: utf8(args.query), mode, max_tokens: args.maxTokens,
+                                 stop: args.stop.map(utf8)},
                                 {deadline: Date.now() + 600000});
   await new Promise((resolve, reject) => {
     call.on('data', (msg) => {

@@ -10,6 +10,13 @@ this module runs no protoc.
       --decoder 127.0.0.1:50052 --prefix "..." --doc a.txt --doc b.txt --query "..."
 
 Prints the streamed answer to stdout, usage and timings to stderr.
+
+TLS: servers started with --tls_cert/--tls_key take --tls-ca CA.pem (or --tls
+for the system roots); servers with --tls_client_ca also need --tls-cert and
+--tls-key (mutual TLS). Without these flags the channels are plaintext.
+
+Request text (prefix, query, stop strings, context text and keys) is sent as
+UTF-8 bytes (the API's fields are `bytes`); see utf8().
 """
 import argparse
 import os
@@ -44,18 +51,71 @@ def load_stubs(out_dir=None):
     return encoder_pb2, encoder_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 
 
+def utf8(text):
+    """Request text as the API's `bytes` fields take it: str -> UTF-8 bytes
+    (bytes pass through). Protobuf's Python runtime also accepts these bytes
+    for a `string` field holding valid UTF-8."""
+    return text if isinstance(text, bytes) else text.encode("utf-8")
+
+
+def channel_credentials(tls=False, tls_ca=None, tls_cert=None, tls_key=None):
+    """None for plaintext; else TLS credentials: the server verified with the
+    PEM CA bundle `tls_ca` (or the system roots when only `tls` is set), and
+    the client certificate `tls_cert` + `tls_key` for mutual TLS."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca) if tls_ca else None,
+                                        private_key=read(tls_key) if tls_key else None,
+                                        certificate_chain=read(tls_cert) if tls_cert else None)
+
+
+def make_channel(address, credentials=None, server_name=None, options=()):
+    """A channel to `address`: plaintext when `credentials` is None, else TLS
+    (checking `server_name` in the server's certificate instead of the
+    address's host, when given)."""
+    options = list(options)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def add_tls_arguments(ap):
+    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name on an argparse parser."""
+    g = ap.add_argument_group("TLS (default: plaintext)")
+    g.add_argument("--tls", action="store_true", help="TLS, verifying the servers with the system roots")
+    g.add_argument("--tls-ca", metavar="PEM", help="TLS, verifying the servers with this CA bundle")
+    g.add_argument("--tls-cert", metavar="PEM",
+                   help="client certificate, for servers started with --tls_client_ca (mutual TLS; with --tls-key)")
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to verify in the servers' certificates (default: the address's host)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", default="127.0.0.1:50051")
-    ap.add_argument("--decoder", default="127.0.0.1:50052")
-    ap.add_argument("--prefix", default="")
-    ap.add_argument("--doc", action="append", default=[], help="a document file (repeat)")
-    ap.add_argument("--query", required=True)
+    ap.add_argument("--encoder", default="127.0.0.1:50051", help="ape-encoder address")
+    ap.add_argument("--decoder", default="127.0.0.1:50052", help="ape-decoder address")
+    ap.add_argument("--prefix", default="", help="shared prefix text")
+    ap.add_argument("--doc", action="append", default=[], help="a document file, UTF-8 (repeat)")
+    ap.add_argument("--query", required=True, help="the question")
     ap.add_argument("--mode", default="ape", choices=["ape", "parallel", "sequential"])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--stop", action="append", default=[])
+    ap.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
+    add_tls_arguments(ap)
     args = ap.parse_args()
+    try:
+        creds = channel_credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     enc_pb, enc_grpc, dec_pb, dec_grpc = load_stubs()
 
     docs = []
@@ -63,17 +123,19 @@ def main():
         with open(path, encoding="utf-8") as f:
             docs.append(f.read().rstrip("\r\n"))
     # 1. Encode the documents once; they are cached under content keys.
-    with grpc.insecure_channel(args.encoder) as ch:
+    with make_channel(args.encoder, creds, args.tls_server_name) as ch:
         resp = enc_grpc.EncoderStub(ch).Encode(enc_pb.EncodeRequest(
-            prefix=enc_pb.Segment(text=args.prefix), contexts=[enc_pb.Segment(text=d) for d in docs]), timeout=600)
+            prefix=enc_pb.Segment(text=utf8(args.prefix)), contexts=[enc_pb.Segment(text=utf8(d)) for d in docs]),
+            timeout=600)
     for c, path in zip(resp.contexts, args.doc):
         print(f"{c.key}\t{c.num_tokens} tokens\t{'cached' if c.already_cached else 'new'}\t{path}", file=sys.stderr)
     # 2. Ask, naming the cached contexts by key, and stream the answer.
     mode = {"ape": dec_pb.MODE_APE, "parallel": dec_pb.MODE_PARALLEL, "sequential": dec_pb.MODE_SEQUENTIAL}[args.mode]
-    req = dec_pb.GenerateRequest(prefix=args.prefix, contexts=[dec_pb.ContextRef(key=c.key) for c in resp.contexts],
-                                 query=args.query, mode=mode, max_tokens=args.max_tokens, stop=args.stop,
-                                 sampling=dec_pb.Sampling(temperature=args.temperature))
-    with grpc.insecure_channel(args.decoder) as ch:
+    req = dec_pb.GenerateRequest(prefix=utf8(args.prefix),
+                                 contexts=[dec_pb.ContextRef(key=utf8(c.key)) for c in resp.contexts],
+                                 query=utf8(args.query), mode=mode, max_tokens=args.max_tokens,
+                                 stop=[utf8(s) for s in args.stop], sampling=dec_pb.Sampling(temperature=args.temperature))
+    with make_channel(args.decoder, creds, args.tls_server_name) as ch:
         for msg in dec_grpc.DecoderStub(ch).Generate(req, timeout=600):
             if msg.HasField("token"):
                 sys.stdout.write(msg.token.text)
@@ -87,4 +149,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except grpc.RpcError as e:
+        sys.exit(f"apeserve_client.py: gRPC {e.code().name}: {e.details()}")

@@ -19,8 +19,10 @@ absl::StatusOr<ApePreset> LoadApePreset(const std::string& path) {
     if (!j.contains(k)) return absl::OkStatus();
     if (!j[k].is_number()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " is not a number"));
     *out = j[k].get<float>();
-    if (!(*out > 0.f && *out <= 2.f))
-      return absl::InvalidArgumentError(absl::StrCat(path, ": ", k, " must be in (0, 2]"));
+    if (!(*out >= kMinApeParam && *out <= kMaxApeParam)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": ", k, " must be in [", kMinApeParam, ", ", kMaxApeParam, "]"));
+    }
     return absl::OkStatus();
   };
   if (auto s = get("temperature", &p.temperature); !s.ok()) return s;

@@ -12,6 +12,12 @@
 
 namespace ape {
 
+// APE T and S (a request's, or a preset's) are in [kMinApeParam,
+// kMaxApeParam]: T near 0 scales context logits without bound (1e-45 gives
+// NaN), and calibration (bench/quality) searches 0.1..1.0.
+inline constexpr float kMinApeParam = 0.05f;
+inline constexpr float kMaxApeParam = 2.f;
+
 struct ApePreset {
   float temperature = 0.9f;  // the reference library's defaults
   float scale = 0.9f;
@@ -19,7 +25,7 @@ struct ApePreset {
 };
 
 // INVALID_ARGUMENT for a file that is not such an object or holds values
-// outside (0, 2]; NOT_FOUND when it does not exist.
+// outside [kMinApeParam, kMaxApeParam]; NOT_FOUND when it does not exist.
 absl::StatusOr<ApePreset> LoadApePreset(const std::string& path);
 // "<model path>.ape.json" when it exists, the defaults when it does not, and
 // the error when it exists but cannot be used (a server refuses to start on it).

@@ -64,7 +64,7 @@ GenerateResult Generate(Transformer& transformer, KvCache& cache, const ApeParam
     const int32_t prev = history.empty() ? -1 : history.back();
     history.push_back(id);
     result.tokens.push_back(id);
-    const bool end_token = id == tok.eos_id() || id == tok.bos_id();
+    const bool end_token = tok.IsEndOfGeneration(id) || id == tok.bos_id();  // BOS: llama2.c models end with it
     if (!end_token) pending += tok.Decode(prev, id);
 
     // Release text, stopping at the first stop string.

@@ -1,8 +1,11 @@
 #include "common/engine/model.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -17,6 +20,8 @@ namespace ape {
 
 int64_t ModelConfig::num_params() const {
   int64_t per_layer = 2LL * dim + int64_t{q_dim()} * dim * 2 + 2LL * kv_dim() * dim + 3LL * hidden_dim * dim;
+  if (qkv_bias) per_layer += q_dim() + 2LL * kv_dim();
+  if (qk_norm) per_layer += 2LL * head_dim;
   return int64_t{vocab_size} * dim * (tied_output ? 1 : 2) + n_layers * per_layer + dim;
 }
 
@@ -28,6 +33,12 @@ std::string Model::CanonicalConfig() const {
       c.architecture, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.rope_dim,
       c.rope_base, c.rms_eps, c.tied_output ? 1 : 0);
   for (float f : c.rope_freq_factors) absl::StrAppendFormat(&s, "%.9g,", f);
+  // Added for qwen2/qwen3 and rope scaling; written only when they differ from
+  // Llama's defaults, so that existing Llama fingerprints stay the same.
+  if (c.rope_style == RopeStyle::kNeox) s += " rope=neox";
+  if (c.rope_freq_scale != 1.f) absl::StrAppendFormat(&s, " rope_scale=%.9g", c.rope_freq_scale);
+  if (c.qkv_bias) s += " qkv_bias=1";
+  if (c.qk_norm) s += " qk_norm=1";
   return s;
 }
 
@@ -42,21 +53,10 @@ std::unique_ptr<Model> Model::FromParts(ModelConfig config, ModelWeights weights
   return m;
 }
 
-class ModelLoader {
- public:
-  // `what` names the file in errors; `tokenizer` is a llama2.c tokenizer
-  // file's bytes, named `tokenizer_what`.
-  static absl::StatusOr<std::unique_ptr<Model>> Llama2c(std::span<const uint8_t> bytes, const std::string& what,
-                                                        std::span<const uint8_t> tokenizer,
-                                                        const std::string& tokenizer_what);
-  static absl::StatusOr<std::unique_ptr<Model>> Gguf(std::span<const uint8_t> bytes, const std::string& what);
+namespace {
 
- private:
-  static absl::Status CheckConfig(const ModelConfig& c, const std::string& what);
-  static void Fingerprint(Model& m, const std::vector<std::span<const uint8_t>>& weight_bytes);
-};
-
-absl::Status ModelLoader::CheckConfig(const ModelConfig& c, const std::string& what) {
+// Shape limits every format shares; errors name the file.
+absl::Status CheckConfig(const ModelConfig& c, const std::string& what) {
   auto bad = [&](const std::string& m) { return absl::InvalidArgumentError(absl::StrCat(what, ": ", m)); };
   if (c.dim <= 0 || c.dim > (1 << 16)) return bad(absl::StrCat("invalid dim ", c.dim));
   if (c.hidden_dim <= 0 || c.hidden_dim > (1 << 18)) return bad(absl::StrCat("invalid hidden_dim ", c.hidden_dim));
@@ -80,6 +80,21 @@ absl::Status ModelLoader::CheckConfig(const ModelConfig& c, const std::string& w
   }
   return absl::OkStatus();
 }
+
+}  // namespace
+
+class ModelLoader {
+ public:
+  // `what` names the file in errors; `tokenizer` is a llama2.c tokenizer
+  // file's bytes, named `tokenizer_what`.
+  static absl::StatusOr<std::unique_ptr<Model>> Llama2c(std::span<const uint8_t> bytes, const std::string& what,
+                                                        std::span<const uint8_t> tokenizer,
+                                                        const std::string& tokenizer_what);
+  static absl::StatusOr<std::unique_ptr<Model>> Gguf(std::span<const uint8_t> bytes, const std::string& what);
+
+ private:
+  static void Fingerprint(Model& m, const std::vector<std::span<const uint8_t>>& weight_bytes);
+};
 
 void ModelLoader::Fingerprint(Model& m, const std::vector<std::span<const uint8_t>>& weight_bytes) {
   auto t0 = std::chrono::steady_clock::now();
@@ -165,114 +180,278 @@ absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Llama2c(std::span<const uint
 
   ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromLlama2c(tokenizer, c.vocab_size, tokenizer_what));
   m->format_ = "llama2.c";
+  m->tokenizer_model_ = "llama2.c";
   m->weight_types_ = "F32";
   Fingerprint(*m, {bytes.subspan(28)});
   return m;
 }
 
-absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Gguf(std::span<const uint8_t> bytes, const std::string& what) {
-  ASSIGN_OR_RETURN(GgufFile g, GgufFile::Parse(bytes, what));
-  ASSIGN_OR_RETURN(std::string arch, g.GetString("general.architecture"));
-  if (arch != "llama") {
-    return absl::UnimplementedError(absl::StrCat(what, ": architecture '", arch, "' is not supported (only 'llama')"));
-  }
-  std::unique_ptr<Model> m(new Model());
-  ModelConfig& c = m->config_;
-  auto get_int = [&](const std::string& key, int64_t def, bool required) -> absl::StatusOr<int> {
-    if (!g.Has(key)) {
-      if (required) return absl::InvalidArgumentError(absl::StrCat(what, ": metadata key ", key, " is missing"));
+// --- GGUF: config from `<arch>.*` metadata, then the tensors ---------------
+
+namespace {
+
+// What an architecture changes in the Llama block (see ModelConfig).
+struct ArchTraits {
+  const char* name;
+  RopeStyle rope_style;
+  bool qkv_bias;
+  bool qk_norm;
+};
+constexpr ArchTraits kArchitectures[] = {
+    {"llama", RopeStyle::kInterleaved, false, false},  // Llama 1/2/3.x, Mistral 7B, TinyLlama, ...
+    {"qwen2", RopeStyle::kNeox, true, false},          // Qwen2, Qwen2.5
+    {"qwen3", RopeStyle::kNeox, false, true},          // Qwen3 (dense)
+};
+
+// Reads `<arch>.<key>` metadata; errors name the file and the full key.
+class Hparams {
+ public:
+  Hparams(const GgufFile& g, std::string arch) : g_(g), prefix_(std::move(arch) + ".") {}
+  bool Has(const std::string& key) const { return g_.Has(prefix_ + key); }
+  // A non-negative integer; `def` when absent, or an error if `def` is -1.
+  absl::StatusOr<int> Int(const std::string& key, int64_t def = -1) const {
+    const std::string k = prefix_ + key;
+    if (!g_.Has(k)) {
+      if (def < 0) return absl::InvalidArgumentError(absl::StrCat(g_.what(), ": metadata key ", k, " is missing"));
       return static_cast<int>(def);
     }
-    ASSIGN_OR_RETURN(int64_t v, g.GetInt(key));
+    ASSIGN_OR_RETURN(int64_t v, g_.GetInt(k));
     if (v < 0 || v > (int64_t{1} << 30))
-      return absl::InvalidArgumentError(absl::StrCat(what, ": ", key, " = ", v, " is out of range"));
+      return absl::InvalidArgumentError(absl::StrCat(g_.what(), ": ", k, " = ", v, " is out of range"));
     return static_cast<int>(v);
-  };
-  ASSIGN_OR_RETURN(c.dim, get_int("llama.embedding_length", 0, true));
-  ASSIGN_OR_RETURN(c.hidden_dim, get_int("llama.feed_forward_length", 0, true));
-  ASSIGN_OR_RETURN(c.n_layers, get_int("llama.block_count", 0, true));
-  ASSIGN_OR_RETURN(c.n_heads, get_int("llama.attention.head_count", 0, true));
-  ASSIGN_OR_RETURN(c.n_kv_heads, get_int("llama.attention.head_count_kv", c.n_heads, false));
-  ASSIGN_OR_RETURN(c.context_length, get_int("llama.context_length", 2048, false));
-  ASSIGN_OR_RETURN(c.head_dim, get_int("llama.attention.key_length", c.n_heads ? c.dim / c.n_heads : 0, false));
-  ASSIGN_OR_RETURN(c.rope_dim, get_int("llama.rope.dimension_count", c.head_dim, false));
-  if (g.Has("llama.rope.freq_base")) {
-    ASSIGN_OR_RETURN(double b, g.GetFloat("llama.rope.freq_base"));
-    c.rope_base = static_cast<float>(b);
   }
-  if (g.Has("llama.attention.layer_norm_rms_epsilon")) {
-    ASSIGN_OR_RETURN(double e, g.GetFloat("llama.attention.layer_norm_rms_epsilon"));
-    c.rms_eps = static_cast<float>(e);
+  absl::StatusOr<float> Float(const std::string& key, float def) const {
+    if (!g_.Has(prefix_ + key)) return def;
+    ASSIGN_OR_RETURN(double v, g_.GetFloat(prefix_ + key));
+    return static_cast<float>(v);
   }
-  ASSIGN_OR_RETURN(const GgufTensor* emb, g.FindTensor("token_embd.weight"));
-  if (emb->dims.size() != 2)
-    return absl::InvalidArgumentError(absl::StrCat(what, ": token_embd.weight is not a matrix"));
-  c.vocab_size = static_cast<int>(std::min<uint64_t>(emb->dims[1], 1 << 23));
-  c.tied_output = !g.FindTensor("output.weight").ok();
-  if (auto f = g.FindTensor("rope_freqs.weight"); f.ok()) {
-    // Checked before sizing anything from the file's dimensions.
-    if ((*f)->type != static_cast<uint32_t>(GgmlType::kF32) || (*f)->data.empty() ||
-        (*f)->num_elements > static_cast<uint64_t>(kMaxHeadDim)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": rope_freqs.weight must be F32 with at most ", kMaxHeadDim, " elements"));
-    }
-    c.rope_freq_factors.resize((*f)->num_elements);
-    RETURN_IF_ERROR(DequantizeTensor(**f, c.rope_freq_factors.data()));
+  absl::StatusOr<std::string> String(const std::string& key, const std::string& def) const {
+    if (!g_.Has(prefix_ + key)) return def;
+    return g_.GetString(prefix_ + key);
   }
-  RETURN_IF_ERROR(CheckConfig(c, what));
 
-  std::vector<std::span<const uint8_t>> hashed;
-  std::map<std::string, int> type_counts;
-  auto load = [&](const std::string& name, uint64_t rows, uint64_t cols, std::vector<float>& dst) -> absl::Status {
-    ASSIGN_OR_RETURN(const GgufTensor* t, g.FindTensor(name));
+ private:
+  const GgufFile& g_;
+  const std::string prefix_;
+};
+
+// Rope scaling as llama.cpp reads it: rope.scaling.type (default "linear")
+// and rope.scaling.factor (older files: rope.scale_linear) give a position
+// scale 1/factor; "none" never scales. Llama 3.1+'s "llama3" scaling is not
+// a type here: the converter stores it as the rope_freqs.weight tensor.
+absl::Status ReadRopeScaling(const Hparams& h, const std::string& what, ModelConfig* c) {
+  ASSIGN_OR_RETURN(std::string type, h.String("rope.scaling.type", "linear"));
+  if (type != "none" && type != "linear") {
+    return absl::UnimplementedError(absl::StrCat(
+        what, ": rope scaling type '", type, "' is not supported (only none, linear, and llama3 frequency factors)"));
+  }
+  ASSIGN_OR_RETURN(float factor, h.Float("rope.scaling.factor", 0.f));
+  if (factor == 0.f) { ASSIGN_OR_RETURN(factor, h.Float("rope.scale_linear", 0.f)); }
+  if (!(factor >= 0.f) || !std::isfinite(factor))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": invalid rope scaling factor ", factor));
+  c->rope_freq_scale = (type == "none" || factor == 0.f) ? 1.f : 1.f / factor;
+  ASSIGN_OR_RETURN(float attn_factor, h.Float("rope.scaling.attn_factor", 1.f));
+  if (attn_factor != 1.f) {
+    return absl::UnimplementedError(
+        absl::StrCat(what, ": rope.scaling.attn_factor ", attn_factor, " is not supported (only 1)"));
+  }
+  return absl::OkStatus();
+}
+
+// Hyperparameters from metadata; the vocabulary size and the tied output
+// come from the tensors (LoadGgufModelParts).
+absl::StatusOr<ModelConfig> ReadGgufConfig(const GgufFile& g) {
+  const std::string& what = g.what();
+  ASSIGN_OR_RETURN(std::string arch, g.GetString("general.architecture"));
+  const ArchTraits* traits = nullptr;
+  for (const ArchTraits& a : kArchitectures)
+    if (arch == a.name) traits = &a;
+  if (traits == nullptr) {
+    return absl::UnimplementedError(
+        absl::StrCat(what, ": architecture '", arch, "' is not supported (llama, qwen2, qwen3)"));
+  }
+  const Hparams h(g, arch);
+  ModelConfig c;
+  c.architecture = arch;
+  c.rope_style = traits->rope_style;
+  c.qkv_bias = traits->qkv_bias;
+  c.qk_norm = traits->qk_norm;
+  ASSIGN_OR_RETURN(c.dim, h.Int("embedding_length"));
+  ASSIGN_OR_RETURN(c.hidden_dim, h.Int("feed_forward_length"));
+  ASSIGN_OR_RETURN(c.n_layers, h.Int("block_count"));
+  ASSIGN_OR_RETURN(c.n_heads, h.Int("attention.head_count"));
+  ASSIGN_OR_RETURN(c.n_kv_heads, h.Int("attention.head_count_kv", c.n_heads));
+  ASSIGN_OR_RETURN(c.context_length, h.Int("context_length", 2048));
+  ASSIGN_OR_RETURN(c.head_dim, h.Int("attention.key_length", c.n_heads ? c.dim / c.n_heads : 0));
+  ASSIGN_OR_RETURN(int value_dim, h.Int("attention.value_length", c.head_dim));
+  ASSIGN_OR_RETURN(c.rope_dim, h.Int("rope.dimension_count", c.head_dim));
+  ASSIGN_OR_RETURN(c.rope_base, h.Float("rope.freq_base", 10000.f));
+  ASSIGN_OR_RETURN(c.rms_eps, h.Float("attention.layer_norm_rms_epsilon", 1e-5f));
+  ASSIGN_OR_RETURN(int experts, h.Int("expert_count", 0));
+  if (experts > 0) {
+    return absl::UnimplementedError(
+        absl::StrCat(what, ": mixture of experts (", arch, ".expert_count = ", experts, ") is not supported"));
+  }
+  if (value_dim != c.head_dim) {
+    return absl::UnimplementedError(
+        absl::StrCat(what, ": value head size ", value_dim, " differs from key head size ", c.head_dim));
+  }
+  RETURN_IF_ERROR(ReadRopeScaling(h, what, &c));
+  return c;
+}
+
+// Reads tensors by name into float32, checking each shape against the
+// config, and remembers which it read, their types and their raw bytes.
+class TensorReader {
+ public:
+  explicit TensorReader(const GgufFile& g) : g_(g) {}
+
+  bool Has(const std::string& name) const { return g_.FindTensor(name).ok(); }
+  // `dst` = tensor `name`, which must be [rows][cols] (a vector when rows is 1).
+  absl::Status Load(const std::string& name, uint64_t rows, uint64_t cols, std::vector<float>& dst) {
+    ASSIGN_OR_RETURN(const GgufTensor* t, g_.FindTensor(name));
     bool shape_ok = cols == t->dims[0] && (rows == 1 ? t->dims.size() == 1 : t->dims.size() == 2 && t->dims[1] == rows);
     if (!shape_ok) {
-      std::string dims = absl::StrJoin(t->dims, "x");
-      return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ", name, " has shape [", dims, "], expected [",
-                                                     cols, rows == 1 ? "" : absl::StrCat("x", rows), "]"));
+      return absl::InvalidArgumentError(absl::StrCat(g_.what(), ": tensor ", name, " has shape [",
+                                                     absl::StrJoin(t->dims, "x"), "], expected [", cols,
+                                                     rows == 1 ? "" : absl::StrCat("x", rows), "]"));
     }
     // An unsupported type has no data (GgufFile::Parse): refuse it before
     // allocating for its dimensions.
     if (t->data.empty()) {
-      return absl::UnimplementedError(absl::StrCat(what, ": tensor ", name, " has type ", GgmlTypeName(t->type), " (",
-                                                   t->type, "); supported: F32, F16, BF16, Q8_0"));
+      return absl::UnimplementedError(absl::StrCat(g_.what(), ": tensor ", name, " has type ", GgmlTypeName(t->type),
+                                                   " (", t->type, "); supported: F32, F16, BF16, Q8_0"));
     }
     dst.resize(t->num_elements);
     RETURN_IF_ERROR(DequantizeTensor(*t, dst.data()));
-    hashed.push_back(t->data);
-    ++type_counts[GgmlTypeName(t->type)];
+    bytes_.push_back(t->data);
+    ++type_counts_[GgmlTypeName(t->type)];
+    used_.insert(name);
     return absl::OkStatus();
-  };
-  const uint64_t D = c.dim, H = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim();
-  ModelWeights& w = m->weights_;
-  RETURN_IF_ERROR(load("token_embd.weight", c.vocab_size, D, w.tok_emb));
-  w.layers.resize(c.n_layers);
-  for (int l = 0; l < c.n_layers; ++l) {
-    LayerWeights& lw = w.layers[l];
-    std::string p = absl::StrCat("blk.", l, ".");
-    RETURN_IF_ERROR(load(p + "attn_norm.weight", 1, D, lw.rms_att));
-    RETURN_IF_ERROR(load(p + "attn_q.weight", Q, D, lw.wq));
-    RETURN_IF_ERROR(load(p + "attn_k.weight", KV, D, lw.wk));
-    RETURN_IF_ERROR(load(p + "attn_v.weight", KV, D, lw.wv));
-    RETURN_IF_ERROR(load(p + "attn_output.weight", D, Q, lw.wo));
-    RETURN_IF_ERROR(load(p + "ffn_norm.weight", 1, D, lw.rms_ffn));
-    RETURN_IF_ERROR(load(p + "ffn_gate.weight", H, D, lw.w1));
-    RETURN_IF_ERROR(load(p + "ffn_down.weight", D, H, lw.w2));
-    RETURN_IF_ERROR(load(p + "ffn_up.weight", H, D, lw.w3));
   }
-  RETURN_IF_ERROR(load("output_norm.weight", 1, D, w.rms_final));
-  if (!c.tied_output) RETURN_IF_ERROR(load("output.weight", c.vocab_size, D, w.wcls));
+  void MarkUsed(const std::string& name) { used_.insert(name); }
+  // Like llama.cpp, a file with tensors the graph does not read is refused:
+  // they belong to a feature (MoE, an extra bias, ...) we would drop.
+  absl::Status CheckAllUsed(const std::string& arch) const {
+    for (const GgufTensor& t : g_.tensors()) {
+      if (!used_.count(t.name)) {
+        return absl::UnimplementedError(
+            absl::StrCat(g_.what(), ": tensor ", t.name, " is not used by this engine's ", arch, " graph"));
+      }
+    }
+    return absl::OkStatus();
+  }
+  std::string TypeSummary() const {
+    std::vector<std::string> types;
+    for (auto& [name, count] : type_counts_) types.push_back(absl::StrCat(name, " x", count));
+    return absl::StrJoin(types, ", ");
+  }
+  std::vector<std::span<const uint8_t>>& bytes() { return bytes_; }
 
-  ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromGguf(g));
-  if (m->tokenizer_.vocab_size() != c.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": tokenizer has ", m->tokenizer_.vocab_size(),
-                                                   " tokens but token_embd has ", c.vocab_size, " rows"));
+ private:
+  const GgufFile& g_;
+  std::vector<std::span<const uint8_t>> bytes_;
+  std::map<std::string, int> type_counts_;
+  std::set<std::string> used_;
+};
+
+// One block's tensors (GGUF names blk.N.*), in the order the fingerprint
+// hashes them: Llama's order, the optional parts after their matrix.
+absl::Status LoadLayer(TensorReader& r, const ModelConfig& c, int l, LayerWeights& lw) {
+  const uint64_t D = c.dim, H = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim(), HD = c.head_dim;
+  const std::string p = absl::StrCat("blk.", l, ".");
+  RETURN_IF_ERROR(r.Load(p + "attn_norm.weight", 1, D, lw.rms_att));
+  RETURN_IF_ERROR(r.Load(p + "attn_q.weight", Q, D, lw.wq));
+  if (c.qkv_bias) RETURN_IF_ERROR(r.Load(p + "attn_q.bias", 1, Q, lw.bq));
+  RETURN_IF_ERROR(r.Load(p + "attn_k.weight", KV, D, lw.wk));
+  if (c.qkv_bias) RETURN_IF_ERROR(r.Load(p + "attn_k.bias", 1, KV, lw.bk));
+  RETURN_IF_ERROR(r.Load(p + "attn_v.weight", KV, D, lw.wv));
+  if (c.qkv_bias) RETURN_IF_ERROR(r.Load(p + "attn_v.bias", 1, KV, lw.bv));
+  if (c.qk_norm) {
+    RETURN_IF_ERROR(r.Load(p + "attn_q_norm.weight", 1, HD, lw.q_norm));
+    RETURN_IF_ERROR(r.Load(p + "attn_k_norm.weight", 1, HD, lw.k_norm));
   }
+  RETURN_IF_ERROR(r.Load(p + "attn_output.weight", D, Q, lw.wo));
+  RETURN_IF_ERROR(r.Load(p + "ffn_norm.weight", 1, D, lw.rms_ffn));
+  RETURN_IF_ERROR(r.Load(p + "ffn_gate.weight", H, D, lw.w1));
+  RETURN_IF_ERROR(r.Load(p + "ffn_down.weight", D, H, lw.w2));
+  RETURN_IF_ERROR(r.Load(p + "ffn_up.weight", H, D, lw.w3));
+  return absl::OkStatus();
+}
+
+// Llama 3.1+ frequency factors ([rope_dim/2] F32), checked before sizing
+// anything from the file's dimensions.
+absl::Status LoadRopeFreqs(const GgufFile& g, TensorReader& r, ModelConfig& c) {
+  auto f = g.FindTensor("rope_freqs.weight");
+  if (!f.ok()) return absl::OkStatus();
+  if ((*f)->type != static_cast<uint32_t>(GgmlType::kF32) || (*f)->data.empty() ||
+      (*f)->num_elements > static_cast<uint64_t>(kMaxHeadDim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(g.what(), ": rope_freqs.weight must be F32 with at most ", kMaxHeadDim, " elements"));
+  }
+  c.rope_freq_factors.resize((*f)->num_elements);
+  r.MarkUsed("rope_freqs.weight");
+  return DequantizeTensor(**f, c.rope_freq_factors.data());
+}
+
+}  // namespace
+
+absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& g) {
+  const std::string& what = g.what();
+  GgufModelParts parts;
+  ModelConfig& c = parts.config;
+  ASSIGN_OR_RETURN(c, ReadGgufConfig(g));
+  // The vocabulary size is token_embd's row count (as llama.cpp's n_vocab).
+  ASSIGN_OR_RETURN(const GgufTensor* emb, g.FindTensor("token_embd.weight"));
+  if (emb->dims.size() != 2)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": token_embd.weight is not a matrix"));
+  c.vocab_size = static_cast<int>(std::min<uint64_t>(emb->dims[1], 1 << 23));
+  const Hparams h(g, c.architecture);
+  if (h.Has("vocab_size")) {
+    ASSIGN_OR_RETURN(int v, h.Int("vocab_size"));
+    if (v != c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", c.architecture, ".vocab_size = ", v,
+                                                     " but token_embd.weight has ", c.vocab_size, " rows"));
+    }
+  }
+  c.tied_output = !g.FindTensor("output.weight").ok();  // absent: llama.cpp reuses token_embd
+  TensorReader r(g);
+  RETURN_IF_ERROR(LoadRopeFreqs(g, r, c));
+  RETURN_IF_ERROR(CheckConfig(c, what));
+
+  ModelWeights& w = parts.weights;
+  RETURN_IF_ERROR(r.Load("token_embd.weight", c.vocab_size, c.dim, w.tok_emb));
+  w.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) RETURN_IF_ERROR(LoadLayer(r, c, l, w.layers[l]));
+  RETURN_IF_ERROR(r.Load("output_norm.weight", 1, c.dim, w.rms_final));
+  if (!c.tied_output) RETURN_IF_ERROR(r.Load("output.weight", c.vocab_size, c.dim, w.wcls));
+  RETURN_IF_ERROR(r.CheckAllUsed(c.architecture));
+  parts.weight_types = r.TypeSummary();
+  parts.weight_bytes = std::move(r.bytes());
+  return parts;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Gguf(std::span<const uint8_t> bytes, const std::string& what) {
+  ASSIGN_OR_RETURN(GgufFile g, GgufFile::Parse(bytes, what));
+  ASSIGN_OR_RETURN(GgufModelParts parts, LoadGgufModelParts(g));
+  std::unique_ptr<Model> m(new Model());
+  m->config_ = std::move(parts.config);
+  m->weights_ = std::move(parts.weights);
+  m->weight_types_ = std::move(parts.weight_types);
+  // The vocabulary: SentencePiece ("llama") or byte-level BPE ("gpt2").
+  ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromGguf(g));
+  if (m->tokenizer_.vocab_size() != m->config_.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": tokenizer has ", m->tokenizer_.vocab_size(),
+                                                   " tokens but token_embd has ", m->config_.vocab_size, " rows"));
+  }
+  auto get_string = [&](const std::string& key) -> absl::StatusOr<std::string> {
+    return g.Has(key) ? g.GetString(key) : absl::StatusOr<std::string>("");
+  };
+  ASSIGN_OR_RETURN(m->tokenizer_model_, get_string("tokenizer.ggml.model"));
+  ASSIGN_OR_RETURN(m->tokenizer_pre_, get_string("tokenizer.ggml.pre"));
+  ASSIGN_OR_RETURN(m->chat_template_, get_string("tokenizer.chat_template"));
   m->format_ = absl::StrCat("gguf v", g.version());
-  std::vector<std::string> types;
-  for (auto& [name, count] : type_counts) types.push_back(absl::StrCat(name, " x", count));
-  m->weight_types_ = absl::StrJoin(types, ", ");
-  Fingerprint(*m, hashed);
+  Fingerprint(*m, parts.weight_bytes);
   return m;
 }
 

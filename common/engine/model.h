@@ -14,24 +14,43 @@
 
 namespace ape {
 
+class GgufFile;
+
 // Largest head size the attention kernel holds on its stack (AttentionState);
 // loading a model with larger heads fails with UNIMPLEMENTED.
 constexpr int kMaxHeadDim = 256;
 
+// How RoPE pairs the dimensions of a head (GGML's two rope modes). Pair i
+// (i < rope_dim/2) rotates by pos * rope_freq_scale * base^(-2i/rope_dim) / factor_i.
+enum class RopeStyle {
+  // Pairs (2i, 2i+1): GGML "normal" rope, llama2.c and GGUF `llama` files
+  // (the converter permutes HF's Q/K rows so that this pairing is right).
+  kInterleaved,
+  // Pairs (i, i + rope_dim/2): GGML "neox" rope, HF's rotate_half; `qwen2`,
+  // `qwen3` (their Q/K rows are stored unpermuted).
+  kNeox,
+};
+
 struct ModelConfig {
+  // GGUF general.architecture: llama, qwen2, qwen3 ("llama" for llama2.c).
   std::string architecture = "llama";
   int dim = 0;         // residual width
   int hidden_dim = 0;  // FFN width
   int n_layers = 0;
   int n_heads = 0;     // query heads
   int n_kv_heads = 0;  // key/value heads (GQA when < n_heads)
-  int head_dim = 0;    // dim / n_heads
+  int head_dim = 0;    // <arch>.attention.key_length, else dim / n_heads
   int vocab_size = 0;
   int context_length = 0;  // trained window (positions beyond it are allowed)
   int rope_dim = 0;        // leading dims of each head that are rotated
   float rope_base = 10000.f;
+  RopeStyle rope_style = RopeStyle::kInterleaved;
+  // Linear position scaling (rope.scaling.type "linear"): 1 / rope.scaling.factor.
+  float rope_freq_scale = 1.f;
   float rms_eps = 1e-5f;
   bool tied_output = true;  // classifier shares the token embedding
+  bool qkv_bias = false;    // Q, K, V projections add a bias (qwen2)
+  bool qk_norm = false;     // per-head RMSNorm of Q and K before RoPE (qwen3)
   // Llama-3 style per-pair frequency divisors ([rope_dim/2]); empty = none.
   std::vector<float> rope_freq_factors;
 
@@ -52,6 +71,12 @@ struct LayerWeights {
   std::vector<float> w1;       // [hidden_dim][dim]   gate
   std::vector<float> w2;       // [dim][hidden_dim]   down
   std::vector<float> w3;       // [hidden_dim][dim]   up
+  // Present only when the config says so (empty otherwise).
+  std::vector<float> bq;      // [n_heads*head_dim]      qkv_bias
+  std::vector<float> bk;      // [n_kv_heads*head_dim]   qkv_bias
+  std::vector<float> bv;      // [n_kv_heads*head_dim]   qkv_bias
+  std::vector<float> q_norm;  // [head_dim], shared by all query heads   qk_norm
+  std::vector<float> k_norm;  // [head_dim], shared by all KV heads      qk_norm
 };
 
 struct ModelWeights {
@@ -84,7 +109,13 @@ class Model {
   // any machine; any change of weights, shape or vocabulary changes it.
   const std::string& fingerprint() const { return fingerprint_; }
   const std::string& path() const { return path_; }
-  const std::string& format() const { return format_; }  // "gguf" or "llama2.c"
+  const std::string& format() const { return format_; }  // "gguf vN" or "llama2.c"
+  // GGUF tokenizer.ggml.model ("llama" = SentencePiece, "gpt2" = byte-level
+  // BPE) and tokenizer.ggml.pre; "llama2.c" and "" for llama2.c checkpoints.
+  const std::string& tokenizer_model() const { return tokenizer_model_; }
+  const std::string& tokenizer_pre() const { return tokenizer_pre_; }
+  // GGUF tokenizer.chat_template (a Jinja template), "" when the file has none.
+  const std::string& chat_template() const { return chat_template_; }
   // Human-readable description of the weights' stored types.
   const std::string& weight_types() const { return weight_types_; }
   double fingerprint_seconds() const { return fingerprint_seconds_; }
@@ -104,10 +135,31 @@ class Model {
   Tokenizer tokenizer_;
   std::string fingerprint_;
   std::string path_, format_, weight_types_;
+  std::string tokenizer_model_, tokenizer_pre_, chat_template_;
   double fingerprint_seconds_ = 0;
   uint64_t file_bytes_ = 0;
   friend class ModelLoader;
 };
+
+// The architecture-dependent part of a GGUF file: the config from
+// `<arch>.*` metadata and the weights as float32, without the tokenizer.
+// Model::Parse builds a Model from it; tests of the forward pass use it
+// directly (with Model::FromParts), so they do not depend on the vocabulary.
+struct GgufModelParts {
+  ModelConfig config;
+  ModelWeights weights;
+  std::string weight_types;  // stored types, e.g. "F16 x14, F32 x5"
+  // The raw bytes of every tensor read, in load order (views into the
+  // file's span): what the fingerprint hashes.
+  std::vector<std::span<const uint8_t>> weight_bytes;
+};
+
+// Reads architectures llama, qwen2 and qwen3. Errors name the file and the
+// fault: an unknown architecture, rope scaling (yarn, longrope), tensor type
+// or an unused tensor (a feature this engine would silently drop) is
+// UNIMPLEMENTED; a missing tensor is NOT_FOUND; inconsistent metadata or
+// shapes are INVALID_ARGUMENT.
+absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& gguf);
 
 }  // namespace ape
 

@@ -17,6 +17,12 @@ void RmsNorm(float* out, const float* x, const float* w, int n, float eps) {
   const float scale = 1.f / std::sqrt(ss / n + eps);
   for (int i = 0; i < n; ++i) out[i] = w[i] * (scale * x[i]);
 }
+
+// x[rows][width] += bias[width].
+void AddBias(float* x, int rows, int width, const float* bias) {
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < width; ++i) x[static_cast<size_t>(r) * width + i] += bias[i];
+}
 }  // namespace
 
 void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy) {
@@ -37,10 +43,10 @@ Transformer::Transformer(const Model& model, int max_batch)
   att_.resize(b * c_.q_dim());
   hb_.resize(b * c_.hidden_dim);
   hb2_.resize(b * c_.hidden_dim);
-  // Pair i of each head rotates by pos * base^(-2i/rope_dim) (/ factor_i).
+  // Pair i of each head rotates by pos * scale * base^(-2i/rope_dim) / factor_i.
   inv_freq_.resize(c_.rope_dim / 2);
   for (int i = 0; i < c_.rope_dim / 2; ++i) {
-    inv_freq_[i] = 1.0f / std::pow(c_.rope_base, (2 * i) / static_cast<float>(c_.rope_dim));
+    inv_freq_[i] = c_.rope_freq_scale / std::pow(c_.rope_base, (2 * i) / static_cast<float>(c_.rope_dim));
     if (!c_.rope_freq_factors.empty()) inv_freq_[i] /= c_.rope_freq_factors[i];
   }
 }
@@ -57,29 +63,56 @@ void Transformer::Forward(std::span<const int32_t> tokens, std::span<const int32
   }
 }
 
-// Rotates consecutive pairs (2i, 2i+1) of the first rope_dim dims of every
-// head (llama2.c / GGML "normal" RoPE) by angle pos * inv_freq[i].
+// Rotates pair i of the first rope_dim dims of every head by angle
+// pos * inv_freq[i]. The pair is (2i, 2i+1) for interleaved RoPE (llama2.c,
+// GGML "normal") and (i, i + rope_dim/2) for NEOX RoPE (HF rotate_half).
 void Transformer::Rope(float* x, int n, int n_heads, int row_stride, const int32_t* positions) {
-  const int hd = c_.head_dim;
+  const int hd = c_.head_dim, half = c_.rope_dim / 2;
+  const bool neox = c_.rope_style == RopeStyle::kNeox;
+  const int stride = neox ? 1 : 2;      // first dim of pair i is stride * i
+  const int partner = neox ? half : 1;  // its second dim is partner further
   for (int t = 0; t < n; ++t) {
     float* row = x + static_cast<size_t>(t) * row_stride;
-    for (int i = 0; i < c_.rope_dim / 2; ++i) {
+    for (int i = 0; i < half; ++i) {
       const float angle = positions[t] * inv_freq_[i];
       const float cs = std::cos(angle), sn = std::sin(angle);
       for (int h = 0; h < n_heads; ++h) {
-        float* p = row + h * hd + 2 * i;
-        const float a = p[0], b = p[1];
+        float* p = row + h * hd + stride * i;
+        const float a = p[0], b = p[partner];
         p[0] = a * cs - b * sn;
-        p[1] = a * sn + b * cs;
+        p[partner] = a * sn + b * cs;
       }
     }
   }
 }
 
+// The attention input of `n` rows (normed, in xb_): Q ([n][n_heads][head_dim])
+// into q_, K and V ([n][n_kv_heads][head_dim]) straight into the cache at
+// `k` and `v`. Then, as the architecture asks: Q/K/V biases (qwen2), RMSNorm
+// of every Q and K head (qwen3), and RoPE of Q and K at `positions`.
+void Transformer::QueryKeyValue(const LayerWeights& lw, int n, const int32_t* positions, float* k, float* v) {
+  const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim();
+  MatMul(xb_.data(), n, dim, lw.wq.data(), qd, q_.data(), qd);
+  MatMul(xb_.data(), n, dim, lw.wk.data(), kvd, k, kvd);
+  MatMul(xb_.data(), n, dim, lw.wv.data(), kvd, v, kvd);
+  if (c_.qkv_bias) {
+    AddBias(q_.data(), n, qd, lw.bq.data());
+    AddBias(k, n, kvd, lw.bk.data());
+    AddBias(v, n, kvd, lw.bv.data());
+  }
+  if (c_.qk_norm) {
+    const int hd = c_.head_dim;
+    for (int i = 0; i < n * c_.n_heads; ++i) RmsNorm(&q_[i * hd], &q_[i * hd], lw.q_norm.data(), hd, c_.rms_eps);
+    for (int i = 0; i < n * c_.n_kv_heads; ++i) RmsNorm(&k[i * hd], &k[i * hd], lw.k_norm.data(), hd, c_.rms_eps);
+  }
+  Rope(q_.data(), n, c_.n_heads, qd, positions);
+  Rope(k, n, c_.n_kv_heads, kvd, positions);
+}
+
 void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
                                const ApeParams& ape, float* logits, bool all_logits) {
   const ModelWeights& w = model_.weights();
-  const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim(), hid = c_.hidden_dim;
+  const int dim = c_.dim, qd = c_.q_dim(), hid = c_.hidden_dim;
   const int first_slot = cache.size;
 
   // Token embeddings; record each slot's position.
@@ -91,15 +124,9 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
 
   for (int l = 0; l < c_.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
-    // Attention: norm, project (K/V straight into the cache), rotate, attend.
+    // Attention: norm, Q/K/V (K/V straight into the cache), attend, project.
     for (int t = 0; t < n; ++t) RmsNorm(&xb_[t * dim], &x_[t * dim], lw.rms_att.data(), dim, c_.rms_eps);
-    MatMul(xb_.data(), n, dim, lw.wq.data(), qd, q_.data(), qd);
-    float* k = cache.key(l, first_slot);
-    float* v = cache.value(l, first_slot);
-    MatMul(xb_.data(), n, dim, lw.wk.data(), kvd, k, kvd);
-    MatMul(xb_.data(), n, dim, lw.wv.data(), kvd, v, kvd);
-    Rope(q_.data(), n, c_.n_heads, qd, positions);
-    Rope(k, n, c_.n_kv_heads, kvd, positions);
+    QueryKeyValue(lw, n, positions, cache.key(l, first_slot), cache.value(l, first_slot));
     ApeAttention(q_.data(), n, first_slot, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim, ape, att_.data());
     MatMul(att_.data(), n, qd, lw.wo.data(), dim, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];

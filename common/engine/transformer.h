@@ -1,5 +1,9 @@
 // The float32 Llama transformer: RMSNorm, RoPE at caller-chosen positions,
 // grouped-query attention (APE-aware), SwiGLU, tied or untied classifier.
+// The architectures differ only in the attention input (ModelConfig):
+//   llama  interleaved RoPE, optional Llama-3 frequency factors
+//   qwen2  Q/K/V biases, NEOX RoPE
+//   qwen3  per-head RMSNorm of Q and K before NEOX RoPE
 // Blocks of tokens go through OpenBLAS sgemm; a single token through our
 // MatVec (matvec.h).
 //
@@ -39,12 +43,13 @@ class Transformer {
  private:
   void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache, const ApeParams& ape,
                     float* logits, bool all_logits);
+  void QueryKeyValue(const LayerWeights& lw, int n, const int32_t* positions, float* k, float* v);
   void Rope(float* x, int n, int n_heads, int row_stride, const int32_t* positions);
 
   const Model& model_;
   const ModelConfig& c_;
   const int max_batch_;
-  std::vector<float> inv_freq_;  // [rope_dim/2] RoPE frequencies
+  std::vector<float> inv_freq_;  // [rope_dim/2] RoPE angle per unit of position
   // Scratch, [max_batch][width] each.
   std::vector<float> x_, xb_, xb2_, q_, att_, hb_, hb2_;
 };

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <numeric>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/engine/status_macros.h"
@@ -114,15 +115,29 @@ void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, c
 // UNAVAILABLE) when it cannot be read.
 absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& store, const DecodeInput& in,
                             EntryLoad::Source source, std::vector<EntryLoad>& entries) {
+  // Each key is read once: a request may name one key many times.
   std::vector<std::string> keys;
-  for (const EntryLoad& e : entries) {
-    if (!e.ready()) keys.push_back(e.key);
+  absl::flat_hash_map<std::string, size_t> first;  // key -> index of its first entry
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (!entries[i].ready() && first.emplace(entries[i].key, i).second) keys.push_back(entries[i].key);
   }
   if (keys.empty()) return absl::OkStatus();
   ASSIGN_OR_RETURN(std::vector<StoredValue> values, store.Read(keys));
-  size_t next_value = 0;  // values[] follows the entries that were not ready
-  for (EntryLoad& e : entries) {
+  size_t next_value = 0;  // values[] follows the first entries not ready
+  for (size_t i = 0; i < entries.size(); ++i) {
+    EntryLoad& e = entries[i];
     if (e.ready()) continue;
+    if (const size_t f = first[e.key]; f != i) {  // a repeat: share the first one's verified view
+      const EntryLoad& same = entries[f];
+      if (same.ready()) {
+        e.view = same.view;  // spans same.bytes, which never moves (see EntryLoad)
+        e.source = same.source;
+      } else {
+        e.fault = same.fault;
+        e.reason = same.reason;
+      }
+      continue;
+    }
     StoredValue& value = values[next_value++];
     switch (value.state) {
       case StoredValue::State::kMissing: break;
@@ -187,10 +202,12 @@ EncodeInput MissingAsEncodeInput(const DecodeInput& in, const std::vector<EntryL
 }
 
 // Computes the entries not ready yet in memory (nothing is cached).
-absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, std::vector<EntryLoad>& entries) {
+absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, const DecodeHooks& hooks,
+                            std::vector<EntryLoad>& entries) {
   const EncodeInput local = MissingAsEncodeInput(in, entries, /*for_store=*/false);
   if (entries[0].ready() && local.contexts.empty()) return absl::OkStatus();
-  std::vector<std::string> blocks = EncodeBlocks(model, local);  // [0] prefix, then local.contexts
+  ASSIGN_OR_RETURN(std::vector<std::string> blocks,
+                   EncodeBlocks(model, local, hooks.cancelled));  // [0] prefix, then local.contexts
   size_t next_context = 1;
   for (size_t i = 0; i < entries.size(); ++i) {
     EntryLoad& e = entries[i];
@@ -215,11 +232,13 @@ absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* st
   if (Cancelled(hooks)) return absl::CancelledError("request cancelled before encoding its contexts");
   if (store != nullptr && store_status.ok()) {
     const EncodeInput enc = MissingAsEncodeInput(in, entries, /*for_store=*/true);
-    absl::Status stored = hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc).status();
+    absl::Status stored =
+        hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc, hooks.cancelled).status();
+    if (stored.code() == absl::StatusCode::kCancelled) return stored;
     if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, entries);
   }
   if (Cancelled(hooks)) return absl::CancelledError("request cancelled while encoding its contexts");
-  return EncodeInMemory(model, in, entries);
+  return EncodeInMemory(model, in, hooks, entries);
 }
 
 int TokensFrom(const std::vector<EntryLoad>& entries, EntryLoad::Source source) {
@@ -270,8 +289,17 @@ absl::Status Prefill(Transformer& tf, KvCache& cache, std::span<const int32_t> t
 absl::Status CheckKvSlots(const DecodeInput& in, int64_t prompt_tokens, int max_new_tokens) {
   const int64_t need = prompt_tokens + max_new_tokens;
   if (in.max_kv_slots > 0 && need > in.max_kv_slots) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("request needs ", need, " KV slots, the limit is ", in.max_kv_slots));
+    return absl::ResourceExhaustedError(absl::StrCat("request needs ", need, " KV slots, the limit is ",
+                                                     in.max_kv_slots, " (the per-request KV budget)"));
+  }
+  return absl::OkStatus();
+}
+
+// INVALID_ARGUMENT when the request spans more positions than allowed.
+absl::Status CheckPositions(const DecodeInput& in, int64_t span) {
+  if (in.max_positions > 0 && span > in.max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat("the request spans ", span, " positions, the limit is ",
+                                                   in.max_positions, " (the model's window)"));
   }
   return absl::OkStatus();
 }
@@ -306,6 +334,7 @@ absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store
     prompt.insert(prompt.end(), ids.begin(), ids.end());
   }
   prompt.insert(prompt.end(), in.query_tokens.begin(), in.query_tokens.end());
+  RETURN_IF_ERROR(CheckPositions(in, static_cast<int64_t>(prompt.size()) + max_new_tokens));
   RETURN_IF_ERROR(CheckKvSlots(in, prompt.size(), max_new_tokens));
   std::vector<int32_t> positions(prompt.size());
   std::iota(positions.begin(), positions.end(), 0);
@@ -338,7 +367,8 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
     total_ctx += entries[i].view.header.num_tokens;
     longest = std::max<int>(longest, entries[i].view.header.num_tokens);
   }
-  RETURN_IF_ERROR(CheckKvSlots(in, lp + total_ctx + lq, max_new_tokens));
+  RETURN_IF_ERROR(CheckPositions(in, int64_t{lp} + longest + lq + max_new_tokens));
+  RETURN_IF_ERROR(CheckKvSlots(in, int64_t{lp} + total_ctx + lq, max_new_tokens));
   Prepared p(model, int64_t{lp} + total_ctx + lq + max_new_tokens);
   for (const EntryLoad& e : entries) {  // the prefix, then each context
     RETURN_IF_ERROR(LoadKvBlock(e.view, *p.cache, p.cache->size));

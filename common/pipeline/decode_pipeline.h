@@ -40,6 +40,11 @@ struct DecodeInput {
   // KV slots of the request (prompt + generated), checked once the length of
   // every key-only context is known (after loading); 0 = no limit.
   int64_t max_kv_slots = 0;
+  // Positions the request may span (prefix + longest context + query +
+  // generated for APE/PARALLEL; the whole prompt + generated for
+  // SEQUENTIAL), checked once key-only contexts are loaded; 0 = no limit.
+  // INVALID_ARGUMENT past it: the model was not trained there.
+  int64_t max_positions = 0;
   GenerateOptions generate;
 };
 

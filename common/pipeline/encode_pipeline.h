@@ -5,6 +5,7 @@
 #ifndef APESERVE_COMMON_PIPELINE_ENCODE_PIPELINE_H_
 #define APESERVE_COMMON_PIPELINE_ENCODE_PIPELINE_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -46,16 +47,26 @@ struct EncodeOutput {
 // Keys only (no Redis, no compute): what EncodeContexts would report.
 EncodeOutput PlanEncode(const Model& model, const EncodeInput& in);
 
+// True when the request is gone (client cancelled, deadline passed). Both
+// functions below check it before every block of kEncodeBlockTokens tokens
+// they prefill (prefix and contexts alike), as the decoder's prefill does,
+// and stop with CANCELLED; null = never.
+using EncodeCancelledFn = std::function<bool()>;
+constexpr int kEncodeBlockTokens = 256;
+
 // Makes sure the prefix entry and every context entry exist in `store`,
 // computing and writing only the missing ones (identical contexts in one
-// request are computed once).
-absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& store, const EncodeInput& in);
+// request are computed once). With in.overwrite nothing is looked up: every
+// entry is computed and written (already_cached is false for all).
+absl::StatusOr<EncodeOutput> EncodeContexts(const Model& model, RedisStore& store, const EncodeInput& in,
+                                            const EncodeCancelledFn& cancelled = nullptr);
 
 // Compute only, nothing stored: prefills the prefix once, then each context
 // after it (positions Lp..Lp+len-1), and returns the serialised blocks:
 // [0] the prefix's own, [1 + i] context i's. For the decoder's fallback when
 // Redis is down, and for tests.
-std::vector<std::string> EncodeBlocks(const Model& model, const EncodeInput& in);
+absl::StatusOr<std::vector<std::string>> EncodeBlocks(const Model& model, const EncodeInput& in,
+                                                      const EncodeCancelledFn& cancelled = nullptr);
 
 }  // namespace ape
 

@@ -1,6 +1,11 @@
-// Start-up shared by ape-encoder and ape-decoder: load the model, parse the
-// Redis URI, and make the store (a failed first PING is only a warning:
-// requests fail with UNAVAILABLE until Redis is reachable).
+// Start-up shared by ape-encoder and ape-decoder: check the TLS files of the
+// --tls_* and --encoder_tls_* flags (security.h) before anything slow, parse
+// the Redis URI, take the Redis password from --redis_password_file, else
+// $APESERVE_REDIS_PASSWORD, else the URI (and the user from
+// $APESERVE_REDIS_USER, else the URI), load the model, and make the store (a
+// failed first PING is only a warning: requests fail with UNAVAILABLE until
+// Redis is reachable). No message or log line carries the password: a URI
+// is echoed with its user:password@ redacted.
 // `redis_chunk_mb` (--redis_chunk_mb of both servers) is the size of one
 // stored chunk of an entry: 1 to 511 MiB (Redis's bulk string limit is 512
 // MiB), INVALID_ARGUMENT otherwise.

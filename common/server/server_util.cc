@@ -21,12 +21,18 @@ grpc::Status ToGrpcStatus(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes) {
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes,
+                                           const ChannelSecurity& security) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
   args.SetLoadBalancingPolicyName("round_robin");  // over every address a dns:/// name resolves to
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  if (!security.server_name.empty()) args.SetSslTargetNameOverride(security.server_name);
+  return grpc::CreateCustomChannel(address, security.credentials, args);
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes) {
+  return MakeChannel(address, max_message_bytes, EncoderChannelSecurityFromFlags());
 }
 
 absl::StatusOr<int> MessageBytesFromMb(int mb, const std::string& flag) {
@@ -68,11 +74,16 @@ void InstallTerminationHandlers() {
 }
 
 int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& services, std::chrono::seconds grace) {
+  if (absl::Status s = InitSecurityFromFlags(); !s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", opts.name.c_str(), s.ToString().c_str());
+    return 1;
+  }
+  const ServerSecurity& security = ServerSecurityFromFlags();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(opts.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(opts.listen, security.credentials, &port);
   builder.SetMaxReceiveMessageSize(opts.max_message_bytes);
   builder.SetMaxSendMessageSize(opts.max_message_bytes);
   for (auto* s : services) builder.RegisterService(s);
@@ -82,7 +93,14 @@ int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& serv
     return 1;
   }
   server->GetHealthCheckService()->SetServingStatus(true);
-  std::fprintf(stderr, "%s: listening on %s\n", opts.name.c_str(), opts.listen.c_str());
+  std::fprintf(stderr, "%s: listening on %s, %s\n", opts.name.c_str(), opts.listen.c_str(),
+               security.description.c_str());
+  if (!security.tls) {
+    std::fprintf(stderr,
+                 "%s: warning: gRPC traffic on %s is plaintext (no --tls_cert): anyone on the path can read and "
+                 "send requests\n",
+                 opts.name.c_str(), opts.listen.c_str());
+  }
   InstallTerminationHandlers();
   std::thread waiter([&] {
     char c = 0;

@@ -15,8 +15,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/server/admission.h"
 #include "common/engine/timing.h"
+#include "common/server/admission.h"
+#include "common/server/security.h"
 
 namespace ape {
 
@@ -35,8 +36,13 @@ struct ServerOptions {
 };
 
 // A client channel to another of our servers (the decoder's --encoder):
-// messages up to `max_message_bytes` both ways, and round-robin over every
-// address a dns:/// name resolves to.
+// messages up to `max_message_bytes` both ways, round-robin over every
+// address a dns:/// name resolves to, and `security`'s credentials (TLS and
+// the name checked in the server's certificate, or plaintext).
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes,
+                                           const ChannelSecurity& security);
+// The same with the --encoder_tls_* flags (security.h). Precondition:
+// InitSecurityFromFlags() returned OK (LoadModelAndStore checks it).
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes);
 
 // 1 to 2047 MiB (a gRPC message size is an int) in bytes; INVALID_ARGUMENT
@@ -45,7 +51,10 @@ absl::StatusOr<int> MessageBytesFromMb(int mb, const std::string& flag);
 
 // Builds a server with the services, reflection and the standard health
 // service (SERVING), and blocks until SIGTERM or SIGINT, then shuts down
-// gracefully (in-flight calls get `grace`). Returns a process exit code.
+// gracefully (in-flight calls get `grace`). Listens with TLS as the
+// --tls_cert, --tls_key and --tls_client_ca flags say (security.h), else in
+// plaintext with a warning; bad TLS files refuse to start. Returns a process
+// exit code.
 int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& services,
               std::chrono::seconds grace = std::chrono::seconds(5));
 

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Clients end to end: grpc_cli, the Python and Node.js clients and apectl
 against real servers (redis-server, ape-encoder, ape-decoder on free
-loopback ports). Every client must give the same greedy answer."""
+loopback ports). Every client must give the same greedy answer, also for
+non-ASCII text (request text travels as UTF-8 bytes)."""
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import unittest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+from apeserve_client import load_stubs, make_channel, utf8  # noqa: E402
 from apeserve_launcher import LocalServices, default_bin_dir, test_data_dir  # noqa: E402
 
 BIN = default_bin_dir()  # $APE_BIN_DIR, else build/bin
@@ -17,6 +19,7 @@ DATA = test_data_dir()  # $APE_TEST_DATA, else tests/data
 PREFIX = "Once upon a time"
 DOCS = [" there was a girl named Lily. She had a big red ball.", " Tom had a dog. The dog liked to run in the park."]
 QUERY = " One day, Lily"
+UTF8_DOC = " Zoë had a naïve cat. The cat liked crème brûlée."  # non-ASCII: must reach the server as UTF-8
 
 
 def run(cmd, **kw):
@@ -30,20 +33,21 @@ class ClientsTest(unittest.TestCase):
                                      tmp_prefix="apeserve-clients-").start()
         cls.tmp, cls.enc, cls.dec = cls.services.tmp, cls.services.encoder, cls.services.decoder
         cls.doc_files = []
-        for i, d in enumerate(DOCS):
+        for i, d in enumerate(DOCS + [UTF8_DOC]):
             path = os.path.join(cls.tmp, f"doc{i}.txt")
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(d)
             cls.doc_files.append(path)
+        cls.utf8_file = cls.doc_files.pop()
         cls.grpc_cli = shutil.which("grpc_cli")
 
     @classmethod
     def tearDownClass(cls):
         cls.services.stop()
 
-    def apectl_answer(self):
+    def apectl_answer(self, doc_files=None):
         r = run([f"{BIN}/apectl", "generate", f"--decoder={self.dec}", f"--prefix={PREFIX}",
-                 "--context-file=" + ",".join(self.doc_files), f"--query={QUERY}", "--max-tokens=16"])
+                 "--context-file=" + ",".join(doc_files or self.doc_files), f"--query={QUERY}", "--max-tokens=16"])
         self.assertEqual(r.returncode, 0, r.stderr)
         return r.stdout.rstrip("\n")
 
@@ -100,6 +104,39 @@ class ClientsTest(unittest.TestCase):
                  "--max-tokens", "16"])
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(r.stdout.rstrip("\n"), self.apectl_answer())
+
+    def test_non_ascii_text_same_in_every_client(self):
+        expected = self.apectl_answer([self.utf8_file])
+        r = run(["/usr/bin/python3", f"{ROOT}/clients/python/apeserve_client.py", f"--encoder={self.enc}",
+                 f"--decoder={self.dec}", f"--prefix={PREFIX}", "--doc", self.utf8_file, f"--query={QUERY}",
+                 "--max-tokens=16"], env=dict(os.environ, APESERVE_PY_GEN=os.path.join(self.tmp, "py")))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.rstrip("\n"), expected)
+        if os.path.isdir(f"{ROOT}/clients/node/node_modules"):
+            r = run(["node", f"{ROOT}/clients/node/client.js", "--encoder", self.enc, "--decoder", self.dec,
+                     "--prefix", PREFIX, "--doc", self.utf8_file, "--query", QUERY, "--max-tokens", "16"])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(r.stdout.rstrip("\n"), expected)
+
+    def test_python_stubs_send_text_as_utf8_bytes(self):
+        os.environ.setdefault("APESERVE_PY_GEN", os.path.join(self.tmp, "py"))
+        enc_pb, enc_grpc, dec_pb, dec_grpc = load_stubs()
+        with make_channel(self.enc) as ch:
+            enc = enc_grpc.EncoderStub(ch)
+            resp = enc.Encode(enc_pb.EncodeRequest(prefix=enc_pb.Segment(text=utf8(PREFIX)),
+                                                   contexts=[enc_pb.Segment(text=utf8(UTF8_DOC))]), timeout=60)
+            ids = enc.Tokenize(enc_pb.TokenizeRequest(text=utf8(UTF8_DOC)), timeout=60).ids
+        self.assertEqual(resp.contexts[0].num_tokens, len(ids))
+        answers = []
+        with make_channel(self.dec) as ch:
+            for ref in (dec_pb.ContextRef(key=utf8(resp.contexts[0].key)), dec_pb.ContextRef(text=utf8(UTF8_DOC))):
+                msgs = list(dec_grpc.DecoderStub(ch).Generate(dec_pb.GenerateRequest(
+                    prefix=utf8(PREFIX), contexts=[ref], query=utf8(QUERY), max_tokens=16, stop=[utf8("\u00e9t\u00e9")]),
+                    timeout=60))
+                self.assertEqual(msgs[-1].final.usage.encoded_tokens, 0)  # by text: the same key, found cached
+                answers.append("".join(m.token.text for m in msgs if m.HasField("token")))
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0], self.apectl_answer([self.utf8_file]))
 
 
 if __name__ == "__main__":

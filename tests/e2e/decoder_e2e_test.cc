@@ -4,7 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <thread>
 
 #include "ape/v1/decoder.grpc.pb.h"
@@ -40,6 +44,7 @@ class Server {
   bool ok() const { return ok_; }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
   std::string Log() { return testing::ReadAll(log_); }
+  pid_t pid() const { return proc_.pid(); }
 
  private:
   int port_;
@@ -67,9 +72,10 @@ struct Stream {
   }
 };
 
-Stream Generate(v1::Decoder::Stub& stub, const v1::GenerateRequest& req, int cancel_after = -1) {
+Stream Generate(v1::Decoder::Stub& stub, const v1::GenerateRequest& req, int cancel_after = -1,
+                std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
   auto reader = stub.Generate(&ctx, req);
   Stream s;
   v1::GenerateResponse msg;
@@ -83,6 +89,34 @@ Stream Generate(v1::Decoder::Stub& stub, const v1::GenerateRequest& req, int can
   }
   s.status = reader->Finish();
   return s;
+}
+
+// stories260K with its window widened to `context_length`: the header's
+// seq_len, and the legacy freq_cis table at the end grown to match (it is
+// read and ignored). Long prompts are then inside the window, and slow.
+std::string WideWindowModel(int context_length) {
+  std::string bytes = testing::ReadAll(TestData("stories260K.bin"));
+  int32_t h[7];  // dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (> 0: tied), seq_len
+  std::memcpy(h, bytes.data(), sizeof(h));
+  EXPECT_GT(h[5], 0);  // tied classifier: freq_cis is the last array
+  bytes.append(static_cast<size_t>(context_length - h[6]) * (h[0] / h[3]) * sizeof(float), '\0');
+  h[6] = context_length;
+  std::memcpy(bytes.data(), h, sizeof(h));
+  return bytes;
+}
+
+// The peak resident memory of a process (VmHWM in /proc/<pid>/status), bytes.
+int64_t PeakRss(pid_t pid) {
+  const std::string status = testing::ReadAll("/proc/" + std::to_string(pid) + "/status");
+  const size_t at = status.find("VmHWM:");
+  return at == std::string::npos ? -1 : std::stoll(status.substr(at + 6)) * 1024;
+}
+
+// "Once upon a time" `n` times: 4n tokens after BOS with tok512.
+std::string Repeated(int n) {
+  std::string text = "Once upon a time";
+  for (int i = 1; i < n; ++i) text += " Once upon a time";
+  return text;
 }
 
 const char* kPrefix = "Once upon a time";
@@ -262,18 +296,32 @@ TEST_F(DecoderE2eTest, MissingForeignAndCorruptCaches) {
   // Malformed key.
   s = Generate(*dec_, Request({"not-a-key"}, v1::MODE_APE));
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  // Corrupt bytes under a key: a miss for a key-only context...
+  // Bytes that are no KV block under a key: a miss for a key-only context,
+  // encoded in memory when the request has the text, and left alone (not
+  // ours to overwrite).
   std::string cli = "redis-cli -p " + std::to_string(redis_.port());
   ASSERT_EQ(std::system((cli + " HSET " + keys[1] + " 0 junkjunk >/dev/null").c_str()), 0);
   s = Generate(*dec_, Request({keys[1]}, v1::MODE_APE));
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::NOT_FOUND) << s.status.error_message();
-  // ...and re-encoded (through the encoder) when the request has the text.
   v1::GenerateRequest by_text = Request({}, v1::MODE_APE);
   by_text.add_contexts()->set_text(kDocs[1]);
   s = Generate(*dec_, by_text);
   ASSERT_TRUE(s.status.ok()) << s.status.error_message();
   EXPECT_GT(s.final.usage().encoded_tokens(), 0u);
-  s = Generate(*dec_, Request({keys[1]}, v1::MODE_APE));  // repaired
+  s = Generate(*dec_, Request({keys[1]}, v1::MODE_APE));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::NOT_FOUND) << s.status.error_message();
+  // An entry of ours damaged by a stray hash field: unreadable by key, and
+  // repaired (re-encoded through the encoder with overwrite) when the request
+  // has the text.
+  ASSERT_EQ(std::system((cli + " HSET " + keys[2] + " stray field >/dev/null").c_str()), 0);
+  s = Generate(*dec_, Request({keys[2]}, v1::MODE_APE));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::NOT_FOUND) << s.status.error_message();
+  by_text = Request({}, v1::MODE_APE);
+  by_text.add_contexts()->set_text(kDocs[2]);
+  s = Generate(*dec_, by_text);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_GT(s.final.usage().encoded_tokens(), 0u);
+  s = Generate(*dec_, Request({keys[2]}, v1::MODE_APE));  // repaired
   EXPECT_TRUE(s.status.ok()) << s.status.error_message();
   // Bad parameters.
   v1::GenerateRequest bad = Request(keys, v1::MODE_APE);
@@ -387,7 +435,7 @@ TEST_F(DecoderE2eTest, CancelFreesTheWorkerAndConcurrentStreamsAreCorrect) {
   ASSERT_TRUE(want.status.ok());
   // Cancel after 2 tokens of a long generation; the only worker must be freed.
   auto t0 = std::chrono::steady_clock::now();
-  Stream c = Generate(*dec_, Request(keys, v1::MODE_APE, 1000), 2);
+  Stream c = Generate(*dec_, Request(keys, v1::MODE_APE, 400), 2);  // 400: inside the window
   EXPECT_EQ(c.status.error_code(), grpc::StatusCode::CANCELLED);
   Stream after = Generate(*dec_, Request(keys, v1::MODE_APE, 40));
   EXPECT_TRUE(after.status.ok());
@@ -434,6 +482,234 @@ TEST_F(DecoderE2eTest, OverloadGetsResourceExhausted) {
   EXPECT_GE(ok.load(), 1);
   EXPECT_GE(exhausted.load(), 1);
   EXPECT_EQ(ok.load() + exhausted.load(), 4);
+}
+
+// Prefix, query and the positions a request spans are bounded by the model's
+// window (512 for stories260K) before any work: a 33,601-token prefix is
+// refused at once (it used to be encoded locally for minutes), and so are a
+// long query, a SEQUENTIAL prompt past the window and max_tokens past it,
+// without a Redis command. APE contexts share positions: the same contexts
+// fit in APE.
+TEST_F(DecoderE2eTest, PromptsAreBoundedByTheWindowBeforeAnyWork) {
+  auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT16);
+  const int64_t before = RedisCommands();
+  v1::GenerateRequest long_prefix = Request({}, v1::MODE_APE);  // its prefix and context must be encoded
+  long_prefix.set_prefix(Repeated(8400));
+  long_prefix.add_contexts()->set_text(kDocs[0]);
+  ASSERT_EQ(Tokenize(long_prefix.prefix(), true).size(), 33601u);
+  const auto t0 = std::chrono::steady_clock::now();
+  Stream s = Generate(*dec_, long_prefix, -1, std::chrono::seconds(20));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.status.error_message();
+  EXPECT_EQ(s.status.error_message(),
+            "prefix: 33601 tokens, the limit is 512 (--max_prefix_tokens, default the model's context length)");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  v1::GenerateRequest long_query = Request(keys, v1::MODE_APE);
+  long_query.set_query(Repeated(130));
+  s = Generate(*dec_, long_query, -1, std::chrono::seconds(20));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.status.error_message().find("query: 520 tokens, the limit is 512 (--max_query_tokens"), std::string::npos)
+      << s.status.error_message();
+  // 40 contexts of ~16 tokens: past the window in a row, not side by side.
+  v1::GenerateRequest many = Request({}, v1::MODE_SEQUENTIAL, 4);
+  for (int i = 0; i < 40; ++i) many.add_contexts()->set_text(kDocs[i % kDocs.size()]);
+  s = Generate(*dec_, many, -1, std::chrono::seconds(20));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.status.error_message().find("the limit is 512 (--max_positions"), std::string::npos)
+      << s.status.error_message();
+  v1::GenerateRequest generate_past = Request(keys, v1::MODE_APE, 500);
+  generate_past.add_contexts()->set_text(kDocs[0]);
+  s = Generate(*dec_, generate_past, -1, std::chrono::seconds(20));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.status.error_message().find("max_tokens 500), the limit is 512 (--max_positions"), std::string::npos)
+      << s.status.error_message();
+  EXPECT_EQ(RedisCommands(), before);
+  many.set_mode(v1::MODE_APE);
+  s = Generate(*dec_, many, -1, std::chrono::seconds(20));
+  EXPECT_TRUE(s.status.ok()) << s.status.error_message();
+}
+
+// A long prefix inside a widened window is encoded locally (no --encoder);
+// with a 1 s deadline the encoding stops between blocks, and the only
+// worker serves the next request within a few seconds.
+TEST_F(DecoderE2eTest, CancelledLocalEncodingFreesTheWorker) {
+  testing::TempFile wide(WideWindowModel(1 << 16), ".bin");
+  Server local("ape-decoder", redis_, {"--model=" + wide.path(), "--max_concurrent=1"});
+  ASSERT_TRUE(local.ok()) << local.Log();
+  auto stub = v1::Decoder::NewStub(local.channel());
+  v1::GenerateRequest long_prefix = Request({}, v1::MODE_APE, 4);
+  long_prefix.set_prefix(Repeated(8400));  // 33,601 tokens
+  long_prefix.add_contexts()->set_text(kDocs[0]);
+  const auto t0 = std::chrono::steady_clock::now();
+  Stream s = Generate(*stub, long_prefix, -1, std::chrono::seconds(1));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.status.error_message();
+  v1::GenerateRequest small = Request({}, v1::MODE_APE, 4);
+  small.add_contexts()->set_text(kDocs[1]);
+  s = Generate(*stub, small, -1, std::chrono::seconds(20));
+  EXPECT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5)) << local.Log();
+}
+
+// Every request is budgeted in bytes of float32 KV (--max_request_kv_mb;
+// 16 MiB = 13,107 slots of 1,280 bytes for stories260K). Contexts sent as
+// text are counted before any I/O; 256 copies of one 400-token key (102,400
+// slots, 125 MiB) are refused before the cache is allocated (the key is read
+// once): the decoder's peak memory grows by far less than that cache. (400:
+// a key-only context counts against the 512-position window once loaded.)
+TEST_F(DecoderE2eTest, KvBudgetIsCheckedBeforeAllocating) {
+  Server small("ape-decoder", redis_, {"--encoder=" + encoder_->address(), "--max_request_kv_mb=16"});
+  ASSERT_TRUE(small.ok()) << small.Log();
+  auto stub = v1::Decoder::NewStub(small.channel());
+  v1::EncodeRequest enc;
+  enc.mutable_prefix()->set_text(kPrefix);
+  auto* ids = enc.add_contexts()->mutable_tokens();
+  for (int i = 0; i < 400; ++i) ids->add_ids(300 + i % 200);
+  v1::EncodeResponse encoded;
+  grpc::ClientContext ectx;
+  ASSERT_TRUE(enc_->Encode(&ectx, enc, &encoded).ok());
+  const std::string key = encoded.contexts(0).key();
+  ASSERT_TRUE(Generate(*stub, Request({key}, v1::MODE_APE, 4)).status.ok());  // warm
+
+  const int64_t commands = RedisCommands();
+  v1::GenerateRequest by_text = Request({}, v1::MODE_APE, 4);
+  for (int i = 0; i < 40; ++i) by_text.add_contexts()->set_text(Repeated(100));  // 400 tokens each
+  Stream s = Generate(*stub, by_text);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.status.error_message();
+  EXPECT_NE(s.status.error_message().find("the limit is 13107 slots (--max_request_kv_mb=16"), std::string::npos)
+      << s.status.error_message();
+  EXPECT_EQ(RedisCommands(), commands);
+
+  const int64_t peak = PeakRss(small.pid());
+  s = Generate(*stub, Request(std::vector<std::string>(256, key), v1::MODE_APE, 4));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.status.error_message();
+  const int64_t cache_bytes = int64_t{256} * 400 * 1280;
+  EXPECT_LT(PeakRss(small.pid()) - peak, cache_bytes) << "peak before " << peak;
+  EXPECT_TRUE(Generate(*stub, Request({key}, v1::MODE_APE, 4)).status.ok());
+}
+
+TEST_F(DecoderE2eTest, ApeParametersAreBounded) {
+  auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT16);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (float bad : {1e-45f, 0.04f, 2.5f, 1e9f, -1.f, nan}) {
+    for (const char* field : {"ape_temperature", "ape_scale"}) {
+      v1::GenerateRequest req = Request(keys, v1::MODE_APE, 4);
+      if (std::string(field) == "ape_temperature")
+        req.set_ape_temperature(bad);
+      else
+        req.set_ape_scale(bad);
+      Stream s = Generate(*dec_, req);
+      EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field << " " << bad;
+      EXPECT_EQ(s.status.error_message().rfind(field, 0), 0u) << s.status.error_message();
+    }
+  }
+  v1::GenerateRequest edge = Request(keys, v1::MODE_APE, 4);
+  edge.set_ape_temperature(0.05f);
+  edge.set_ape_scale(2.f);
+  Stream s = Generate(*dec_, edge);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_FLOAT_EQ(s.final.ape_temperature(), 0.05f);
+  for (const auto& t : s.tokens) EXPECT_TRUE(std::isfinite(t.logprob()));
+}
+
+// Text fields are bytes on the wire and UTF-8 is checked by the decoder:
+// INVALID_ARGUMENT naming the field, and a log line (the protobuf runtime
+// used to refuse it first: INTERNAL, no message, no log).
+TEST_F(DecoderE2eTest, InvalidUtf8IsInvalidArgumentNamingTheField) {
+  auto keys = EncodeDocs(v1::KV_DTYPE_FLOAT16);
+  std::vector<std::pair<std::string, v1::GenerateRequest>> bad;
+  bad.emplace_back("prefix", Request(keys, v1::MODE_APE, 4));
+  bad.back().second.set_prefix("Once upon a \xe0\x80\xaf time");  // overlong '/'
+  bad.emplace_back("query", Request(keys, v1::MODE_APE, 4));
+  bad.back().second.set_query(" One day, \xff");
+  bad.emplace_back("stop 1", Request(keys, v1::MODE_APE, 4));
+  bad.back().second.add_stop(".");
+  bad.back().second.add_stop("\xed\xa0\x80");  // a surrogate
+  bad.emplace_back("context 3", Request(keys, v1::MODE_APE, 4));
+  bad.back().second.add_contexts()->set_text("Lily \xc3");  // truncated
+  for (const auto& [field, req] : bad) {
+    Stream s = Generate(*dec_, req);
+    EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_EQ(s.status.error_message().rfind(field + ": invalid UTF-8 at byte ", 0), 0u) << s.status.error_message();
+    v1::ScoreResponse resp;
+    EXPECT_EQ(Score(req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::string log = decoder_->Log();
+  EXPECT_NE(log.find("decoder Generate INVALID_ARGUMENT"), std::string::npos) << log;
+  EXPECT_NE(log.find("error=\"query: invalid UTF-8 at byte 10"), std::string::npos) << log;
+  v1::GenerateRequest good = Request(keys, v1::MODE_APE, 4);
+  good.set_query(" One day, Lily said \xe2\x80\x9chi\xe2\x80\x9d");
+  EXPECT_TRUE(Generate(*dec_, good).status.ok());
+}
+
+// Client input in a status or a log line is an excerpt: a 1 MB key is
+// named by its first bytes and its size.
+TEST_F(DecoderE2eTest, ClientInputIsEchoedAsAnExcerpt) {
+  const std::string huge = "ape:v1:kv:" + std::string(1 << 20, 'z');
+  const size_t log_before = decoder_->Log().size();
+  Stream s = Generate(*dec_, Request({huge}, v1::MODE_APE, 4));
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_LT(s.status.error_message().size(), 300u) << s.status.error_message().substr(0, 300);
+  EXPECT_NE(s.status.error_message().find("... (1048586 bytes)"), std::string::npos)
+      << s.status.error_message().substr(0, 300);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_LT(decoder_->Log().size() - log_before, 1000u);
+}
+
+// A queued request whose deadline passes leaves the queue at once (it used
+// to hold its place until the next 50 ms poll): with the only worker busy
+// and the queue (4) filled by requests with 30 ms deadlines, or flooded
+// with 1 ms deadlines, the next request is queued and served, and every
+// expired request's log line shows it left the queue at its deadline.
+TEST_F(DecoderE2eTest, ExpiredRequestsLeaveTheQueueAtOnce) {
+  testing::TempFile wide(WideWindowModel(1 << 16), ".bin");
+  Server busy_server("ape-decoder", redis_,
+                     {"--model=" + wide.path(), "--max_concurrent=1", "--max_queue=4", "--threads=1"});
+  ASSERT_TRUE(busy_server.ok()) << busy_server.Log();
+  auto stub = v1::Decoder::NewStub(busy_server.channel());
+  // The worker: a 40,000-token SEQUENTIAL prefill, cancelled after 5 s.
+  v1::GenerateRequest long_req = Request({}, v1::MODE_SEQUENTIAL, 1);
+  long_req.set_query(Repeated(10000));
+  std::thread worker([&] { Generate(*stub, long_req, -1, std::chrono::seconds(5)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  v1::GenerateRequest quick = Request({}, v1::MODE_APE, 2);
+  quick.add_contexts()->set_text(kDocs[0]);
+  // `n` requests at once; returns how many expired (the others may find
+  // the queue full).
+  auto burst = [&](int n, std::chrono::milliseconds timeout) {
+    std::vector<std::thread> threads;
+    std::atomic<int> expired{0};
+    for (int i = 0; i < n; ++i) {
+      threads.emplace_back([&] {
+        auto st = v1::Decoder::NewStub(busy_server.channel());
+        const grpc::StatusCode code = Generate(*st, quick, -1, timeout).status.error_code();
+        EXPECT_NE(code, grpc::StatusCode::OK);  // the worker is busy throughout
+        expired += code == grpc::StatusCode::DEADLINE_EXCEEDED;
+      });
+    }
+    for (auto& t : threads) t.join();
+    return expired.load();
+  };
+  std::vector<Stream> served(2);
+  std::vector<std::thread> waiting;
+  EXPECT_EQ(burst(4, std::chrono::milliseconds(30)), 4);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  waiting.emplace_back([&] { served[0] = Generate(*stub, quick, -1, std::chrono::seconds(30)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_GT(burst(20, std::chrono::milliseconds(1)), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  waiting.emplace_back([&] { served[1] = Generate(*stub, quick, -1, std::chrono::seconds(30)); });
+  for (auto& t : waiting) t.join();
+  worker.join();
+  for (const Stream& r : served) EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::string log = busy_server.Log();
+  const std::regex expired_line("Generate DEADLINE_EXCEEDED .*queue_ms=([0-9.]+)");
+  int lines = 0;
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), expired_line); it != std::sregex_iterator(); ++it) {
+    ++lines;
+    EXPECT_LT(std::stod((*it)[1]), 45.0) << (*it)[0];
+  }
+  EXPECT_GE(lines, 4) << log;
 }
 
 }  // namespace

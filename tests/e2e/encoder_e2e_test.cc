@@ -4,6 +4,9 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <thread>
+
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/kv/cache_key.h"
 #include "common/pipeline/encode_pipeline.h"
@@ -39,6 +42,7 @@ class EncoderProcess {
   v1::Encoder::Stub& stub() { return *stub_; }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
   int Stop() { return proc_.Stop(); }
+  pid_t pid() const { return proc_.pid(); }
   std::string Log() { return testing::ReadAll(log_); }
 
  private:
@@ -54,6 +58,27 @@ grpc::Status Encode(EncoderProcess& e, const v1::EncodeRequest& req, v1::EncodeR
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
   return e.stub().Encode(&ctx, req, resp);
+}
+
+// stories260K with its window widened to `context_length`: the header's
+// seq_len, and the legacy freq_cis table at the end grown to match (it is
+// read and ignored). Long prompts are then inside the window, and slow.
+std::string WideWindowModel(int context_length) {
+  std::string bytes = testing::ReadAll(TestData("stories260K.bin"));
+  int32_t h[7];  // dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (> 0: tied), seq_len
+  std::memcpy(h, bytes.data(), sizeof(h));
+  EXPECT_GT(h[5], 0);  // tied classifier: freq_cis is the last array
+  bytes.append(static_cast<size_t>(context_length - h[6]) * (h[0] / h[3]) * sizeof(float), '\0');
+  h[6] = context_length;
+  std::memcpy(bytes.data(), h, sizeof(h));
+  return bytes;
+}
+
+// The peak resident memory of a process (VmHWM in /proc/<pid>/status), bytes.
+int64_t PeakRss(pid_t pid) {
+  const std::string status = testing::ReadAll("/proc/" + std::to_string(pid) + "/status");
+  const size_t at = status.find("VmHWM:");
+  return at == std::string::npos ? -1 : std::stoll(status.substr(at + 6)) * 1024;
 }
 
 v1::EncodeRequest Request(v1::KvDtype dtype) {
@@ -108,7 +133,9 @@ TEST_F(EncoderE2eTest, StoredKvEqualsInProcessComputation) {
     // The prefix block and each context block equal what this process computes.
     const char* texts[] = {"Lily had a big red ball.", "Tom liked to run in the park with his dog."};
     for (const char* t : texts) in.contexts.push_back(model_->tokenizer().Encode(t, false, false));
-    std::vector<std::string> blocks = EncodeBlocks(*model_, in);
+    auto computed = EncodeBlocks(*model_, in);
+    ASSERT_TRUE(computed.ok()) << computed.status();
+    const std::vector<std::string>& blocks = *computed;
     EXPECT_EQ((*got)[0], blocks[0]);
     for (int i = 0; i < 2; ++i) {
       const auto& ctx = in.contexts[i];
@@ -268,6 +295,135 @@ TEST_F(EncoderE2eTest, TokenizeDetokenizeModelInfoHealthAndShutdown) {
   for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
   EXPECT_EQ(enc.Stop(), 0);                      // SIGTERM: graceful exit
+}
+
+// Overwrite writes every entry even where its key already holds something
+// (junk in chunk 0, a stray hash field next to a valid entry). Without it
+// such a key counts as cached and keeps its unusable value.
+TEST_F(EncoderE2eTest, OverwriteRewritesEntriesAtTheirKeys) {
+  EncoderProcess enc(redis_);
+  ASSERT_TRUE(enc.ok()) << enc.Log();
+  v1::EncodeResponse first;
+  ASSERT_TRUE(Encode(enc, Request(v1::KV_DTYPE_FLOAT16), &first).ok());
+  const std::string junk_key = first.contexts(0).key(), stray_key = first.contexts(1).key();
+  const std::string cli = "redis-cli -p " + std::to_string(redis_.port());
+  ASSERT_EQ(std::system((cli + " HSET " + junk_key + " 0 junkjunk >/dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((cli + " HSET " + stray_key + " stray field >/dev/null").c_str()), 0);
+  RedisStore store(*ParseRedisUri(redis_.uri()));
+  auto usable = [&](const std::string& key) {
+    auto got = store.GetMany({key});
+    return got.ok() && (*got)[0].has_value() &&
+           ParseKvBlock({reinterpret_cast<const uint8_t*>((*got)[0]->data()), (*got)[0]->size()}).ok();
+  };
+  ASSERT_FALSE(usable(junk_key));
+  ASSERT_FALSE(usable(stray_key));
+
+  v1::EncodeResponse plain;
+  ASSERT_TRUE(Encode(enc, Request(v1::KV_DTYPE_FLOAT16), &plain).ok());
+  EXPECT_TRUE(plain.contexts(0).already_cached());
+  EXPECT_TRUE(plain.contexts(1).already_cached());
+  EXPECT_FALSE(usable(junk_key));
+  EXPECT_FALSE(usable(stray_key));
+
+  v1::EncodeRequest req = Request(v1::KV_DTYPE_FLOAT16);
+  req.set_overwrite(true);
+  v1::EncodeResponse repaired;
+  ASSERT_TRUE(Encode(enc, req, &repaired).ok());
+  EXPECT_FALSE(repaired.prefix().already_cached());
+  EXPECT_FALSE(repaired.contexts(0).already_cached());
+  EXPECT_FALSE(repaired.contexts(1).already_cached());
+  // Each key now holds exactly the block computed here.
+  EncodeInput in;
+  in.prefix_tokens = model_->tokenizer().Encode("Once upon a time", true, false);
+  for (const char* t : {"Lily had a big red ball.", "Tom liked to run in the park with his dog."}) {
+    in.contexts.push_back(model_->tokenizer().Encode(t, false, false));
+  }
+  auto blocks = EncodeBlocks(*model_, in);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  auto got = store.GetMany({repaired.prefix().key(), junk_key, stray_key});
+  ASSERT_TRUE(got.ok());
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE((*got)[i].has_value()) << i;
+    EXPECT_TRUE(*(*got)[i] == (*blocks)[i]) << i;
+  }
+}
+
+// A long prefix (inside a widened window, so it is accepted) with a 1 s
+// deadline: encoding stops at the next block once the deadline passes, and
+// the only worker serves the next request within a few seconds.
+TEST_F(EncoderE2eTest, CancelledEncodeFreesTheWorker) {
+  testing::TempFile wide(WideWindowModel(1 << 16), ".bin");
+  EncoderProcess enc(redis_, {"--model=" + wide.path(), "--max_concurrent=1"});
+  ASSERT_TRUE(enc.ok()) << enc.Log();
+  v1::EncodeRequest long_prefix = Request(v1::KV_DTYPE_FLOAT16);
+  auto* ids = long_prefix.mutable_prefix()->mutable_tokens();
+  ids->add_ids(1);  // BOS
+  for (int i = 1; i < 33601; ++i) ids->add_ids(300 + i % 200);
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  v1::EncodeResponse resp;
+  EXPECT_EQ(enc.stub().Encode(&ctx, long_prefix, &resp).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  grpc::Status s = Encode(enc, Request(v1::KV_DTYPE_FLOAT16), &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5)) << enc.Log();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_NE(enc.Log().find("Encode CANCELLED"), std::string::npos) << enc.Log();
+}
+
+// Text is checked before anything tokenizes it: invalid UTF-8 is
+// INVALID_ARGUMENT naming the field (with a log line), and text over the
+// byte limits is refused without the encoder's memory growing the ~30x
+// that tokenizing costs.
+TEST_F(EncoderE2eTest, TextIsCheckedBeforeTokenizing) {
+  EncoderProcess enc(redis_);
+  ASSERT_TRUE(enc.ok()) << enc.Log();
+  auto tokenize = [&](const std::string& text, v1::TokenizeResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TokenizeRequest req;
+    req.set_text(text);
+    return enc.stub().Tokenize(&ctx, req, resp);
+  };
+  v1::TokenizeResponse tresp;
+  grpc::Status s = tokenize("ab\xff", &tresp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "text: invalid UTF-8 at byte 2 (text fields are UTF-8)");
+  EXPECT_TRUE(tokenize("caf\xc3\xa9 \xe2\x98\x95 \xf0\x9d\x84\x9e", &tresp).ok());
+  for (const auto& [field, bad] : std::vector<std::pair<std::string, std::string>>{
+           {"prefix", "\xc0\xaf"}, {"context 1", "ok \xed\xa0\x80"}, {"context 0", "\xf4\x90\x80\x80"}}) {
+    v1::EncodeRequest req = Request(v1::KV_DTYPE_FLOAT16);
+    if (field == "prefix") req.mutable_prefix()->set_text(bad);
+    if (field == "context 0") req.mutable_contexts(0)->set_text(bad);
+    if (field == "context 1") req.mutable_contexts(1)->set_text(bad);
+    v1::EncodeResponse resp;
+    s = Encode(enc, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_EQ(s.error_message().rfind(field + ": invalid UTF-8 at byte", 0), 0u) << s.error_message();
+  }
+  EXPECT_NE(enc.Log().find("encoder Tokenize INVALID_ARGUMENT"), std::string::npos) << enc.Log();
+  EXPECT_NE(enc.Log().find("encoder Encode INVALID_ARGUMENT"), std::string::npos) << enc.Log();
+
+  // Over the limits: 2 MiB in one field, 17 x 1 MiB in one request.
+  v1::EncodeRequest big = Request(v1::KV_DTYPE_FLOAT16);
+  big.mutable_contexts(0)->set_text(std::string(2 << 20, 'a'));
+  v1::EncodeResponse resp;
+  s = Encode(enc, big, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("--max_text_bytes"), std::string::npos) << s.error_message();
+  v1::EncodeRequest many = Request(v1::KV_DTYPE_FLOAT16);
+  for (int i = 0; i < 17; ++i) many.add_contexts()->set_text(std::string(1 << 20, 'a'));
+  s = Encode(enc, many, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("--max_request_text_bytes"), std::string::npos) << s.error_message();
+  const int64_t before = PeakRss(enc.pid());
+  const int64_t text_bytes = 60 << 20;
+  s = tokenize(std::string(text_bytes, 'a'), &tresp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("--max_text_bytes"), std::string::npos) << s.error_message();
+  // Receiving the message costs a few copies of it; tokenizing would cost ~30.
+  EXPECT_LT(PeakRss(enc.pid()) - before, 4 * text_bytes) << "before " << before;
+  EXPECT_TRUE(Encode(enc, Request(v1::KV_DTYPE_FLOAT16), &resp).ok());
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/engine/generate.h"
+#include "common/engine/gguf.h"
 #include "tests/test_util.h"
 
 namespace ape {
@@ -100,6 +101,70 @@ TEST_P(TransformerTest, PositionsAreDataNotSlots) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, TransformerTest, ::testing::Values(1, 2));
+
+// NEOX RoPE rotates pairs (i, i + d/2) where interleaved RoPE rotates
+// (2i, 2i+1): the same rotation of permuted dimensions. So permuting every Q
+// and K head (rows of wq/wk, and bq/bk and the head norms) into interleaved
+// order and switching the style must leave the logits unchanged; llama.cpp's
+// converter applies this permutation to Llama's Q/K. Checked on the qwen2
+// fixture (biases) and the qwen3 one (head norms).
+TEST(RopeStyleTest, NeoxEqualsInterleavedOfPermutedHeads) {
+  for (const char* name : {"tiny-random-qwen2-F32", "tiny-random-qwen3-F32"}) {
+    const std::string bytes = ReadAll(TestData(std::string("families/models/") + name + ".gguf"));
+    auto g = GgufFile::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, name);
+    ASSERT_TRUE(g.ok()) << g.status();
+    auto parts = LoadGgufModelParts(*g);
+    ASSERT_TRUE(parts.ok()) << parts.status();
+    ModelConfig c = parts->config;
+    ASSERT_EQ(c.rope_style, RopeStyle::kNeox);
+    ASSERT_EQ(c.rope_dim, c.head_dim);
+    const int hd = c.head_dim, half = hd / 2;
+    // Rows of `m` ([heads*hd][cols]): interleaved row 2i+j <- NEOX row i+j*half.
+    auto permute = [&](const std::vector<float>& m, int cols) {
+      std::vector<float> out(m.size());
+      for (size_t h = 0; h < m.size() / (static_cast<size_t>(hd) * cols); ++h)
+        for (int i = 0; i < half; ++i)
+          for (int j = 0; j < 2; ++j)
+            std::copy_n(&m[(h * hd + i + j * half) * cols], cols, &out[(h * hd + 2 * i + j) * cols]);
+      return out;
+    };
+    ModelWeights w = parts->weights;
+    for (LayerWeights& l : w.layers) {
+      l.wq = permute(l.wq, c.dim);
+      l.wk = permute(l.wk, c.dim);
+      if (c.qkv_bias) {
+        l.bq = permute(l.bq, 1);
+        l.bk = permute(l.bk, 1);
+      }
+      if (c.qk_norm) {
+        l.q_norm = permute(l.q_norm, 1);
+        l.k_norm = permute(l.k_norm, 1);
+      }
+    }
+    auto neox = Model::FromParts(c, parts->weights, Tokenizer(), "neox");
+    c.rope_style = RopeStyle::kInterleaved;
+    auto interleaved = Model::FromParts(c, std::move(w), Tokenizer(), "interleaved");
+    const std::vector<int32_t> tokens = {1, 300, 7, 42, 511, 260, 99, 13};
+    const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 5, 6, 200};  // a gap: large angles too
+    const int V = c.vocab_size;
+    std::vector<float> a(tokens.size() * V), b(tokens.size() * V);
+    Transformer ta(*neox), tb(*interleaved);
+    KvCache ca(c, 8), cb(c, 8);
+    ta.Forward(tokens, positions, ca, ApeParams{}, a.data(), /*all_logits=*/true);
+    tb.Forward(tokens, positions, cb, ApeParams{}, b.data(), /*all_logits=*/true);
+    float diff = 0;
+    for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
+    EXPECT_LT(diff, 1e-5f) << name;
+    // And the style matters: the unpermuted weights with interleaved RoPE differ.
+    auto wrong = Model::FromParts(c, parts->weights, Tokenizer(), "wrong");
+    Transformer tw(*wrong);
+    KvCache cw(c, 8);
+    tw.Forward(tokens, positions, cw, ApeParams{}, b.data(), /*all_logits=*/true);
+    diff = 0;
+    for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
+    EXPECT_GT(diff, 1e-2f) << name;
+  }
+}
 
 }  // namespace
 }  // namespace ape

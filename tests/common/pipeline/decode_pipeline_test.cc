@@ -243,6 +243,38 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
   }
 }
 
+// Key-only contexts are measured once loaded: max_positions holds for them too
+// (APE: prefix + longest context + query + generated; SEQUENTIAL: all of it).
+TEST_F(DecodePipelineStoreTest, PositionLimitAppliesToContextsGivenByKey) {
+  EncodeInput enc;
+  enc.prefix_tokens = Tok("Once upon a time", true);
+  enc.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
+  enc.dtype = KvDtype::kFloat32;
+  auto out = EncodeContexts(*model_, *store_, enc);
+  ASSERT_TRUE(out.ok()) << out.status();
+  DecodeInput in = Input(DecodeMode::kApe, {}, 0.9f, 0.9f);
+  for (const auto& c : out->contexts) in.contexts.push_back({c.key, std::nullopt});
+  // The same key twice: read once, used twice.
+  in.contexts.push_back(in.contexts.back());
+  in.generate.max_tokens = 4;
+  const int64_t lp = enc.prefix_tokens.size(), lq = in.query_tokens.size();
+  const int64_t longest = std::max(enc.contexts[0].size(), enc.contexts[1].size());
+  const int64_t all = enc.contexts[0].size() + 2 * enc.contexts[1].size();
+  for (auto [mode, span] : {std::pair{DecodeMode::kApe, lp + longest + lq + 4},
+                            std::pair{DecodeMode::kSequential, lp + all + lq + 4}}) {
+    in.mode = mode;
+    in.max_positions = span;
+    DecodeStats st;
+    auto ok = RunDecode(
+        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    EXPECT_TRUE(ok.ok()) << ok.status();
+    in.max_positions = span - 1;
+    auto over = RunDecode(
+        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument) << over.status();
+  }
+}
+
 // ---- Untrusted store: anyone who can write to Redis ---------------------------
 // Entries are checked against the request, the model and the key they were
 // read from; what cannot be used is never copied, never answered from, never
