@@ -4,7 +4,7 @@
 # summary line, and fails on any finding (a crash, a sanitizer report, a
 # timeout or an allocation over the RSS limit), leaving the input in WORK_DIR.
 set -euo pipefail
-fuzzer=$1 seeds=$2 work=$3 seconds=$4
+fuzzer=$(readlink -f "$1") seeds=$(readlink -f "$2") work=$3 seconds=$4
 rm -rf "$work" && mkdir -p "$work/corpus" "$work/findings"
 cp "$seeds"/* "$work/corpus/" 2>/dev/null || true
 cd "$work"
