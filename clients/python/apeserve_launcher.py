@@ -56,6 +56,24 @@ class RedisError(Exception):
     """An error reply from Redis ("-ERR ...", "-WRONGTYPE ...", "-OOM ...")."""
 
 
+def wait_for_port(port, proc, what, timeout=60.0, detail=lambda: ""):
+    """Returns once 127.0.0.1:port accepts connections. RuntimeError when
+    `proc` exits first or `timeout` seconds pass; the message ends with
+    detail() (e.g. the end of the process's log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}:\n{detail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s:\n{detail()}")
+        time.sleep(0.05)
+
+
 def _resp_read(f):
     line = f.readline()
     if not line.endswith(b"\r\n"):
@@ -179,19 +197,7 @@ class LocalServices:
         self._files.append(log)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._procs[name] = proc
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{self.log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not listen on port {port} within {self.startup_timeout:.0f} s:\n"
-                                   f"{self.log_tail(name)}")
-            time.sleep(0.05)
+        wait_for_port(port, proc, name, self.startup_timeout, detail=lambda: self.log_tail(name))
 
     def log_tail(self, name, lines=20):
         """The last lines of a process's log ("" if none yet)."""

@@ -17,9 +17,11 @@
 namespace ape {
 namespace {
 
+using ::ape::testing::PeakRss;
 using ::ape::testing::Process;
 using ::ape::testing::RedisServer;
 using ::ape::testing::TestData;
+using ::ape::testing::WideWindowModel;
 
 class EncoderProcess {
  public:
@@ -58,27 +60,6 @@ grpc::Status Encode(EncoderProcess& e, const v1::EncodeRequest& req, v1::EncodeR
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
   return e.stub().Encode(&ctx, req, resp);
-}
-
-// stories260K with its window widened to `context_length`: the header's
-// seq_len, and the legacy freq_cis table at the end grown to match (it is
-// read and ignored). Long prompts are then inside the window, and slow.
-std::string WideWindowModel(int context_length) {
-  std::string bytes = testing::ReadAll(TestData("stories260K.bin"));
-  int32_t h[7];  // dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (> 0: tied), seq_len
-  std::memcpy(h, bytes.data(), sizeof(h));
-  EXPECT_GT(h[5], 0);  // tied classifier: freq_cis is the last array
-  bytes.append(static_cast<size_t>(context_length - h[6]) * (h[0] / h[3]) * sizeof(float), '\0');
-  h[6] = context_length;
-  std::memcpy(bytes.data(), h, sizeof(h));
-  return bytes;
-}
-
-// The peak resident memory of a process (VmHWM in /proc/<pid>/status), bytes.
-int64_t PeakRss(pid_t pid) {
-  const std::string status = testing::ReadAll("/proc/" + std::to_string(pid) + "/status");
-  const size_t at = status.find("VmHWM:");
-  return at == std::string::npos ? -1 : std::stoll(status.substr(at + 6)) * 1024;
 }
 
 v1::EncodeRequest Request(v1::KvDtype dtype) {

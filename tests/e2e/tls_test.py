@@ -19,18 +19,16 @@ servers take it from --redis_password_file and $APESERVE_REDIS_PASSWORD
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 import grpc  # noqa: E402
 from apeserve_client import channel_credentials, load_stubs, make_channel, utf8  # noqa: E402
-from apeserve_launcher import LocalServices, default_bin_dir, free_ports, test_data_dir  # noqa: E402
+from apeserve_launcher import LocalServices, default_bin_dir, free_ports, test_data_dir, wait_for_port  # noqa: E402
 
 BIN = default_bin_dir()  # $APE_BIN_DIR, else build/bin
 DATA = test_data_dir()  # $APE_TEST_DATA, else tests/data
@@ -314,20 +312,6 @@ class ExtraServer:
             self.proc.kill()
             self.proc.wait()
         return False
-
-
-def wait_for_port(port, proc, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port}")
 
 
 class RedisPasswordTest(unittest.TestCase):
