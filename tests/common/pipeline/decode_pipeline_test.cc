@@ -167,8 +167,30 @@ class DecodePipelineStoreTest : public DecodePipelineTest {
     ASSERT_TRUE(redis_.ok());
     store_ = std::make_unique<RedisStore>(*ParseRedisUri(redis_.uri()));
   }
+  // Encodes two contexts after "Once upon a time" (float32) into the store:
+  // enc_ is the request, prefix_key_ and keys_ the keys it got.
+  void EncodeTwoContexts() {
+    enc_.prefix_tokens = Tok("Once upon a time", true);
+    enc_.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
+    enc_.dtype = KvDtype::kFloat32;
+    auto out = EncodeContexts(*model_, *store_, enc_);
+    ASSERT_TRUE(out.ok()) << out.status();
+    prefix_key_ = out->prefix.key;
+    keys_.clear();
+    for (const auto& c : out->contexts) keys_.push_back(c.key);
+  }
+  // An APE request over the encoded contexts, by key.
+  DecodeInput ByKey(float T, float S) {
+    DecodeInput in = Input(DecodeMode::kApe, {}, T, S);
+    for (const auto& k : keys_) in.contexts.push_back({k, std::nullopt});
+    return in;
+  }
+
   testing::RedisServer redis_;
   std::unique_ptr<RedisStore> store_;
+  EncodeInput enc_;
+  std::string prefix_key_;
+  std::vector<std::string> keys_;
 };
 
 TEST_F(DecodePipelineStoreTest, PromptLogitsSharesRunDecodesHooks) {
@@ -218,14 +240,9 @@ TEST_F(DecodePipelineStoreTest, PromptLogitsSharesRunDecodesHooks) {
 
 // Key-only contexts are measured once loaded: max_kv_slots holds for them too.
 TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
-  EncodeInput enc;
-  enc.prefix_tokens = Tok("Once upon a time", true);
-  enc.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
-  enc.dtype = KvDtype::kFloat32;
-  auto out = EncodeContexts(*model_, *store_, enc);
-  ASSERT_TRUE(out.ok()) << out.status();
-  DecodeInput in = Input(DecodeMode::kApe, {}, 0.9f, 0.9f);
-  for (const auto& c : out->contexts) in.contexts.push_back({c.key, std::nullopt});
+  ASSERT_NO_FATAL_FAILURE(EncodeTwoContexts());
+  const EncodeInput& enc = enc_;
+  DecodeInput in = ByKey(0.9f, 0.9f);
   in.generate.max_tokens = 4;
   const int64_t need =
       enc.prefix_tokens.size() + enc.contexts[0].size() + enc.contexts[1].size() + in.query_tokens.size() + 4;
@@ -246,22 +263,17 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
 // Key-only contexts are measured once loaded: max_positions holds for them too
 // (APE: prefix + longest context + query + generated; SEQUENTIAL: all of it).
 TEST_F(DecodePipelineStoreTest, PositionLimitAppliesToContextsGivenByKey) {
-  EncodeInput enc;
-  enc.prefix_tokens = Tok("Once upon a time", true);
-  enc.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
-  enc.dtype = KvDtype::kFloat32;
-  auto out = EncodeContexts(*model_, *store_, enc);
-  ASSERT_TRUE(out.ok()) << out.status();
-  DecodeInput in = Input(DecodeMode::kApe, {}, 0.9f, 0.9f);
-  for (const auto& c : out->contexts) in.contexts.push_back({c.key, std::nullopt});
+  ASSERT_NO_FATAL_FAILURE(EncodeTwoContexts());
+  const EncodeInput& enc = enc_;
+  DecodeInput in = ByKey(0.9f, 0.9f);
   // The same key twice: read once, used twice.
   in.contexts.push_back(in.contexts.back());
   in.generate.max_tokens = 4;
   const int64_t lp = enc.prefix_tokens.size(), lq = in.query_tokens.size();
   const int64_t longest = std::max(enc.contexts[0].size(), enc.contexts[1].size());
   const int64_t all = enc.contexts[0].size() + 2 * enc.contexts[1].size();
-  for (auto [mode, span] : {std::pair{DecodeMode::kApe, lp + longest + lq + 4},
-                            std::pair{DecodeMode::kSequential, lp + all + lq + 4}}) {
+  for (auto [mode, span] :
+       {std::pair{DecodeMode::kApe, lp + longest + lq + 4}, std::pair{DecodeMode::kSequential, lp + all + lq + 4}}) {
     in.mode = mode;
     in.max_positions = span;
     DecodeStats st;
@@ -284,13 +296,7 @@ class UntrustedStoreTest : public DecodePipelineStoreTest {
  protected:
   void SetUp() override {
     DecodePipelineStoreTest::SetUp();
-    enc_.prefix_tokens = Tok("Once upon a time", true);
-    enc_.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
-    enc_.dtype = KvDtype::kFloat32;
-    auto out = EncodeContexts(*model_, *store_, enc_);
-    ASSERT_TRUE(out.ok()) << out.status();
-    prefix_key_ = out->prefix.key;
-    for (const auto& c : out->contexts) keys_.push_back(c.key);
+    ASSERT_NO_FATAL_FAILURE(EncodeTwoContexts());
   }
   // The request over both contexts by text, and its logits computed with no
   // store at all (the answer a healthy system gives).
@@ -338,9 +344,6 @@ class UntrustedStoreTest : public DecodePipelineStoreTest {
     ASSERT_EQ(std::system((cmd + " >/dev/null").c_str()), 0) << cmd;
   }
 
-  EncodeInput enc_;
-  std::string prefix_key_;
-  std::vector<std::string> keys_;
   std::string held_;
 };
 
@@ -358,8 +361,7 @@ TEST_F(UntrustedStoreTest, ForgedPrefixLengthIsNeverCopied) {
   EXPECT_EQ(Stored(prefix_key_).header.num_tokens, enc_.prefix_tokens.size());  // repaired
   // Contexts by key after the prefix was forged again: still no copy.
   ASSERT_TRUE(store_->Put(prefix_key_, Seal(KvKind::kPrefix, tokens, junk, 0), 0).ok());
-  DecodeInput by_key = Input(DecodeMode::kApe, {}, 0.8f, 0.9f);
-  for (const auto& k : keys_) by_key.contexts.push_back({k, std::nullopt});
+  DecodeInput by_key = ByKey(0.8f, 0.9f);
   DecodeStats st;
   EXPECT_TRUE(PromptLogits(*model_, store_.get(), by_key, DecodeHooks{}, &st).ok());
 }
