@@ -139,21 +139,47 @@ absl::Status ReadValue(ByteReader& r, GgufType type, GgufValue* v, int depth, co
   return absl::OkStatus();
 }
 
-// Bytes of a tensor of `n` elements of `type`; 0 if the type is unknown or
-// `n` is not a whole number of blocks.
-uint64_t TensorBytes(uint32_t type, uint64_t n) {
+bool IsNumeric(GgufType t) { return t != GgufType::kString && t != GgufType::kArray; }
+
+}  // namespace
+
+int GgmlBlockElements(uint32_t type) {
   switch (static_cast<GgmlType>(type)) {
-    case GgmlType::kF32: return n * 4;
+    case GgmlType::kF32:
     case GgmlType::kF16:
-    case GgmlType::kBF16: return n * 2;
-    case GgmlType::kQ8_0: return n % kQ8_0BlockElements ? 0 : n / kQ8_0BlockElements * kQ8_0BlockBytes;
+    case GgmlType::kBF16: return 1;
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ8_0: return 32;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
+    case GgmlType::kQ6_K:
+    case GgmlType::kQ8_K: return 256;
   }
   return 0;
 }
 
-bool IsNumeric(GgufType t) { return t != GgufType::kString && t != GgufType::kArray; }
+int GgmlBlockBytes(uint32_t type) {
+  switch (static_cast<GgmlType>(type)) {
+    case GgmlType::kF32: return 4;
+    case GgmlType::kF16:
+    case GgmlType::kBF16: return 2;
+    case GgmlType::kQ4_0: return 2 + 16;        // f16 d, 32 nibbles
+    case GgmlType::kQ5_0: return 2 + 4 + 16;    // f16 d, 32 high bits, 32 nibbles
+    case GgmlType::kQ8_0: return 2 + 32;        // f16 d, 32 int8
+    case GgmlType::kQ4_K: return 2 + 2 + 12 + 128;        // d, dmin, scales, nibbles
+    case GgmlType::kQ5_K: return 2 + 2 + 12 + 32 + 128;   // + 256 high bits
+    case GgmlType::kQ6_K: return 128 + 64 + 16 + 2;       // ql, qh, scales, d
+    case GgmlType::kQ8_K: return 4 + 256 + 2 * 16;        // f32 d, int8, bsums
+  }
+  return 0;
+}
 
-}  // namespace
+uint64_t GgmlRowBytes(uint32_t type, uint64_t n) {
+  const uint64_t be = GgmlBlockElements(type);
+  if (be == 0 || n % be != 0) return 0;
+  return n / be * GgmlBlockBytes(type);
+}
 
 const char* GgmlTypeName(uint32_t type) {
   static const char* kNames[] = {"F32",     "F16",    "Q4_0",    "Q4_1",  "Q4_2",   "Q4_3",  "Q5_0",  "Q5_1",
@@ -241,12 +267,18 @@ absl::StatusOr<GgufFile> GgufFile::Parse(std::span<const uint8_t> bytes, std::st
   }
   f.data_section_ = bytes.subspan(data_start);
   for (auto& t : f.tensors_) {
-    uint64_t nbytes = TensorBytes(t.type, t.num_elements);
-    if (nbytes == 0) {
-      // Unknown or unsupported type: keep the entry so callers can name it,
-      // but give it no data; DequantizeTensor reports the type.
+    if (GgmlBlockElements(t.type) == 0) {
+      // Unknown type: keep the entry so callers can name it, but give it no
+      // data; the model loader reports the type.
       continue;
     }
+    // Blocks never straddle rows: the row length is a whole number of blocks.
+    const uint64_t row = t.dims.empty() ? 1 : t.dims[0];
+    if (row % GgmlBlockElements(t.type) != 0) {
+      return r.Error(absl::StrCat("tensor ", t.name, " of type ", GgmlTypeName(t.type), " has rows of ", row,
+                                  " elements, not a multiple of its block size ", GgmlBlockElements(t.type)));
+    }
+    const uint64_t nbytes = GgmlRowBytes(t.type, t.num_elements);
     if (t.offset > f.data_section_.size() || nbytes > f.data_section_.size() - t.offset) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ", t.name, " (", nbytes, " bytes at data offset ",
                                                      t.offset,
@@ -358,17 +390,18 @@ absl::Status DequantizeTensor(const GgufTensor& t, float* out) {
       }
       return absl::OkStatus();
     case GgmlType::kQ8_0:
-      for (uint64_t b = 0; b < n / kQ8_0BlockElements; ++b) {
-        const uint8_t* block = p + b * kQ8_0BlockBytes;
+      for (uint64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* block = p + b * 34;
         uint16_t dh;
         std::memcpy(&dh, block, 2);
         const float d = HalfToFloat(dh);
         const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-        for (uint64_t j = 0; j < kQ8_0BlockElements; ++j) out[b * kQ8_0BlockElements + j] = d * q[j];
+        for (uint64_t j = 0; j < 32; ++j) out[b * 32 + j] = d * q[j];
       }
       return absl::OkStatus();
   }
-  return absl::UnimplementedError(absl::StrCat("tensor ", t.name, " has unsupported type ", t.type));
+  return absl::UnimplementedError(
+      absl::StrCat("tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type, "), which is not supported"));
 }
 
 }  // namespace ape

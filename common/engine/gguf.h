@@ -54,12 +54,27 @@ struct GgufValue {
   std::vector<GgufValue> array;
 };
 
-// ggml tensor types this project can read (others are listed by name only).
-// Tensor types we read (their numbers are GGML's). Q8_0 is stored in blocks
-// of kQ8_0BlockElements: a float16 scale, then that many int8 values.
-enum class GgmlType : uint32_t { kF32 = 0, kF16 = 1, kQ8_0 = 8, kBF16 = 30 };
-constexpr uint64_t kQ8_0BlockElements = 32;
-constexpr uint64_t kQ8_0BlockBytes = 2 + kQ8_0BlockElements;
+// GGML tensor types this project knows the block layout of (the numbers
+// are GGML's; common/engine/quant.h describes each layout). Others are
+// listed by name only, and their tensors carry no data.
+enum class GgmlType : uint32_t {
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ5_0 = 6,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kQ8_K = 15,
+  kBF16 = 30,
+};
+// Elements per block and bytes per block of a type; 0 for unknown types.
+int GgmlBlockElements(uint32_t type);
+int GgmlBlockBytes(uint32_t type);
+// Bytes of a row (or tensor) of n elements; 0 if the type is unknown or n
+// is not a whole number of blocks.
+uint64_t GgmlRowBytes(uint32_t type, uint64_t n);
 const char* GgmlTypeName(uint32_t type);
 
 struct GgufTensor {

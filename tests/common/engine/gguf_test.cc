@@ -99,7 +99,7 @@ TEST(GgufTest, EveryValueTypeAndTensorType) {
   w.Tensor("f16", {32, 2}, 1, f16);
   w.Tensor("bf16", {64}, 30, bf16);
   w.Tensor("q8", {64}, 8, q8);
-  w.Tensor("q4k", {256}, 12, std::string(144, '\0'));
+  w.Tensor("q41", {32}, 3, std::string(20, '\0'));  // Q4_1: a type this project does not read
   std::string file = w.Finish(64);
 
   auto g = GgufFile::Parse(Bytes(file), "synthetic");
@@ -127,10 +127,10 @@ TEST(GgufTest, EveryValueTypeAndTensorType) {
     ASSERT_TRUE(DequantizeTensor(*t, out.data()).ok()) << name;
     EXPECT_EQ(out, vals) << name;
   }
-  std::vector<float> out(256);
-  auto st = DequantizeTensor(**g->FindTensor("q4k"), out.data());
+  std::vector<float> out(32);
+  auto st = DequantizeTensor(**g->FindTensor("q41"), out.data());
   EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(st.message().find("Q4_K"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("Q4_1"), std::string::npos) << st;
 }
 
 TEST(GgufTest, RejectsBadHeaders) {

@@ -1,0 +1,75 @@
+// Weight types kept as the file stores them: block layouts (bit-exact as
+// GGUF/GGML define them), row conversions to float32, the reference
+// quantizers, and the dot products the matrix kernels are built from.
+//
+// A row of `n` elements of a block type is n / BlockElements(t) blocks laid
+// end to end; every type's row length must be a multiple of its block size.
+//
+//   F32   4 bytes/element                  F16, BF16   2 bytes/element
+//   Q8_0  32 elements in 34 bytes:  f16 d | int8 q[32]            x = d*q
+//   Q4_0  32 elements in 18 bytes:  f16 d | u8 qs[16]             x = d*(nibble-8)
+//         (element j < 16 is the low nibble of qs[j], element j+16 its high nibble)
+//   Q4_K  256 elements in 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
+//         8 sub-blocks of 32, each with a 6-bit scale and 6-bit min packed
+//         in scales[]; x = d*sc*nibble - dmin*m
+//   Q6_K  256 elements in 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
+//         16 sub-blocks of 16, x = d*scale*(q6 - 32), q6 = 4 low bits from ql,
+//         2 high bits from qh
+//   Q8_K  256 elements in 292 bytes: f32 d | int8 qs[256] | i16 bsums[16]
+//         (activations only: the partner of Q4_K/Q6_K in dot products;
+//         bsums[i] = sum of qs[16i .. 16i+15])
+//
+// Dot products take the activations in the form their weight type wants
+// (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0,
+// Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 (VNNI, BF16) paths at
+// run time where the CPU has them and AVX2+FMA+F16C otherwise; every kernel
+// has a plain scalar twin (the *Reference functions) that tests compare with.
+#ifndef APESERVE_COMMON_ENGINE_QUANT_H_
+#define APESERVE_COMMON_ENGINE_QUANT_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/engine/gguf.h"
+
+namespace ape {
+
+// True for the types weights may have: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K.
+// (Block sizes: GgmlBlockElements / GgmlBlockBytes / GgmlRowBytes in gguf.h.)
+bool IsWeightType(GgmlType t);
+
+// The activation format of dot products with weights of type t.
+GgmlType ActivationType(GgmlType t);  // kF32, kQ8_0 or kQ8_K
+
+// Row of n elements of type t -> float32 (t any weight type or Q8_K).
+void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n);
+
+// float32 -> one row of type t (n a multiple of the block size). For Q8_0,
+// Q4_0, Q4_K, Q6_K these are GGML's reference quantizers (without an
+// importance matrix), so rows are bit-identical to llama-quantize's; F16
+// rounds to nearest even; BF16 rounds to nearest even (NaN kept quiet); Q8_K
+// is the activation quantizer.
+void QuantizeRow(GgmlType t, const float* x, uint8_t* out, int64_t n);
+
+// x (n floats) -> the activation form for weights of type t, into `out`
+// (ActivationBytes(t, n) bytes). A plain copy for F32/F16/BF16.
+size_t ActivationBytes(GgmlType t, int64_t n);
+void PrepareActivations(GgmlType t, const float* x, int64_t n, uint8_t* out);
+
+// y[r] = dot(row r, x) for `rows` consecutive rows of type t, `row_bytes`
+// apart, each of n elements; `act` from PrepareActivations(t, x, n, ...).
+// Single-threaded: callers split rows across threads.
+void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y);
+
+// The same, plain scalar C++: the reference the fast kernels are tested
+// against (identical results for integer paths up to float summation order).
+void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n,
+                      float* y);
+
+// Which instruction set the kernels use on this CPU ("avx512-vnni",
+// "avx2"), for logs and benchmarks.
+const char* KernelIsa();
+
+}  // namespace ape
+
+#endif  // APESERVE_COMMON_ENGINE_QUANT_H_
