@@ -1,8 +1,9 @@
 // Engine benchmark: prefill and decode tokens/s on a random-weight model of
-// a realistic shape, next to this machine's OpenBLAS sgemm GFLOP/s and
-// memory bandwidth measured in the same run. Results (Markdown) to stdout,
-// progress to stderr.
-//   bench_engine --shape qwen2.5-0.5b --prefill 512 --decode 32
+// a realistic shape in each weight type asked for (or on a real GGUF file),
+// next to this machine's OpenBLAS sgemm GFLOP/s and memory bandwidth
+// measured in the same run. Results (Markdown) to stdout, progress to stderr.
+//   bench_engine --shape tinyllama-1.1b --types F32,F16,Q8_0,Q4_0,Q4_K,Q6_K
+//   bench_engine --model model.gguf
 #include <cblas.h>
 
 #include <chrono>
@@ -11,9 +12,16 @@
 #include <thread>
 #include <vector>
 
+#include <fstream>
+#include <sstream>
+
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "bench/random_model.h"
+#include "common/engine/quant.h"
+#include "common/engine/quantize_model.h"
 #include "common/engine/transformer.h"
 #include "xxhash.h"
 
@@ -22,6 +30,9 @@ ABSL_FLAG(int, prefill, 512, "prompt tokens prefilled as one block");
 ABSL_FLAG(int, decode, 32, "tokens decoded one at a time after the prompt");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, repeats, 3, "repeats; the best is reported");
+ABSL_FLAG(std::string, types, "F32",
+          "weight types of the random model, comma-separated (F32,F16,BF16,Q8_0,Q4_0,Q4_K,Q6_K)");
+ABSL_FLAG(std::string, model, "", "a GGUF file to benchmark instead of a random model");
 
 namespace ape::bench {
 namespace {
@@ -87,36 +98,39 @@ double SgemmGflops(const ModelConfig& c, int m) {
   return best;
 }
 
-int Main() {
-  SetComputeThreads(absl::GetFlag(FLAGS_threads));
-  auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
-  if (!shape.ok()) {
-    std::fprintf(stderr, "%s\n", shape.status().ToString().c_str());
-    return 2;
+// Resident set size of this process, bytes.
+int64_t RssBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
   }
-  const ModelConfig c = *shape;
-  const int np = absl::GetFlag(FLAGS_prefill), nd = absl::GetFlag(FLAGS_decode);
-  std::fprintf(stderr, "building random %s model...\n", absl::GetFlag(FLAGS_shape).c_str());
-  auto model = RandomModel(c, 1);
-  std::fprintf(stderr, "measuring memory bandwidth...\n");
-  const double bw = MemoryBandwidthGBs();
-  std::fprintf(stderr, "measuring fingerprint hashing...\n");
-  const double fp_gbs = FingerprintGBs();
-  std::fprintf(stderr, "measuring sgemm...\n");
-  const double sgemm = SgemmGflops(c, np);
+  return 0;
+}
 
-  // Matmul FLOPs per token (attention excluded, it is small at these lengths).
+struct Row {
+  std::string name;
+  double weight_gb = 0, prefill_tps = 0, prefill_gflops = 0, decode_tps = 0, stream_ratio = 0;
+  double rss_gb = 0, budget_gb = 0;  // resident memory vs file + KV + 10%
+};
+
+// Prefill `np` tokens then decode `nd`, best of --repeats.
+Row Measure(const Model& model, const std::string& name, int np, int nd, double bw, double file_gb) {
+  const ModelConfig& c = model.config();
+  const ModelWeights& w = model.weights();
   const double layer_params = double(c.q_dim()) * c.dim * 2 + 2.0 * c.kv_dim() * c.dim + 3.0 * c.hidden_dim * c.dim;
   const double flops_per_token = 2.0 * (c.n_layers * layer_params);
-  // Bytes streamed per decoded token: all layer weights + classifier, float32.
-  const double bytes_per_token = 4.0 * (c.n_layers * layer_params + double(c.vocab_size) * c.dim);
-
+  // Bytes streamed per decoded token: every layer matrix and the classifier
+  // (the embedding contributes one row), in their stored types.
+  const double bytes_per_token = double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
   std::vector<int32_t> tokens(np), pos(np + nd);
   for (int i = 0; i < np; ++i) tokens[i] = 3 + (i * 37) % (c.vocab_size - 3);
   std::iota(pos.begin(), pos.end(), 0);
-  Transformer tf(*model, np);
+  Transformer tf(model, np);
   std::vector<float> logits(c.vocab_size);
   double best_prefill = 1e30, best_decode = 1e30;
+  int64_t rss = 0;
+  const double kv_gb = 2.0 * c.n_layers * c.kv_dim() * sizeof(float) * (np + nd) / 1e9;
   for (int rep = 0; rep < absl::GetFlag(FLAGS_repeats); ++rep) {
     KvCache cache(c, np + nd);
     double t0 = Now();
@@ -129,7 +143,70 @@ int Main() {
     double t2 = Now();
     best_prefill = std::min(best_prefill, t1 - t0);
     best_decode = std::min(best_decode, (t2 - t1) / nd);
-    std::fprintf(stderr, "repeat %d: prefill %.2f s, decode %.1f ms/token\n", rep + 1, t1 - t0, (t2 - t1) / nd * 1e3);
+    rss = std::max(rss, RssBytes());
+    std::fprintf(stderr, "%s repeat %d: prefill %.2f s, decode %.1f ms/token\n", name.c_str(), rep + 1, t1 - t0,
+                 (t2 - t1) / nd * 1e3);
+  }
+  Row r;
+  r.name = name;
+  r.weight_gb = bytes_per_token / 1e9;
+  r.prefill_tps = np / best_prefill;
+  r.prefill_gflops = flops_per_token * np / best_prefill / 1e9;
+  r.decode_tps = 1 / best_decode;
+  r.stream_ratio = best_decode / (bytes_per_token / (bw * 1e9));
+  r.rss_gb = rss / 1e9;
+  r.budget_gb = (file_gb + kv_gb) * 1.1;
+  return r;
+}
+
+int Main() {
+  SetComputeThreads(absl::GetFlag(FLAGS_threads));
+  const int np = absl::GetFlag(FLAGS_prefill), nd = absl::GetFlag(FLAGS_decode);
+  const std::string model_path = absl::GetFlag(FLAGS_model);
+  std::unique_ptr<Model> file_model;
+  ModelConfig c;
+  std::string title;
+  if (!model_path.empty()) {
+    std::fprintf(stderr, "loading %s...\n", model_path.c_str());
+    auto m = Model::Load(model_path);
+    if (!m.ok()) {
+      std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
+      return 2;
+    }
+    file_model = *std::move(m);
+    c = file_model->config();
+    title = absl::StrCat(model_path, " (", file_model->weight_types(), ")");
+  } else {
+    auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
+    if (!shape.ok()) {
+      std::fprintf(stderr, "%s\n", shape.status().ToString().c_str());
+      return 2;
+    }
+    c = *shape;
+    title = absl::StrCat(absl::GetFlag(FLAGS_shape), " shape, random weights");
+  }
+  std::fprintf(stderr, "measuring memory bandwidth...\n");
+  const double bw = MemoryBandwidthGBs();
+  std::fprintf(stderr, "measuring fingerprint hashing...\n");
+  const double fp_gbs = FingerprintGBs();
+  std::fprintf(stderr, "measuring sgemm...\n");
+  const double sgemm = SgemmGflops(c, np);
+
+  std::vector<Row> rows;
+  if (file_model) {
+    rows.push_back(Measure(*file_model, "file", np, nd, bw, file_model->file_bytes() / 1e9));
+  } else {
+    for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_types), ',')) {
+      auto type = ParseQuantizeType(std::string(name));
+      if (!type.ok()) {
+        std::fprintf(stderr, "%s\n", type.status().ToString().c_str());
+        return 2;
+      }
+      std::fprintf(stderr, "building random %s model in %s...\n", absl::GetFlag(FLAGS_shape).c_str(),
+                   std::string(name).c_str());
+      auto model = RandomModel(c, 1, *type);
+      rows.push_back(Measure(*model, std::string(name), np, nd, bw, model->weights().MatrixBytes() / 1e9));
+    }
   }
   // Attention alone at the same shape (all layers), to show its share.
   double attn_seconds = 1e30;
@@ -146,21 +223,23 @@ int Main() {
       attn_seconds = std::min(attn_seconds, Now() - t0);
     }
   }
-  const double prefill_gflops = flops_per_token * np / best_prefill / 1e9;
-  const double ideal_decode = bytes_per_token / (bw * 1e9);
-  std::printf("## Engine: %s shape, float32, %d threads\n\n", absl::GetFlag(FLAGS_shape).c_str(), ComputeThreads());
+  std::printf("## Engine: %s, %d threads, kernels %s\n\n", title.c_str(), ComputeThreads(), KernelIsa());
   std::printf("| measure | value |\n|---|---:|\n");
   std::printf("| parameters | %.0f M |\n", c.num_params() / 1e6);
   std::printf("| memory read bandwidth | %.1f GB/s |\n", bw);
   std::printf("| OpenBLAS sgemm at prefill shapes (m=%d) | %.1f GFLOP/s |\n", np, sgemm);
-  std::printf("| prefill %d tokens | %.1f tokens/s |\n", np, np / best_prefill);
-  std::printf("| prefill matmul rate | %.1f GFLOP/s (%.0f%% of sgemm) |\n", prefill_gflops,
-              100 * prefill_gflops / sgemm);
-  std::printf("| of which causal attention | %.2f s (%.0f%%) |\n", attn_seconds, 100 * attn_seconds / best_prefill);
-  std::printf("| decode | %.2f tokens/s (%.1f ms/token) |\n", 1 / best_decode, best_decode * 1e3);
-  std::printf("| weights streamed per token | %.2f GB |\n", bytes_per_token / 1e9);
-  std::printf("| decode time / weight-streaming time | %.2fx |\n", best_decode / ideal_decode);
-  std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n", fp_gbs, 1.0 / fp_gbs);
+  std::printf("| causal attention of %d tokens, all layers | %.2f s |\n", np, attn_seconds);
+  std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n\n", fp_gbs, 1.0 / fp_gbs);
+  std::printf(
+      "| weights | GB read per token | prefill %d tok/s | prefill GFLOP/s (%% of sgemm) | decode tok/s | "
+      "decode / weight-streaming time | resident GB (budget: file + KV + 10%%) |\n",
+      np);
+  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  for (const Row& r : rows) {
+    std::printf("| %s | %.3f | %.1f | %.1f (%.0f%%) | %.2f | %.2fx | %.2f (%.2f) |\n", r.name.c_str(), r.weight_gb,
+                r.prefill_tps, r.prefill_gflops, 100 * r.prefill_gflops / sgemm, r.decode_tps, r.stream_ratio, r.rss_gb,
+                r.budget_gb);
+  }
   return 0;
 }
 

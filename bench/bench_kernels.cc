@@ -1,1 +1,271 @@
-int main() { return 0; }
+// Kernel microbenchmark: DotRows over a whole weight matrix per type, at the
+// TinyLlama FFN shapes (5632 x 2048 and 2048 x 5632), on 1 and 2 threads,
+// against the memory read bandwidth measured in the same run.
+//
+// Decode reads every weight once per token, so a kernel is as fast as it
+// can be when it streams weights at the memory's read bandwidth. Each
+// matrix is copied enough times to total --weights_mib and the copies are
+// visited in turn, so every product reads its weights from memory, not from
+// the cache. The machine is shared and noisy: every measurement (the
+// bandwidths included) is repeated in --rounds round-robin passes over all
+// of them, and each keeps its best, so a quiet moment helps them all alike.
+// Results go to stdout as markdown tables. A second table times a prefill
+// (--prefill_tokens tokens through 5632 x 2048) one token at a time with
+// DotRows and in tiles with DotRowsBatch.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "common/engine/gguf.h"
+#include "common/engine/quant.h"
+#include "common/engine/threading.h"
+
+ABSL_FLAG(int, rounds, 7, "round-robin passes over all measurements; each reports its best");
+ABSL_FLAG(int, weights_mib, 384,
+          "weight copies per matrix, MiB (12x the 32 MiB last-level cache, so few reads hit it)");
+ABSL_FLAG(int, bandwidth_mib, 1024, "buffer for the read-bandwidth measurement, MiB");
+ABSL_FLAG(std::string, isa, "", "force the kernels of this ISA (avx2, avx512-vnni); empty: detected");
+ABSL_FLAG(int, prefill_tokens, 512, "tokens of the prefill measurement (DotRowsBatch); 0 skips it");
+ABSL_FLAG(std::string, types, "F32,F16,BF16,Q8_0,Q4_0,Q4_K,Q6_K", "weight types to measure");
+
+namespace ape {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Best time of `reps` runs of body().
+template <typename Body>
+double BestSeconds(int reps, const Body& body) {
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    const auto start = Clock::now();
+    body();
+    best = std::min(best, Seconds(start, Clock::now()));
+  }
+  return best;
+}
+
+// Reads `bytes` bytes with 32-byte AVX loads as 4 interleaved streams (one
+// per quarter, as the kernels read 4 rows): faster here than one stream, or
+// than either with software prefetch, so kernels are compared with the most
+// the memory gave. Returns a value so nothing is optimized away.
+int64_t StreamRead(const uint8_t* p, size_t bytes) {
+  const size_t quarter = bytes / 4 / 64 * 64;
+  const uint8_t* q[4] = {p, p + quarter, p + 2 * quarter, p + 3 * quarter};
+  __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (size_t i = 0; i < quarter; i += 64) {
+    for (int k = 0; k < 4; ++k) {
+      s[k] = _mm256_add_epi64(s[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(q[k] + i)));
+      s[k] = _mm256_add_epi64(s[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(q[k] + i + 32)));
+    }
+  }
+  const __m256i t = _mm256_add_epi64(_mm256_add_epi64(s[0], s[1]), _mm256_add_epi64(s[2], s[3]));
+  return _mm256_extract_epi64(t, 0) + _mm256_extract_epi64(t, 1) + _mm256_extract_epi64(t, 2) +
+         _mm256_extract_epi64(t, 3);
+}
+
+// Seconds to read `bytes` bytes once on `threads` threads, each its share.
+double ReadSeconds(const uint8_t* base, size_t bytes, int threads) {
+  SetComputeThreads(threads);
+  static volatile int64_t sink = 0;
+  const size_t chunk = bytes / threads / 128 * 128;
+  const auto start = Clock::now();
+  ParallelFor(threads, /*dynamic=*/false, [&](int64_t t) { sink = sink + StreamRead(base + t * chunk, chunk); });
+  return Seconds(start, Clock::now()) * bytes / (chunk * threads);
+}
+
+struct Matrix {
+  GgmlType type;
+  int rows, cols;
+  size_t row_bytes;
+  int copies;
+  std::vector<uint8_t> data;  // `copies` copies of the rows, back to back
+  std::vector<uint8_t> act;
+};
+
+Matrix MakeMatrix(GgmlType type, int rows, int cols, size_t total_bytes, std::mt19937& rng) {
+  Matrix m{type, rows, cols, GgmlRowBytes(static_cast<uint32_t>(type), cols), 0, {}, {}};
+  const size_t bytes = m.row_bytes * rows;
+  m.copies = static_cast<int>(std::max<size_t>(2, total_bytes / bytes));
+  m.data.resize(bytes * m.copies);
+  std::normal_distribution<float> normal(0.f, 0.02f);
+  std::vector<float> row(cols);
+  for (int r = 0; r < rows; ++r) {
+    for (float& v : row) v = normal(rng);
+    QuantizeRow(type, row.data(), m.data.data() + r * m.row_bytes, cols);
+  }
+  for (int c = 1; c < m.copies; ++c) std::memcpy(m.data.data() + c * bytes, m.data.data(), bytes);
+  std::vector<float> x(cols);
+  for (float& v : x) v = normal(rng) * 50;
+  m.act.resize(ActivationBytes(type, cols));
+  PrepareActivations(type, x.data(), cols, m.act.data());
+  return m;
+}
+
+// Seconds per matrix-vector product on `threads` threads (the rows split in
+// equal runs, multiples of 4), over one pass through all copies.
+double MatVecSeconds(const Matrix& m, int threads) {
+  SetComputeThreads(threads);
+  std::vector<float> y(m.rows);
+  const int per_thread = (m.rows / threads + 3) / 4 * 4;
+  const size_t bytes = m.row_bytes * m.rows;
+  const auto start = Clock::now();
+  for (int c = 0; c < m.copies; ++c) {
+    const uint8_t* w = m.data.data() + c * bytes;
+    ParallelFor(threads, /*dynamic=*/false, [&](int64_t t) {
+      const int begin = static_cast<int>(t) * per_thread, end = std::min(m.rows, begin + per_thread);
+      if (begin < end) {
+        DotRows(m.type, w + begin * m.row_bytes, m.row_bytes, end - begin, m.act.data(), m.cols, y.data() + begin);
+      }
+    });
+  }
+  return Seconds(start, Clock::now()) / m.copies;
+}
+
+// Prefill of `tokens` tokens through the first copy of m (it sits in the
+// cache after the first run): milliseconds per matrix for DotRows one token
+// at a time and for DotRowsBatch, on `threads` threads splitting the rows.
+struct PrefillTimes {
+  double per_token_ms, batch_ms;
+};
+
+PrefillTimes PrefillMs(const Matrix& m, int tokens, int threads, int reps, std::mt19937& rng) {
+  SetComputeThreads(threads);
+  const size_t act_bytes = ActivationBytes(m.type, m.cols);
+  std::vector<uint8_t> act(act_bytes * tokens);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(m.cols);
+  for (int j = 0; j < tokens; ++j) {
+    for (float& v : x) v = normal(rng);
+    PrepareActivations(m.type, x.data(), m.cols, act.data() + j * act_bytes);
+  }
+  std::vector<float> y(static_cast<size_t>(tokens) * m.rows);
+  const int per_thread = (m.rows / threads + 3) / 4 * 4;
+  auto split = [&](auto body) {
+    ParallelFor(threads, /*dynamic=*/false, [&](int64_t t) {
+      const int begin = static_cast<int>(t) * per_thread, end = std::min(m.rows, begin + per_thread);
+      if (begin < end) body(begin, end);
+    });
+  };
+  const uint8_t* w = m.data.data();
+  PrefillTimes times;
+  times.per_token_ms =
+      1e3 * BestSeconds(reps, [&] {
+        split([&](int begin, int end) {
+          for (int j = 0; j < tokens; ++j) {
+            DotRows(m.type, w + begin * m.row_bytes, m.row_bytes, end - begin, act.data() + j * act_bytes, m.cols,
+                    y.data() + static_cast<size_t>(j) * m.rows + begin);
+          }
+        });
+      });
+  times.batch_ms = 1e3 * BestSeconds(reps, [&] {
+                     split([&](int begin, int end) {
+                       DotRowsBatch(m.type, w + begin * m.row_bytes, m.row_bytes, end - begin, act.data(), act_bytes,
+                                    tokens, m.cols, y.data() + begin, m.rows);
+                     });
+                   });
+  return times;
+}
+
+GgmlType ParseType(const std::string& name) {
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_K,
+                     GgmlType::kQ6_K}) {
+    if (name == GgmlTypeName(static_cast<uint32_t>(t))) return t;
+  }
+  std::fprintf(stderr, "unknown type %s\n", name.c_str());
+  std::exit(2);
+}
+
+std::vector<GgmlType> ParseTypes(const std::string& list) {
+  std::vector<GgmlType> types;
+  for (size_t at = 0; at <= list.size();) {
+    const size_t comma = std::min(list.find(',', at), list.size());
+    if (comma > at) types.push_back(ParseType(list.substr(at, comma - at)));
+    at = comma + 1;
+  }
+  return types;
+}
+
+int Run() {
+  const int rounds = absl::GetFlag(FLAGS_rounds);
+  if (!absl::GetFlag(FLAGS_isa).empty() && !ForceKernelIsaForTesting(absl::GetFlag(FLAGS_isa).c_str())) {
+    std::fprintf(stderr, "this CPU has no %s kernels\n", absl::GetFlag(FLAGS_isa).c_str());
+    return 2;
+  }
+  const size_t bw_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_bandwidth_mib)) << 20;
+  std::vector<uint8_t> buffer(bw_bytes + 64, 1);
+  const uint8_t* base = reinterpret_cast<const uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~63ull);
+
+  std::mt19937 rng(1);
+  const size_t total = static_cast<size_t>(absl::GetFlag(FLAGS_weights_mib)) << 20;
+  std::vector<Matrix> matrices;
+  for (GgmlType type : ParseTypes(absl::GetFlag(FLAGS_types))) {
+    for (auto [rows, cols] : {std::pair{5632, 2048}, std::pair{2048, 5632}}) {
+      matrices.push_back(MakeMatrix(type, rows, cols, total, rng));
+    }
+  }
+
+  // Round-robin: bandwidth (1 and 2 threads), then every matrix on 1 and 2.
+  double bw_s[3] = {0, 1e30, 1e30};
+  std::vector<std::array<double, 3>> best(matrices.size(), {0, 1e30, 1e30});
+  for (int round = 0; round < rounds; ++round) {
+    for (int threads : {1, 2}) bw_s[threads] = std::min(bw_s[threads], ReadSeconds(base, bw_bytes, threads));
+    for (size_t i = 0; i < matrices.size(); ++i) {
+      for (int threads : {1, 2}) best[i][threads] = std::min(best[i][threads], MatVecSeconds(matrices[i], threads));
+    }
+  }
+  const double bw1 = bw_bytes / bw_s[1] / 1e9, bw2 = bw_bytes / bw_s[2] / 1e9;
+
+  std::printf(
+      "kernels: %s; memory read bandwidth (%zu MiB, AVX loads, 4 streams): 1 thread %.1f GB/s, 2 threads %.1f GB/s\n",
+      KernelIsa(), bw_bytes >> 20, bw1, bw2);
+  std::printf("best of %d rounds\n\n", rounds);
+  std::printf("| type | rows x cols | MB | 1 thread GB/s | %% of 1-thread bw | 2 threads GB/s | %% of 2-thread bw |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|\n");
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    const Matrix& m = matrices[i];
+    const double gb = m.row_bytes * m.rows / 1e9;
+    const double gbs1 = gb / best[i][1], gbs2 = gb / best[i][2];
+    std::printf("| %s | %d x %d | %.1f | %.1f | %.0f%% | %.1f | %.0f%% |\n",
+                GgmlTypeName(static_cast<uint32_t>(m.type)), m.rows, m.cols, gb * 1e3, gbs1, 100 * gbs1 / bw1, gbs2,
+                100 * gbs2 / bw2);
+  }
+  std::fflush(stdout);
+
+  const int tokens = absl::GetFlag(FLAGS_prefill_tokens);
+  if (tokens <= 0) return 0;
+  std::printf("\nPrefill of %d tokens through 5632 x 2048, ms (DotRows per token vs DotRowsBatch):\n\n", tokens);
+  std::printf(
+      "| type | 1 thread per token | 1 thread batch | speed-up | 2 threads per token | 2 threads batch | speed-up |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  for (const Matrix& m : matrices) {
+    if (m.rows != 5632) continue;
+    const PrefillTimes one = PrefillMs(m, tokens, 1, std::min(rounds, 3), rng);
+    const PrefillTimes two = PrefillMs(m, tokens, 2, std::min(rounds, 3), rng);
+    std::printf("| %s | %.0f | %.0f | %.1fx | %.0f | %.0f | %.1fx |\n", GgmlTypeName(static_cast<uint32_t>(m.type)),
+                one.per_token_ms, one.batch_ms, one.per_token_ms / one.batch_ms, two.per_token_ms, two.batch_ms,
+                two.per_token_ms / two.batch_ms);
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ape
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return ape::Run();
+}

@@ -48,7 +48,7 @@ absl::StatusOr<ModelConfig> ShapeByName(const std::string& name) {
   return c;
 }
 
-std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
+std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed, GgmlType type) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> nd(0.f, 0.02f);
   auto fill = [&](std::vector<float>& v, size_t n, float constant = 0.f) {
@@ -67,18 +67,24 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed) {
   };
   ModelWeights w;
   const size_t D = c.dim, H = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim();
-  fill(w.tok_emb, size_t(c.vocab_size) * D);
+  auto matrix = [&](size_t rows, size_t cols) {
+    std::vector<float> v;
+    fill(v, rows * cols);
+    return type == GgmlType::kF32 ? WeightMatrix::FromFloats(std::move(v), rows, cols)
+                                  : WeightMatrix::Quantized(type, v, rows, cols);
+  };
+  w.tok_emb = matrix(c.vocab_size, D);
   w.layers.resize(c.n_layers);
   for (auto& l : w.layers) {
     fill(l.rms_att, D, 1.f);
     fill(l.rms_ffn, D, 1.f);
-    fill(l.wq, Q * D);
-    fill(l.wk, KV * D);
-    fill(l.wv, KV * D);
-    fill(l.wo, D * Q);
-    fill(l.w1, H * D);
-    fill(l.w2, D * H);
-    fill(l.w3, H * D);
+    l.wq = matrix(Q, D);
+    l.wk = matrix(KV, D);
+    l.wv = matrix(KV, D);
+    l.wo = matrix(D, Q);
+    l.w1 = matrix(H, D);
+    l.w2 = matrix(D, H);
+    l.w3 = matrix(H, D);
   }
   fill(w.rms_final, D, 1.f);
   // A byte-level llama2.c-format vocabulary of c.vocab_size pieces.

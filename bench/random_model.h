@@ -11,8 +11,9 @@ namespace ape::bench {
 
 // Known shapes: "qwen2.5-0.5b", "llama-3.2-1b", "tinyllama-1.1b", "small".
 absl::StatusOr<ModelConfig> ShapeByName(const std::string& name);
-// Weights ~ N(0, 0.02); a 512-piece byte-level tokenizer.
-std::unique_ptr<Model> RandomModel(const ModelConfig& config, uint64_t seed);
+// Weights ~ N(0, 0.02), matrices stored as `type` (quantized in memory);
+// a 512-piece byte-level tokenizer.
+std::unique_ptr<Model> RandomModel(const ModelConfig& config, uint64_t seed, GgmlType type = GgmlType::kF32);
 
 }  // namespace ape::bench
 

@@ -7,6 +7,7 @@
 #include "common/engine/status_macros.h"
 #include "common/kv/cache_key.h"
 #include "common/server/kv_dtype.h"
+#include "common/server/metrics.h"
 #include "common/server/model_info.h"
 #include "common/server/segments.h"
 
@@ -37,12 +38,12 @@ v1::GenerateResponse TokenMessage(const TokenEvent& ev, const Tokenizer& tok) {
   v1::GenerateResponse msg;
   v1::TokenDelta* d = msg.mutable_token();
   d->set_id(ev.id);
-  d->set_text(ev.text);
+  d->set_text(ToValidUtf8(ev.text));
   d->set_logprob(ev.logprob);
   for (const auto& [id, lp] : ev.top) {
     auto* t = d->add_top_logprobs();
     t->set_id(id);
-    t->set_piece(tok.piece(id));
+    t->set_piece(ToValidUtf8(tok.piece(id)));
     t->set_logprob(lp);
   }
   return msg;
@@ -65,6 +66,52 @@ absl::Status CheckContextKey(const std::string& key, const std::string& what) {
       absl::StrCat(what, ": malformed cache key '", Excerpt(key), "' (expected ape:v1:kv: and 32 hex digits)"));
 }
 
+// The decoder's metrics, looked up once.
+struct DecoderMetrics {
+  metrics::Registry& reg = metrics::Registry::Global();
+  static constexpr char kTokensHelp[] = "Prompt tokens of contexts and prefix: loaded from the cache, or encoded";
+  static constexpr char kLookupHelp[] =
+      "Requests with contexts: every entry from the cache (hit), or some encoded on a miss (miss)";
+  metrics::Counter& cached_tokens =
+      reg.GetCounter("ape_decoder_cache_tokens_total", kTokensHelp, {{"source", "cache"}});
+  metrics::Counter& encoded_tokens =
+      reg.GetCounter("ape_decoder_cache_tokens_total", kTokensHelp, {{"source", "encoded"}});
+  metrics::Counter& hits = reg.GetCounter("ape_decoder_cache_lookups_total", kLookupHelp, {{"result", "hit"}});
+  metrics::Counter& misses = reg.GetCounter("ape_decoder_cache_lookups_total", kLookupHelp, {{"result", "miss"}});
+  metrics::Counter& remote_encodes = reg.GetCounter("ape_decoder_encode_on_miss_total",
+                                                    "Encode calls to --encoder for contexts missing from the cache");
+  metrics::Counter& remote_contexts = reg.GetCounter("ape_decoder_encode_on_miss_contexts_total",
+                                                     "Contexts sent to --encoder because they were missing");
+  metrics::Counter& generated =
+      reg.GetCounter("ape_decoder_tokens_generated_total", "Tokens generated and streamed by Generate");
+  metrics::Histogram& ttft =
+      reg.GetHistogram("ape_decoder_time_to_first_token_seconds", "Generate: request arrival to the first token",
+                       metrics::LatencyBuckets());
+  metrics::Histogram& prefill = reg.GetHistogram(
+      "ape_decoder_prefill_seconds", "Query (SEQUENTIAL: whole prompt) prefill per request", metrics::LatencyBuckets());
+  metrics::Histogram& cache_load = reg.GetHistogram(
+      "ape_decoder_cache_load_seconds", "Redis reads and checks of a request's entries", metrics::LatencyBuckets());
+  metrics::Histogram& inter_token = reg.GetHistogram(
+      "ape_decoder_inter_token_seconds", "Time between consecutive streamed tokens", metrics::LatencyBuckets());
+  metrics::Gauge& streams = reg.GetGauge("ape_decoder_active_streams", "Generate streams open now (queued or running)");
+
+  static DecoderMetrics& Get() {
+    static DecoderMetrics* m = new DecoderMetrics();
+    return *m;
+  }
+  void Record(const DecodeStats& st, int contexts) {
+    cached_tokens.Inc(st.cached_tokens);
+    encoded_tokens.Inc(st.encoded_tokens);
+    // A request that used the cache (a SEQUENTIAL one by text reads none).
+    if (contexts > 0 && st.encoded_tokens > 0)
+      misses.Inc();
+    else if (contexts > 0 && st.cached_tokens > 0)
+      hits.Inc();
+    prefill.Observe(st.prefill_ms / 1e3);
+    cache_load.Observe(st.cache_load_ms / 1e3);
+  }
+};
+
 void FillUsage(const DecodeStats& stats, v1::Usage* u) {
   u->set_prompt_tokens(stats.prompt_tokens);
   u->set_cached_tokens(stats.cached_tokens);
@@ -80,8 +127,16 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
       limits_(limits),
       kv_budget_(MakeKvBudget(model.config(), limits.max_request_kv_mb, limits.max_prompt_tokens)),
       preset_(preset),
+      chat_format_(DetectChatFormat(model.chat_template())),
       admission_(limits.max_concurrent, limits.max_queue),
-      encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr) {}
+      encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr) {
+  metrics::Registry& reg = metrics::Registry::Global();
+  reg.SetGaugeFunction("ape_admission_running", "Requests computing now", {{"server", "decoder"}},
+                       [this] { return admission_.running(); });
+  reg.SetGaugeFunction("ape_admission_waiting", "Requests queued for a compute slot now", {{"server", "decoder"}},
+                       [this] { return admission_.waiting(); });
+  DecoderMetrics::Get();  // every series exists from the start (at 0)
+}
 
 // ---- Validation: every field, before any I/O ------------------------------
 
@@ -168,10 +223,11 @@ absl::Status DecoderService::ValidateGeneration(const v1::GenerateRequest& req, 
 
 absl::Status DecoderService::TokenizePrompt(const v1::GenerateRequest& req, DecodeInput* in) const {
   const Tokenizer& tok = model_.tokenizer();
-  in->prefix_tokens = tok.Encode(req.prefix(), /*bos=*/true, /*eos=*/false);
+  const ChatFormat* chat = req.chat() ? &chat_format_ : nullptr;
+  ASSIGN_OR_RETURN(in->prefix_tokens, PrefixTokens(req.prefix(), tok, chat));
   RETURN_IF_ERROR(CheckTokenCount(in->prefix_tokens.size(), limits_.max_prefix_tokens, "prefix",
                                   "--max_prefix_tokens, default the model's context length"));
-  in->query_tokens = tok.Encode(req.query(), /*bos=*/false, /*eos=*/false);
+  ASSIGN_OR_RETURN(in->query_tokens, QueryTokens(req.query(), tok, chat, req.contexts_size() > 0));
   RETURN_IF_ERROR(CheckTokenCount(in->query_tokens.size(), limits_.max_query_tokens, "query",
                                   "--max_query_tokens, default the model's context length"));
   return ValidateContexts(req, in);
@@ -244,6 +300,10 @@ absl::StatusOr<DecoderService::Admitted> DecoderService::Admit(grpc::ServerConte
 }
 
 absl::Status DecoderService::RemoteEncode(grpc::ServerContext* ctx, const EncodeInput& in) {
+  // The prefix goes as the ids this decoder made (BOS and, for a chat
+  // request, the turn markers included), so the encoder keys the contexts
+  // under exactly this request's prefix; EncodeRequest.chat stays off (it
+  // applies to prefix text only).
   v1::EncodeRequest req;
   for (int32_t id : in.prefix_tokens) req.mutable_prefix()->mutable_tokens()->add_ids(id);
   for (const auto& c : in.contexts) {
@@ -257,6 +317,8 @@ absl::Status DecoderService::RemoteEncode(grpc::ServerContext* ctx, const Encode
   std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*ctx);
   call->set_deadline(std::chrono::system_clock::now() + kRemoteEncodeTimeout);
   v1::EncodeResponse resp;
+  DecoderMetrics::Get().remote_encodes.Inc();
+  DecoderMetrics::Get().remote_contexts.Inc(req.contexts_size());
   grpc::Status s = encoder_->Encode(call.get(), req, &resp);
   if (!s.ok()) {
     return absl::Status(static_cast<absl::StatusCode>(s.error_code()), absl::StrCat("encoder: ", s.error_message()));
@@ -274,12 +336,14 @@ void DecoderService::FillFinal(const v1::GenerateRequest& req, const DecodeInput
                                v1::Final* f) const {
   const GenerateResult& result = outcome.result;
   f->set_finish_reason(FinishReasonName(result.reason));
-  f->set_text(result.text);
+  f->set_text(ToValidUtf8(result.text));
   f->set_ape_temperature(in.mode == DecodeMode::kApe ? in.temperature : 1.f);
   f->set_ape_scale(in.mode == DecodeMode::kApe ? in.scale : 1.f);
   f->set_mode(req.mode() == v1::MODE_UNSPECIFIED ? v1::MODE_APE : req.mode());
   FillUsage(outcome.stats, f->mutable_usage());
   f->mutable_usage()->set_generated_tokens(result.tokens.size());
+  if (req.return_prompt_ids())
+    f->mutable_prompt_ids()->Add(outcome.stats.prompt_ids.begin(), outcome.stats.prompt_ids.end());
   v1::Timings* t = f->mutable_timings();
   t->set_queue_ms(outcome.queue_ms);
   t->set_cache_load_ms(outcome.stats.cache_load_ms);
@@ -294,9 +358,21 @@ void DecoderService::FillFinal(const v1::GenerateRequest& req, const DecodeInput
 absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
                                         grpc::ServerWriter<v1::GenerateResponse>* writer, Outcome* outcome) {
   ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
+  DecoderMetrics& m = DecoderMetrics::Get();
   bool client_gone = false;
+  Clock::time_point last_token;
   auto on_token = [&](const TokenEvent& ev) {
-    if (outcome->first_token_ms == 0) outcome->first_token_ms = MsSince(outcome->arrival);
+    if (outcome->first_token_ms == 0) {
+      outcome->first_token_ms = MsSince(outcome->arrival);
+      m.ttft.Observe(outcome->first_token_ms / 1e3);
+    }
+    if (ev.id >= 0) {  // -1: a final flush of held-back text, not a token
+      const Clock::time_point now = Clock::now();
+      if (last_token != Clock::time_point())
+        m.inter_token.Observe(std::chrono::duration<double>(now - last_token).count());
+      last_token = now;
+      m.generated.Inc();
+    }
     if (!writer->Write(TokenMessage(ev, model_.tokenizer()))) {  // the client is gone: stop computing
       client_gone = true;
       return false;
@@ -304,6 +380,7 @@ absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::Gene
     return true;
   };
   ASSIGN_OR_RETURN(outcome->result, RunDecode(model_, store_, call.in, call.hooks, on_token, &outcome->stats));
+  m.Record(outcome->stats, req.contexts_size());
   if (client_gone || ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
   v1::GenerateResponse fin;
   FillFinal(req, call.in, *outcome, fin.mutable_final());
@@ -314,14 +391,20 @@ absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::Gene
 std::string DecoderService::LogDetails(const v1::GenerateRequest& req, const Outcome& outcome) const {
   const DecodeStats& st = outcome.stats;
   return absl::StrFormat(
-      "mode=%s contexts=%d prompt_tokens=%d cached_tokens=%d encoded_tokens=%d queue_ms=%.2f "
+      "mode=%s contexts=%d chat=%d prompt_tokens=%d cached_tokens=%d encoded_tokens=%d queue_ms=%.2f "
       "cache_load_ms=%.2f encode_ms=%.2f prefill_ms=%.2f",
-      v1::Mode_Name(req.mode()), req.contexts_size(), st.prompt_tokens, st.cached_tokens, st.encoded_tokens,
+      v1::Mode_Name(req.mode()), req.contexts_size(), req.chat(), st.prompt_tokens, st.cached_tokens, st.encoded_tokens,
       outcome.queue_ms, st.cache_load_ms, st.encode_ms, st.prefill_ms);
 }
 
 grpc::Status DecoderService::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
                                       grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  metrics::Gauge& streams = DecoderMetrics::Get().streams;
+  streams.Add(1);
+  struct Closed {
+    metrics::Gauge& g;
+    ~Closed() { g.Add(-1); }
+  } closed{streams};
   Outcome outcome;
   const absl::Status s = AtDeadline(ctx, DoGenerate(ctx, *req, writer, &outcome));
   const GenerateResult& r = outcome.result;
@@ -339,6 +422,7 @@ absl::Status DecoderService::DoScore(grpc::ServerContext* ctx, const v1::Generat
                                      Outcome* outcome) {
   ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
   ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, call.in, call.hooks, &outcome->stats));
+  DecoderMetrics::Get().Record(outcome->stats, req.contexts_size());
   if (ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
   const float lse = LogSumExp(logits.data(), static_cast<int>(logits.size()));
   for (float l : logits) resp->add_logprobs(l - lse);

@@ -13,6 +13,7 @@
 #include "ape/v1/decoder.grpc.pb.h"
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/engine/ape_preset.h"
+#include "common/engine/chat_template.h"
 #include "common/pipeline/decode_pipeline.h"
 #include "common/server/kv_budget.h"
 #include "common/server/segments.h"
@@ -25,7 +26,7 @@ namespace ape {
 struct DecoderLimits {
   int max_contexts;        // per request
   int max_context_tokens;  // per context given as content
-  int max_prefix_tokens;   // BOS included
+  int max_prefix_tokens;   // BOS and chat markers included
   int max_query_tokens;
   // Positional extent of prompt + generated tokens (decoder.proto).
   int max_positions;
@@ -99,6 +100,7 @@ class DecoderService final : public v1::Decoder::Service {
   const DecoderLimits limits_;
   const KvBudget kv_budget_;
   const ApePreset preset_;
+  const ChatFormat chat_format_;  // of the model's chat template, for requests with chat
   Admission admission_;
   std::unique_ptr<v1::Encoder::Stub> encoder_;
 };

@@ -5,16 +5,20 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/engine/transformer.h"
+#include "common/server/cache_service.h"
 #include "common/server/kv_dtype.h"
 #include "common/server/model_and_store.h"
 #include "decoder_service/decoder_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50052", "address to listen on (host:port)");
 ABSL_FLAG(std::string, redis, "redis://127.0.0.1:6379",
-          "Redis URI: redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N]");
+          "Redis URI: redis://[[user]:password@]host[:port][/db], unix:///path[?db=N] or "
+          "redis+cluster://[[user]:password@]host:port[,host:port...] (Redis Cluster seed nodes)");
 ABSL_FLAG(std::string, model, "", "model file (GGUF, or llama2.c .bin with --tokenizer)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");
-ABSL_FLAG(std::string, encoder, "", "ape-encoder address for contexts missing from the cache; empty = encode locally");
+ABSL_FLAG(std::string, encoder, "",
+          "ape-encoder address for contexts missing from the cache: host:port, ipv4:A:P,B:P (a list) or "
+          "dns:///name:port, balanced round-robin over every address; empty = encode locally");
 ABSL_FLAG(std::string, ape_preset, "", "APE preset JSON (T, S); default: <model>.ape.json if present, else T=S=0.9");
 ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
           "dtype of entries for contexts sent as content when a request does not say: float16 or float32");
@@ -102,5 +106,8 @@ int main(int argc, char** argv) {
                               encoder.empty() ? nullptr : ape::MakeChannel(encoder, *message_bytes));
   const ape::ServerOptions opts{
       .listen = absl::GetFlag(FLAGS_listen), .max_message_bytes = *message_bytes, .name = "ape-decoder"};
-  return ape::RunServer(opts, {&service});
+  ape::CacheService cache(model, *loaded->store, "decoder");
+  std::vector<grpc::Service*> services = {&service};
+  if (ape::CacheAdminFromFlags()) services.push_back(&cache);
+  return ape::RunServer(opts, services);
 }

@@ -9,12 +9,14 @@ PACKAGES=(
   libabsl-dev            # absl::Status, flags, strings
   libopenblas-dev        # sgemm/sgemv for the transformer
   libhiredis-dev         # Redis client for the KV store
+  libmicrohttpd-dev      # the servers' Prometheus /metrics HTTP endpoint (--metrics_listen)
   redis-server           # the store itself (tests start private instances)
   libxxhash-dev          # XXH3-128: model fingerprints, cache keys, checksums
   libicu-dev             # ICU regex: Unicode classes for the byte-level BPE pre-tokenizers
   libgtest-dev nlohmann-json3-dev  # unit tests; golden JSON files; APE presets
   python3-torch python3-numpy      # independent reference (tests/reference), model recipe
   python3-grpcio python3-grpc-tools python3-yaml python3-matplotlib  # clients, e2e/deploy tests, plots
+  python3-jinja2                   # tests/e2e/chat_test.py: real chat templates rendered as the oracle
   dpkg-dev libprotoc-dev           # deploy/build-grpc-cli.sh (grpc_cli from Debian's source)
   clang libclang-rt-14-dev libomp-dev  # libFuzzer targets (tests/fuzz), built with clang
   openssl                          # throwaway CAs and certificates for the TLS tests

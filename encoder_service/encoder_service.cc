@@ -4,6 +4,7 @@
 #include "absl/strings/str_format.h"
 #include "common/engine/status_macros.h"
 #include "common/server/kv_dtype.h"
+#include "common/server/metrics.h"
 #include "common/server/segments.h"
 
 namespace ape {
@@ -17,6 +18,14 @@ void FillEntry(const EncodedEntry& e, v1::CacheEntry* out) {
   out->set_already_cached(e.already_cached);
 }
 }  // namespace
+
+void EncoderService::RegisterGauges() {
+  metrics::Registry& reg = metrics::Registry::Global();
+  reg.SetGaugeFunction("ape_admission_running", "Requests computing now", {{"server", "encoder"}},
+                       [this] { return admission_.running(); });
+  reg.SetGaugeFunction("ape_admission_waiting", "Requests queued for a compute slot now", {{"server", "encoder"}},
+                       [this] { return admission_.waiting(); });
+}
 
 absl::StatusOr<EncodeInput> EncoderService::Validate(const v1::EncodeRequest& req) const {
   if (req.contexts_size() == 0) return absl::InvalidArgumentError("no contexts: send at least one");
@@ -34,7 +43,8 @@ absl::StatusOr<EncodeInput> EncoderService::Validate(const v1::EncodeRequest& re
                                          : limits_.default_ttl_seconds;
   in.overwrite = req.overwrite();
   const Tokenizer& tok = model_.tokenizer();
-  ASSIGN_OR_RETURN(in.prefix_tokens, ResolvePrefix(req.prefix(), tok, limits_.max_prefix_tokens));
+  ASSIGN_OR_RETURN(in.prefix_tokens,
+                   ResolvePrefix(req.prefix(), tok, limits_.max_prefix_tokens, req.chat() ? &chat_format_ : nullptr));
   for (int i = 0; i < req.contexts_size(); ++i) {
     ASSIGN_OR_RETURN(auto ids,
                      ResolveContext(req.contexts(i), tok, limits_.max_context_tokens, absl::StrCat("context ", i)));
@@ -78,6 +88,22 @@ absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::Encode
   }
   resp->set_model_fingerprint(model_.fingerprint());
   resp->set_dtype(KvDtypeToProto(in.dtype));
+  {
+    metrics::Registry& reg = metrics::Registry::Global();
+    static metrics::Counter& hit = reg.GetCounter(
+        "ape_encoder_contexts_total", "Contexts asked to encode: already cached, or computed", {{"result", "cached"}});
+    static metrics::Counter& computed =
+        reg.GetCounter("ape_encoder_contexts_total", "Contexts asked to encode: already cached, or computed",
+                       {{"result", "computed"}});
+    static metrics::Counter& tokens =
+        reg.GetCounter("ape_encoder_tokens_computed_total", "Tokens prefilled by the encoder (prefix and contexts)");
+    static metrics::Histogram& prefill =
+        reg.GetHistogram("ape_encoder_prefill_seconds", "Model time of one Encode request", metrics::LatencyBuckets());
+    hit.Inc(cached);
+    computed.Inc(static_cast<double>(out.contexts.size()) - cached);
+    tokens.Inc(out.tokens_computed);
+    prefill.Observe(out.prefill_ms / 1e3);
+  }
   auto* t = resp->mutable_timings();
   t->set_tokenize_ms(tokenize_ms);
   t->set_lookup_ms(out.lookup_ms);
@@ -85,10 +111,10 @@ absl::Status EncoderService::DoEncode(grpc::ServerContext* ctx, const v1::Encode
   t->set_store_ms(out.store_ms);
   t->set_total_ms(MsSince(t0));
   *log = absl::StrFormat(
-      "contexts=%d cached=%d computed_tokens=%d written_bytes=%d dtype=%s tokenize_ms=%.2f lookup_ms=%.2f "
+      "contexts=%d cached=%d computed_tokens=%d written_bytes=%d dtype=%s chat=%d tokenize_ms=%.2f lookup_ms=%.2f "
       "prefill_ms=%.2f store_ms=%.2f total_ms=%.2f",
-      req.contexts_size(), cached, out.tokens_computed, out.bytes_written, KvDtypeName(in.dtype), tokenize_ms,
-      out.lookup_ms, out.prefill_ms, out.store_ms, t->total_ms());
+      req.contexts_size(), cached, out.tokens_computed, out.bytes_written, KvDtypeName(in.dtype), req.chat(),
+      tokenize_ms, out.lookup_ms, out.prefill_ms, out.store_ms, t->total_ms());
   return absl::OkStatus();
 }
 
@@ -96,7 +122,8 @@ grpc::Status EncoderService::Encode(grpc::ServerContext* ctx, const v1::EncodeRe
   auto t0 = std::chrono::steady_clock::now();
   std::string log;
   absl::Status s = DoEncode(ctx, *req, resp, &log);
-  if (!s.ok()) log = absl::StrFormat("contexts=%d total_ms=%.2f", req->contexts_size(), MsSince(t0));
+  if (!s.ok())
+    log = absl::StrFormat("contexts=%d chat=%d total_ms=%.2f", req->contexts_size(), req->chat(), MsSince(t0));
   LogRequest("encoder", "Encode", s, log);
   return ToGrpcStatus(s);
 }
@@ -109,7 +136,7 @@ grpc::Status EncoderService::Tokenize(grpc::ServerContext*, const v1::TokenizeRe
   if (s.ok()) {
     for (int32_t id : tok.Encode(req->text(), req->add_bos(), false)) {
       resp->add_ids(id);
-      resp->add_pieces(tok.piece(id));
+      resp->add_pieces(ToValidUtf8(tok.piece(id)));
     }
   }
   LogRequest("encoder", "Tokenize", s,
@@ -122,7 +149,7 @@ grpc::Status EncoderService::Detokenize(grpc::ServerContext*, const v1::Detokeni
   auto t0 = std::chrono::steady_clock::now();
   std::vector<int32_t> ids(req->ids().begin(), req->ids().end());
   absl::Status s = CheckTokenIds(ids, model_.tokenizer().vocab_size(), "ids");
-  if (s.ok()) resp->set_text(model_.tokenizer().DecodeAll(ids));
+  if (s.ok()) resp->set_text(ToValidUtf8(model_.tokenizer().DecodeAll(ids)));
   LogRequest("encoder", "Detokenize", s, absl::StrFormat("tokens=%d total_ms=%.2f", ids.size(), MsSince(t0)));
   return ToGrpcStatus(s);
 }

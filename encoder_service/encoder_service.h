@@ -3,6 +3,7 @@
 #define APESERVE_ENCODER_SERVICE_ENCODER_SERVICE_H_
 
 #include "ape/v1/encoder.grpc.pb.h"
+#include "common/engine/chat_template.h"
 #include "common/pipeline/encode_pipeline.h"
 #include "common/server/kv_budget.h"
 #include "common/server/model_info.h"
@@ -33,7 +34,10 @@ class EncoderService final : public v1::Encoder::Service {
         store_(store),
         limits_(limits),
         kv_budget_(MakeKvBudget(model.config(), limits.max_request_kv_mb)),
-        admission_(limits.max_concurrent, limits.max_queue) {}
+        chat_format_(DetectChatFormat(model.chat_template())),
+        admission_(limits.max_concurrent, limits.max_queue) {
+    RegisterGauges();
+  }
 
   grpc::Status Encode(grpc::ServerContext* ctx, const v1::EncodeRequest* req, v1::EncodeResponse* resp) override;
   grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override;
@@ -47,12 +51,14 @@ class EncoderService final : public v1::Encoder::Service {
   // tokenized, then token counts, positions and the KV budget.
   absl::StatusOr<EncodeInput> Validate(const v1::EncodeRequest& req) const;
   absl::Status CheckSpan(const EncodeInput& in) const;
+  void RegisterGauges();  // admission queue depth and running requests, read at scrape time
   absl::Status DoEncode(grpc::ServerContext* ctx, const v1::EncodeRequest& req, v1::EncodeResponse* resp,
                         std::string* log);
   const Model& model_;
   RedisStore& store_;
   const EncoderLimits limits_;
   const KvBudget kv_budget_;
+  const ChatFormat chat_format_;  // of the model's chat template, for requests with chat
   Admission admission_;
 };
 

@@ -5,13 +5,15 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/engine/transformer.h"
+#include "common/server/cache_service.h"
 #include "common/server/kv_dtype.h"
 #include "common/server/model_and_store.h"
 #include "encoder_service/encoder_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "address to listen on (host:port)");
 ABSL_FLAG(std::string, redis, "redis://127.0.0.1:6379",
-          "Redis URI: redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N]");
+          "Redis URI: redis://[[user]:password@]host[:port][/db], unix:///path[?db=N] or "
+          "redis+cluster://[[user]:password@]host:port[,host:port...] (Redis Cluster seed nodes)");
 ABSL_FLAG(std::string, model, "", "model file (GGUF, or llama2.c .bin with --tokenizer)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");
 ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
@@ -71,5 +73,8 @@ int main(int argc, char** argv) {
   ape::EncoderService service(model, *loaded->store, limits);
   const ape::ServerOptions opts{
       .listen = absl::GetFlag(FLAGS_listen), .max_message_bytes = *message_bytes, .name = "ape-encoder"};
-  return ape::RunServer(opts, {&service});
+  ape::CacheService cache(model, *loaded->store, "encoder");
+  std::vector<grpc::Service*> services = {&service};
+  if (ape::CacheAdminFromFlags()) services.push_back(&cache);
+  return ape::RunServer(opts, services);
 }

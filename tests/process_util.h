@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -139,6 +140,102 @@ class RedisServer {
   int port_ = 0;
   bool ok_ = false;
   Process proc_;
+};
+
+// What a shell command printed on stdout (empty if it could not run).
+inline std::string CommandOutput(const std::string& cmd) {
+  std::string out;
+  FILE* f = popen(cmd.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+  pclose(f);
+  return out;
+}
+
+// A Redis Cluster of `masters` redis-server processes (no replicas) on free
+// loopback ports, one temp dir, made with `redis-cli --cluster create`;
+// ok() once every node says cluster_state:ok. Each node's cluster bus gets a
+// free port of its own (--cluster-port). Every node is stopped and the dir
+// removed when the object dies. `extra` goes to every redis-server;
+// `password` sets requirepass and masterauth on every node.
+class RedisClusterServer {
+ public:
+  explicit RedisClusterServer(int masters = 3, std::vector<std::string> extra = {}, std::string password = "")
+      : dir_(MakeTempDir()), password_(std::move(password)), procs_(masters) {
+    for (int i = 0; i < masters; ++i) {
+      const int port = FreePort();
+      int bus = FreePort();
+      while (bus == port) bus = FreePort();
+      ports_.push_back(port);
+      const std::string conf = "nodes-" + std::to_string(port) + ".conf";
+      std::vector<std::string> argv = {
+          "redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+          "--dir",        dir_,     "--daemonize",        "no"};
+      argv.insert(argv.end(),
+                  {"--cluster-enabled", "yes", "--cluster-port", std::to_string(bus), "--cluster-config-file", conf,
+                   "--cluster-node-timeout", "5000", "--cluster-require-full-coverage", "no"});
+      if (!password_.empty()) argv.insert(argv.end(), {"--requirepass", password_, "--masterauth", password_});
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      procs_[i].Start(argv, dir_ + "/redis-" + std::to_string(port) + ".log");
+    }
+    for (int i = 0; i < masters; ++i) {
+      if (!WaitForPort(ports_[i], procs_[i])) return;
+    }
+    std::string create = "redis-cli" + Auth() + " --cluster create";
+    for (int p : ports_) create += " 127.0.0.1:" + std::to_string(p);
+    create += " --cluster-replicas 0 --cluster-yes >>" + dir_ + "/create.log 2>&1";
+    if (std::system(create.c_str()) != 0) return;
+    ok_ = WaitUntilOk(std::chrono::seconds(20));
+  }
+  ~RedisClusterServer() {
+    for (Process& p : procs_) p.Stop();
+    std::system(("rm -rf " + dir_).c_str());
+  }
+  RedisClusterServer(const RedisClusterServer&) = delete;
+  RedisClusterServer& operator=(const RedisClusterServer&) = delete;
+
+  bool ok() const { return ok_; }
+  const std::vector<int>& ports() const { return ports_; }
+  // redis+cluster://[:password@]127.0.0.1:P1,127.0.0.1:P2,...
+  std::string uri() const {
+    std::string u = "redis+cluster://" + (password_.empty() ? "" : ":" + password_ + "@");
+    for (size_t i = 0; i < ports_.size(); ++i) u += (i ? ",127.0.0.1:" : "127.0.0.1:") + std::to_string(ports_[i]);
+    return u;
+  }
+  // `redis-cli -p <port of node i> [-a password] <args>` as a shell command.
+  std::string Cli(size_t i, const std::string& args) const {
+    return "redis-cli -p " + std::to_string(ports_[i]) + Auth() + " " + args;
+  }
+  std::string NodeId(size_t i) const { return Trim(CommandOutput(Cli(i, "cluster myid"))); }
+  // Stops node i (SIGTERM, then SIGKILL after the grace period).
+  void StopNode(size_t i) { procs_[i].Stop(); }
+  bool WaitUntilOk(std::chrono::milliseconds timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      bool all = true;
+      for (size_t i = 0; i < ports_.size() && all; ++i) {
+        all = CommandOutput(Cli(i, "cluster info")).find("cluster_state:ok") != std::string::npos;
+      }
+      if (all) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  std::string Auth() const { return password_.empty() ? "" : " -a " + password_ + " --no-auth-warning"; }
+  static std::string Trim(std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+    return s;
+  }
+
+  std::string dir_;
+  std::string password_;
+  std::vector<int> ports_;
+  std::vector<Process> procs_;
+  bool ok_ = false;
 };
 
 }  // namespace ape::testing

@@ -10,7 +10,10 @@
 #include <mutex>
 #include <optional>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -26,11 +29,27 @@
 #include "ape/v1/decoder.grpc.pb.h"
 #include "ape/v1/encoder.grpc.pb.h"
 #include "clients/apectl/commands.h"
+#include "clients/apectl/remote_util.h"
 
-ABSL_FLAG(std::string, encoder, "127.0.0.1:50051", "ape-encoder address");
-ABSL_FLAG(std::string, decoder, "127.0.0.1:50052", "ape-decoder address");
-ABSL_FLAG(std::string, prefix, "", "shared prefix text (BOS is added by the server)");
+ABSL_FLAG(std::string, encoder, "127.0.0.1:50051",
+          "ape-encoder address: host:port, a comma-separated list of them, or dns:///name:port");
+ABSL_FLAG(std::string, decoder, "127.0.0.1:50052",
+          "ape-decoder address: host:port, a comma-separated list of them, or dns:///name:port");
+ABSL_FLAG(bool, round_robin, false,
+          "remote commands: balance calls over every address of the target (always on for an address list; with "
+          "dns:///name:port, over every address the name resolves to, e.g. a Kubernetes headless Service)");
+ABSL_FLAG(std::string, prefix, "",
+          "shared prefix text (the server adds BOS when the model asks for it; with --chat: the system text)");
+ABSL_FLAG(bool, chat, false,
+          "encode, generate: wrap the prefix (system text), documents and query in the model's chat template "
+          "(llama3, chatml or mistral-inst; see `apectl model-info`); encode and generate must agree");
+ABSL_FLAG(bool, print_prompt_ids, false,
+          "generate: print the prompt's token ids as the model read them (BOS, chat markers, documents, query) to "
+          "stderr, comma-separated after \"prompt_ids=\"");
 ABSL_FLAG(std::string, dtype, "float16", "KV dtype: float16 or float32");
+ABSL_FLAG(int, batch, 1,
+          "encode: documents per Encode request (1: each document's result as soon as it is done; more: fewer "
+          "round trips, at most the encoder's --max_contexts)");
 ABSL_FLAG(std::vector<std::string>, context_key, {}, "comma-separated cache keys of contexts");
 ABSL_FLAG(std::vector<std::string>, context_file, {}, "comma-separated files (or folders) used as contexts by content");
 ABSL_FLAG(std::string, query, "", "the question");
@@ -58,6 +77,7 @@ ABSL_DECLARE_FLAG(float, min_p);
 ABSL_DECLARE_FLAG(float, repetition_penalty);
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(std::vector<std::string>, stop);
+ABSL_DECLARE_FLAG(bool, print_ids);
 
 namespace ape::apectl {
 namespace {
@@ -99,7 +119,20 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials() {
   return grpc::SslCredentials(opts);
 }
 
-// A channel to `address`, or null after printing why not.
+}  // namespace
+
+// "host:port" as is; "h1:p1,h2:p2" as gRPC's static list "ipv4:h1:p1,h2:p2"
+// ("ipv6:" when bracketed); a target with a scheme (dns:///, ipv4:, unix:)
+// as is.
+std::string ChannelTarget(const std::string& address) {
+  if (address.find(',') == std::string::npos || address.find(":/") != std::string::npos) return address;
+  for (const char* scheme : {"ipv4:", "ipv6:", "unix:", "dns:"})
+    if (address.rfind(scheme, 0) == 0) return address;
+  return (address.rfind('[', 0) == 0 ? "ipv6:" : "ipv4:") + address;
+}
+
+// A channel to `address` (ChannelTarget), round-robin over its addresses
+// for a list or with --round-robin, or null after printing why not.
 std::shared_ptr<grpc::Channel> Channel(const char* command, const std::string& address) {
   auto creds = Credentials();
   if (!creds.ok()) {
@@ -112,12 +145,16 @@ std::shared_ptr<grpc::Channel> Channel(const char* command, const std::string& a
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
   if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) args.SetSslTargetNameOverride(name);
-  return grpc::CreateCustomChannel(address, *creds, args);
+  const std::string target = ChannelTarget(address);
+  if (absl::GetFlag(FLAGS_round_robin) || target != address) args.SetLoadBalancingPolicyName("round_robin");
+  return grpc::CreateCustomChannel(target, *creds, args);
 }
 
 void SetDeadline(grpc::ClientContext& ctx) {
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s)));
 }
+
+namespace {
 
 // Files named on the command line; folders expand to their regular files, sorted.
 std::vector<std::string> ExpandFiles(const std::vector<std::string>& args) {
@@ -159,12 +196,46 @@ bool ParseDtype(const char* command, v1::KvDtype* dtype) {
   return false;
 }
 
+}  // namespace
+
 int Fail(const char* what, const grpc::Status& s) {
   std::fprintf(stderr, "apectl %s: %s: %s\n", what,
                absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code())).c_str(),
                s.error_message().c_str());
   return 1;
 }
+
+namespace {
+
+// Encode progress on stderr: a bar redrawn in place on a terminal, else one
+// plain line per document (its key, its request's time, cached or new).
+class EncodeProgress {
+ public:
+  explicit EncodeProgress(size_t total) : total_(total), tty_(isatty(fileno(stderr))) {}
+  void Document(const v1::CacheEntry& c, const std::string& file, double request_ms) {
+    ++done_;
+    if (!tty_) {
+      std::fprintf(stderr, "encoded %zu/%zu %s %.1f ms %s %s\n", done_, total_, c.key().c_str(), request_ms,
+                   c.already_cached() ? "cached" : "new", file.c_str());
+      return;
+    }
+    constexpr int kWidth = 30;
+    const int filled = static_cast<int>(kWidth * done_ / std::max<size_t>(total_, 1));
+    std::fprintf(stderr, "\r\033[Kencoding [%s%s] %zu/%zu  %.1f s  %s", std::string(filled, '#').c_str(),
+                 std::string(kWidth - filled, '-').c_str(), done_, total_, Seconds(), file.c_str());
+    if (done_ == total_) std::fprintf(stderr, "\n");
+  }
+  void Abort() {
+    if (tty_ && done_ < total_) std::fprintf(stderr, "\n");
+  }
+  double Seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+
+ private:
+  const size_t total_;
+  const bool tty_;
+  size_t done_ = 0;
+  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
 
 }  // namespace
 
@@ -176,38 +247,70 @@ int EncodeCommand(const std::vector<std::string>& args) {
   }
   v1::KvDtype dtype;
   if (!ParseDtype("encode", &dtype)) return 2;
-  v1::EncodeRequest req;
-  req.mutable_prefix()->set_text(absl::GetFlag(FLAGS_prefix));
-  req.set_dtype(dtype);
-  for (const auto& f : files) {
-    std::string text;
-    if (!ReadText(f, &text)) {
-      std::fprintf(stderr, "apectl encode: cannot read %s\n", f.c_str());
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1) {
+    std::fprintf(stderr, "apectl encode: --batch must be at least 1\n");
+    return 2;
+  }
+  std::vector<std::string> texts(files.size());
+  for (size_t i = 0; i < files.size(); ++i) {
+    if (!ReadText(files[i], &texts[i])) {
+      std::fprintf(stderr, "apectl encode: cannot read %s\n", files[i].c_str());
       return 1;
     }
-    req.add_contexts()->set_text(text);
   }
   auto channel = Channel("encode", absl::GetFlag(FLAGS_encoder));
   if (!channel) return 2;
   auto stub = v1::Encoder::NewStub(channel);
-  grpc::ClientContext ctx;
-  SetDeadline(ctx);
-  v1::EncodeResponse resp;
-  grpc::Status s = stub->Encode(&ctx, req, &resp);
-  if (!s.ok()) return Fail("encode", s);
-  // stdout: "<key>\t<tokens>\t<bytes>\t<cached|new>\t<file>", one per context.
-  for (int i = 0; i < resp.contexts_size(); ++i) {
-    const auto& c = resp.contexts(i);
-    std::printf("%s\t%u\t%llu\t%s\t%s\n", c.key().c_str(), c.num_tokens(),
-                static_cast<unsigned long long>(c.stored_bytes()), c.already_cached() ? "cached" : "new",
-                files[i].c_str());
+  // --batch documents per request (default 1: a result, and a line, as each
+  // document is done); every request within the server's contract
+  // (--max_contexts, --max_request_text_bytes) as one of that size would be.
+  EncodeProgress progress(files.size());
+  v1::EncodeResponse last;
+  v1::EncodeTimings sum;
+  int cached = 0;
+  for (size_t first = 0; first < files.size(); first += batch) {
+    const size_t end = std::min(files.size(), first + batch);
+    v1::EncodeRequest req;
+    req.mutable_prefix()->set_text(absl::GetFlag(FLAGS_prefix));
+    req.set_chat(absl::GetFlag(FLAGS_chat));
+    req.set_dtype(dtype);
+    for (size_t i = first; i < end; ++i) req.add_contexts()->set_text(texts[i]);
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::EncodeResponse resp;
+    grpc::Status s = stub->Encode(&ctx, req, &resp);
+    if (!s.ok()) {
+      progress.Abort();
+      std::fprintf(stderr, "apectl encode: %s%s: %zu of %zu documents encoded before\n", files[first].c_str(),
+                   end - first > 1 ? absl::StrCat(" (and ", end - first - 1, " more)").c_str() : "", first,
+                   files.size());
+      return Fail("encode", s);
+    }
+    // stdout: "<key>\t<tokens>\t<bytes>\t<cached|new>\t<file>", one per context, as each is done.
+    for (int i = 0; i < resp.contexts_size(); ++i) {
+      const auto& c = resp.contexts(i);
+      std::printf("%s\t%u\t%llu\t%s\t%s\n", c.key().c_str(), c.num_tokens(),
+                  static_cast<unsigned long long>(c.stored_bytes()), c.already_cached() ? "cached" : "new",
+                  files[first + i].c_str());
+      std::fflush(stdout);
+      progress.Document(c, files[first + i], resp.timings().total_ms());
+      cached += c.already_cached();
+    }
+    const auto& t = resp.timings();
+    sum.set_tokenize_ms(sum.tokenize_ms() + t.tokenize_ms());
+    sum.set_lookup_ms(sum.lookup_ms() + t.lookup_ms());
+    sum.set_prefill_ms(sum.prefill_ms() + t.prefill_ms());
+    sum.set_store_ms(sum.store_ms() + t.store_ms());
+    sum.set_total_ms(sum.total_ms() + t.total_ms());
+    last = std::move(resp);
   }
-  const auto& t = resp.timings();
   std::fprintf(stderr,
-               "prefix %s (%u tokens); model %s; tokenize %.1f ms, lookup %.1f ms, prefill %.1f ms, store %.1f ms, "
-               "total %.1f ms\n",
-               resp.prefix().key().c_str(), resp.prefix().num_tokens(), resp.model_fingerprint().c_str(),
-               t.tokenize_ms(), t.lookup_ms(), t.prefill_ms(), t.store_ms(), t.total_ms());
+               "%zu documents (%zu new, %d cached) in %.2f s; prefix %s (%u tokens); model %s; tokenize %.1f ms, "
+               "lookup %.1f ms, prefill %.1f ms, store %.1f ms, total %.1f ms\n",
+               files.size(), files.size() - cached, cached, progress.Seconds(), last.prefix().key().c_str(),
+               last.prefix().num_tokens(), last.model_fingerprint().c_str(), sum.tokenize_ms(), sum.lookup_ms(),
+               sum.prefill_ms(), sum.store_ms(), sum.total_ms());
   return 0;
 }
 
@@ -226,6 +329,8 @@ int GenerateCommand(const std::vector<std::string>&) {
     req.add_contexts()->set_text(text);
   }
   req.set_query(absl::GetFlag(FLAGS_query));
+  req.set_chat(absl::GetFlag(FLAGS_chat));
+  req.set_return_prompt_ids(absl::GetFlag(FLAGS_print_prompt_ids));
   const std::string mode = absl::GetFlag(FLAGS_mode);
   if (mode == "ape")
     req.set_mode(v1::MODE_APE);
@@ -259,9 +364,15 @@ int GenerateCommand(const std::vector<std::string>&) {
   v1::GenerateResponse msg;
   v1::Final fin;
   bool has_final = false;
+  const bool print_ids = absl::GetFlag(FLAGS_print_ids);
+  int printed = 0;
   while (reader->Read(&msg)) {
     if (msg.has_token()) {
-      std::fwrite(msg.token().text().data(), 1, msg.token().text().size(), stdout);
+      if (!print_ids) {
+        std::fwrite(msg.token().text().data(), 1, msg.token().text().size(), stdout);
+      } else if (msg.token().id() >= 0) {  // -1: a final flush of held-back text
+        std::printf(printed++ ? ",%d" : "%d", msg.token().id());
+      }
       std::fflush(stdout);
     } else if (msg.has_final()) {
       fin = msg.final();
@@ -273,6 +384,11 @@ int GenerateCommand(const std::vector<std::string>&) {
   std::fflush(stdout);  // the answer's line ends before the stats on stderr
   if (!s.ok()) return Fail("generate", s);
   if (has_final) {
+    if (absl::GetFlag(FLAGS_print_prompt_ids)) {
+      std::string ids;
+      for (int32_t id : fin.prompt_ids()) absl::StrAppend(&ids, ids.empty() ? "" : ",", id);
+      std::fprintf(stderr, "prompt_ids=%s\n", ids.c_str());
+    }
     const auto& u = fin.usage();
     const auto& t = fin.timings();
     std::fprintf(

@@ -10,18 +10,19 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "clients/apectl/commands.h"
+#include "common/engine/chat_template.h"
 #include "common/engine/generate.h"
 #include "common/engine/model.h"
 #include "common/engine/transformer.h"
 
 ABSL_FLAG(std::string, model, "", "model file: GGUF, or a llama2.c checkpoint (.bin)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");
-ABSL_FLAG(std::string, prompt, "", "prompt text (BOS is prepended)");
+ABSL_FLAG(std::string, prompt, "", "prompt text (BOS is prepended when the model asks for it: add_bos)");
 ABSL_FLAG(std::string, prompt_ids, "",
           "prompt as comma-separated token ids, used exactly as given (no BOS added); replaces --prompt");
 ABSL_FLAG(bool, print_ids, false,
-          "print the generated token ids instead of the text: comma-separated on one line, as --prompt_ids takes "
-          "them (generation still stops at EOS)");
+          "run, generate: print the generated token ids instead of the text: comma-separated on one line, as "
+          "--prompt_ids takes them (generation still stops at EOS)");
 ABSL_FLAG(int, max_tokens, 256, "tokens to generate after the prompt");
 ABSL_FLAG(float, temperature, 0.f, "sampling temperature; 0 = greedy");
 ABSL_FLAG(int, top_k, 0, "keep the k most likely tokens; 0 = off");
@@ -51,15 +52,6 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text, int vocab
   return ids;
 }
 
-// The chat format a tokenizer.chat_template (Jinja) writes, by its markers.
-const char* ChatTemplateFamily(const std::string& tmpl) {
-  if (tmpl.empty()) return "none";
-  if (tmpl.find("<|start_header_id|>") != std::string::npos) return "llama3";
-  if (tmpl.find("<|im_start|>") != std::string::npos) return "chatml";
-  if (tmpl.find("[INST]") != std::string::npos) return "mistral/llama2-inst";
-  return "unknown";
-}
-
 absl::StatusOr<std::unique_ptr<Model>> LoadFromFlags() {
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
@@ -85,17 +77,20 @@ int InfoCommand(const std::vector<std::string>&) {
   std::printf("rope:          dim %d, base %g%s\n", c.rope_dim, c.rope_base,
               c.rope_freq_factors.empty() ? "" : ", with frequency factors");
   std::printf("rms_eps:       %g\ncontext:       %d\n", c.rms_eps, c.context_length);
-  std::printf("vocab:         %d (tokenizer %s, bos %d, eos %d)\n", c.vocab_size, m.tokenizer().source().c_str(),
-              m.tokenizer().bos_id(), m.tokenizer().eos_id());
+  std::printf("vocab:         %d (tokenizer %s, bos %d%s, eos %d)\n", c.vocab_size, m.tokenizer().source().c_str(),
+              m.tokenizer().bos_id(), m.tokenizer().add_bos() ? "" : " not added", m.tokenizer().eos_id());
   std::printf("tokenizer:     %s%s%s\n", m.tokenizer_model().c_str(), m.tokenizer_pre().empty() ? "" : ", pre ",
               m.tokenizer_pre().c_str());
-  std::printf("chat template: %s\n", ChatTemplateFamily(m.chat_template()));
+  // The family of tokenizer.chat_template (Jinja) the servers render for requests with chat.
+  std::printf("chat template: %s\n", ChatFamilyName(DetectChatFormat(m.chat_template()).family));
   std::printf("attention:     rope %s%s%s%s\n", c.rope_style == RopeStyle::kNeox ? "neox" : "interleaved",
               c.rope_freq_scale != 1.f ? absl::StrFormat(", linear scale %g", c.rope_freq_scale).c_str() : "",
               c.qkv_bias ? ", q/k/v biases" : "", c.qk_norm ? ", q/k head norms" : "");
   std::printf("output:        %s\n", c.tied_output ? "tied to token embedding" : "separate classifier");
-  std::printf("weights:       %s (held as float32: %.1f MiB)\n", m.weight_types().c_str(),
-              c.num_params() * 4.0 / (1 << 20));
+  const ModelWeights& w = m.weights();
+  std::printf("weights:       %s (kept in the file's types, memory-mapped: %.1f MiB of matrices)\n",
+              m.weight_types().c_str(), w.MatrixBytes() / 1048576.0);
+  std::printf("memory:        %.1f MiB (the mapped file) + KV cache per token below\n", m.file_bytes() / 1048576.0);
   std::printf("kv cache:      %.1f KiB per token (float32 K and V, all layers)\n",
               2.0 * c.n_layers * c.kv_dim() * sizeof(float) / 1024);
   std::printf("fingerprint:   %s\n", m.fingerprint().c_str());
@@ -155,7 +150,11 @@ int RunCommand(const std::vector<std::string>&) {
   const bool print_ids = absl::GetFlag(FLAGS_print_ids);
   std::vector<int32_t> prompt;
   if (absl::GetFlag(FLAGS_prompt_ids).empty()) {
-    prompt = tok.Encode(absl::GetFlag(FLAGS_prompt), /*bos=*/true, /*eos=*/false);
+    prompt = tok.Encode(absl::GetFlag(FLAGS_prompt), tok.add_bos(), /*eos=*/false);
+    if (prompt.empty()) {
+      std::fprintf(stderr, "apectl run: the prompt is empty and this model adds no BOS: give --prompt text\n");
+      return 2;
+    }
   } else if (auto ids = ParseIds(absl::GetFlag(FLAGS_prompt_ids), m.config().vocab_size); ids.ok()) {
     prompt = *std::move(ids);
   } else {
@@ -175,7 +174,8 @@ int RunCommand(const std::vector<std::string>&) {
   // Print as llama2.c does: the prompt's pieces after BOS, then the stream;
   // or, with --print_ids, only the generated ids ("5,17,17,...").
   if (!print_ids) {
-    std::string prompt_text = tok.DecodeAll(std::span(prompt).subspan(1), prompt[0]);
+    const bool bos = prompt[0] == tok.bos_id();  // its text is not printed (nor the space after it)
+    std::string prompt_text = bos ? tok.DecodeAll(std::span(prompt).subspan(1), prompt[0]) : tok.DecodeAll(prompt);
     std::fwrite(prompt_text.data(), 1, prompt_text.size(), stdout);
     std::fflush(stdout);
   }

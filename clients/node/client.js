@@ -3,6 +3,8 @@
 //   cd clients/node && npm install && node client.js --encoder 127.0.0.1:50051 \
 //     --decoder 127.0.0.1:50052 --prefix "..." --doc a.txt --doc b.txt --query "..."
 // Loads ../../proto at run time with @grpc/proto-loader (no generated code).
+// --chat wraps prefix (system text), documents and query in the model's chat
+// template (the request's `chat` field; encode and generate agree on it).
 // TLS with --tls-ca (or --tls for the system roots); mutual TLS adds
 // --tls-cert and --tls-key. `node client.js --help` lists every flag.
 'use strict';
@@ -15,14 +17,20 @@ const USAGE = `usage: node client.js --query Q [flags]
 Encodes --doc files on the encoder (cached under content keys), then asks the
 decoder with those keys and streams the answer to stdout (usage to stderr).
 
-  --encoder ADDR         ape-encoder address (default 127.0.0.1:50051)
+  --encoder ADDR         ape-encoder address (default 127.0.0.1:50051); ADDR may
+                         be a comma-separated list or dns:///name:port
   --decoder ADDR         ape-decoder address (default 127.0.0.1:50052)
+  --round-robin          balance calls over every address of ADDR (on for a
+                         list; with dns:///name, every address it resolves to)
   --prefix TEXT          shared prefix text (default "")
   --doc FILE             a document, UTF-8 (repeat)
   --query TEXT           the question (required)
   --mode M               ape, parallel or sequential (default ape)
   --max-tokens N         generated tokens, at most (default 64)
   --stop TEXT            a stop string (repeat)
+  --chat                 wrap prefix (the system text), documents and query
+                         in the model's chat template (llama3, chatml,
+                         mistral-inst): the answer is the assistant's reply
 TLS (default: plaintext):
   --tls                  TLS, verifying the servers with the system roots
   --tls-ca PEM           TLS, verifying the servers with this CA bundle
@@ -36,8 +44,8 @@ TLS (default: plaintext):
 
 function parseArgs(argv) {
   const a = {encoder: '127.0.0.1:50051', decoder: '127.0.0.1:50052', prefix: '', doc: [], query: '',
-             mode: 'ape', maxTokens: 64, stop: [], tls: false, tlsCa: '', tlsCert: '', tlsKey: '',
-             tlsServerName: ''};
+             mode: 'ape', maxTokens: 64, stop: [], chat: false, tls: false, tlsCa: '', tlsCert: '', tlsKey: '',
+             tlsServerName: '', roundRobin: false};
   const valued = {'encoder': 'encoder', 'decoder': 'decoder', 'prefix': 'prefix', 'query': 'query', 'mode': 'mode',
                   'tls-ca': 'tlsCa', 'tls-cert': 'tlsCert', 'tls-key': 'tlsKey', 'tls-server-name': 'tlsServerName'};
   for (let i = 2; i < argv.length; i++) {
@@ -46,6 +54,8 @@ function parseArgs(argv) {
     if (eq >= 0) [k, v] = [k.slice(0, eq), k.slice(eq + 1)];
     if (k === 'help' || k === 'h') return null;
     if (k === 'tls') { a.tls = true; continue; }
+    if (k === 'chat') { a.chat = true; continue; }
+    if (k === 'round-robin') { a.roundRobin = true; continue; }
     if (v === undefined) {
       if (i + 1 >= argv.length) throw new Error(`--${k} needs a value`);
       v = argv[++i];
@@ -72,6 +82,17 @@ function credentials(a) {
                                       'grpc.default_authority': a.tlsServerName} : {}};
 }
 
+// "h1:p1,h2:p2" as gRPC's static address list "ipv4:h1:p1,h2:p2" (a
+// target with a scheme, or one address, as it is); a list, or
+// --round-robin, balances calls round-robin over the addresses.
+function channel(Client, address, creds, options, roundRobin) {
+  const list = address.includes(',') && !/^(ipv4|ipv6|dns|unix):/.test(address);
+  const target = list ? (address.startsWith('[') ? 'ipv6:' : 'ipv4:') + address : address;
+  const opts = Object.assign({}, options);
+  if (list || roundRobin) opts['grpc.service_config'] = JSON.stringify({loadBalancingConfig: [{round_robin: {}}]});
+  return new Client(target, creds, opts);
+}
+
 // Request text goes as UTF-8 bytes: the API's text fields are `bytes`, and
 // protobufjs would read a JS string given to a bytes field as base64.
 const utf8 = (s) => Buffer.from(s, 'utf8');
@@ -93,17 +114,17 @@ async function main() {
   const {creds, options} = credentials(args);
   const api = loadApi();
   const docs = args.doc.map((f) => fs.readFileSync(f, 'utf8').replace(/[\r\n]+$/, ''));
-  const encoder = new api.Encoder(args.encoder, creds, options);
+  const encoder = channel(api.Encoder, args.encoder, creds, options, args.roundRobin);
   const resp = await new Promise((resolve, reject) => encoder.Encode(
-      {prefix: {text: utf8(args.prefix)}, contexts: docs.map((text) => ({text: utf8(text)}))},
+      {prefix: {text: utf8(args.prefix)}, contexts: docs.map((text) => ({text: utf8(text)})), chat: args.chat},
       {deadline: Date.now() + 600000}, (err, r) => (err ? reject(err) : resolve(r))));
   resp.contexts.forEach((c, i) => process.stderr.write(
       `${c.key}\t${c.num_tokens} tokens\t${c.already_cached ? 'cached' : 'new'}\t${args.doc[i]}\n`));
-  const decoder = new api.Decoder(args.decoder, creds, options);
+  const decoder = channel(api.Decoder, args.decoder, creds, options, args.roundRobin);
   const mode = {ape: 'MODE_APE', parallel: 'MODE_PARALLEL', sequential: 'MODE_SEQUENTIAL'}[args.mode];
   const call = decoder.Generate({prefix: utf8(args.prefix), contexts: resp.contexts.map((c) => ({key: utf8(c.key)})),
                                  query: utf8(args.query), mode, max_tokens: args.maxTokens,
-                                 stop: args.stop.map(utf8)},
+                                 stop: args.stop.map(utf8), chat: args.chat},
                                 {deadline: Date.now() + 600000});
   await new Promise((resolve, reject) => {
     call.on('data', (msg) => {

@@ -9,7 +9,17 @@ this module runs no protoc.
   /usr/bin/python3 clients/python/apeserve_client.py --encoder 127.0.0.1:50051 \
       --decoder 127.0.0.1:50052 --prefix "..." --doc a.txt --doc b.txt --query "..."
 
-Prints the streamed answer to stdout, usage and timings to stderr.
+Prints the streamed answer to stdout, usage and timings to stderr. With
+--chat the server wraps prefix (the system text), documents and query in the
+model's chat template (llama3, chatml or mistral-inst families): the answer
+is the assistant's reply.
+
+As a library: encode(channel, prefix, docs, chat=False) and
+generate(channel, prefix, keys, query, chat=False, ...) (see each).
+
+Several servers: --encoder / --decoder take a comma-separated list of
+addresses or dns:///name:port; --round-robin (on for a list) spreads calls
+over all of them.
 
 TLS: servers started with --tls_cert/--tls_key take --tls-ca CA.pem (or --tls
 for the system roots); servers with --tls_client_ca also need --tls-cert and
@@ -35,7 +45,7 @@ def load_stubs(out_dir=None):
     from grpc_tools import protoc
     out_dir = out_dir or os.environ.get("APESERVE_PY_GEN") or os.path.join(tempfile.gettempdir(), "apeserve-py-gen")
     os.makedirs(out_dir, exist_ok=True)
-    protos = ["ape/v1/encoder.proto", "ape/v1/decoder.proto", "grpc/health/v1/health.proto"]
+    protos = ["ape/v1/encoder.proto", "ape/v1/decoder.proto", "ape/v1/cache.proto", "grpc/health/v1/health.proto"]
     stamp = os.path.join(out_dir, ".stamp")
     newest = max(os.path.getmtime(os.path.join(PROTO_ROOT, p)) for p in protos)
     if not os.path.exists(stamp) or os.path.getmtime(stamp) < newest:
@@ -49,6 +59,14 @@ def load_stubs(out_dir=None):
         sys.path.insert(0, out_dir)
     from ape.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc  # noqa: E402
     return encoder_pb2, encoder_pb2_grpc, decoder_pb2, decoder_pb2_grpc
+
+
+def load_cache_stubs(out_dir=None):
+    """The ape.v1.Cache stubs (cache administration, served by both servers):
+    (cache_pb2, cache_pb2_grpc), generated as load_stubs() does."""
+    load_stubs(out_dir)
+    from ape.v1 import cache_pb2, cache_pb2_grpc  # noqa: E402
+    return cache_pb2, cache_pb2_grpc
 
 
 def utf8(text):
@@ -75,16 +93,38 @@ def channel_credentials(tls=False, tls_ca=None, tls_cert=None, tls_key=None):
                                         certificate_chain=read(tls_cert) if tls_cert else None)
 
 
-def make_channel(address, credentials=None, server_name=None, options=()):
-    """A channel to `address`: plaintext when `credentials` is None, else TLS
-    (checking `server_name` in the server's certificate instead of the
-    address's host, when given)."""
+ROUND_ROBIN_CONFIG = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+
+
+def channel_target(address):
+    """A gRPC target for `address`: "host:port" as is; a comma-separated
+    list of host:port ("127.0.0.1:1,127.0.0.1:2") becomes gRPC's static list
+    "ipv4:..." (or "ipv6:..." when an address is bracketed); targets with a
+    scheme ("dns:///name:port", "ipv4:...", "unix:...") pass through."""
+    if "," not in address or ":/" in address or address.split(":", 1)[0] in ("ipv4", "ipv6", "unix", "dns"):
+        return address
+    return ("ipv6:" if address.startswith("[") else "ipv4:") + address
+
+
+def make_channel(address, credentials=None, server_name=None, options=(), round_robin=None):
+    """A channel to `address` (see channel_target(): one address, a
+    comma-separated list, or dns:///name:port): plaintext when `credentials`
+    is None, else TLS (checking `server_name` in the server's certificate
+    instead of the address's host, when given). round_robin=True balances
+    calls over every address of the target (a list, or every address a
+    dns:/// name resolves to: a Kubernetes headless Service); None = on for
+    an address list, off (gRPC's pick_first) otherwise."""
+    target = channel_target(address)
     options = list(options)
+    if round_robin is None:
+        round_robin = target != address
+    if round_robin:
+        options.append(("grpc.service_config", ROUND_ROBIN_CONFIG))
     if credentials is None:
-        return grpc.insecure_channel(address, options=options)
+        return grpc.insecure_channel(target, options=options)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(address, credentials, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def add_tls_arguments(ap):
@@ -99,10 +139,45 @@ def add_tls_arguments(ap):
                    help="name to verify in the servers' certificates (default: the address's host)")
 
 
+def encode(channel, prefix, docs, chat=False, dtype=0, timeout=600, stubs=None):
+    """Encodes `docs` (str or bytes each) after `prefix` on the ape-encoder
+    behind `channel`; returns the EncodeResponse (contexts[i].key names
+    docs[i]). chat=True: `prefix` is the system text of the model's chat
+    template, and the entries are valid for generate(..., chat=True) with
+    the same prefix."""
+    enc_pb, enc_grpc, _, _ = stubs or load_stubs()
+    return enc_grpc.EncoderStub(channel).Encode(enc_pb.EncodeRequest(
+        prefix=enc_pb.Segment(text=utf8(prefix)), contexts=[enc_pb.Segment(text=utf8(d)) for d in docs],
+        chat=chat, dtype=dtype), timeout=timeout)
+
+
+def generate(channel, prefix, keys, query, chat=False, mode="ape", max_tokens=64, temperature=0.0, stop=(),
+             texts=(), dtype=0, return_prompt_ids=False, timeout=600, stubs=None):
+    """Asks the ape-decoder behind `channel`: contexts by cache key (`keys`,
+    as encode() returned them) and by content (`texts`, encoded on a miss),
+    then `query`. chat=True wraps prefix (system text), contexts and query in
+    the model's chat template. Yields the GenerateResponse messages: token
+    deltas, then the final message (return_prompt_ids=True: the prompt's ids
+    in final.prompt_ids)."""
+    _, _, dec_pb, dec_grpc = stubs or load_stubs()
+    modes = {"ape": dec_pb.MODE_APE, "parallel": dec_pb.MODE_PARALLEL, "sequential": dec_pb.MODE_SEQUENTIAL}
+    req = dec_pb.GenerateRequest(
+        prefix=utf8(prefix), contexts=[dec_pb.ContextRef(key=utf8(k)) for k in keys]
+        + [dec_pb.ContextRef(text=utf8(t)) for t in texts], query=utf8(query), mode=modes[mode],
+        max_tokens=max_tokens, stop=[utf8(s) for s in stop], sampling=dec_pb.Sampling(temperature=temperature),
+        chat=chat, dtype=dtype, return_prompt_ids=return_prompt_ids)
+    yield from dec_grpc.DecoderStub(channel).Generate(req, timeout=timeout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", default="127.0.0.1:50051", help="ape-encoder address")
-    ap.add_argument("--decoder", default="127.0.0.1:50052", help="ape-decoder address")
+    ap.add_argument("--encoder", default="127.0.0.1:50051",
+                    help="ape-encoder address: host:port, a comma-separated list, or dns:///name:port")
+    ap.add_argument("--decoder", default="127.0.0.1:50052",
+                    help="ape-decoder address: host:port, a comma-separated list, or dns:///name:port")
+    ap.add_argument("--round-robin", action="store_true", default=None,
+                    help="balance calls over every address of --encoder / --decoder (on by default for a list; "
+                         "use it with dns:///name to spread over every address the name resolves to)")
     ap.add_argument("--prefix", default="", help="shared prefix text")
     ap.add_argument("--doc", action="append", default=[], help="a document file, UTF-8 (repeat)")
     ap.add_argument("--query", required=True, help="the question")
@@ -110,33 +185,30 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
+    ap.add_argument("--chat", action="store_true",
+                    help="wrap prefix (system text), documents and query in the model's chat template")
     add_tls_arguments(ap)
     args = ap.parse_args()
     try:
         creds = channel_credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key)
     except (OSError, ValueError) as e:
         ap.error(str(e))
-    enc_pb, enc_grpc, dec_pb, dec_grpc = load_stubs()
+    stubs = load_stubs()
 
     docs = []
     for path in args.doc:
         with open(path, encoding="utf-8") as f:
             docs.append(f.read().rstrip("\r\n"))
     # 1. Encode the documents once; they are cached under content keys.
-    with make_channel(args.encoder, creds, args.tls_server_name) as ch:
-        resp = enc_grpc.EncoderStub(ch).Encode(enc_pb.EncodeRequest(
-            prefix=enc_pb.Segment(text=utf8(args.prefix)), contexts=[enc_pb.Segment(text=utf8(d)) for d in docs]),
-            timeout=600)
+    with make_channel(args.encoder, creds, args.tls_server_name, round_robin=args.round_robin) as ch:
+        resp = encode(ch, args.prefix, docs, chat=args.chat, stubs=stubs)
     for c, path in zip(resp.contexts, args.doc):
         print(f"{c.key}\t{c.num_tokens} tokens\t{'cached' if c.already_cached else 'new'}\t{path}", file=sys.stderr)
     # 2. Ask, naming the cached contexts by key, and stream the answer.
-    mode = {"ape": dec_pb.MODE_APE, "parallel": dec_pb.MODE_PARALLEL, "sequential": dec_pb.MODE_SEQUENTIAL}[args.mode]
-    req = dec_pb.GenerateRequest(prefix=utf8(args.prefix),
-                                 contexts=[dec_pb.ContextRef(key=utf8(c.key)) for c in resp.contexts],
-                                 query=utf8(args.query), mode=mode, max_tokens=args.max_tokens,
-                                 stop=[utf8(s) for s in args.stop], sampling=dec_pb.Sampling(temperature=args.temperature))
-    with make_channel(args.decoder, creds, args.tls_server_name) as ch:
-        for msg in dec_grpc.DecoderStub(ch).Generate(req, timeout=600):
+    with make_channel(args.decoder, creds, args.tls_server_name, round_robin=args.round_robin) as ch:
+        for msg in generate(ch, args.prefix, [c.key for c in resp.contexts], args.query, chat=args.chat,
+                            mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
+                            stop=args.stop, stubs=stubs):
             if msg.HasField("token"):
                 sys.stdout.write(msg.token.text)
                 sys.stdout.flush()

@@ -8,6 +8,15 @@ for Redis and the logs, all stopped and removed at the end.
   with LocalServices(default_bin_dir(), f"{data}/stories260K.bin", f"{data}/tok512.bin") as s:
       ...  # gRPC to s.encoder and s.decoder ("127.0.0.1:<port>")
 
+Larger set-ups: encoders=N and decoders=N start N of each (every decoder
+sends misses to all encoders, round-robin: --encoder=ipv4:A,B);
+redis_cluster=M starts an M-master Redis Cluster on loopback instead of one
+redis-server (processes "redis0".."redisM-1"; servers get
+--redis=redis+cluster://...; cluster_cli(i, ...), cluster_node_id(i),
+dbsize(i), reshard(from, to, slots)); metrics=True gives each server
+--metrics_listen on a free port (.metrics[name] = "127.0.0.1:<port>").
+RedisCluster is the cluster alone, for other harnesses.
+
 For fault tests the running services can be disturbed and repaired:
 kill(name), pause(name) / resume(name) (SIGSTOP / SIGCONT), restart(name)
 (same port, same flags; Redis comes back empty), alive(name), pid(name), and
@@ -115,6 +124,96 @@ def redis_command(port, *args, host="127.0.0.1", timeout=5.0):
             return _resp_read(f)
 
 
+def redis_cli(port, *args, timeout=120.0):
+    """`redis-cli -p port args...`: returns its stdout (str); RuntimeError
+    with its output when it fails."""
+    r = subprocess.run(["redis-cli", "-p", str(port)] + [str(a) for a in args], capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"redis-cli -p {port} {' '.join(map(str, args))}: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+class RedisCluster:
+    """An M-master Redis Cluster (no replicas) on free loopback ports, in
+    `tmp`: redis-server --cluster-enabled yes per master, then
+    `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`, and
+    a wait until every node says cluster_state:ok. Masters keep serving
+    their slots when another is down (cluster-require-full-coverage no).
+
+    start(spawn) takes a function spawn(name, argv, port) that starts and
+    waits for one process (LocalServices passes its own, so the nodes are
+    "redis0".. for kill()); by default they are started here. .ports,
+    .uri ("redis+cluster://127.0.0.1:P0,..."), cli(i, *args), node_id(i),
+    dbsize(i), keys_on(i, pattern), reshard(from_i, to_i, slots), stop()."""
+
+    def __init__(self, tmp, masters=3, node_timeout_ms=2000):
+        self.tmp, self.masters, self.node_timeout_ms = tmp, masters, node_timeout_ms
+        self.ports, self._own = [], []
+
+    @property
+    def uri(self):
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def _spawn_own(self, name, argv, port):
+        log = open(os.path.join(self.tmp, name + ".log"), "a")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._own.append((proc, log))
+        wait_for_port(port, proc, name, 30)
+
+    def start(self, spawn=None):
+        ports = free_ports(2 * self.masters)
+        self.ports, buses = ports[:self.masters], ports[self.masters:]
+        for i, (port, bus) in enumerate(zip(self.ports, buses)):
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", self.tmp, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                    "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout",
+                    str(self.node_timeout_ms), "--cluster-require-full-coverage", "no"]
+            (spawn or self._spawn_own)(f"redis{i}", argv, port)
+        redis_cli(self.ports[0], "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                  "--cluster-replicas", "0", "--cluster-yes")
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout=30.0, nodes=None):
+        """Waits until every node (of `nodes`, default all) reports
+        cluster_state:ok and knows all masters' slots."""
+        deadline = time.monotonic() + timeout
+        for i in (range(self.masters) if nodes is None else nodes):
+            while "cluster_state:ok" not in redis_cli(self.ports[i], "cluster", "info"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis cluster node {self.ports[i]} not ok within {timeout:.0f} s")
+                time.sleep(0.05)
+
+    def cli(self, i, *args, timeout=120.0):
+        return redis_cli(self.ports[i], *args, timeout=timeout)
+
+    def node_id(self, i):
+        return self.cli(i, "cluster", "myid").strip()
+
+    def dbsize(self, i):
+        return int(self.cli(i, "dbsize").strip())
+
+    def keys_on(self, i, pattern="*"):
+        """Keys master i holds (KEYS: for tests on small data sets only)."""
+        return set(k for k in self.cli(i, "keys", pattern).splitlines() if k)
+
+    def reshard(self, from_i, to_i, slots):
+        """Moves `slots` slots from master from_i to master to_i
+        (redis-cli --cluster reshard), keys and all. Blocks until done."""
+        return self.cli(from_i, "--cluster", "reshard", f"127.0.0.1:{self.ports[from_i]}", "--cluster-from",
+                        self.node_id(from_i), "--cluster-to", self.node_id(to_i), "--cluster-slots", str(slots),
+                        "--cluster-yes", timeout=300)
+
+    def stop(self):
+        for proc, log in self._own:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            log.close()
+        self._own = []
+
+
 class LocalServices:
     """redis-server + ape-encoder + ape-decoder on free loopback ports.
 
@@ -139,18 +238,30 @@ class LocalServices:
     NAMES = ("redis", "encoder", "decoder")
 
     def __init__(self, bin_dir, model, tokenizer="", encoder_args=(), decoder_args=(), startup_timeout=60.0,
-                 stop_timeout=10.0, keep_tmp=False, tmp_prefix="apeserve-", redis_args=()):
+                 stop_timeout=10.0, keep_tmp=False, tmp_prefix="apeserve-", redis_args=(), encoders=1, decoders=1,
+                 redis_cluster=0, metrics=False):
         self.bin_dir, self.model, self.tokenizer = bin_dir, model, tokenizer
         self.encoder_args, self.decoder_args = list(encoder_args), list(decoder_args)
         self.redis_args = [str(a) for a in redis_args]
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self.keep_tmp, self.tmp_prefix = keep_tmp, tmp_prefix
+        self.n_encoders, self.n_decoders, self.redis_cluster, self.want_metrics = encoders, decoders, redis_cluster, metrics
         self.tmp, self.logs, self.encoder, self.decoder, self.redis_port = None, {}, None, None, None
+        self.encoders, self.decoders, self.metrics, self.cluster = [], [], {}, None
+        self.names = []  # started processes, in start order
         self._procs, self._files, self._commands = {}, [], {}  # by name: Popen; open logs; (argv, port)
 
     @property
     def redis_uri(self):
-        return f"redis://127.0.0.1:{self.redis_port}"
+        return self.cluster.uri if self.cluster else f"redis://127.0.0.1:{self.redis_port}"
+
+    @property
+    def encoder_target(self):
+        """What the decoders get as --encoder: the one encoder, or all of
+        them as an ipv4: list (the decoder balances round-robin)."""
+        if len(self.encoders) == 1:
+            return self.encoders[0]
+        return "ipv4:" + ",".join(self.encoders)
 
     def __enter__(self):
         return self.start()
@@ -160,36 +271,72 @@ class LocalServices:
         return False
 
     def start(self):
-        """Starts the three processes, each waited for until it listens;
-        on any failure stops what was started and raises RuntimeError with
-        the end of the failing process's log. Returns self."""
+        """Starts Redis (or the cluster), the encoders and the decoders, each
+        waited for until it listens; on any failure stops what was started
+        and raises RuntimeError with the end of the failing process's log.
+        Returns self."""
         if self._procs:
             raise RuntimeError("LocalServices already started")
         for b in ("ape-encoder", "ape-decoder"):
             if not os.access(os.path.join(self.bin_dir, b), os.X_OK):
                 raise RuntimeError(f"{b} not found in {self.bin_dir} (build it, or set APE_BIN_DIR / --bin-dir)")
         self.tmp = tempfile.mkdtemp(prefix=self.tmp_prefix)
-        self.logs = {n: os.path.join(self.tmp, n + ".log") for n in self.NAMES}
-        rp, ep, dp = free_ports(3)
-        self.redis_port, self.encoder, self.decoder = rp, f"127.0.0.1:{ep}", f"127.0.0.1:{dp}"
-        common = [f"--model={self.model}", f"--redis={self.redis_uri}"]
-        if self.tokenizer:
-            common.append(f"--tokenizer={self.tokenizer}")
-        self._commands = {
-            "redis": (["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--dir", self.tmp]
-                      + self.redis_args, rp),
-            "encoder": ([os.path.join(self.bin_dir, "ape-encoder"), f"--listen={self.encoder}"] + common
-                        + self.encoder_args, ep),
-            "decoder": ([os.path.join(self.bin_dir, "ape-decoder"), f"--listen={self.decoder}",
-                         f"--encoder={self.encoder}"] + common + self.decoder_args, dp),
-        }
         try:
-            for name in self.NAMES:
-                self._spawn(name)
+            self._start_redis()
+            ports = free_ports((self.n_encoders + self.n_decoders) * (2 if self.want_metrics else 1))
+            enc_names = ["encoder"] + [f"encoder{i}" for i in range(1, self.n_encoders)]
+            dec_names = ["decoder"] + [f"decoder{i}" for i in range(1, self.n_decoders)]
+            self.encoders = [f"127.0.0.1:{ports.pop(0)}" for _ in enc_names]
+            self.decoders = [f"127.0.0.1:{ports.pop(0)}" for _ in dec_names]
+            self.encoder, self.decoder = self.encoders[0], self.decoders[0]
+            common = [f"--model={self.model}", f"--redis={self.redis_uri}"]
+            if self.tokenizer:
+                common.append(f"--tokenizer={self.tokenizer}")
+            for names, addrs, binary, extra in ((enc_names, self.encoders, "ape-encoder", self.encoder_args),
+                                                (dec_names, self.decoders, "ape-decoder", self.decoder_args)):
+                for name, addr in zip(names, addrs):
+                    argv = [os.path.join(self.bin_dir, binary), f"--listen={addr}"] + common
+                    if binary == "ape-decoder":
+                        argv.append(f"--encoder={self.encoder_target}")
+                    if self.want_metrics:
+                        self.metrics[name] = f"127.0.0.1:{ports.pop(0)}"
+                        argv.append(f"--metrics_listen={self.metrics[name]}")
+                    self._register(name, argv + extra, int(addr.rsplit(":", 1)[1]))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_redis(self):
+        if self.redis_cluster:
+            self.cluster = RedisCluster(self.tmp, self.redis_cluster)
+            self.cluster.start(spawn=self._register)
+            return
+        self.redis_port = free_ports(1)[0]
+        self._register("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                                 "--dir", self.tmp] + self.redis_args, self.redis_port)
+
+    def _register(self, name, argv, port):
+        self._commands[name] = (argv, port)
+        self.logs[name] = os.path.join(self.tmp, name + ".log")
+        self.names.append(name)
+        self._spawn(name)
+
+    # ---- Redis Cluster (redis_cluster=M) --------------------------------------
+
+    def cluster_cli(self, i, *args, timeout=120.0):
+        """redis-cli on cluster node i; returns its stdout."""
+        return self.cluster.cli(i, *args, timeout=timeout)
+
+    def cluster_node_id(self, i):
+        return self.cluster.node_id(i)
+
+    def dbsize(self, i=0):
+        """Keys on cluster node i (or on the single Redis)."""
+        return self.cluster.dbsize(i) if self.cluster else int(self.redis_command("DBSIZE"))
+
+    def reshard(self, from_i, to_i, slots):
+        return self.cluster.reshard(from_i, to_i, slots)
 
     def _spawn(self, name):
         cmd, port = self._commands[name]
@@ -264,8 +411,9 @@ class LocalServices:
         return self
 
     def redis_command(self, *args, timeout=5.0):
-        """One command to the private Redis (see redis_command())."""
-        return redis_command(self.redis_port, *args, timeout=timeout)
+        """One command to the private Redis (see redis_command()); with a
+        cluster, to node 0."""
+        return redis_command(self.cluster.ports[0] if self.cluster else self.redis_port, *args, timeout=timeout)
 
     def _terminate(self, proc):
         if proc.poll() is None:
@@ -284,7 +432,7 @@ class LocalServices:
         """Stops the processes (decoder first): SIGTERM (after SIGCONT, in
         case one is paused), then SIGKILL after stop_timeout seconds; removes
         the temporary folder unless keep_tmp. Safe to call twice."""
-        for name in reversed(self.NAMES):
+        for name in reversed(self.names):
             if name in self._procs:
                 self._terminate(self._procs[name])
         self._procs = {}

@@ -8,18 +8,59 @@
 //
 // C = every cached context token (all contexts pooled, no mask among them);
 // O = prefix tokens plus query/generated tokens up to the row itself.
+//
+// Each of C and O is a flash-attention state per (row, head), and the two
+// merge once at the end:
+//
+//   m = running max of the logits,  l = sum exp(s_j - m),  acc = sum exp(s_j - m) v_j
+//   a = S*T * (m_C + log l_C),   b = m_O + log l_O,   M = max(a, b)
+//   out = [e^(a-M) acc_C / l_C + e^(b-M) acc_O / l_O] / (e^(a-M) + e^(b-M))
+//
+// ApeAttention computes the states as matrix products. The query heads that
+// share a KV head (a GQA group) and a tile of R query rows read the same keys:
+// they are the task's "lanes", lane = row * group + head_in_group, so that
+//
+//   Q_g     [lanes][d]          stored transposed, Qt [d][lanes], 8 lanes per AVX2 vector
+//   S       = K_tile Q_g^T      [keys][lanes], times 1/sqrt(d) (and 1/T in C)
+//   m, l    online softmax of S down each lane (column), masked only on the
+//           tiles of the causal diagonal; C and O keys never share a tile
+//   acc    += V_tile^T P        [d][lanes]
+//
+// Keys go in tiles of consecutive slots, each tile copied out of the cache
+// once (LoadKvTile) and used by all lanes, so a decode row reads every K/V
+// once for its whole GQA group. The logits are kept in base 2 (times
+// log2 e, so every exponential is a 2^x), which changes nothing but the unit
+// of m: log Z = m ln 2 + ln l.
+//
+// Tasks are (KV heads, row tile, key chunk). A block of rows takes one KV
+// head per task. A decode row (a few rows: one lane block per KV head) is
+// bound by memory: its tasks take all KV heads, to read whole cache rows,
+// and split the keys into chunks to keep every thread busy; the chunk that
+// finishes last merges the chunks' states (the same algebra as rescaling by
+// a new max) before the APE merge.
+// ApeAttentionReference is the same math one (row, head) at a time, one key
+// at a time, as APE.md describes it.
 #include "common/engine/ape_attention.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <numeric>
+#include <vector>
 
 #include "common/engine/threading.h"
 
 namespace ape {
 namespace {
-constexpr int kTile = 64;  // keys scored per step (a stack buffer)
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kLanes = 8;  // floats per AVX2 vector
+constexpr float kLog2E = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
 // expf for finite x, branch-free so that tile loops vectorize (Cephes'
 // polynomial; relative error about 2e-7, like libm's expf in float).
@@ -39,15 +80,38 @@ inline float Exp(float x) {
   std::memcpy(&scale, &bits, 4);
   return p * scale;
 }
+
+// 2^x on 8 lanes for x <= 0 (Cephes' exp2f polynomial on [-1/2, 1/2],
+// relative error about 2e-7). Below -125, -inf included, it gives 2^-125,
+// not 0: callers mask.
+__attribute__((always_inline)) inline __m256 Exp2V(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  // Times 2^n: n added to the exponent field.
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
 }  // namespace
+
+// ============================ Reference kernel ============================
 
 void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset, int head_dim, int begin,
                      int end, float logit_scale, AttentionState* st) {
+  constexpr int kTile = 64;  // keys scored per step (a stack buffer)
   float s[kTile];
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int nt = std::min(kTile, end - t0);
     // Score a tile of keys and find its maximum.
-    float tile_max = -std::numeric_limits<float>::infinity();
+    float tile_max = kNegInf;
     for (int j = 0; j < nt; ++j) {
       const float* k = cache.key(layer, t0 + j) + kv_head_offset;
       float dot = 0.f;
@@ -75,8 +139,8 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
   }
 }
 
-void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
-                  int head_dim, const ApeParams& ape, float* out) {
+void ApeAttentionReference(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads,
+                           int n_kv_heads, int head_dim, const ApeParams& ape, float* out) {
   const int q_dim = n_heads * head_dim;
   const int group = n_heads / n_kv_heads;
   const float inv_sqrt_d = 1.f / std::sqrt(static_cast<float>(head_dim));
@@ -118,6 +182,578 @@ void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, i
     const float fc = wa * norm / c.l, fo = wb * norm / o.l;
     for (int d = 0; d < head_dim; ++d) oh[d] = fc * c.acc[d] + fo * o.acc[d];
   });
+}
+
+// ======================= Attention as matrix products =======================
+namespace {
+
+// ---- Reading K/V: the one place the kernel touches the cache's storage.
+
+// `count` keys and values of one KV head: key j of the tile is the head_dim
+// floats at k + j * stride (likewise v).
+struct KvTile {
+  const float* k;
+  const float* v;
+  size_t stride;
+  int count;
+};
+
+// Copies keys and values [begin, begin + count) of KV heads [g0, g0 +
+// heads) into `buf` ([2][count][heads * head_dim]: the keys, then the
+// values), asking for the `ahead` rows after them on the way. A plain copy
+// loop keeps many loads in flight where the kernels' access pattern would
+// not. (float16 storage would convert here, 8 values per F16C instruction:
+// nothing else changes.)
+KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_dim, int begin, int count, int ahead,
+                  float* buf) {
+  const size_t stride = cache.kv_dim, off = static_cast<size_t>(g0) * head_dim;
+  const int width = heads * head_dim;
+  const float* k = cache.key(layer, begin) + off;
+  const float* v = cache.value(layer, begin) + off;
+  float* bk = buf;
+  float* bv = buf + static_cast<size_t>(count) * width;
+  for (int j = 0; j < count; ++j) {
+    const float* kj = k + j * stride;
+    const float* vj = v + j * stride;
+    if (j < ahead)
+      for (int d = 0; d < width; d += 64 / sizeof(float)) {
+        _mm_prefetch(reinterpret_cast<const char*>(kj + count * stride + d), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vj + count * stride + d), _MM_HINT_T0);
+      }
+    float* bkj = bk + static_cast<size_t>(j) * width;
+    float* bvj = bv + static_cast<size_t>(j) * width;
+    int d = 0;
+    for (; d + kLanes <= width; d += kLanes) {
+      _mm256_storeu_ps(bkj + d, _mm256_loadu_ps(kj + d));
+      _mm256_storeu_ps(bvj + d, _mm256_loadu_ps(vj + d));
+    }
+    for (; d < width; ++d) bkj[d] = kj[d], bvj[d] = vj[d];
+  }
+  return {bk, bv, static_cast<size_t>(width), count};
+}
+
+// ---- The plan: rows per tile, key chunks, and what each task is.
+
+struct Plan {
+  const float* q;
+  float* out;
+  const KvCache* cache;
+  int n, first_slot, layer, n_heads, n_kv_heads, head_dim, group;
+  int context_begin, context_end;  // block C = slots [begin, end)
+  float o_scale, c_scale;          // logit scales, base 2: log2(e)/sqrt(d), log2(e)/(T sqrt(d))
+  float st;                        // S*T
+  int rows_per_tile, row_tiles, chunks;
+  int heads_per_task;   // KV heads of a task: 1, or all when lanes are few
+  int64_t tasks;        // (KV heads, row tile, key chunk) triples
+  int key_tile;         // keys per tile, all of a task's KV heads together
+  size_t state_floats;  // the C and O states of one task's lanes
+};
+
+// A task: KV heads [g0, g0 + heads), query rows [r0, r0 + rows), chunk
+// `chunk` of their keys. Each KV head has head_vectors vectors of lanes:
+// lane = (KV head - g0) * 8 head_vectors + row * group + head in the group.
+struct Task {
+  int g0, heads, r0, rows, chunk;
+  int head_lanes;    // rows * group
+  int head_vectors;  // head_lanes rounded up to whole vectors
+  int vectors;       // heads * head_vectors
+};
+
+inline int CeilDiv(int a, int b) { return (a + b - 1) / b; }
+
+// Lanes per C or O state, for a task of `vectors` vectors: m[lanes],
+// l[lanes], acc[lanes * head_dim].
+inline size_t StateFloats(int vectors, int head_dim) { return static_cast<size_t>(vectors) * kLanes * (head_dim + 2); }
+
+Plan MakePlan(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+              int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& opt) {
+  Plan p{};
+  p.q = q;
+  p.out = out;
+  p.cache = &cache;
+  p.n = n;
+  p.first_slot = first_slot;
+  p.layer = layer;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.group = n_heads / n_kv_heads;
+  p.context_begin = ape.context_begin;
+  p.context_end = ape.context_end;
+  p.o_scale = kLog2E / std::sqrt(static_cast<float>(head_dim));
+  p.c_scale = p.o_scale / ape.temperature;
+  p.st = ape.scale * ape.temperature;
+  // Rows per tile: a multiple of `unit` fills whole vectors with lanes.
+  const int unit = kLanes / std::gcd(p.group, kLanes);
+  p.rows_per_tile = std::min(n, unit * std::max(1, opt.target_lanes / (unit * p.group)));
+  p.row_tiles = CeilDiv(n, p.rows_per_tile);
+  // With one lane block per KV head (decode, a few rows) a task is bound by
+  // memory: it takes every KV head, so that it reads whole cache rows (one
+  // head's part of each row comes at about half the bandwidth).
+  const int head_vectors = CeilDiv(p.rows_per_tile * p.group, kLanes);
+  p.heads_per_task = head_vectors <= 3 ? n_kv_heads : 1;
+  p.key_tile = std::max(1, opt.key_tile / p.heads_per_task);
+  // Split-K when (KV heads, row tile) tasks alone cannot keep the threads busy.
+  const int tasks = n_kv_heads / p.heads_per_task * p.row_tiles, wanted = 4 * ComputeThreads();
+  const int keys = first_slot + n;
+  p.chunks = 1;
+  if (tasks < wanted)
+    p.chunks = std::clamp(CeilDiv(wanted, tasks), 1, std::max(1, keys / std::max(1, opt.min_chunk_keys)));
+  p.tasks = static_cast<int64_t>(tasks) * p.chunks;
+  p.state_floats = 2 * StateFloats(p.heads_per_task * head_vectors, head_dim);
+  return p;
+}
+
+// Task `i`: the last row tiles (which see the most keys) come first.
+inline Task TaskAt(const Plan& p, int64_t i) {
+  Task t;
+  t.chunk = static_cast<int>(i % p.chunks);
+  const int64_t rest = i / p.chunks;
+  const int head_sets = p.n_kv_heads / p.heads_per_task;
+  t.heads = p.heads_per_task;
+  t.g0 = static_cast<int>(rest % head_sets) * t.heads;
+  const int rt = p.row_tiles - 1 - static_cast<int>(rest / head_sets);
+  t.r0 = rt * p.rows_per_tile;
+  t.rows = std::min(p.rows_per_tile, p.n - t.r0);
+  t.head_lanes = t.rows * p.group;
+  t.head_vectors = CeilDiv(t.head_lanes, kLanes);
+  t.vectors = t.heads * t.head_vectors;
+  return t;
+}
+
+// The running softmax states of a task's lanes for one key block (C or O).
+// Lanes go in blocks of BlockVectors() vectors (ForEachBlock); the block of lanes
+// [b0, b0 + w) keeps acc[d][lane] at acc[b0 * head_dim + d * w + (lane - b0)].
+struct LaneStates {
+  float* m;    // [lanes] running max; -inf until a key is seen
+  float* l;    // [lanes] sum of exp(s_j - m)
+  float* acc;  // [lanes * head_dim] sum of exp(s_j - m) v_j, per lane block
+};
+
+inline LaneStates StatesAt(float* base, int vectors) {
+  const int lanes = vectors * kLanes;
+  return {base, base + lanes, base + 2 * lanes};
+}
+
+inline void ResetStates(const LaneStates& s, int vectors, int head_dim) {
+  const int lanes = vectors * kLanes;
+  std::fill(s.m, s.m + lanes, kNegInf);
+  std::fill(s.l, s.l + lanes, 0.f);
+  std::fill(s.acc, s.acc + static_cast<size_t>(lanes) * head_dim, 0.f);
+}
+
+// Lane blocks are 3 vectors (24 lanes) when they can be; 4 vectors left go
+// as 2 + 2, not 3 + 1 (a one-vector block runs the slowest kernels).
+inline int BlockVectors(int vectors_left) { return vectors_left == 4 ? 2 : std::min(vectors_left, 3); }
+
+// Calls f(KV head - g0, first lane, vectors) for each lane block of a task.
+template <typename F>
+void ForEachBlock(const Task& t, const F& f) {
+  for (int hi = 0; hi < t.heads; ++hi)
+    for (int v0 = 0, w = 0; v0 < t.head_vectors; v0 += w) {
+      w = BlockVectors(t.head_vectors - v0);
+      f(hi, (hi * t.head_vectors + v0) * kLanes, w);
+    }
+}
+
+// Calls f(lane, block's first lane, block width, row, query head) for the
+// task's real lanes (not the padding of a KV head's last vector).
+template <typename F>
+void ForEachLane(const Plan& p, const Task& t, const F& f) {
+  ForEachBlock(t, [&](int hi, int b0, int w) {
+    const int head_first = hi * t.head_vectors * kLanes;
+    for (int lane = b0; lane < std::min(b0 + w * kLanes, head_first + t.head_lanes); ++lane) {
+      const int i = lane - head_first;
+      f(lane, b0, w * kLanes, t.r0 + i / p.group, (t.g0 + hi) * p.group + i % p.group);
+    }
+  });
+}
+
+// ---- Kernels on one lane block of NV vectors (W = 8 NV lanes).
+//
+// The accumulators are arrays of registers; the loops over them are unrolled
+// by pragma, as GCC otherwise stores every accumulator to the stack on every
+// step (3x slower).
+
+// Where the score kernel leaves a tile: s[j][lane] = score * scale, -inf
+// after the lane's last visible slot when `last` is given, and each lane's
+// running maximum. All in memory on purpose: held in registers across the
+// kernel's loop they would push its accumulators onto the stack.
+struct ScoreOut {
+  float* s;             // [keys][W]
+  float* max;           // [W]
+  const float* scale;   // the logit scale
+  const int32_t* last;  // [W] each lane's last visible slot, or nullptr
+};
+
+// S[j][lane] = sum_d K[j][d] Qt[d][lane] for MR keys from slot `slot`:
+// MR x NV accumulators, K broadcast from its row, Qt one vector load per
+// (d, vector); then scaled, masked and stored, and the maxima raised.
+template <int MR, int NV>
+inline void ScoreKeys(const float* k, size_t k_stride, const float* qt, int head_dim, int slot, const ScoreOut& out) {
+  constexpr int W = NV * kLanes;
+  __m256 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int d = 0; d < head_dim; ++d) {
+    __m256 qv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qt + d * W + v * kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m256 kb = _mm256_broadcast_ss(k + i * k_stride + d);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(kb, qv[v], acc[i][v]);
+    }
+  }
+  const __m256 scale = _mm256_broadcast_ss(out.scale);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      __m256 x = _mm256_mul_ps(acc[i][v], scale);
+      if (out.last != nullptr) {
+        const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out.last + v * kLanes));
+        const __m256i hidden = _mm256_cmpgt_epi32(_mm256_set1_epi32(slot + i), last);
+        x = _mm256_blendv_ps(x, _mm256_set1_ps(kNegInf), _mm256_castsi256_ps(hidden));
+      }
+      _mm256_storeu_ps(out.s + i * W + v * kLanes, x);
+      float* max = out.max + v * kLanes;
+      _mm256_storeu_ps(max, _mm256_max_ps(_mm256_loadu_ps(max), x));
+    }
+}
+
+// The last `rest` (< MR) keys of a tile, with a kernel of exactly that height.
+template <int NV, int MR>
+inline void ScoreRest(const float* k, size_t k_stride, int rest, const float* qt, int head_dim, int slot,
+                      const ScoreOut& out) {
+  if constexpr (MR > 0) {
+    if (rest == MR) return ScoreKeys<MR, NV>(k, k_stride, qt, head_dim, slot, out);
+    ScoreRest<NV, MR - 1>(k, k_stride, rest, qt, head_dim, slot, out);
+  }
+}
+
+// S = K_tile Qt for the nt keys of a tile from slot slot0, into `out`.
+template <int NV>
+void ScoreTile(const KvTile& kv, const float* qt, int head_dim, int slot0, const ScoreOut& out) {
+  constexpr int MR = NV == 3 ? 4 : NV == 2 ? 6 : 8;  // 12 (or 8) accumulators of 16 registers
+  std::fill(out.max, out.max + NV * kLanes, kNegInf);
+  int j = 0;
+  for (; j + MR <= kv.count; j += MR) {
+    const ScoreOut at{out.s + j * NV * kLanes, out.max, out.scale, out.last};
+    ScoreKeys<MR, NV>(kv.k + j * kv.stride, kv.stride, qt, head_dim, slot0 + j, at);
+  }
+  const ScoreOut at{out.s + j * NV * kLanes, out.max, out.scale, out.last};
+  ScoreRest<NV, MR - 1>(kv.k + j * kv.stride, kv.stride, kv.count - j, qt, head_dim, slot0 + j, at);
+}
+
+// acc[d][lane] += sum_j V[j][d] P[j][lane] for MD dims: MD x NV accumulators
+// kept in registers over the whole tile.
+template <int MD, int NV>
+inline void AddValues(const float* v, size_t v_stride, int nt, const float* p, float* acc) {
+  constexpr int W = NV * kLanes;
+  __m256 a[MD][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MD; ++i)
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; ++u) a[i][u] = _mm256_loadu_ps(acc + i * W + u * kLanes);
+  for (int j = 0; j < nt; ++j) {
+    __m256 pv[NV];
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; ++u) pv[u] = _mm256_loadu_ps(p + j * W + u * kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < MD; ++i) {
+      const __m256 vb = _mm256_broadcast_ss(v + j * v_stride + i);
+#pragma GCC unroll 16
+      for (int u = 0; u < NV; ++u) a[i][u] = _mm256_fmadd_ps(vb, pv[u], a[i][u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MD; ++i)
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc + i * W + u * kLanes, a[i][u]);
+}
+
+template <int NV, int MD>
+inline void AddValuesRest(const float* v, size_t v_stride, int nt, int rest, const float* p, float* acc) {
+  if constexpr (MD > 0) {
+    if (rest == MD) return AddValues<MD, NV>(v, v_stride, nt, p, acc);
+    AddValuesRest<NV, MD - 1>(v, v_stride, nt, rest, p, acc);
+  }
+}
+
+// acc += V_tile^T P for the nt keys of a tile.
+template <int NV>
+void AddValueTile(const float* v, size_t v_stride, int nt, const float* p, int head_dim, float* acc) {
+  constexpr int MD = NV == 3 ? 4 : NV == 2 ? 6 : 8;
+  int d = 0;
+  for (; d + MD <= head_dim; d += MD) AddValues<MD, NV>(v + d, v_stride, nt, p, acc + d * NV * kLanes);
+  AddValuesRest<NV, MD - 1>(v + d, v_stride, nt, head_dim - d, p, acc + d * NV * kLanes);
+}
+
+// Online softmax over one scored tile, down each lane: raises m to the
+// tile's maximum and rescales l and acc where it grew, then turns the scores
+// into p = 2^(s - m) in place and adds them to l.
+template <int NV>
+void UpdateSoftmax(float* s, int nt, const float* tile_max, bool masked, float* m, float* l, float* acc, int head_dim) {
+  constexpr int W = NV * kLanes;
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  // A lane that has seen no key yet keeps m = -inf; its p are all masked to
+  // 0, so its exponentials are taken against 0 instead.
+  __m256 m_ref[NV], alpha[NV];
+  int grew = 0;
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __m256 m_old = _mm256_loadu_ps(m + v * kLanes);
+    const __m256 m_new = _mm256_max_ps(m_old, _mm256_loadu_ps(tile_max + v * kLanes));
+    grew |= _mm256_movemask_ps(_mm256_cmp_ps(m_new, m_old, _CMP_GT_OQ));
+    m_ref[v] = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
+    alpha[v] = _mm256_and_ps(Exp2V(_mm256_sub_ps(m_old, m_ref[v])), _mm256_cmp_ps(m_old, neg_inf, _CMP_NEQ_OQ));
+    _mm256_storeu_ps(m + v * kLanes, m_new);
+  }
+  if (grew) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(l + v * kLanes, _mm256_mul_ps(_mm256_loadu_ps(l + v * kLanes), alpha[v]));
+    for (int d = 0; d < head_dim; ++d)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        float* a = acc + d * W + v * kLanes;
+        _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), alpha[v]));
+      }
+  }
+  __m256 sum[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
+  for (int j = 0; j < nt; ++j)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __m256 x = _mm256_loadu_ps(s + j * W + v * kLanes);
+      __m256 p = Exp2V(_mm256_sub_ps(x, m_ref[v]));
+      if (masked) p = _mm256_and_ps(p, _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
+      _mm256_storeu_ps(s + j * W + v * kLanes, p);
+      sum[v] = _mm256_add_ps(sum[v], p);
+    }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(l + v * kLanes, _mm256_add_ps(_mm256_loadu_ps(l + v * kLanes), sum[v]));
+}
+
+// One tile of keys for one lane block: S = K Q^T, softmax, acc += V^T P.
+template <int NV>
+void AttendTile(const KvTile& kv, int slot0, const ScoreOut& out, const float* qt, int head_dim, float* m, float* l,
+                float* acc) {
+  ScoreTile<NV>(kv, qt, head_dim, slot0, out);
+  UpdateSoftmax<NV>(out.s, kv.count, out.max, out.last != nullptr, m, l, acc, head_dim);
+  AddValueTile<NV>(kv.v, kv.stride, kv.count, out.s, head_dim, acc);
+}
+
+// ---- A task: pack the lanes, walk the key tiles, leave the states.
+
+// A worker thread's buffers, grown on first use and kept.
+struct Scratch {
+  std::vector<float> qt;                                         // [lane block][head_dim][block width]
+  std::vector<int32_t> last;                                     // [lanes] last visible slot
+  std::vector<float> s;                                          // [key_tile][24] scores, then p
+  std::vector<float> tile_max = std::vector<float>(3 * kLanes);  // [24] per lane
+  std::vector<float> states;                                     // C and O states when the task finalizes itself
+  std::vector<float> kv;                                         // [2][key_tile][heads][head_dim] a K/V tile
+  void Reserve(const Plan& p, int vectors) {
+    const size_t lanes = static_cast<size_t>(vectors) * kLanes;
+    if (qt.size() < lanes * p.head_dim) qt.resize(lanes * p.head_dim);
+    if (last.size() < lanes) last.resize(lanes);
+    if (s.size() < static_cast<size_t>(p.key_tile) * 3 * kLanes) s.resize(static_cast<size_t>(p.key_tile) * 3 * kLanes);
+    const size_t tile = 2 * static_cast<size_t>(p.key_tile) * p.heads_per_task * p.head_dim;
+    if (states.size() < p.state_floats) states.resize(p.state_floats);
+    if (kv.size() < tile) kv.resize(tile);
+  }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// Qt per lane block (padding lanes are zero) and each lane's last slot.
+void PackLanes(const Plan& p, const Task& t, float* qt, int32_t* last) {
+  const int hd = p.head_dim;
+  ForEachBlock(t, [&](int hi, int b0, int w) {
+    const int head_first = hi * t.head_vectors * kLanes, width = w * kLanes;
+    float* block = qt + static_cast<size_t>(b0) * hd;
+    for (int lane = b0; lane < b0 + width; ++lane) {
+      const int i = lane - head_first, col = lane - b0;
+      last[lane] = p.first_slot + t.r0 + std::min(i, t.head_lanes - 1) / p.group;
+      if (i >= t.head_lanes) {
+        for (int d = 0; d < hd; ++d) block[d * width + col] = 0.f;
+        continue;
+      }
+      const int row = t.r0 + i / p.group, h = (t.g0 + hi) * p.group + i % p.group;
+      const float* qh = p.q + (static_cast<size_t>(row) * p.n_heads + h) * hd;
+      for (int d = 0; d < hd; ++d) block[d * width + col] = qh[d];
+    }
+  });
+}
+
+// Keys [begin, end) of the task into the C and O states. The range is cut
+// where C starts and ends and where the causal diagonal starts (after the
+// first row's last slot): every piece is all C or all O, and only the
+// diagonal pieces are masked.
+void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, const LaneStates& c,
+                const LaneStates& o) {
+  const int hd = p.head_dim, first_row_last = p.first_slot + t.r0;
+  for (int pos = begin, next = 0; pos < end; pos = next) {
+    next = end;
+    for (int cut : {p.context_begin, p.context_end, first_row_last + 1})
+      if (cut > pos && cut < next) next = cut;
+    const bool in_c = pos >= p.context_begin && pos < p.context_end;
+    const bool masked = pos > first_row_last;
+    const LaneStates& st = in_c ? c : o;
+    const float* scale = in_c ? &p.c_scale : &p.o_scale;
+    for (int t0 = pos; t0 < next; t0 += p.key_tile) {
+      const int nt = std::min(p.key_tile, next - t0);
+      const int ahead = std::min(p.key_tile, end - (t0 + nt));  // the task's next keys
+      const KvTile kv = LoadKvTile(*p.cache, p.layer, t.g0, t.heads, hd, t0, nt, ahead, sc.kv.data());
+      ForEachBlock(t, [&](int hi, int b0, int w) {
+        const KvTile head{kv.k + hi * hd, kv.v + hi * hd, kv.stride, kv.count};
+        const ScoreOut out{sc.s.data(), sc.tile_max.data(), scale, masked ? sc.last.data() + b0 : nullptr};
+        const float* qt = sc.qt.data() + static_cast<size_t>(b0) * hd;
+        float* acc = st.acc + static_cast<size_t>(b0) * hd;
+        if (w == 3) AttendTile<3>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+        if (w == 2) AttendTile<2>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+        if (w == 1) AttendTile<1>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+      });
+    }
+  }
+}
+
+// ---- The end of a row: merge key chunks, then the APE merge.
+
+// into += from: two softmax states over disjoint keys, taken to the larger max.
+void MergeStates(const Plan& p, const Task& t, const LaneStates& into, const LaneStates& from) {
+  const int head_dim = p.head_dim;
+  ForEachLane(p, t, [&](int lane, int b0, int width, int, int) {
+    const float m = std::max(into.m[lane], from.m[lane]);
+    if (m == kNegInf) return;  // neither saw a key
+    const float fi = into.m[lane] == kNegInf ? 0.f : std::exp2(into.m[lane] - m);
+    const float ff = from.m[lane] == kNegInf ? 0.f : std::exp2(from.m[lane] - m);
+    into.m[lane] = m;
+    into.l[lane] = into.l[lane] * fi + from.l[lane] * ff;
+    const size_t base = static_cast<size_t>(b0) * head_dim + (lane - b0);
+    for (int d = 0; d < head_dim; ++d) {
+      const size_t k = base + static_cast<size_t>(d) * width;
+      into.acc[k] = into.acc[k] * fi + from.acc[k] * ff;
+    }
+  });
+}
+
+// out = fc * acc_C + fo * acc_O per lane, as in APE.md, with its two
+// degenerate cases.
+void Finalize(const Plan& p, const Task& t, const LaneStates& c, const LaneStates& o) {
+  const int hd = p.head_dim;
+  ForEachLane(p, t, [&](int lane, int b0, int width, int row, int h) {
+    float fc, fo;
+    if (c.l[lane] == 0.f) {  // no context block visible: ordinary attention, out = O_O
+      fc = 0.f;
+      fo = 1.f / o.l[lane];
+    } else if (o.l[lane] == 0.f) {  // no O keys visible (a row inside C): out = O_C
+      fc = 1.f / c.l[lane];
+      fo = 0.f;
+    } else {  // a = S*T * log Z_C, b = log Z_O (m in base 2), weights e^a and e^b
+      const float a = p.st * (kLn2 * c.m[lane] + std::log(c.l[lane]));
+      const float b = kLn2 * o.m[lane] + std::log(o.l[lane]);
+      const float mx = std::max(a, b);
+      const float wa = std::exp(a - mx), wb = std::exp(b - mx);
+      const float norm = 1.f / (wa + wb);
+      fc = wa * norm / c.l[lane];
+      fo = wb * norm / o.l[lane];
+    }
+    float* oh = p.out + (static_cast<size_t>(row) * p.n_heads + h) * hd;
+    const size_t base = static_cast<size_t>(b0) * hd + (lane - b0);
+    for (int d = 0; d < hd; ++d) {
+      const size_t k = base + static_cast<size_t>(d) * width;
+      oh[d] = fc * c.acc[k] + fo * o.acc[k];
+    }
+  });
+}
+
+// Split-K, in the calling thread's buffers: every chunk leaves its states in
+// `states` (task i at i * state_floats), and `done` counts the finished
+// chunks of each (KV heads, row tile); the chunk that finishes last merges.
+struct SplitK {
+  float* states;
+  std::atomic<int>* done;
+};
+
+inline void TaskStates(const Plan& p, const Task& t, float* base, LaneStates* c, LaneStates* o) {
+  *c = StatesAt(base, t.vectors);
+  *o = StatesAt(base + StateFloats(t.vectors, p.head_dim), t.vectors);
+}
+
+// Chunk 0 of the (KV heads, row tile) whose first task is `first` takes in
+// the other chunks, then its rows are finalized.
+void MergeChunks(const Plan& p, int64_t first, float* states) {
+  const Task t = TaskAt(p, first);
+  LaneStates c, o;
+  TaskStates(p, t, states + first * p.state_floats, &c, &o);
+  for (int k = 1; k < p.chunks; ++k) {
+    LaneStates ck, ok;
+    TaskStates(p, t, states + (first + k) * p.state_floats, &ck, &ok);
+    MergeStates(p, t, c, ck);
+    MergeStates(p, t, o, ok);
+  }
+  Finalize(p, t, c, o);
+}
+
+// Task i: its keys into fresh C and O states, then the rows' outputs (or,
+// split, the states for the last chunk to merge).
+void RunTask(const Plan& p, int64_t i, const SplitK* split) {
+  const Task t = TaskAt(p, i);
+  Scratch& sc = ThreadScratch();
+  sc.Reserve(p, t.vectors);
+  LaneStates c, o;
+  TaskStates(p, t, split != nullptr ? split->states + i * p.state_floats : sc.states.data(), &c, &o);
+  ResetStates(c, t.vectors, p.head_dim);
+  ResetStates(o, t.vectors, p.head_dim);
+  PackLanes(p, t, sc.qt.data(), sc.last.data());
+  // The task's rows see slots [0, keys); chunk `t.chunk` of them.
+  const int keys = p.first_slot + t.r0 + t.rows, per = CeilDiv(keys, p.chunks);
+  const int begin = std::min(keys, t.chunk * per), end = std::min(keys, begin + per);
+  AttendKeys(p, t, begin, end, sc, c, o);
+  if (split == nullptr) {
+    Finalize(p, t, c, o);
+    return;
+  }
+  // Release our states to, or acquire the others' as, the last chunk.
+  if (split->done[i / p.chunks].fetch_add(1, std::memory_order_acq_rel) == p.chunks - 1)
+    MergeChunks(p, i - t.chunk, split->states);
+}
+
+}  // namespace
+
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& options) {
+  if (n <= 0) return;
+  const Plan p = MakePlan(q, n, first_slot, cache, layer, n_heads, n_kv_heads, head_dim, ape, out, options);
+  if (p.chunks == 1) {
+    ParallelFor(p.tasks, /*dynamic=*/true, [&](int64_t i) { RunTask(p, i, nullptr); });
+    return;
+  }
+  // Split-K: the chunks' states and counters, kept by the calling thread.
+  thread_local std::vector<float> states;
+  thread_local std::unique_ptr<std::atomic<int>[]> done;
+  thread_local int64_t done_size = 0;
+  const int64_t rows_tasks = p.tasks / p.chunks;
+  if (states.size() < p.tasks * p.state_floats) states.resize(p.tasks * p.state_floats);
+  if (done_size < rows_tasks) done.reset(new std::atomic<int>[done_size = rows_tasks]);
+  for (int64_t i = 0; i < rows_tasks; ++i) done[i].store(0, std::memory_order_relaxed);
+  const SplitK split{states.data(), done.get()};
+  ParallelFor(p.tasks, /*dynamic=*/true, [&](int64_t i) { RunTask(p, i, &split); });
+}
+
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out) {
+  ApeAttention(q, n, first_slot, cache, layer, n_heads, n_kv_heads, head_dim, ape, out, ApeKernelOptions{});
 }
 
 }  // namespace ape

@@ -18,6 +18,30 @@ struct ApeParams {
   float scale = 1.f;        // S: the context LSE is multiplied by S*T
 };
 
+// Multi-head APE attention for `n` query rows at slots first_slot..+n-1 of
+// `cache` (their K/V already written and rotated). q and out are
+// [n][n_heads][head_dim]. Row i sees slots [0, first_slot + i]: slots in the
+// context range form block C, the rest (prefix, query, generated) block O.
+// Computed as matrix products: the rows and query heads of one KV head are
+// stacked, keys go by tiles. Runs on ComputeThreads() threads over (KV heads,
+// row tile, key chunk) tasks; a decode row splits its keys into chunks.
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out);
+
+// How ApeAttention blocks the work. The defaults suit head_dim 64-128 with
+// AVX2; tests pass small values to reach every path on small caches.
+struct ApeKernelOptions {
+  int key_tile = 128;        // keys scored per step, per (KV head, row tile)
+  int target_lanes = 224;    // (query row, head) pairs per task, rounded to whole rows
+  int min_chunk_keys = 512;  // split-K: a key chunk is never smaller than this
+};
+
+// ApeAttention with explicit blocking (same result up to rounding).
+void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                  int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& options);
+
+// ---- Reference kernel: one (row, head) at a time, for tests and benchmarks.
+
 // Running softmax state over a set of keys, flash-attention style:
 //   m = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) v_j
 // so that log Z = m + log l and the normalised output is acc / l.
@@ -32,13 +56,10 @@ struct AttentionState {
 void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset, int head_dim, int begin,
                      int end, float logit_scale, AttentionState* st);
 
-// Multi-head APE attention for `n` query rows at slots first_slot..+n-1 of
-// `cache` (their K/V already written and rotated). q and out are
-// [n][n_heads][head_dim]. Row i sees slots [0, first_slot + i]: slots in the
-// context range form block C, the rest (prefix, query, generated) block O.
-// Runs on ComputeThreads() threads over (row, head) pairs.
-void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
-                  int head_dim, const ApeParams& ape, float* out);
+// Same contract as ApeAttention, one task per (row, head), keys one at a
+// time: the plain form of APE.md section 3 that ApeAttention is tested against.
+void ApeAttentionReference(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads,
+                           int n_kv_heads, int head_dim, const ApeParams& ape, float* out);
 
 }  // namespace ape
 

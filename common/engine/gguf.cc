@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/engine/byte_reader.h"
 #include "common/engine/half.h"
+#include "common/engine/quant.h"
 #include "common/engine/status_macros.h"
 
 namespace ape {
@@ -164,13 +165,13 @@ int GgmlBlockBytes(uint32_t type) {
     case GgmlType::kF32: return 4;
     case GgmlType::kF16:
     case GgmlType::kBF16: return 2;
-    case GgmlType::kQ4_0: return 2 + 16;        // f16 d, 32 nibbles
-    case GgmlType::kQ5_0: return 2 + 4 + 16;    // f16 d, 32 high bits, 32 nibbles
-    case GgmlType::kQ8_0: return 2 + 32;        // f16 d, 32 int8
-    case GgmlType::kQ4_K: return 2 + 2 + 12 + 128;        // d, dmin, scales, nibbles
-    case GgmlType::kQ5_K: return 2 + 2 + 12 + 32 + 128;   // + 256 high bits
-    case GgmlType::kQ6_K: return 128 + 64 + 16 + 2;       // ql, qh, scales, d
-    case GgmlType::kQ8_K: return 4 + 256 + 2 * 16;        // f32 d, int8, bsums
+    case GgmlType::kQ4_0: return 2 + 16;                 // f16 d, 32 nibbles
+    case GgmlType::kQ5_0: return 2 + 4 + 16;             // f16 d, 32 high bits, 32 nibbles
+    case GgmlType::kQ8_0: return 2 + 32;                 // f16 d, 32 int8
+    case GgmlType::kQ4_K: return 2 + 2 + 12 + 128;       // d, dmin, scales, nibbles
+    case GgmlType::kQ5_K: return 2 + 2 + 12 + 32 + 128;  // + 256 high bits
+    case GgmlType::kQ6_K: return 128 + 64 + 16 + 2;      // ql, qh, scales, d
+    case GgmlType::kQ8_K: return 4 + 256 + 2 * 16;       // f32 d, int8, bsums
   }
   return 0;
 }
@@ -367,41 +368,12 @@ absl::StatusOr<const GgufTensor*> GgufFile::FindTensor(const std::string& name) 
 }
 
 absl::Status DequantizeTensor(const GgufTensor& t, float* out) {
-  const uint8_t* p = t.data.data();
-  const uint64_t n = t.num_elements;
-  if (t.data.empty()) {
-    return absl::UnimplementedError(absl::StrCat("tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type,
-                                                 "); supported: F32, F16, BF16, Q8_0"));
+  if (t.data.empty() || !IsWeightType(static_cast<GgmlType>(t.type))) {
+    return absl::UnimplementedError(
+        absl::StrCat("tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type, "), which is not supported"));
   }
-  switch (static_cast<GgmlType>(t.type)) {
-    case GgmlType::kF32: std::memcpy(out, p, n * 4); return absl::OkStatus();
-    case GgmlType::kF16:
-      for (uint64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        out[i] = HalfToFloat(h);
-      }
-      return absl::OkStatus();
-    case GgmlType::kBF16:
-      for (uint64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        out[i] = Bf16ToFloat(h);
-      }
-      return absl::OkStatus();
-    case GgmlType::kQ8_0:
-      for (uint64_t b = 0; b < n / 32; ++b) {
-        const uint8_t* block = p + b * 34;
-        uint16_t dh;
-        std::memcpy(&dh, block, 2);
-        const float d = HalfToFloat(dh);
-        const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-        for (uint64_t j = 0; j < 32; ++j) out[b * 32 + j] = d * q[j];
-      }
-      return absl::OkStatus();
-  }
-  return absl::UnimplementedError(
-      absl::StrCat("tensor ", t.name, " has type ", GgmlTypeName(t.type), " (", t.type, "), which is not supported"));
+  DequantizeRow(static_cast<GgmlType>(t.type), t.data.data(), out, static_cast<int64_t>(t.num_elements));
+  return absl::OkStatus();
 }
 
 }  // namespace ape

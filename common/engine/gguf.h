@@ -123,8 +123,9 @@ class GgufFile {
   std::span<const uint8_t> data_section_;
 };
 
-// Converts a tensor of type F32, F16, BF16 or Q8_0 to float32 into `out`
-// (num_elements floats). UNIMPLEMENTED for other types.
+// Converts a tensor of a weight type (quant.h: F32, F16, BF16, Q8_0, Q4_0,
+// Q4_K, Q6_K) to float32 into `out` (num_elements floats). UNIMPLEMENTED for
+// other types.
 absl::Status DequantizeTensor(const GgufTensor& tensor, float* out);
 
 }  // namespace ape

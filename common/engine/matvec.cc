@@ -1,8 +1,13 @@
 #include "common/engine/matvec.h"
 
-#include "common/engine/threading.h"
-
+#include <cblas.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/engine/quant.h"
+#include "common/engine/threading.h"
 
 namespace ape {
 namespace {
@@ -70,6 +75,69 @@ void MatVec(const float* w, const float* x, float* y, int out, int in) {
     for (int b = 0; b < blocks; ++b) FourRows(w, x, y, 4 * b, in);
   }
   for (int r = blocks * 4; r < out; ++r) OneRow(w, x, y, r, in);
+}
+
+namespace {
+
+constexpr int kRowsPerTask = 16;  // DotRows rows per parallel task
+
+// Few tokens: each token's activations in the type's partner form, then
+// every task takes a band of rows and runs all tokens over it (the band
+// stays in cache between tokens).
+void DotRowsMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
+  const size_t act_bytes = ActivationBytes(w.type, w.cols);
+  thread_local std::vector<uint8_t> act;
+  if (act.size() < act_bytes * n) act.resize(act_bytes * n);
+  // (A pointer, not the thread_local itself: the team's threads have their own.)
+  uint8_t* const acts = act.data();
+  for (int t = 0; t < n; ++t)
+    PrepareActivations(w.type, x + static_cast<size_t>(t) * w.cols, w.cols, acts + t * act_bytes);
+  const int tasks = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
+  auto band = [&](int64_t task) {
+    const int r0 = static_cast<int>(task) * kRowsPerTask, rows = std::min(kRowsPerTask, w.rows - r0);
+    for (int t = 0; t < n; ++t) {
+      DotRows(w.type, w.row(r0), w.row_bytes, rows, acts + t * act_bytes, w.cols,
+              y + static_cast<size_t>(t) * ldy + r0);
+    }
+  };
+  if (static_cast<int64_t>(w.rows) * w.cols >= (1 << 16)) {
+    ParallelFor(tasks, /*dynamic=*/false, band);
+  } else {
+    for (int task = 0; task < tasks; ++task) band(task);
+  }
+}
+
+// Many tokens: bands of rows converted to float32 (in parallel), each
+// multiplied with sgemm into its columns of y.
+void ConvertedMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
+  constexpr size_t kTileFloats = size_t{4} << 20;  // 16 MB of float32 rows
+  const int tile_rows = static_cast<int>(std::clamp<size_t>(kTileFloats / w.cols, 64, w.rows));
+  thread_local std::vector<float> tile;
+  if (tile.size() < static_cast<size_t>(tile_rows) * w.cols) tile.resize(static_cast<size_t>(tile_rows) * w.cols);
+  for (int r0 = 0; r0 < w.rows; r0 += tile_rows) {
+    const int rows = std::min(tile_rows, w.rows - r0);
+    float* t = tile.data();
+    ParallelFor(rows, /*dynamic=*/false,
+                [&](int64_t r) { DequantizeRow(w.type, w.row(r0 + static_cast<int>(r)), t + r * w.cols, w.cols); });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, w.cols, 1.f, x, w.cols, t, w.cols, 0.f, y + r0, ldy);
+  }
+}
+
+}  // namespace
+
+void MatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
+  const auto* wf = reinterpret_cast<const float*>(w.data);
+  if (w.type == GgmlType::kF32) {
+    if (n == 1) {
+      MatVec(wf, x, y, w.rows, w.cols);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, w.rows, w.cols, 1.f, x, w.cols, wf, w.cols, 0.f, y, ldy);
+    }
+  } else if (n <= kDotRowsMaxTokens || ActivationType(w.type) != GgmlType::kF32) {
+    DotRowsMatMul(x, n, w, y, ldy);
+  } else {
+    ConvertedMatMul(x, n, w, y, ldy);
+  }
 }
 
 }  // namespace ape

@@ -13,6 +13,7 @@
 #include "common/engine/byte_reader.h"
 #include "common/engine/gguf.h"
 #include "common/engine/mapped_file.h"
+#include "common/engine/quant.h"
 #include "common/engine/status_macros.h"
 #include "xxhash.h"
 
@@ -23,6 +24,14 @@ int64_t ModelConfig::num_params() const {
   if (qkv_bias) per_layer += q_dim() + 2LL * kv_dim();
   if (qk_norm) per_layer += 2LL * head_dim;
   return int64_t{vocab_size} * dim * (tied_output ? 1 : 2) + n_layers * per_layer + dim;
+}
+
+uint64_t ModelWeights::MatrixBytes() const {
+  uint64_t n = tok_emb.bytes() + wcls.bytes();
+  for (const LayerWeights& l : layers) {
+    for (const WeightMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) n += m->bytes();
+  }
+  return n;
 }
 
 std::string Model::CanonicalConfig() const {
@@ -87,10 +96,17 @@ class ModelLoader {
  public:
   // `what` names the file in errors; `tokenizer` is a llama2.c tokenizer
   // file's bytes, named `tokenizer_what`.
-  static absl::StatusOr<std::unique_ptr<Model>> Llama2c(std::span<const uint8_t> bytes, const std::string& what,
+  // The matrices stay views into `bytes`, which `owner` keeps alive.
+  static absl::StatusOr<std::unique_ptr<Model>> Llama2c(std::span<const uint8_t> bytes,
+                                                        std::shared_ptr<const void> owner, const std::string& what,
                                                         std::span<const uint8_t> tokenizer,
                                                         const std::string& tokenizer_what);
-  static absl::StatusOr<std::unique_ptr<Model>> Gguf(std::span<const uint8_t> bytes, const std::string& what);
+  static absl::StatusOr<std::unique_ptr<Model>> Gguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner,
+                                                     const std::string& what);
+  static absl::StatusOr<std::unique_ptr<Model>> Parse(std::span<const uint8_t> model_bytes,
+                                                      std::shared_ptr<const void> owner, const std::string& what,
+                                                      std::span<const uint8_t> tokenizer_bytes,
+                                                      const std::string& tokenizer_what);
 
  private:
   static void Fingerprint(Model& m, const std::vector<std::span<const uint8_t>>& weight_bytes);
@@ -114,7 +130,8 @@ void ModelLoader::Fingerprint(Model& m, const std::vector<std::span<const uint8_
 // llama2.c checkpoint: 7 x int32 header (dim, hidden_dim, n_layers, n_heads,
 // n_kv_heads, vocab_size, seq_len; negative vocab_size = untied classifier),
 // then float32 arrays in llama2.c's order (see TransformerWeights in run.c).
-absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Llama2c(std::span<const uint8_t> bytes, const std::string& what,
+absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Llama2c(std::span<const uint8_t> bytes,
+                                                            std::shared_ptr<const void> owner, const std::string& what,
                                                             std::span<const uint8_t> tokenizer,
                                                             const std::string& tokenizer_what) {
   ByteReader r(bytes, what);
@@ -149,6 +166,7 @@ absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Llama2c(std::span<const uint
         what, ": llama2.c file is ", bytes.size(), " bytes but its header (dim ", c.dim, ", layers ", c.n_layers,
         ", vocab ", c.vocab_size, ") implies ", expected, bytes.size() < expected ? "; the file is truncated" : ""));
   }
+  // Vectors are copied; matrices stay float32 views into the file.
   auto take = [&](std::vector<float>& dst, uint64_t n) -> absl::Status {
     std::span<const uint8_t> s;
     RETURN_IF_ERROR(r.ReadSpan(n * 4, &s, "weights"));
@@ -156,27 +174,37 @@ absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Llama2c(std::span<const uint
     std::memcpy(dst.data(), s.data(), n * 4);
     return absl::OkStatus();
   };
+  auto view = [&](WeightMatrix& dst, uint64_t rows, uint64_t cols) -> absl::Status {
+    std::span<const uint8_t> s;
+    RETURN_IF_ERROR(r.ReadSpan(rows * cols * 4, &s, "weights"));
+    dst = WeightMatrix::View(GgmlType::kF32, s.data(), static_cast<int>(rows), static_cast<int>(cols), owner);
+    return absl::OkStatus();
+  };
   ModelWeights& w = m->weights_;
   w.layers.resize(L);
-  RETURN_IF_ERROR(take(w.tok_emb, V * D));
+  RETURN_IF_ERROR(view(w.tok_emb, V, D));
   // Each per-layer array is stored for all layers at once.
   auto per_layer = [&](std::vector<float> LayerWeights::*field, uint64_t n) -> absl::Status {
     for (auto& layer : w.layers) RETURN_IF_ERROR(take(layer.*field, n));
     return absl::OkStatus();
   };
+  auto per_layer_matrix = [&](WeightMatrix LayerWeights::*field, uint64_t rows, uint64_t cols) -> absl::Status {
+    for (auto& layer : w.layers) RETURN_IF_ERROR(view(layer.*field, rows, cols));
+    return absl::OkStatus();
+  };
   RETURN_IF_ERROR(per_layer(&LayerWeights::rms_att, D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::wq, D * D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::wk, KV * D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::wv, KV * D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::wo, D * D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::wq, D, D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::wk, KV, D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::wv, KV, D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::wo, D, D));
   RETURN_IF_ERROR(per_layer(&LayerWeights::rms_ffn, D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::w1, H * D));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::w2, D * H));
-  RETURN_IF_ERROR(per_layer(&LayerWeights::w3, H * D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::w1, H, D));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::w2, D, H));
+  RETURN_IF_ERROR(per_layer_matrix(&LayerWeights::w3, H, D));
   RETURN_IF_ERROR(take(w.rms_final, D));
   std::span<const uint8_t> legacy_freqs;  // freq_cis_real/imag: recomputed, unused
   RETURN_IF_ERROR(r.ReadSpan(uint64_t(c.context_length) * c.head_dim * 4, &legacy_freqs, "freq_cis"));
-  if (!c.tied_output) RETURN_IF_ERROR(take(w.wcls, V * D));
+  if (!c.tied_output) RETURN_IF_ERROR(view(w.wcls, V, D));
 
   ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromLlama2c(tokenizer, c.vocab_size, tokenizer_what));
   m->format_ = "llama2.c";
@@ -300,15 +328,33 @@ absl::StatusOr<ModelConfig> ReadGgufConfig(const GgufFile& g) {
   return c;
 }
 
-// Reads tensors by name into float32, checking each shape against the
-// config, and remembers which it read, their types and their raw bytes.
+// Reads tensors by name, checking each shape against the config: vectors
+// into float32, matrices as views in their stored type. Remembers which it
+// read, their types and their raw bytes.
 class TensorReader {
  public:
-  explicit TensorReader(const GgufFile& g) : g_(g) {}
+  TensorReader(const GgufFile& g, std::shared_ptr<const void> owner) : g_(g), owner_(std::move(owner)) {}
 
   bool Has(const std::string& name) const { return g_.FindTensor(name).ok(); }
-  // `dst` = tensor `name`, which must be [rows][cols] (a vector when rows is 1).
-  absl::Status Load(const std::string& name, uint64_t rows, uint64_t cols, std::vector<float>& dst) {
+  // `dst` = vector tensor `name` of `n` elements, as float32.
+  absl::Status Load(const std::string& name, uint64_t rows, uint64_t n, std::vector<float>& dst) {
+    ASSIGN_OR_RETURN(const GgufTensor* t, Find(name, 1, n));
+    dst.resize(t->num_elements);
+    return DequantizeTensor(*t, dst.data());
+  }
+  // `dst` = matrix tensor `name` of [rows][cols], kept in its stored type.
+  absl::Status Load(const std::string& name, uint64_t rows, uint64_t cols, WeightMatrix& dst) {
+    ASSIGN_OR_RETURN(const GgufTensor* t, Find(name, rows, cols));
+    dst = WeightMatrix::View(static_cast<GgmlType>(t->type), t->data.data(), static_cast<int>(rows),
+                             static_cast<int>(cols), owner_);
+    return absl::OkStatus();
+  }
+  void MarkUsed(const std::string& name) { used_.insert(name); }
+
+ private:
+  // Tensor `name` with shape [rows][cols] (a vector when rows is 1) and a
+  // type the kernels compute on.
+  absl::StatusOr<const GgufTensor*> Find(const std::string& name, uint64_t rows, uint64_t cols) {
     ASSIGN_OR_RETURN(const GgufTensor* t, g_.FindTensor(name));
     bool shape_ok = cols == t->dims[0] && (rows == 1 ? t->dims.size() == 1 : t->dims.size() == 2 && t->dims[1] == rows);
     if (!shape_ok) {
@@ -316,20 +362,19 @@ class TensorReader {
                                                      absl::StrJoin(t->dims, "x"), "], expected [", cols,
                                                      rows == 1 ? "" : absl::StrCat("x", rows), "]"));
     }
-    // An unsupported type has no data (GgufFile::Parse): refuse it before
-    // allocating for its dimensions.
-    if (t->data.empty()) {
+    // Types without kernels are refused before anything is sized from the
+    // tensor (unknown types have no data: GgufFile::Parse).
+    if (t->data.empty() || !IsWeightType(static_cast<GgmlType>(t->type))) {
       return absl::UnimplementedError(absl::StrCat(g_.what(), ": tensor ", name, " has type ", GgmlTypeName(t->type),
-                                                   " (", t->type, "); supported: F32, F16, BF16, Q8_0"));
+                                                   " (", t->type, "); supported: ", kSupportedTypes));
     }
-    dst.resize(t->num_elements);
-    RETURN_IF_ERROR(DequantizeTensor(*t, dst.data()));
     bytes_.push_back(t->data);
     ++type_counts_[GgmlTypeName(t->type)];
     used_.insert(name);
-    return absl::OkStatus();
+    return t;
   }
-  void MarkUsed(const std::string& name) { used_.insert(name); }
+
+ public:
   // Like llama.cpp, a file with tensors the graph does not read is refused:
   // they belong to a feature (MoE, an extra bias, ...) we would drop.
   absl::Status CheckAllUsed(const std::string& arch) const {
@@ -349,7 +394,9 @@ class TensorReader {
   std::vector<std::span<const uint8_t>>& bytes() { return bytes_; }
 
  private:
+  static constexpr const char* kSupportedTypes = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
   const GgufFile& g_;
+  std::shared_ptr<const void> owner_;
   std::vector<std::span<const uint8_t>> bytes_;
   std::map<std::string, int> type_counts_;
   std::set<std::string> used_;
@@ -396,7 +443,7 @@ absl::Status LoadRopeFreqs(const GgufFile& g, TensorReader& r, ModelConfig& c) {
 
 }  // namespace
 
-absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& g) {
+absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& g, std::shared_ptr<const void> owner) {
   const std::string& what = g.what();
   GgufModelParts parts;
   ModelConfig& c = parts.config;
@@ -415,7 +462,7 @@ absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& g) {
     }
   }
   c.tied_output = !g.FindTensor("output.weight").ok();  // absent: llama.cpp reuses token_embd
-  TensorReader r(g);
+  TensorReader r(g, std::move(owner));
   RETURN_IF_ERROR(LoadRopeFreqs(g, r, c));
   RETURN_IF_ERROR(CheckConfig(c, what));
 
@@ -431,9 +478,10 @@ absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& g) {
   return parts;
 }
 
-absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Gguf(std::span<const uint8_t> bytes, const std::string& what) {
+absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Gguf(std::span<const uint8_t> bytes,
+                                                         std::shared_ptr<const void> owner, const std::string& what) {
   ASSIGN_OR_RETURN(GgufFile g, GgufFile::Parse(bytes, what));
-  ASSIGN_OR_RETURN(GgufModelParts parts, LoadGgufModelParts(g));
+  ASSIGN_OR_RETURN(GgufModelParts parts, LoadGgufModelParts(g, std::move(owner)));
   std::unique_ptr<Model> m(new Model());
   m->config_ = std::move(parts.config);
   m->weights_ = std::move(parts.weights);
@@ -457,27 +505,42 @@ absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Gguf(std::span<const uint8_t
 
 bool IsGguf(std::span<const uint8_t> bytes) { return bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0; }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Parse(std::span<const uint8_t> model_bytes, const std::string& what,
-                                                    std::span<const uint8_t> tokenizer_bytes,
-                                                    const std::string& tokenizer_what) {
+absl::StatusOr<std::unique_ptr<Model>> ModelLoader::Parse(std::span<const uint8_t> model_bytes,
+                                                          std::shared_ptr<const void> owner, const std::string& what,
+                                                          std::span<const uint8_t> tokenizer_bytes,
+                                                          const std::string& tokenizer_what) {
   absl::StatusOr<std::unique_ptr<Model>> m =
-      IsGguf(model_bytes) ? ModelLoader::Gguf(model_bytes, what)
-                          : ModelLoader::Llama2c(model_bytes, what, tokenizer_bytes, tokenizer_what);
+      IsGguf(model_bytes) ? Gguf(model_bytes, std::move(owner), what)
+                          : Llama2c(model_bytes, std::move(owner), what, tokenizer_bytes, tokenizer_what);
   if (!m.ok()) return m.status();
   (*m)->path_ = what;
   (*m)->file_bytes_ = model_bytes.size();
   return m;
 }
 
+absl::StatusOr<std::unique_ptr<Model>> Model::Parse(std::span<const uint8_t> model_bytes, const std::string& what,
+                                                    std::span<const uint8_t> tokenizer_bytes,
+                                                    const std::string& tokenizer_what) {
+  // One copy the matrices can point into (64-byte aligned, like a mapping).
+  struct alignas(64) Line {
+    uint8_t b[64];
+  };
+  auto copy = std::make_shared<std::vector<Line>>((model_bytes.size() + 63) / 64);
+  if (!model_bytes.empty()) std::memcpy(copy->data(), model_bytes.data(), model_bytes.size());
+  const std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(copy->data()), model_bytes.size());
+  return ModelLoader::Parse(bytes, std::move(copy), what, tokenizer_bytes, tokenizer_what);
+}
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_path, const std::string& tokenizer_path) {
-  ASSIGN_OR_RETURN(auto file, MappedFile::Open(model_path));
-  if (IsGguf(file->bytes())) return Parse(file->bytes(), model_path);
+  ASSIGN_OR_RETURN(std::shared_ptr<MappedFile> file, MappedFile::Open(model_path));
+  const std::span<const uint8_t> bytes = file->bytes();
+  if (IsGguf(bytes)) return ModelLoader::Parse(bytes, std::move(file), model_path, {}, "");
   if (tokenizer_path.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(model_path, ": a llama2.c checkpoint needs a tokenizer file (--tokenizer)"));
   }
   ASSIGN_OR_RETURN(auto tok_file, MappedFile::Open(tokenizer_path));
-  return Parse(file->bytes(), model_path, tok_file->bytes(), tokenizer_path);
+  return ModelLoader::Parse(bytes, std::move(file), model_path, tok_file->bytes(), tokenizer_path);
 }
 
 }  // namespace ape

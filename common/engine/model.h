@@ -1,4 +1,5 @@
-// A loaded model: immutable config, read-only float32 weights, tokenizer and
+// A loaded model: immutable config, read-only weights (matrices in the
+// file's type, memory-mapped; vectors as float32), tokenizer and
 // fingerprint. Shared by every request; nothing here changes after Load.
 #ifndef APESERVE_COMMON_ENGINE_MODEL_H_
 #define APESERVE_COMMON_ENGINE_MODEL_H_
@@ -11,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/engine/tokenizer.h"
+#include "common/engine/weight_matrix.h"
 
 namespace ape {
 
@@ -60,17 +62,18 @@ struct ModelConfig {
   int64_t num_params() const;
 };
 
-// All matrices are row-major [out][in] (one row per output unit), so y = W x.
+// All matrices are row-major [out][in] (one row per output unit), so y = W x;
+// they keep the file's type (weight_matrix.h). Vectors are float32.
 struct LayerWeights {
   std::vector<float> rms_att;  // [dim]
-  std::vector<float> wq;       // [n_heads*head_dim][dim]
-  std::vector<float> wk;       // [n_kv_heads*head_dim][dim]
-  std::vector<float> wv;       // [n_kv_heads*head_dim][dim]
-  std::vector<float> wo;       // [dim][n_heads*head_dim]
+  WeightMatrix wq;             // [n_heads*head_dim][dim]
+  WeightMatrix wk;             // [n_kv_heads*head_dim][dim]
+  WeightMatrix wv;             // [n_kv_heads*head_dim][dim]
+  WeightMatrix wo;             // [dim][n_heads*head_dim]
   std::vector<float> rms_ffn;  // [dim]
-  std::vector<float> w1;       // [hidden_dim][dim]   gate
-  std::vector<float> w2;       // [dim][hidden_dim]   down
-  std::vector<float> w3;       // [hidden_dim][dim]   up
+  WeightMatrix w1;             // [hidden_dim][dim]   gate
+  WeightMatrix w2;             // [dim][hidden_dim]   down
+  WeightMatrix w3;             // [hidden_dim][dim]   up
   // Present only when the config says so (empty otherwise).
   std::vector<float> bq;      // [n_heads*head_dim]      qkv_bias
   std::vector<float> bk;      // [n_kv_heads*head_dim]   qkv_bias
@@ -80,11 +83,13 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  std::vector<float> tok_emb;  // [vocab][dim]
+  WeightMatrix tok_emb;  // [vocab][dim]
   std::vector<LayerWeights> layers;
   std::vector<float> rms_final;  // [dim]
-  std::vector<float> wcls;       // [vocab][dim]; empty when tied to tok_emb
-  const float* classifier() const { return wcls.empty() ? tok_emb.data() : wcls.data(); }
+  WeightMatrix wcls;             // [vocab][dim]; empty when tied to tok_emb
+  const WeightMatrix& classifier() const { return wcls.empty() ? tok_emb : wcls; }
+  // Bytes of all matrices (what decoding one token reads) and of everything.
+  uint64_t MatrixBytes() const;
 };
 
 class Model {
@@ -94,9 +99,9 @@ class Model {
   // Errors name the file and the fault; nothing here aborts on bad input.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& model_path,
                                                      const std::string& tokenizer_path = "");
-  // The same from bytes (what Load maps): `what` names the model in errors;
-  // `tokenizer_bytes` is a llama2.c tokenizer file (unused for GGUF). The
-  // weights are copied, so the bytes need not outlive the call.
+  // The same from bytes: `what` names the model in errors; `tokenizer_bytes`
+  // is a llama2.c tokenizer file (unused for GGUF). The bytes are copied
+  // once into a buffer the model owns, so they need not outlive the call.
   static absl::StatusOr<std::unique_ptr<Model>> Parse(std::span<const uint8_t> model_bytes, const std::string& what,
                                                       std::span<const uint8_t> tokenizer_bytes = {},
                                                       const std::string& tokenizer_what = "tokenizer");
@@ -142,7 +147,8 @@ class Model {
 };
 
 // The architecture-dependent part of a GGUF file: the config from
-// `<arch>.*` metadata and the weights as float32, without the tokenizer.
+// `<arch>.*` metadata and the weights (matrices as views into the file's
+// bytes, vectors as float32), without the tokenizer.
 // Model::Parse builds a Model from it; tests of the forward pass use it
 // directly (with Model::FromParts), so they do not depend on the vocabulary.
 struct GgufModelParts {
@@ -158,8 +164,10 @@ struct GgufModelParts {
 // fault: an unknown architecture, rope scaling (yarn, longrope), tensor type
 // or an unused tensor (a feature this engine would silently drop) is
 // UNIMPLEMENTED; a missing tensor is NOT_FOUND; inconsistent metadata or
-// shapes are INVALID_ARGUMENT.
-absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& gguf);
+// shapes are INVALID_ARGUMENT. The matrices point into the file's bytes:
+// `owner` keeps them alive (the mapping); with none, the caller must keep
+// the bytes alive as long as the parts.
+absl::StatusOr<GgufModelParts> LoadGgufModelParts(const GgufFile& gguf, std::shared_ptr<const void> owner = nullptr);
 
 }  // namespace ape
 

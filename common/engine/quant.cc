@@ -1,1 +1,1505 @@
-// placeholder
+// Weight types as the file stores them: block layouts, conversions, GGML's
+// reference quantizers and the dot-product kernels (see quant.h).
+//
+// The file reads top to bottom as the data flows:
+//   1. block layouts (the structs below are the documentation; data is read
+//      through memcpy/unaligned loads, never through a struct pointer, since
+//      rows need not be aligned);
+//   2. DequantizeRow;
+//   3. QuantizeRow: GGML's reference quantizers, arithmetic kept in GGML's
+//      order so the bytes match llama-quantize's;
+//   4. activations (PrepareActivations);
+//   5. DotRowsReference, plain scalar;
+//   6. the AVX2 kernels (6b: their batched tiles for DotRowsBatch);
+//   7. the AVX-512 kernels;
+//   8. run-time dispatch.
+#include "common/engine/quant.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+
+#include "common/engine/half.h"
+
+namespace ape {
+namespace {
+
+// ---------------------------------------------------------------------------
+// 1. Block layouts (GGML ggml-common.h; little-endian, no padding)
+// ---------------------------------------------------------------------------
+
+constexpr int kQk0 = 32;   // elements per Q8_0 / Q4_0 block
+constexpr int kQkK = 256;  // elements per K-quant super-block
+
+// Q8_0: x[j] = d * qs[j].
+struct BlockQ8_0 {
+  uint16_t d;  // f16 scale
+  int8_t qs[kQk0];
+};
+static_assert(sizeof(BlockQ8_0) == 34);
+
+// Q4_0: for j < 16, x[j] = d * ((qs[j] & 15) - 8) and x[j + 16] = d * ((qs[j] >> 4) - 8).
+struct BlockQ4_0 {
+  uint16_t d;  // f16 scale
+  uint8_t qs[kQk0 / 2];
+};
+static_assert(sizeof(BlockQ4_0) == 18);
+
+// Q4_K: 8 sub-blocks s of 32 elements, x = d * sc[s] * q - dmin * m[s], q in 0..15.
+//   scales[12] packs the 6-bit sc[8] and m[8]:
+//     s < 4:  sc[s] = scales[s] & 63,  m[s] = scales[s + 4] & 63
+//     s >= 4: sc[s] = (scales[s + 4] & 15) | (scales[s - 4] >> 6) << 4
+//             m[s]  = (scales[s + 4] >> 4) | (scales[s]     >> 6) << 4
+//   qs[32c + l] (c < 4, l < 32): low nibble is element 64c + l (sub-block 2c),
+//   high nibble element 64c + 32 + l (sub-block 2c + 1).
+struct BlockQ4K {
+  uint16_t d;     // f16 scale of the sub-block scales
+  uint16_t dmin;  // f16 scale of the sub-block mins
+  uint8_t scales[12];
+  uint8_t qs[kQkK / 2];
+};
+static_assert(sizeof(BlockQ4K) == 144);
+
+// Q6_K: 16 sub-blocks of 16 elements, x[e] = d * scales[e / 16] * (q[e] - 32), q in 0..63.
+//   Two halves h of 128 elements; for l < 32, with L = ql + 64h and H = qh + 32h:
+//     q[128h + l]      = (L[l] & 15)      | ((H[l] >> 0) & 3) << 4
+//     q[128h + l + 32] = (L[l + 32] & 15) | ((H[l] >> 2) & 3) << 4
+//     q[128h + l + 64] = (L[l] >> 4)      | ((H[l] >> 4) & 3) << 4
+//     q[128h + l + 96] = (L[l + 32] >> 4) | ((H[l] >> 6) & 3) << 4
+struct BlockQ6K {
+  uint8_t ql[kQkK / 2];  // low 4 bits
+  uint8_t qh[kQkK / 4];  // high 2 bits
+  int8_t scales[kQkK / 16];
+  uint16_t d;  // f16 scale of the scales
+};
+static_assert(sizeof(BlockQ6K) == 210);
+
+// Q8_K (activations only): x[j] = d * qs[j]; bsums[i] = sum of qs[16i .. 16i + 15].
+struct BlockQ8K {
+  float d;
+  int8_t qs[kQkK];
+  int16_t bsums[kQkK / 16];
+};
+static_assert(sizeof(BlockQ8K) == 292);
+
+template <typename Block>
+inline Block LoadBlock(const uint8_t* p, int64_t i) {
+  Block b;
+  std::memcpy(&b, p + i * sizeof(Block), sizeof(Block));
+  return b;
+}
+
+template <typename Block>
+inline void StoreBlock(const Block& b, uint8_t* p, int64_t i) {
+  std::memcpy(p + i * sizeof(Block), &b, sizeof(Block));
+}
+
+inline uint16_t LoadU16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline float LoadF32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The 6-bit scale and min of Q4_K sub-block s (GGML get_scale_min_k4).
+inline void Q4KScaleMin(const uint8_t* scales, int s, int* sc, int* m) {
+  if (s < 4) {
+    *sc = scales[s] & 63;
+    *m = scales[s + 4] & 63;
+  } else {
+    *sc = (scales[s + 4] & 15) | ((scales[s - 4] >> 6) << 4);
+    *m = (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4);
+  }
+}
+
+// Q6_K element e (0..255) of a block, as q in 0..63 (before the -32).
+inline int Q6KQuant(const BlockQ6K& b, int e) {
+  const int h = e / 128, k = (e % 128) / 32, l = e % 32;
+  const uint8_t low = b.ql[64 * h + l + 32 * (k & 1)];
+  const int nibble = k < 2 ? low & 15 : low >> 4;
+  return nibble | (((b.qh[32 * h + l] >> (2 * k)) & 3) << 4);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Rows -> float32
+// ---------------------------------------------------------------------------
+
+void DequantizeQ8_0(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ8_0 b = LoadBlock<BlockQ8_0>(row, i);
+    const float d = HalfToFloat(b.d);
+    for (int j = 0; j < kQk0; ++j) out[i * kQk0 + j] = b.qs[j] * d;
+  }
+}
+
+void DequantizeQ4_0(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ4_0 b = LoadBlock<BlockQ4_0>(row, i);
+    const float d = HalfToFloat(b.d);
+    for (int j = 0; j < kQk0 / 2; ++j) {
+      out[i * kQk0 + j] = ((b.qs[j] & 15) - 8) * d;
+      out[i * kQk0 + j + 16] = ((b.qs[j] >> 4) - 8) * d;
+    }
+  }
+}
+
+void DequantizeQ4K(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQkK; ++i) {
+    const BlockQ4K b = LoadBlock<BlockQ4K>(row, i);
+    const float d = HalfToFloat(b.d), dmin = HalfToFloat(b.dmin);
+    float* y = out + i * kQkK;
+    for (int c = 0; c < 4; ++c) {
+      int sc0, m0, sc1, m1;
+      Q4KScaleMin(b.scales, 2 * c, &sc0, &m0);
+      Q4KScaleMin(b.scales, 2 * c + 1, &sc1, &m1);
+      const float d0 = d * sc0, min0 = dmin * m0, d1 = d * sc1, min1 = dmin * m1;
+      for (int l = 0; l < 32; ++l) {
+        y[64 * c + l] = d0 * (b.qs[32 * c + l] & 15) - min0;
+        y[64 * c + 32 + l] = d1 * (b.qs[32 * c + l] >> 4) - min1;
+      }
+    }
+  }
+}
+
+void DequantizeQ6K(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQkK; ++i) {
+    const BlockQ6K b = LoadBlock<BlockQ6K>(row, i);
+    const float d = HalfToFloat(b.d);
+    for (int e = 0; e < kQkK; ++e) out[i * kQkK + e] = d * b.scales[e / 16] * (Q6KQuant(b, e) - 32);
+  }
+}
+
+void DequantizeQ8K(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQkK; ++i) {
+    const BlockQ8K b = LoadBlock<BlockQ8K>(row, i);
+    for (int j = 0; j < kQkK; ++j) out[i * kQkK + j] = b.d * b.qs[j];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3. float32 -> rows: GGML's reference quantizers (ggml-quants.c)
+// ---------------------------------------------------------------------------
+// Bit-identity with llama-quantize needs the same float operations in the
+// same order, so the expressions below keep GGML's shape, and none of them
+// may be contracted into an FMA (llama-quantize's are not: with contraction
+// the Q4_K and Q6_K rows differ, 1-3% of them). quant_test compares the
+// results with llama-quantize's files byte for byte.
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+// GGML nearest_int: round to nearest, ties to even, via the 1.5*2^23 trick
+// (valid for |x| <= 2^22).
+inline int NearestInt(float x) {
+  const float v = x + 12582912.f;
+  int32_t i;
+  std::memcpy(&i, &v, 4);
+  return (i & 0x007fffff) - 0x00400000;
+}
+
+// GGML quantize_row_q8_0_ref.
+void QuantizeQ8_0(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const float* xb = x + i * kQk0;
+    float amax = 0.0f;
+    for (int j = 0; j < kQk0; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ8_0 b;
+    b.d = FloatToHalf(d);
+    for (int j = 0; j < kQk0; ++j) b.qs[j] = static_cast<int8_t>(std::round(xb[j] * id));
+    StoreBlock(b, out, i);
+  }
+}
+
+// GGML quantize_row_q4_0_ref: the scale maps the value of largest magnitude
+// to -8; values are then truncated from x/d + 8.5 and capped at 15.
+void QuantizeQ4_0(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const float* xb = x + i * kQk0;
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < kQk0; ++j) {
+      if (amax < std::fabs(xb[j])) {
+        amax = std::fabs(xb[j]);
+        max = xb[j];
+      }
+    }
+    const float d = max / -8;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ4_0 b;
+    b.d = FloatToHalf(d);
+    for (int j = 0; j < kQk0 / 2; ++j) {
+      const float x0 = xb[j] * id;
+      const float x1 = xb[j + 16] * id;
+      const int q0 = std::min(15, static_cast<int>(x0 + 8.5f));
+      const int q1 = std::min(15, static_cast<int>(x1 + 8.5f));
+      b.qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
+    }
+    StoreBlock(b, out, i);
+  }
+}
+
+// GGML make_qkx2_quants: levels L[i] in 0..nmax and (scale, -min) fitting
+// x ~ scale * L + min by weighted least squares, trying nstep + 1 scales
+// around nmax / (max - min). Returns the scale; *neg_min = -min >= 0.
+float FitScaleMin(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* neg_min, uint8_t* Laux,
+                  float rmin, float rdelta, int nstep) {
+  float min = x[0], max = x[0];
+  float sum_w = weights[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < min) min = x[i];
+    if (x[i] > max) max = x[i];
+    const float w = weights[i];
+    sum_w += w;
+    sum_x += w * x[i];
+  }
+  if (min > 0) min = 0;
+  if (max == min) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    *neg_min = -min;
+    return 0.f;
+  }
+  float iscale = nmax / (max - min);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = NearestInt(iscale * (x[i] - min));
+    L[i] = static_cast<uint8_t>(std::max(0, std::min(nmax, l)));
+    float diff = scale * L[i] + min - x[i];
+    diff = diff * diff;
+    best_error += weights[i] * diff;
+  }
+  for (int is = 0; is <= nstep; ++is) {
+    iscale = (rmin + rdelta * is + nmax) / (max - min);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      int l = NearestInt(iscale * (x[i] - min));
+      l = std::max(0, std::min(nmax, l));
+      Laux[i] = static_cast<uint8_t>(l);
+      const float w = weights[i];
+      sum_l += w * l;
+      sum_l2 += w * l * l;
+      sum_xl += w * l * x[i];
+    }
+    const float D = sum_w * sum_l2 - sum_l * sum_l;
+    if (D > 0) {
+      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+      if (this_min > 0) {
+        this_min = 0;
+        this_scale = sum_xl / sum_l2;
+      }
+      float cur_error = 0;
+      for (int i = 0; i < n; ++i) {
+        float diff = this_scale * Laux[i] + this_min - x[i];
+        diff = diff * diff;
+        cur_error += weights[i] * diff;
+      }
+      if (cur_error < best_error) {
+        for (int i = 0; i < n; ++i) L[i] = Laux[i];
+        best_error = cur_error;
+        scale = this_scale;
+        min = this_min;
+      }
+    }
+  }
+  *neg_min = -min;
+  return scale;
+}
+
+// GGML quantize_row_q4_K_ref (what llama-quantize runs for Q4_K without an
+// importance matrix: quantize_q4_K -> quantize_row_q4_K_ref).
+void QuantizeQ4K(const float* x, uint8_t* out, int64_t n) {
+  uint8_t L[kQkK], Laux[32];
+  float weights[32], mins[8], scales[8];
+  for (int64_t i = 0; i < n / kQkK; ++i, x += kQkK) {
+    // Fit each sub-block of 32, weighting elements by rms + |x|.
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; ++j) {
+      float sum_x2 = 0;
+      for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+      const float av_x = std::sqrt(sum_x2 / 32);
+      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
+      scales[j] = FitScaleMin(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20);
+      if (scales[j] > max_scale) max_scale = scales[j];
+      if (mins[j] > max_min) max_min = mins[j];
+    }
+    // Quantize the scales and mins to 6 bits and pack them.
+    BlockQ4K b;
+    std::memset(&b, 0, sizeof(b));
+    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    for (int j = 0; j < 8; ++j) {
+      uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
+      uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
+      ls = std::min<uint8_t>(63, ls);
+      lm = std::min<uint8_t>(63, lm);
+      if (j < 4) {
+        b.scales[j] = ls;
+        b.scales[j + 4] = lm;
+      } else {
+        b.scales[j + 4] = (ls & 15) | ((lm & 15) << 4);
+        b.scales[j - 4] |= (ls >> 4) << 6;
+        b.scales[j] |= (lm >> 4) << 6;
+      }
+    }
+    b.d = FloatToHalf(max_scale / 63.f);
+    b.dmin = FloatToHalf(max_min / 63.f);
+    // Requantize every element with the rounded scales.
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      Q4KScaleMin(b.scales, j, &sc, &m);
+      const float d = HalfToFloat(b.d) * sc;
+      if (d == 0.0f) continue;
+      const float dm = HalfToFloat(b.dmin) * m;
+      for (int ii = 0; ii < 32; ++ii) {
+        const int l = NearestInt((x[32 * j + ii] + dm) / d);
+        L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(15, l)));
+      }
+    }
+    for (int c = 0; c < 4; ++c) {
+      for (int l = 0; l < 32; ++l) b.qs[32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4);
+    }
+    StoreBlock(b, out, i);
+  }
+}
+
+// GGML make_qx_quants with rmse_type 1 and no importance weights: signed
+// levels L[i] - nmax in -nmax..nmax-1 and the scale minimizing the
+// x^2-weighted squared error over 19 candidate scales. Returns the scale.
+float FitScale(int n, int nmax, const float* x, int8_t* L) {
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {  // GGML GROUP_MAX_EPS: all zero
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  float iscale = -nmax / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    int l = NearestInt(iscale * x[i]);
+    l = std::max(-nmax, std::min(nmax - 1, l));
+    L[i] = static_cast<int8_t>(l + nmax);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * l;
+    suml2 += w * l * l;
+  }
+  float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+  float best = scale * sumlx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    iscale = -(nmax + 0.1f * is) / max;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      int l = NearestInt(iscale * x[i]);
+      l = std::max(-nmax, std::min(nmax - 1, l));
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * l;
+      suml2 += w * l * l;
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) {
+        const int l = NearestInt(iscale * x[i]);
+        L[i] = static_cast<int8_t>(nmax + std::max(-nmax, std::min(nmax - 1, l)));
+      }
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+// GGML quantize_row_q6_K_ref (llama-quantize's Q6_K without an importance
+// matrix: quantize_q6_K -> quantize_row_q6_K_ref).
+void QuantizeQ6K(const float* x, uint8_t* out, int64_t n) {
+  int8_t L[kQkK];
+  float scales[16];
+  for (int64_t i = 0; i < n / kQkK; ++i, x += kQkK) {
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+      scales[ib] = FitScale(16, 32, x + 16 * ib, L + 16 * ib);
+      if (std::fabs(scales[ib]) > max_abs_scale) {
+        max_abs_scale = std::fabs(scales[ib]);
+        max_scale = scales[ib];
+      }
+    }
+    BlockQ6K b;
+    std::memset(&b, 0, sizeof(b));
+    if (max_abs_scale < 1e-15f) {  // all zero
+      b.d = FloatToHalf(0.f);
+      StoreBlock(b, out, i);
+      continue;
+    }
+    // 8-bit sub-block scales, then every element requantized with them.
+    const float iscale = -128.f / max_scale;
+    b.d = FloatToHalf(1 / iscale);
+    for (int ib = 0; ib < 16; ++ib) b.scales[ib] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[ib])));
+    for (int j = 0; j < 16; ++j) {
+      const float d = HalfToFloat(b.d) * b.scales[j];
+      if (d == 0.0f) continue;
+      for (int ii = 0; ii < 16; ++ii) {
+        const int l = NearestInt(x[16 * j + ii] / d);
+        L[16 * j + ii] = static_cast<int8_t>(std::max(-32, std::min(31, l)) + 32);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int8_t* q = L + 128 * h;
+      for (int l = 0; l < 32; ++l) {
+        b.ql[64 * h + l] = (q[l] & 15) | ((q[l + 64] & 15) << 4);
+        b.ql[64 * h + l + 32] = (q[l + 32] & 15) | ((q[l + 96] & 15) << 4);
+        b.qh[32 * h + l] = (q[l] >> 4) | ((q[l + 32] >> 4) << 2) | ((q[l + 64] >> 4) << 4) | ((q[l + 96] >> 4) << 6);
+      }
+    }
+    StoreBlock(b, out, i);
+  }
+}
+
+// GGML quantize_row_q8_K_ref (the scale maps the value of largest magnitude
+// to -127), plus the 16-element sums. An all-zero block gets d = 0 and zero
+// sums (GGML leaves its sums unset).
+void QuantizeQ8K(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQkK; ++i, x += kQkK) {
+    BlockQ8K b;
+    std::memset(&b, 0, sizeof(b));
+    float max = 0, amax = 0;
+    for (int j = 0; j < kQkK; ++j) {
+      const float ax = std::fabs(x[j]);
+      if (ax > amax) {
+        amax = ax;
+        max = x[j];
+      }
+    }
+    if (amax != 0.0f) {
+      const float iscale = -127.f / max;
+      for (int j = 0; j < kQkK; ++j) b.qs[j] = static_cast<int8_t>(std::min(127, NearestInt(iscale * x[j])));
+      for (int j = 0; j < 16; ++j) {
+        int sum = 0;
+        for (int ii = 0; ii < 16; ++ii) sum += b.qs[16 * j + ii];
+        b.bsums[j] = static_cast<int16_t>(sum);
+      }
+      b.d = 1 / iscale;
+    }
+    StoreBlock(b, out, i);
+  }
+}
+
+#if defined(__clang__)
+#pragma clang fp contract(on)
+#else
+#pragma GCC pop_options
+#endif
+// GGML ggml_compute_fp32_to_bf16: round to nearest even; NaN stays NaN (quiet).
+inline uint16_t FloatToBf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((u >> 16) | 64);
+  return static_cast<uint16_t>((u + (0x7fff + ((u >> 16) & 1))) >> 16);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Public conversions
+// ---------------------------------------------------------------------------
+
+bool IsWeightType(GgmlType t) {
+  switch (t) {
+    case GgmlType::kF32:
+    case GgmlType::kF16:
+    case GgmlType::kBF16:
+    case GgmlType::kQ8_0:
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ6_K: return true;
+    default: return false;
+  }
+}
+
+GgmlType ActivationType(GgmlType t) {
+  switch (t) {
+    case GgmlType::kQ8_0:
+    case GgmlType::kQ4_0: return GgmlType::kQ8_0;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ6_K: return GgmlType::kQ8_K;
+    default: return GgmlType::kF32;
+  }
+}
+
+void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n) {
+  switch (t) {
+    case GgmlType::kF32: std::memcpy(out, row, n * sizeof(float)); return;
+    case GgmlType::kF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(LoadU16(row + 2 * i));
+      return;
+    case GgmlType::kBF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(LoadU16(row + 2 * i));
+      return;
+    case GgmlType::kQ8_0: DequantizeQ8_0(row, out, n); return;
+    case GgmlType::kQ4_0: DequantizeQ4_0(row, out, n); return;
+    case GgmlType::kQ4_K: DequantizeQ4K(row, out, n); return;
+    case GgmlType::kQ6_K: DequantizeQ6K(row, out, n); return;
+    case GgmlType::kQ8_K: DequantizeQ8K(row, out, n); return;
+    default: std::abort();  // callers check IsWeightType
+  }
+}
+
+// llama-quantize (ggml_quantize_chunk) converts to F16 with
+// ggml_fp32_to_fp16_row and to BF16 with ggml_fp32_to_bf16_row_ref; the
+// block types go through the reference quantizers named above.
+void QuantizeRow(GgmlType t, const float* x, uint8_t* out, int64_t n) {
+  switch (t) {
+    case GgmlType::kF32: std::memcpy(out, x, n * sizeof(float)); return;
+    case GgmlType::kF16:  // round to nearest even (F16C), as GGML_FP32_TO_FP16
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToHalf(x[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      return;
+    case GgmlType::kBF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToBf16(x[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      return;
+    case GgmlType::kQ8_0: QuantizeQ8_0(x, out, n); return;
+    case GgmlType::kQ4_0: QuantizeQ4_0(x, out, n); return;
+    case GgmlType::kQ4_K: QuantizeQ4K(x, out, n); return;
+    case GgmlType::kQ6_K: QuantizeQ6K(x, out, n); return;
+    case GgmlType::kQ8_K: QuantizeQ8K(x, out, n); return;
+    default: std::abort();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Activations
+// ---------------------------------------------------------------------------
+// Q8_0 activations follow GGML's x86 quantize_row_q8_0, what llama.cpp's
+// CPU backend does before a Q8_0/Q4_0 matmul: it differs from the
+// reference quantizer (weights) in taking 127/amax as the inverse scale and
+// rounding ties to even. Q8_K activations are GGML's reference (its x86
+// quantize_row_q8_K is the reference). Both give quants in -127..127,
+// which the kernels rely on.
+namespace {
+
+void QuantizeQ8_0Activations(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const float* xb = x + i * kQk0;
+    float amax = 0.0f;
+    for (int j = 0; j < kQk0; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+    BlockQ8_0 b;
+    b.d = FloatToHalf(amax / 127.f);
+    for (int j = 0; j < kQk0; ++j) b.qs[j] = static_cast<int8_t>(std::nearbyint(xb[j] * id));
+    StoreBlock(b, out, i);
+  }
+}
+
+}  // namespace
+
+size_t ActivationBytes(GgmlType t, int64_t n) {
+  const GgmlType a = ActivationType(t);
+  if (a == GgmlType::kF32) return n * sizeof(float);
+  return GgmlRowBytes(static_cast<uint32_t>(a), n);
+}
+
+void PrepareActivations(GgmlType t, const float* x, int64_t n, uint8_t* out) {
+  if (ActivationType(t) == GgmlType::kQ8_0) {
+    QuantizeQ8_0Activations(x, out, n);
+  } else {
+    QuantizeRow(ActivationType(t), x, out, n);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 5. Scalar reference dot products
+// ---------------------------------------------------------------------------
+namespace {
+
+// Float weights: dequantize-style, summed in double.
+template <typename Convert>
+float DotFloatReference(const uint8_t* w, const uint8_t* x, int64_t n, int elem_bytes, Convert convert) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(convert(w + i * elem_bytes)) * LoadF32(x + 4 * i);
+  return static_cast<float>(sum);
+}
+
+// Block types as GGML's scalar vec_dot: an exact integer sum per block,
+// scaled and added in float.
+float DotQ8_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ8_0 b = LoadBlock<BlockQ8_0>(w, i), a = LoadBlock<BlockQ8_0>(act, i);
+    int sumi = 0;
+    for (int j = 0; j < kQk0; ++j) sumi += b.qs[j] * a.qs[j];
+    sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
+  }
+  return sum;
+}
+
+float DotQ4_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ4_0 b = LoadBlock<BlockQ4_0>(w, i);
+    const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
+    int sumi = 0;
+    for (int j = 0; j < kQk0 / 2; ++j) { sumi += ((b.qs[j] & 15) - 8) * a.qs[j] + ((b.qs[j] >> 4) - 8) * a.qs[j + 16]; }
+    sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
+  }
+  return sum;
+}
+
+// sum_s sc[s] * (q . a over s) * d*da - sum_s m[s] * (a summed over s) * dmin*da.
+float DotQ4KReference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQkK; ++i) {
+    const BlockQ4K b = LoadBlock<BlockQ4K>(w, i);
+    const BlockQ8K a = LoadBlock<BlockQ8K>(act, i);
+    int sumi = 0, summ = 0;
+    for (int s = 0; s < 8; ++s) {
+      int sc, m;
+      Q4KScaleMin(b.scales, s, &sc, &m);
+      const int c = s / 2, shift = 4 * (s % 2);
+      int dot = 0;
+      for (int l = 0; l < 32; ++l) dot += ((b.qs[32 * c + l] >> shift) & 15) * a.qs[32 * s + l];
+      sumi += sc * dot;
+      summ += m * (a.bsums[2 * s] + a.bsums[2 * s + 1]);
+    }
+    sum += (HalfToFloat(b.d) * a.d) * sumi;
+    sum -= (HalfToFloat(b.dmin) * a.d) * summ;
+  }
+  return sum;
+}
+
+float DotQ6KReference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQkK; ++i) {
+    const BlockQ6K b = LoadBlock<BlockQ6K>(w, i);
+    const BlockQ8K a = LoadBlock<BlockQ8K>(act, i);
+    int sumi = 0;
+    for (int s = 0; s < 16; ++s) {
+      int dot = 0;
+      for (int l = 0; l < 16; ++l) dot += (Q6KQuant(b, 16 * s + l) - 32) * a.qs[16 * s + l];
+      sumi += b.scales[s] * dot;
+    }
+    sum += (HalfToFloat(b.d) * a.d) * sumi;
+  }
+  return sum;
+}
+
+float DotRowReference(GgmlType t, const uint8_t* w, const uint8_t* act, int64_t n) {
+  switch (t) {
+    case GgmlType::kF32: return DotFloatReference(w, act, n, 4, LoadF32);
+    case GgmlType::kF16:
+      return DotFloatReference(w, act, n, 2, [](const uint8_t* p) { return HalfToFloat(LoadU16(p)); });
+    case GgmlType::kBF16:
+      return DotFloatReference(w, act, n, 2, [](const uint8_t* p) { return Bf16ToFloat(LoadU16(p)); });
+    case GgmlType::kQ8_0: return DotQ8_0Reference(w, act, n);
+    case GgmlType::kQ4_0: return DotQ4_0Reference(w, act, n);
+    case GgmlType::kQ4_K: return DotQ4KReference(w, act, n);
+    case GgmlType::kQ6_K: return DotQ6KReference(w, act, n);
+    default: std::abort();
+  }
+}
+
+}  // namespace
+
+void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n,
+                      float* y) {
+  for (int r = 0; r < rows; ++r) y[r] = DotRowReference(t, w + r * row_bytes, act, n);
+}
+
+// ---------------------------------------------------------------------------
+// 6. AVX2 + FMA + F16C kernels (the baseline, -march=x86-64-v3)
+// ---------------------------------------------------------------------------
+// Each kernel computes R rows (R = 1..4) against one activation vector, so
+// the per-block work shared by the rows (activation loads, sums) is done
+// once; rows are independent chains the CPU overlaps.
+namespace {
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float HorizontalSum(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+
+inline __m256i LoadU256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m128i LoadU128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// Signed int8 x int8 -> 8 int32 partial sums: |w| (unsigned) times a with
+// w's sign (maddubs does u8 x s8). Exact while a is in -127..127.
+inline __m256i DotI8(__m256i w, __m256i a) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+// Unsigned u (0..63) x signed a -> 8 int32 partial sums (no saturation:
+// 2 * 63 * 127 < 2^15).
+inline __m256i DotU8I8(__m256i u, __m256i a) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
+}
+
+// Decode streams each weight matrix once, R rows at a time: R short
+// streams (a Q4_K row of 2048 elements is 1152 bytes) that the hardware
+// prefetchers pick up late. So every kernel prefetches the same bytes of
+// the next group of rows (R rows on) while it works on this one, one
+// group's time ahead. Past the last row this touches whatever follows the
+// matrix, which is harmless (prefetches never fault).
+inline void PrefetchLines(const uint8_t* p, int bytes) {
+  for (int i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// Elements i..i+7 (x8) or i (x1) of a float row, converted to float.
+inline __m256 LoadF32x8(const uint8_t* row, int64_t i) {
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + i);
+}
+inline __m256 LoadF16x8(const uint8_t* row, int64_t i) { return _mm256_cvtph_ps(LoadU128(row + 2 * i)); }
+inline __m256 LoadBf16x8(const uint8_t* row, int64_t i) {
+  const __m256i u32 = _mm256_cvtepu16_epi32(LoadU128(row + 2 * i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u32, 16));
+}
+inline float LoadF32x1(const uint8_t* row, int64_t i) { return LoadF32(row + 4 * i); }
+inline float LoadF16x1(const uint8_t* row, int64_t i) { return HalfToFloat(LoadU16(row + 2 * i)); }
+inline float LoadBf16x1(const uint8_t* row, int64_t i) { return Bf16ToFloat(LoadU16(row + 2 * i)); }
+
+// Float weights: 16 elements per step for each row, 8-wide FMAs.
+// Load8(p, i) converts elements i..i+7 of the row at p to float.
+template <int R, int kElemBytes, typename Load8, typename Load1>
+inline void DotFloatRows(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y, Load8 load8,
+                         Load1 load1) {
+  const float* x = reinterpret_cast<const float*>(act);  // read with unaligned loads only
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * row_bytes;
+      if (i * kElemBytes % 64 == 0) PrefetchLines(row + R * row_bytes + i * kElemBytes, 64);  // each line once
+      acc0[r] = _mm256_fmadd_ps(load8(row, i), x0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(load8(row, i + 8), x1, acc1[r]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) acc0[r] = _mm256_fmadd_ps(load8(w + r * row_bytes, i), x0, acc0[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = HorizontalSum(_mm256_add_ps(acc0[r], acc1[r]));
+    for (int64_t j = i; j < n; ++j) s += load1(w + r * row_bytes, j) * LoadF32x1(act, j);
+    y[r] = s;
+  }
+}
+
+template <int R>
+void DotF32Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows<R, 4>(w, row_bytes, act, n, y, LoadF32x8, LoadF32x1);
+}
+template <int R>
+void DotF16Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows<R, 2>(w, row_bytes, act, n, y, LoadF16x8, LoadF16x1);
+}
+template <int R>
+void DotBf16Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows<R, 2>(w, row_bytes, act, n, y, LoadBf16x8, LoadBf16x1);
+}
+
+// The f16 scales at p and p + stride as floats in lanes 0 and 1.
+inline __m128 TwoHalves(const uint8_t* p, size_t stride) {
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(LoadU16(p) | LoadU16(p + stride) << 16));
+}
+
+// [s0 x4 | s1 x4] from lanes 0 and 1 of s.
+inline __m256 SpreadPair(__m128 s) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// Q8_0 x Q8_0: per block, 8 int32 partial sums scaled by d_w * d_a; two
+// blocks are folded into one vector (hadd) so they share one convert and FMA.
+template <int R>
+void DotQ8_0Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  constexpr size_t kBlock = sizeof(BlockQ8_0);
+  const int64_t nb = n / kQk0;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* ab = act + b * kBlock;
+    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kBlock + 2);
+    const __m128 da = TwoHalves(ab, kBlock);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
+      // Lanes: [b0 b0 b1 b1 | b0 b0 b1 b1], each pair summing to its block.
+      const __m256i sumi = _mm256_hadd_epi32(DotI8(LoadU256(wb + 2), a0), DotI8(LoadU256(wb + kBlock + 2), a1));
+      const __m128 d = _mm_mul_ps(TwoHalves(wb, kBlock), da);
+      const __m128 d4 = _mm_unpacklo_ps(d, d);  // d0 d0 d1 d1
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* ab = act + b * kBlock;
+    const __m256i a = LoadU256(ab + 2);
+    const float da = HalfToFloat(LoadU16(ab));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8(LoadU256(wb + 2), a)), d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+}
+
+// The 32 nibbles of a Q4_0 block in element order (low nibbles, then high).
+inline __m256i Q4_0Nibbles(const uint8_t* qs) {
+  const __m128i q = LoadU128(qs);
+  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+  return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+// Q4_0 x Q8_0: (q - 8) . a = q . a - 8 * sum(a); the second term is the
+// same for every row. Two blocks at a time: one 256-bit register holds both
+// blocks' 16 nibble bytes, so its low nibbles are elements 0..15 of each
+// block and its high nibbles elements 16..31; the activations are paired to
+// match, once for all rows.
+template <int R>
+void DotQ4_0Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
+  const int64_t nb = n / kQk0;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* ab = act + b * kActBlock;
+    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
+    const __m256i alo = _mm256_permute2x128_si256(a0, a1, 0x20);  // elements 0..15 of both blocks
+    const __m256i ahi = _mm256_permute2x128_si256(a0, a1, 0x31);  // elements 16..31
+    // 8 * sum(a) of each block, as [4 lanes | 4 lanes].
+    const __m256i offset =
+        _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eights, alo), _mm256_maddubs_epi16(eights, ahi)), ones);
+    const __m128 da = TwoHalves(ab, kActBlock);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
+      const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                            reinterpret_cast<const __m128i*>(wb + 2));
+      const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
+      const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), offset);
+      const __m256 d = SpreadPair(_mm_mul_ps(TwoHalves(wb, kBlock), da));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* ab = act + b * kActBlock;
+    const __m256i a = LoadU256(ab + 2);
+    const float da = HalfToFloat(LoadU16(ab));
+    const __m256i offset = DotU8I8(eights, a);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      const __m256i sumi = _mm256_sub_epi32(DotU8I8(Q4_0Nibbles(wb + 2), a), offset);
+      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+}
+
+// Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
+// lane to all 8 of its lanes.
+struct Broadcast16Masks {
+  alignas(32) uint8_t mask[8][32];
+};
+constexpr Broadcast16Masks MakeBroadcast16Masks() {
+  Broadcast16Masks m{};
+  for (int k = 0; k < 8; ++k) {
+    for (int i = 0; i < 32; ++i) m.mask[k][i] = static_cast<uint8_t>(2 * k + i % 2);
+  }
+  return m;
+}
+constexpr Broadcast16Masks kBroadcast16 = MakeBroadcast16Masks();
+
+inline __m256i Broadcast16(__m256i v, int k) {
+  return _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kBroadcast16.mask[k])));
+}
+
+// The 8 sub-block scales and mins of a Q4_K block, as int16 (one per lane).
+inline void Q4KScalesMins(const uint8_t* packed, __m128i* scales, __m128i* mins) {
+  uint32_t u[3];
+  std::memcpy(u, packed, 12);
+  const uint64_t sc =
+      (u[0] & 0x3f3f3f3fu) | static_cast<uint64_t>((u[2] & 0x0f0f0f0fu) | ((u[0] >> 6) & 0x03030303u) << 4) << 32;
+  const uint64_t m = (u[1] & 0x3f3f3f3fu) |
+                     static_cast<uint64_t>(((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 6) & 0x03030303u) << 4) << 32;
+  *scales = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<int64_t>(sc)));
+  *mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<int64_t>(m)));
+}
+
+// Q4_K x Q8_K: d*da * sum_s sc[s] (q . a)_s - dmin*da * sum_s m[s] (sum a)_s,
+// the first sum in int32 lanes (maddubs, then madd by the scale), the
+// second from the activation block sums.
+template <int R>
+void DotQ4KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  __m256 acc[R];
+  __m128 acc_min[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < n / kQkK; ++b) {
+    const uint8_t* ab = act + b * sizeof(BlockQ8K);
+    const float da = LoadF32(ab);
+    const uint8_t* aq = ab + offsetof(BlockQ8K, qs);
+    const uint8_t* bsums = ab + offsetof(BlockQ8K, bsums);
+    // Sums of the activations over each 32-element sub-block.
+    const __m128i asum = _mm_hadd_epi16(LoadU128(bsums), LoadU128(bsums + 16));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * sizeof(BlockQ4K);
+      PrefetchLines(wb + R * row_bytes, sizeof(BlockQ4K));
+      __m128i sc128, m128;
+      Q4KScalesMins(wb + offsetof(BlockQ4K, scales), &sc128, &m128);
+      const __m256i scales = _mm256_broadcastsi128_si256(sc128);
+      const uint8_t* qs = wb + offsetof(BlockQ4K, qs);
+      __m256i sumi = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i q = LoadU256(qs + 32 * c);
+        const __m256i lo = _mm256_and_si256(q, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        const __m256i plo = _mm256_maddubs_epi16(lo, LoadU256(aq + 64 * c));
+        const __m256i phi = _mm256_maddubs_epi16(hi, LoadU256(aq + 64 * c + 32));
+        const __m256i slo = Broadcast16(scales, 2 * c);
+        const __m256i shi = Broadcast16(scales, 2 * c + 1);
+        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi)));
+      }
+      // d and dmin are adjacent f16s: both converted at once.
+      const __m128 dd = _mm_mul_ps(TwoHalves(wb, 2), _mm_set1_ps(da));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_broadcastss_ps(dd), acc[r]);
+      acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(m128, asum)), _mm_permute_ps(dd, 0x55), acc_min[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]) - HorizontalSum(acc_min[r]);
+}
+
+// Shuffle masks for Q6_K: kScalePairs.mask[g] = bytes [2g x 8, 2g+1 x 8],
+// the scales of the two sub-blocks of 32-element group g.
+struct ScalePairMasks {
+  alignas(16) uint8_t mask[8][16];
+};
+constexpr ScalePairMasks MakeScalePairMasks() {
+  ScalePairMasks m{};
+  for (int g = 0; g < 8; ++g) {
+    for (int i = 0; i < 16; ++i) m.mask[g][i] = static_cast<uint8_t>(2 * g + i / 8);
+  }
+  return m;
+}
+constexpr ScalePairMasks kScalePairs = MakeScalePairMasks();
+
+// The scales of group g as int16: [sc[2g] x 8 | sc[2g + 1] x 8].
+inline __m256i Q6KScalePair(__m128i scales, int g) {
+  return _mm256_cvtepi8_epi16(
+      _mm_shuffle_epi8(scales, _mm_load_si128(reinterpret_cast<const __m128i*>(kScalePairs.mask[g]))));
+}
+
+// Q6_K x Q8_K: d*da * (sum_s sc[s] (q . a)_s - 32 * sum_s sc[s] (sum a)_s),
+// all in int32 lanes; q in 0..63 goes through maddubs unsigned.
+template <int R>
+void DotQ6KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQkK; ++b) {
+    const uint8_t* ab = act + b * sizeof(BlockQ8K);
+    const float da = LoadF32(ab);
+    const uint8_t* aq = ab + offsetof(BlockQ8K, qs);
+    const __m256i bsums = LoadU256(ab + offsetof(BlockQ8K, bsums));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * sizeof(BlockQ6K);
+      PrefetchLines(wb + R * row_bytes, sizeof(BlockQ6K));
+      const __m128i sc = LoadU128(wb + offsetof(BlockQ6K, scales));
+      // The -32 offset: 32 * sum_s sc[s] * bsums[s].
+      __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                      _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bsums), 5));
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = LoadU256(wb + 64 * h), ql1 = LoadU256(wb + 64 * h + 32);
+        const __m256i qh = LoadU256(wb + offsetof(BlockQ6K, qh) + 32 * h);
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
+            _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
+        };
+        for (int k = 0; k < 4; ++k) {
+          const int g = 4 * h + k;
+          const __m256i p = _mm256_maddubs_epi16(q[k], LoadU256(aq + 32 * g));
+          sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, Q6KScalePair(sc, g)));
+        }
+      }
+      const float d = HalfToFloat(LoadU16(wb + offsetof(BlockQ6K, d))) * da;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// 6b. Batched tiles (prefill): one row against T = 1..4 tokens
+// ---------------------------------------------------------------------------
+// The same arithmetic as the kernels above, but each weight block is loaded
+// and unpacked once and then used for T tokens. Token j's activations are
+// at act + j * act_stride; its result goes to y[j * y_stride].
+namespace {
+
+template <int T, int kElemBytes, typename Load8, typename Load1>
+inline void TileFloat(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride,
+                      Load8 load8, Load1 load1) {
+  const float* x[T];
+  __m256 acc[T];
+  for (int j = 0; j < T; ++j) {
+    x[j] = reinterpret_cast<const float*>(act + j * act_stride);
+    acc[j] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 wv = load8(row, i);
+    for (int j = 0; j < T; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + i), acc[j]);
+  }
+  for (int j = 0; j < T; ++j) {
+    float s = HorizontalSum(acc[j]);
+    for (int64_t k = i; k < n; ++k) s += load1(row, k) * LoadF32x1(act + j * act_stride, k);
+    y[j * y_stride] = s;
+  }
+}
+
+template <int T>
+void TileF32(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  TileFloat<T, 4>(row, act, act_stride, n, y, y_stride, LoadF32x8, LoadF32x1);
+}
+template <int T>
+void TileF16(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  TileFloat<T, 2>(row, act, act_stride, n, y, y_stride, LoadF16x8, LoadF16x1);
+}
+template <int T>
+void TileBf16(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  TileFloat<T, 2>(row, act, act_stride, n, y, y_stride, LoadBf16x8, LoadBf16x1);
+}
+
+// Q8_0: |q| once per block; per token, sign(a, q) and maddubs as in DotI8.
+// (Q4_0 has no tile: unpacking its nibbles costs less than the per-token
+// work a tile repeats, so DotRowsBatch runs DotRows' 4-row kernels there.)
+template <int T>
+void TileQ8_0(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  constexpr size_t kBlock = sizeof(BlockQ8_0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQk0; ++b) {
+    const uint8_t* wb = row + b * kBlock;
+    const __m256i q = LoadU256(wb + 2);
+    const __m256i q_abs = _mm256_sign_epi8(q, q);
+    const float dw = HalfToFloat(LoadU16(wb));
+    for (int j = 0; j < T; ++j) {
+      const uint8_t* ab = act + j * act_stride + b * kBlock;
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(LoadU256(ab + 2), q)), ones);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab))), acc[j]);
+    }
+  }
+  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
+}
+
+// As DotQ4KAvx2; the mins term joins the same float accumulator.
+template <int T>
+void TileQ4K(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  __m256 acc[T];
+  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQkK; ++b) {
+    const uint8_t* wb = row + b * sizeof(BlockQ4K);
+    __m128i sc128, m128;
+    Q4KScalesMins(wb + offsetof(BlockQ4K, scales), &sc128, &m128);
+    const __m256i scales = _mm256_broadcastsi128_si256(sc128);
+    const uint8_t* qs = wb + offsetof(BlockQ4K, qs);
+    __m256i sumi[T];
+    for (int j = 0; j < T; ++j) sumi[j] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = LoadU256(qs + 32 * c);
+      const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      const __m256i slo = Broadcast16(scales, 2 * c);
+      const __m256i shi = Broadcast16(scales, 2 * c + 1);
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* aq = act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, qs) + 64 * c;
+        const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, LoadU256(aq)), slo);
+        const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, LoadU256(aq + 32)), shi);
+        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(plo, phi));
+      }
+    }
+    const __m128 dd = TwoHalves(wb, 2);  // d, dmin
+    for (int j = 0; j < T; ++j) {
+      const uint8_t* ab = act + j * act_stride + b * sizeof(BlockQ8K);
+      const uint8_t* bsums = ab + offsetof(BlockQ8K, bsums);
+      const __m128i asum = _mm_hadd_epi16(LoadU128(bsums), LoadU128(bsums + 16));
+      const __m128 ddj = _mm_mul_ps(dd, _mm_set1_ps(LoadF32(ab)));
+      const __m256 mins = _mm256_zextps128_ps256(_mm_cvtepi32_ps(_mm_madd_epi16(m128, asum)));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_broadcastss_ps(ddj), acc[j]);
+      acc[j] = _mm256_fnmadd_ps(mins, _mm256_broadcastss_ps(_mm_permute_ps(ddj, 0x55)), acc[j]);
+    }
+  }
+  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
+}
+
+// As DotQ6KAvx2.
+template <int T>
+void TileQ6K(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30);
+  __m256 acc[T];
+  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / kQkK; ++b) {
+    const uint8_t* wb = row + b * sizeof(BlockQ6K);
+    const __m128i sc = LoadU128(wb + offsetof(BlockQ6K, scales));
+    const __m256i sc16 = _mm256_cvtepi8_epi16(sc);
+    __m256i sumi[T];
+    for (int j = 0; j < T; ++j) {
+      const __m256i bsums = LoadU256(act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, bsums));
+      sumi[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), 5));
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i ql0 = LoadU256(wb + 64 * h), ql1 = LoadU256(wb + 64 * h + 32);
+      const __m256i qh = LoadU256(wb + offsetof(BlockQ6K, qh) + 32 * h);
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
+          _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
+      };
+      for (int k = 0; k < 4; ++k) {
+        const int g = 4 * h + k;
+        const __m256i pair = Q6KScalePair(sc, g);
+        for (int j = 0; j < T; ++j) {
+          const uint8_t* aq = act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, qs) + 32 * g;
+          sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], LoadU256(aq)), pair));
+        }
+      }
+    }
+    const float dw = HalfToFloat(LoadU16(wb + offsetof(BlockQ6K, d)));
+    for (int j = 0; j < T; ++j) {
+      const float da = LoadF32(act + j * act_stride + b * sizeof(BlockQ8K));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(dw * da), acc[j]);
+    }
+  }
+  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// 7. AVX-512 kernels (AVX512F/BW/VL + VNNI), chosen at run time
+// ---------------------------------------------------------------------------
+// Float weights run 16 lanes wide; Q8_0 and Q4_0 use vpdpbusd (u8 x s8 dot
+// products of 4, accumulated in int32, no int16 step). Q4_K and Q6_K keep
+// the AVX2 kernels: their int16 step carries the sub-block scale multiply,
+// which vpdpbusd would move to a slow 32-bit multiply. BF16 weights do not
+// use AVX512_BF16's vdpbf16ps: it needs bf16 activations, and these stay
+// float32 (the kernels are bound by memory, not by the convert).
+namespace {
+
+#define APE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+APE_AVX512 inline __m512 LoadF32x16(const uint8_t* row, int64_t i) {
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + i);
+}
+APE_AVX512 inline __m512 LoadF16x16(const uint8_t* row, int64_t i) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+}
+APE_AVX512 inline __m512 LoadBf16x16(const uint8_t* row, int64_t i) {
+  const __m512i u32 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u32, 16));
+}
+
+// As DotFloatRows, 32 elements per step for each row.
+template <int R, int kElemBytes, typename Load16, typename Load1>
+APE_AVX512 inline void DotFloatRows512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y,
+                                       Load16 load16, Load1 load1) {
+  const float* x = reinterpret_cast<const float*>(act);  // read with unaligned loads only
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * row_bytes;
+      PrefetchLines(row + R * row_bytes + i * kElemBytes, 32 * kElemBytes);
+      acc0[r] = _mm512_fmadd_ps(load16(row, i), x0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(load16(row, i + 16), x1, acc1[r]);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x0 = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) acc0[r] = _mm512_fmadd_ps(load16(w + r * row_bytes, i), x0, acc0[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+    for (int64_t j = i; j < n; ++j) s += load1(w + r * row_bytes, j) * LoadF32x1(act, j);
+    y[r] = s;
+  }
+}
+
+template <int R>
+APE_AVX512 void DotF32Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows512<R, 4>(w, row_bytes, act, n, y, LoadF32x16, LoadF32x1);
+}
+template <int R>
+APE_AVX512 void DotF16Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows512<R, 2>(w, row_bytes, act, n, y, LoadF16x16, LoadF16x1);
+}
+template <int R>
+APE_AVX512 void DotBf16Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  DotFloatRows512<R, 2>(w, row_bytes, act, n, y, LoadBf16x16, LoadBf16x1);
+}
+
+// As DotI8, with one vpdpbusd for maddubs + madd.
+APE_AVX512 inline __m256i DotI8Vnni(__m256i w, __m256i a) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+}
+
+// As DotQ8_0Avx2.
+template <int R>
+APE_AVX512 void DotQ8_0Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  constexpr size_t kBlock = sizeof(BlockQ8_0);
+  const int64_t nb = n / kQk0;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* ab = act + b * kBlock;
+    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kBlock + 2);
+    const __m128 da = TwoHalves(ab, kBlock);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
+      const __m256i sumi = _mm256_hadd_epi32(DotI8Vnni(LoadU256(wb + 2), a0), DotI8Vnni(LoadU256(wb + kBlock + 2), a1));
+      const __m128 d = _mm_mul_ps(TwoHalves(wb, kBlock), da);
+      const __m128 d4 = _mm_unpacklo_ps(d, d);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* ab = act + b * kBlock;
+    const __m256i a = LoadU256(ab + 2);
+    const float da = HalfToFloat(LoadU16(ab));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8Vnni(LoadU256(wb + 2), a)), d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+}
+
+// As DotQ4_0Avx2; the sums start from -8 * sum(a) and take both halves of
+// the nibbles with one vpdpbusd each.
+template <int R>
+APE_AVX512 void DotQ4_0Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+  constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
+  const __m256i m4 = _mm256_set1_epi8(15), eights = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
+  const int64_t nb = n / kQk0;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* ab = act + b * kActBlock;
+    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
+    const __m256i alo = _mm256_permute2x128_si256(a0, a1, 0x20);
+    const __m256i ahi = _mm256_permute2x128_si256(a0, a1, 0x31);
+    const __m256i start =
+        _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, eights, alo), eights, ahi));
+    const __m128 da = TwoHalves(ab, kActBlock);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
+      const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                            reinterpret_cast<const __m128i*>(wb + 2));
+      const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      const __m256i sumi = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, lo, alo), hi, ahi);
+      const __m256 d = SpreadPair(_mm_mul_ps(TwoHalves(wb, kBlock), da));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* ab = act + b * kActBlock;
+    const __m256i a = LoadU256(ab + 2);
+    const float da = HalfToFloat(LoadU16(ab));
+    const __m256i start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, eights, a));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * kBlock;
+      const __m256i sumi = _mm256_dpbusd_epi32(start, Q4_0Nibbles(wb + 2), a);
+      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+}
+
+#undef APE_AVX512
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// 8. Dispatch
+// ---------------------------------------------------------------------------
+namespace {
+
+// Computes rows r..r+R-1 (R = index + 1) of a type against one activation.
+using RowsKernel = void (*)(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y);
+
+struct KernelSet {
+  const char* isa;
+  RowsKernel f32[4], f16[4], bf16[4], q8_0[4], q4_0[4], q4_k[4], q6_k[4];
+
+  const RowsKernel* For(GgmlType t) const {
+    switch (t) {
+      case GgmlType::kF32: return f32;
+      case GgmlType::kF16: return f16;
+      case GgmlType::kBF16: return bf16;
+      case GgmlType::kQ8_0: return q8_0;
+      case GgmlType::kQ4_0: return q4_0;
+      case GgmlType::kQ4_K: return q4_k;
+      case GgmlType::kQ6_K: return q6_k;
+      default: std::abort();  // callers check IsWeightType
+    }
+  }
+};
+
+#define APE_ROWS(kernel) \
+  { kernel<1>, kernel<2>, kernel<3>, kernel<4> }
+
+constexpr KernelSet kAvx2 = {"avx2",
+                             APE_ROWS(DotF32Avx2),
+                             APE_ROWS(DotF16Avx2),
+                             APE_ROWS(DotBf16Avx2),
+                             APE_ROWS(DotQ8_0Avx2),
+                             APE_ROWS(DotQ4_0Avx2),
+                             APE_ROWS(DotQ4KAvx2),
+                             APE_ROWS(DotQ6KAvx2)};
+
+constexpr KernelSet kAvx512 = {"avx512-vnni",           APE_ROWS(DotF32Avx512),  APE_ROWS(DotF16Avx512),
+                               APE_ROWS(DotBf16Avx512), APE_ROWS(DotQ8_0Avx512), APE_ROWS(DotQ4_0Avx512),
+                               APE_ROWS(DotQ4KAvx2),    APE_ROWS(DotQ6KAvx2)};
+
+#undef APE_ROWS
+
+bool HasAvx512Vnni() {
+  __builtin_cpu_init();  // in case this runs before libgcc's constructor
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+const KernelSet* DetectKernels() { return HasAvx512Vnni() ? &kAvx512 : &kAvx2; }
+
+const KernelSet*& ActiveKernels() {
+  static const KernelSet* active = DetectKernels();
+  return active;
+}
+
+// One row against T = index + 1 tokens (the batched tiles, AVX2 on every CPU).
+using TileKernel = void (*)(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y,
+                            size_t y_stride);
+
+const TileKernel* TilesFor(GgmlType t) {
+  static constexpr TileKernel kF32[4] = {TileF32<1>, TileF32<2>, TileF32<3>, TileF32<4>};
+  static constexpr TileKernel kF16[4] = {TileF16<1>, TileF16<2>, TileF16<3>, TileF16<4>};
+  static constexpr TileKernel kBf16[4] = {TileBf16<1>, TileBf16<2>, TileBf16<3>, TileBf16<4>};
+  static constexpr TileKernel kQ8_0[4] = {TileQ8_0<1>, TileQ8_0<2>, TileQ8_0<3>, TileQ8_0<4>};
+  static constexpr TileKernel kQ4K[4] = {TileQ4K<1>, TileQ4K<2>, TileQ4K<3>, TileQ4K<4>};
+  static constexpr TileKernel kQ6K[4] = {TileQ6K<1>, TileQ6K<2>, TileQ6K<3>, TileQ6K<4>};
+  switch (t) {
+    case GgmlType::kF32: return kF32;
+    case GgmlType::kF16: return kF16;
+    case GgmlType::kBF16: return kBf16;
+    case GgmlType::kQ8_0: return kQ8_0;
+    case GgmlType::kQ4_K: return kQ4K;
+    case GgmlType::kQ6_K: return kQ6K;
+    default: std::abort();
+  }
+}
+
+}  // namespace
+
+void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
+  const RowsKernel* kernel = ActiveKernels()->For(t);
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) kernel[3](w + r * row_bytes, row_bytes, act, n, y + r);
+  if (r < rows) kernel[rows - r - 1](w + r * row_bytes, row_bytes, act, n, y + r);
+}
+
+// Rows go in chunks of about 64 KiB (they stay in the L2 cache while every
+// tile of 4 tokens passes over them); a tile's activations stay in L1.
+void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
+                  int n_tokens, int64_t n, float* y, size_t y_stride) {
+  const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));
+  if (t == GgmlType::kQ4_0) {
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+      const int r1 = std::min(rows, r0 + chunk);
+      for (int j = 0; j < n_tokens; ++j) {
+        DotRows(t, w + r0 * row_bytes, row_bytes, r1 - r0, act + j * act_stride, n, y + j * y_stride + r0);
+      }
+    }
+    return;
+  }
+  const TileKernel* tile = TilesFor(t);
+  for (int r0 = 0; r0 < rows; r0 += chunk) {
+    const int r1 = std::min(rows, r0 + chunk);
+    for (int j = 0; j < n_tokens; j += 4) {
+      const TileKernel kernel = tile[std::min(4, n_tokens - j) - 1];
+      for (int r = r0; r < r1; ++r)
+        kernel(w + r * row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r, y_stride);
+    }
+  }
+}
+
+const char* KernelIsa() { return ActiveKernels()->isa; }
+
+bool ForceKernelIsaForTesting(const char* isa) {
+  const std::string_view want = isa == nullptr ? "" : isa;
+  if (want.empty()) {
+    ActiveKernels() = DetectKernels();
+    return true;
+  }
+  if (want == kAvx2.isa) {
+    ActiveKernels() = &kAvx2;
+    return true;
+  }
+  if (want == kAvx512.isa && HasAvx512Vnni()) {
+    ActiveKernels() = &kAvx512;
+    return true;
+  }
+  return false;
+}
+
+}  // namespace ape

@@ -10,20 +10,28 @@
 //   Q4_0  32 elements in 18 bytes:  f16 d | u8 qs[16]             x = d*(nibble-8)
 //         (element j < 16 is the low nibble of qs[j], element j+16 its high nibble)
 //   Q4_K  256 elements in 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
-//         8 sub-blocks of 32, each with a 6-bit scale and 6-bit min packed
-//         in scales[]; x = d*sc*nibble - dmin*m
+//         8 sub-blocks s of 32, each with a 6-bit scale sc and 6-bit min m
+//         packed in scales[]; x = d*sc*nibble - dmin*m.
+//         s < 4: sc = scales[s] & 63, m = scales[s+4] & 63; s >= 4: the low 4
+//         bits of sc and m are the low and high nibble of scales[s+4], their
+//         top 2 bits are bits 6-7 of scales[s-4] (sc) and scales[s] (m).
+//         qs[32c+l]: low nibble is element 64c+l, high nibble element 64c+32+l
 //   Q6_K  256 elements in 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
-//         16 sub-blocks of 16, x = d*scale*(q6 - 32), q6 = 4 low bits from ql,
-//         2 high bits from qh
+//         16 sub-blocks of 16, x = d*scales[e/16]*(q6 - 32) for element e,
+//         q6 = 4 low bits from ql, 2 high bits from qh. In each half h of
+//         128 elements, for l < 32 and k < 4, element 128h+32k+l takes the
+//         low (k < 2) or high nibble of ql[64h+32(k%2)+l] and bits 2k..2k+1
+//         of qh[32h+l]
 //   Q8_K  256 elements in 292 bytes: f32 d | int8 qs[256] | i16 bsums[16]
 //         (activations only: the partner of Q4_K/Q6_K in dot products;
 //         bsums[i] = sum of qs[16i .. 16i+15])
 //
 // Dot products take the activations in the form their weight type wants
 // (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0,
-// Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 (VNNI, BF16) paths at
-// run time where the CPU has them and AVX2+FMA+F16C otherwise; every kernel
-// has a plain scalar twin (the *Reference functions) that tests compare with.
+// Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 paths (F/BW/VL and
+// VNNI: float, Q8_0 and Q4_0 weights) at run time where the CPU has them and
+// AVX2+FMA+F16C otherwise; every kernel has a plain scalar twin
+// (DotRowsReference) that tests compare with.
 #ifndef APESERVE_COMMON_ENGINE_QUANT_H_
 #define APESERVE_COMMON_ENGINE_QUANT_H_
 
@@ -52,7 +60,10 @@ void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n);
 void QuantizeRow(GgmlType t, const float* x, uint8_t* out, int64_t n);
 
 // x (n floats) -> the activation form for weights of type t, into `out`
-// (ActivationBytes(t, n) bytes). A plain copy for F32/F16/BF16.
+// (ActivationBytes(t, n) bytes). A plain copy for F32/F16/BF16; Q8_0 as
+// llama.cpp's CPU backend makes it (GGML's x86 quantize_row_q8_0: scale
+// amax/127, ties to even), Q8_K as GGML's quantize_row_q8_K; quants are in
+// -127..127.
 size_t ActivationBytes(GgmlType t, int64_t n);
 void PrepareActivations(GgmlType t, const float* x, int64_t n, uint8_t* out);
 
@@ -61,7 +72,18 @@ void PrepareActivations(GgmlType t, const float* x, int64_t n, uint8_t* out);
 // Single-threaded: callers split rows across threads.
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y);
 
-// The same, plain scalar C++: the reference the fast kernels are tested
+// Prefill: y[j * y_stride + r] = dot(row r, token j) for r < rows and
+// j < n_tokens, token j's activations (PrepareActivations) at
+// act + j * act_stride. Rows are taken in cache-sized chunks, and each
+// weight block is unpacked once per tile of 4 tokens (Q4_0, whose blocks
+// are cheap to unpack, runs DotRows per token over the cached chunk); the
+// integer types use integer dot products as DotRows does. Results equal
+// DotRows' up to float summation order. Single-threaded: callers split
+// rows across threads.
+void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
+                  int n_tokens, int64_t n, float* y, size_t y_stride);
+
+// The same as DotRows, plain scalar C++: the reference the fast kernels are tested
 // against (identical results for integer paths up to float summation order).
 void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n,
                       float* y);
@@ -69,6 +91,11 @@ void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, 
 // Which instruction set the kernels use on this CPU ("avx512-vnni",
 // "avx2"), for logs and benchmarks.
 const char* KernelIsa();
+
+// Tests and benchmarks: use the kernels of `isa` ("avx2", "avx512-vnni")
+// from now on, or the detected ones for "" or nullptr. False (and nothing
+// changes) if this CPU lacks `isa`. Not thread-safe with running kernels.
+bool ForceKernelIsaForTesting(const char* isa);
 
 }  // namespace ape
 

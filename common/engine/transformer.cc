@@ -2,20 +2,20 @@
 
 #include "common/engine/matvec.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 namespace ape {
 
 namespace {
+// As GGML computes it (the sum of squares in double, the scale in float),
+// so that activations quantized to 8 bits afterwards round like llama.cpp's.
 void RmsNorm(float* out, const float* x, const float* w, int n, float eps) {
-  float ss = 0.f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float scale = 1.f / std::sqrt(ss / n + eps);
-  for (int i = 0; i < n; ++i) out[i] = w[i] * (scale * x[i]);
+  double ss = 0;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i] * x[i]);
+  const float mean = static_cast<float>(ss / n);
+  const float scale = 1.f / std::sqrt(mean + eps);
+  for (int i = 0; i < n; ++i) out[i] = (x[i] * scale) * w[i];
 }
 
 // x[rows][width] += bias[width].
@@ -24,14 +24,6 @@ void AddBias(float* x, int rows, int width, const float* bias) {
     for (int i = 0; i < width; ++i) x[static_cast<size_t>(r) * width + i] += bias[i];
 }
 }  // namespace
-
-void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy) {
-  if (n == 1) {
-    MatVec(w, x, y, out, in);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.f, x, in, w, in, 0.f, y, ldy);
-  }
-}
 
 Transformer::Transformer(const Model& model, int max_batch)
     : model_(model), c_(model.config()), max_batch_(std::max(1, max_batch)) {
@@ -91,10 +83,10 @@ void Transformer::Rope(float* x, int n, int n_heads, int row_stride, const int32
 // `k` and `v`. Then, as the architecture asks: Q/K/V biases (qwen2), RMSNorm
 // of every Q and K head (qwen3), and RoPE of Q and K at `positions`.
 void Transformer::QueryKeyValue(const LayerWeights& lw, int n, const int32_t* positions, float* k, float* v) {
-  const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim();
-  MatMul(xb_.data(), n, dim, lw.wq.data(), qd, q_.data(), qd);
-  MatMul(xb_.data(), n, dim, lw.wk.data(), kvd, k, kvd);
-  MatMul(xb_.data(), n, dim, lw.wv.data(), kvd, v, kvd);
+  const int qd = c_.q_dim(), kvd = c_.kv_dim();
+  MatMul(xb_.data(), n, lw.wq, q_.data(), qd);
+  MatMul(xb_.data(), n, lw.wk, k, kvd);
+  MatMul(xb_.data(), n, lw.wv, v, kvd);
   if (c_.qkv_bias) {
     AddBias(q_.data(), n, qd, lw.bq.data());
     AddBias(k, n, kvd, lw.bk.data());
@@ -112,13 +104,12 @@ void Transformer::QueryKeyValue(const LayerWeights& lw, int n, const int32_t* po
 void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
                                const ApeParams& ape, float* logits, bool all_logits) {
   const ModelWeights& w = model_.weights();
-  const int dim = c_.dim, qd = c_.q_dim(), hid = c_.hidden_dim;
+  const int dim = c_.dim, hid = c_.hidden_dim;
   const int first_slot = cache.size;
 
   // Token embeddings; record each slot's position.
   for (int t = 0; t < n; ++t) {
-    std::memcpy(&x_[static_cast<size_t>(t) * dim], &w.tok_emb[static_cast<size_t>(tokens[t]) * dim],
-                dim * sizeof(float));
+    w.tok_emb.RowToFloat(tokens[t], &x_[static_cast<size_t>(t) * dim]);
     cache.pos[first_slot + t] = positions[t];
   }
 
@@ -128,18 +119,18 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
     for (int t = 0; t < n; ++t) RmsNorm(&xb_[t * dim], &x_[t * dim], lw.rms_att.data(), dim, c_.rms_eps);
     QueryKeyValue(lw, n, positions, cache.key(l, first_slot), cache.value(l, first_slot));
     ApeAttention(q_.data(), n, first_slot, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim, ape, att_.data());
-    MatMul(att_.data(), n, qd, lw.wo.data(), dim, xb2_.data(), dim);
+    MatMul(att_.data(), n, lw.wo, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
 
     // Feed-forward: norm, SwiGLU, down projection, residual.
     for (int t = 0; t < n; ++t) RmsNorm(&xb_[t * dim], &x_[t * dim], lw.rms_ffn.data(), dim, c_.rms_eps);
-    MatMul(xb_.data(), n, dim, lw.w1.data(), hid, hb_.data(), hid);
-    MatMul(xb_.data(), n, dim, lw.w3.data(), hid, hb2_.data(), hid);
+    MatMul(xb_.data(), n, lw.w1, hb_.data(), hid);
+    MatMul(xb_.data(), n, lw.w3, hb2_.data(), hid);
     for (size_t i = 0; i < static_cast<size_t>(n) * hid; ++i) {
       const float g = hb_[i];
       hb_[i] = g / (1.f + std::exp(-g)) * hb2_[i];
     }
-    MatMul(hb_.data(), n, hid, lw.w2.data(), dim, xb2_.data(), dim);
+    MatMul(hb_.data(), n, lw.w2, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
   }
   cache.size += n;
@@ -150,7 +141,7 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
   const int rows = n - first_row;
   for (int t = first_row; t < n; ++t)
     RmsNorm(&xb_[(t - first_row) * dim], &x_[t * dim], w.rms_final.data(), dim, c_.rms_eps);
-  MatMul(xb_.data(), rows, dim, w.classifier(), c_.vocab_size, logits, c_.vocab_size);
+  MatMul(xb_.data(), rows, w.classifier(), logits, c_.vocab_size);
 }
 
 }  // namespace ape

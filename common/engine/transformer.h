@@ -1,11 +1,10 @@
-// The float32 Llama transformer: RMSNorm, RoPE at caller-chosen positions,
+// The Llama transformer (float32 activations, weights in their stored type): RMSNorm, RoPE at caller-chosen positions,
 // grouped-query attention (APE-aware), SwiGLU, tied or untied classifier.
 // The architectures differ only in the attention input (ModelConfig):
 //   llama  interleaved RoPE, optional Llama-3 frequency factors
 //   qwen2  Q/K/V biases, NEOX RoPE
 //   qwen3  per-head RMSNorm of Q and K before NEOX RoPE
-// Blocks of tokens go through OpenBLAS sgemm; a single token through our
-// MatVec (matvec.h).
+// Every weight product goes through MatMul (matvec.h).
 //
 // Thread contract: a Transformer is bound to one model and one request at a
 // time (it owns the scratch); the Model it points to is shared read-only.
@@ -20,6 +19,7 @@
 
 #include "common/engine/ape_attention.h"
 #include "common/engine/kv_cache.h"
+#include "common/engine/matvec.h"
 #include "common/engine/model.h"
 #include "common/engine/threading.h"
 
@@ -53,10 +53,6 @@ class Transformer {
   // Scratch, [max_batch][width] each.
   std::vector<float> x_, xb_, xb2_, q_, att_, hb_, hb2_;
 };
-
-// y[n][out] = x[n][in] * W^T for row-major W[out][in]: sgemm for n > 1,
-// our streaming MatVec for n == 1. The hot spot of prefill and decode.
-void MatMul(const float* x, int n, int in, const float* w, int out, float* y, int ldy);
 
 }  // namespace ape
 

@@ -172,17 +172,16 @@ bool HasKvBlockMagic(std::span<const uint8_t> bytes) {
   return bytes.size() >= kMagicBytes && std::memcmp(bytes.data(), kMagic, kMagicBytes) == 0;
 }
 
-absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
+absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const uint8_t> bytes) {
   ByteReader r(bytes, "KV block");
   if (!HasKvBlockMagic(bytes)) return Corrupt("bad magic (not a KV block)");
-  if (bytes.size() < kKvHeaderFixedBytes + kKvChecksumBytes) {
+  if (bytes.size() < kKvHeaderFixedBytes) {
     return Corrupt(absl::StrCat("only ", bytes.size(), " bytes, shorter than a header"));
   }
   RETURN_IF_ERROR(r.Seek(kMagicBytes, "magic"));
   uint32_t version, header_bytes, dtype, kind, reserved32;
   uint64_t payload_bytes, reserved64;
-  KvBlockView v;
-  KvBlockHeader& h = v.header;
+  KvBlockHeader h;
   RETURN_IF_ERROR(r.Read(&version, "version"));
   if (version != kKvFormatVersion) {
     return absl::UnimplementedError(
@@ -220,6 +219,22 @@ absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
     return Corrupt(
         absl::StrCat("payload_bytes ", payload_bytes, " disagrees with the shape (", h.payload_bytes(), ")"));
   }
+  return h;
+}
+
+uint64_t KvBlockBytes(const KvBlockHeader& h) {
+  return HeaderBytes(h.num_tokens) + h.payload_bytes() + kKvChecksumBytes;
+}
+
+absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
+  if (!HasKvBlockMagic(bytes)) return Corrupt("bad magic (not a KV block)");
+  if (bytes.size() < kKvHeaderFixedBytes + kKvChecksumBytes) {
+    return Corrupt(absl::StrCat("only ", bytes.size(), " bytes, shorter than a header"));
+  }
+  KvBlockView v;
+  ASSIGN_OR_RETURN(v.header, ParseKvBlockHeader(bytes));
+  const KvBlockHeader& h = v.header;
+  const uint64_t header_bytes = HeaderBytes(h.num_tokens), payload_bytes = h.payload_bytes();
   const uint64_t total = uint64_t{header_bytes} + payload_bytes + kKvChecksumBytes;
   if (bytes.size() != total) { return Corrupt(absl::StrCat("size ", bytes.size(), " bytes, header says ", total)); }
   const uint64_t checksum_offset = total - kKvChecksumBytes;

@@ -70,6 +70,16 @@ struct KvBlockView {
 // damaged block of ours from a value that never was one.
 bool HasKvBlockMagic(std::span<const uint8_t> bytes);
 
+// Parses the fixed header at the start of `bytes` (kKvHeaderFixedBytes
+// suffice: magic, version, dtype, kind, shape and token count in range,
+// header and payload sizes consistent), without the token ids, the payload
+// or the checksum: for tools that read only the start of an entry. The
+// same errors as ParseKvBlock.
+absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const uint8_t> bytes);
+// The size of the whole block a header describes (header, token ids,
+// payload, checksum).
+uint64_t KvBlockBytes(const KvBlockHeader& header);
+
 // Parses and verifies `bytes` (magic, version, sizes, checksum, a finite
 // payload). Errors: DATA_LOSS for anything malformed, UNIMPLEMENTED for
 // another version.

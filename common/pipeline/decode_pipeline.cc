@@ -343,6 +343,7 @@ absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store
   RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, prompt, positions, p.ape, p.logits.data(), hooks));
   stats->prefill_ms += MsBetween(t0, Clock::now());
   stats->prompt_tokens = static_cast<int>(prompt.size());
+  stats->prompt_ids = prompt;
   p.next_position = static_cast<int32_t>(prompt.size());
   p.history = std::move(prompt);
   return p;
@@ -378,6 +379,7 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
   stats->cache_load_ms += MsBetween(t_layout, Clock::now());
   p.history.insert(p.history.end(), in.query_tokens.begin(), in.query_tokens.end());
   stats->prompt_tokens = static_cast<int>(p.history.size());
+  stats->prompt_ids = p.history;
   p.ape.context_begin = lp;
   p.ape.context_end = lp + total_ctx;
   p.ape.temperature = in.mode == DecodeMode::kApe ? in.temperature : 1.f;
@@ -403,7 +405,11 @@ absl::StatusOr<Prepared> Prepare(const Model& model, RedisStore* store, const De
 }  // namespace
 
 absl::Status CheckDecodeInput(const DecodeInput& in) {
-  if (in.prefix_tokens.empty()) return absl::InvalidArgumentError("the prefix is empty (it holds at least BOS)");
+  if (in.prefix_tokens.empty()) {
+    // A cache entry holds one token or more, and contexts are keyed by the
+    // prefix they follow: BOS, or prefix text for a model without BOS.
+    return absl::InvalidArgumentError("the prefix is empty: send at least one prefix token (BOS, or prefix text)");
+  }
   if (in.query_tokens.empty()) {
     return absl::InvalidArgumentError("the query is empty: nothing to predict from (send query text)");
   }

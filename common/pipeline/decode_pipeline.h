@@ -25,7 +25,8 @@ struct ContextSource {
 };
 
 struct DecodeInput {
-  std::vector<int32_t> prefix_tokens;  // BOS first
+  // At least one token: BOS first when the model adds one, chat markers.
+  std::vector<int32_t> prefix_tokens;
   std::vector<ContextSource> contexts;
   // No BOS; at least one token in every mode (APE and PARALLEL predict from
   // the query's last row: without a query there is no row that attends to
@@ -51,6 +52,8 @@ struct DecodeInput {
 struct DecodeStats {
   int prompt_tokens = 0, cached_tokens = 0, encoded_tokens = 0;
   double cache_load_ms = 0, encode_ms = 0, prefill_ms = 0;
+  // prefix + contexts (request order) + query, as prefilled or loaded.
+  std::vector<int32_t> prompt_ids;
 };
 
 // Encodes missing entries elsewhere (e.g. an ape-encoder over gRPC); null =

@@ -42,10 +42,20 @@ class Admission {
   // queue is full.
   absl::StatusOr<Ticket> Enter(const std::function<bool()>& cancelled, Deadline deadline = Deadline::max());
 
+  // Requests computing and waiting now (for metrics).
+  int running() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return running_;
+  }
+  int waiting() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return waiting_;
+  }
+
  private:
   void Leave();
   const int max_running_, max_waiting_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   int running_ = 0, waiting_ = 0;  // guarded by mu_; cv_ signals running_ going down
 };

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "common/engine/status_macros.h"
+#include "common/server/metrics.h"
 #include "common/server/security.h"
 
 namespace ape {
@@ -34,6 +35,26 @@ absl::StatusOr<RedisConfig> RedisConfigWithSecrets(const std::string& name, cons
   return redis;
 }
 
+// Redis traffic and latency per store call, as metrics.
+void InstrumentStore(RedisStore& store, const std::string& server) {
+  metrics::Registry& reg = metrics::Registry::Global();
+  metrics::Counter& read =
+      reg.GetCounter("ape_redis_read_bytes_total", "Cache entry bytes read from Redis", {{"server", server}});
+  metrics::Counter& written =
+      reg.GetCounter("ape_redis_written_bytes_total", "Cache entry bytes written to Redis", {{"server", server}});
+  store.set_observer([&reg, &read, &written, server](const RedisStore::CallStats& c) {
+    read.Inc(static_cast<double>(c.bytes_read));
+    written.Inc(static_cast<double>(c.bytes_written));
+    reg.GetHistogram("ape_redis_call_seconds", "Redis store calls (a whole pipelined call), by operation",
+                     metrics::LatencyBuckets(), {{"server", server}, {"op", c.op}})
+        .Observe(c.seconds);
+    if (!c.ok)
+      reg.GetCounter("ape_redis_errors_total", "Redis store calls that failed, by operation",
+                     {{"server", server}, {"op", c.op}})
+          .Inc();
+  });
+}
+
 }  // namespace
 
 absl::StatusOr<ModelAndStore> LoadModelAndStore(const std::string& name, const std::string& model_path,
@@ -56,6 +77,16 @@ absl::StatusOr<ModelAndStore> LoadModelAndStore(const std::string& name, const s
   ModelAndStore out;
   ASSIGN_OR_RETURN(out.model, Model::Load(model_path, tokenizer_path));
   out.store = std::make_unique<RedisStore>(redis);
+  const std::string server = name.rfind("ape-", 0) == 0 ? name.substr(4) : name;
+  InstrumentStore(*out.store, server);
+  metrics::Registry::Global()
+      .GetGauge("ape_model_info", "The served model (always 1; the labels describe it)",
+                {{"server", server},
+                 {"architecture", out.model->config().architecture},
+                 {"fingerprint", out.model->fingerprint()},
+                 {"weight_types", out.model->weight_types()},
+                 {"format", out.model->format()}})
+      .Set(1);
   if (auto s = out.store->Ping(); !s.ok())
     std::fprintf(stderr, "%s: warning: %s\n", name.c_str(), s.ToString().c_str());
   std::fprintf(stderr, "%s: model %s (%s, fingerprint %s), redis %s (%s)\n", name.c_str(), model_path.c_str(),

@@ -1,5 +1,6 @@
 #include "common/server/model_info.h"
 
+#include "common/engine/chat_template.h"
 #include "common/kv/kv_block.h"
 
 namespace ape {
@@ -20,6 +21,8 @@ void DescribeModel(const Model& m, v1::ModelInfoResponse* r) {
   r->set_kv_bytes_per_token_float16(KvBytesPerToken(c, KvDtype::kFloat16));
   r->set_kv_bytes_per_token_float32(KvBytesPerToken(c, KvDtype::kFloat32));
   r->set_model_path(m.path());
+  r->set_chat_template(ChatFamilyName(DetectChatFormat(m.chat_template()).family));
+  r->set_add_bos(m.tokenizer().add_bos());
 }
 
 }  // namespace ape

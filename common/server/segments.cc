@@ -18,14 +18,44 @@ absl::Status CheckTokenIds(const std::vector<int32_t>& ids, int vocab_size, cons
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> ResolvePrefix(const v1::Segment& seg, const Tokenizer& tok, int max_tokens) {
+absl::StatusOr<std::vector<int32_t>> PrefixTokens(absl::string_view text, const Tokenizer& tok,
+                                                  const ChatFormat* chat) {
+  std::vector<int32_t> ids;
+  if (chat) {
+    ASSIGN_OR_RETURN(ChatSegments s, BuildChatSegments(*chat, text, "", /*has_contexts=*/false));
+    ids = EncodeChatPieces(tok, s.prefix, tok.add_bos());
+  } else {
+    ids = tok.Encode(text, tok.add_bos(), /*eos=*/false);
+  }
+  if (ids.empty()) {
+    return absl::InvalidArgumentError(
+        "prefix: empty, and this model adds no BOS token (add_bos false): send prefix text (a system prompt, or "
+        "even \"\\n\"); cached contexts follow at least one prefix token");
+  }
+  return ids;
+}
+
+absl::StatusOr<std::vector<int32_t>> QueryTokens(absl::string_view text, const Tokenizer& tok, const ChatFormat* chat,
+                                                 bool has_contexts) {
+  if (!chat) return tok.Encode(text, /*bos=*/false, /*eos=*/false);
+  ASSIGN_OR_RETURN(ChatSegments s, BuildChatSegments(*chat, "", text, has_contexts));
+  return EncodeChatPieces(tok, s.query, /*bos=*/false);
+}
+
+absl::StatusOr<std::vector<int32_t>> ResolvePrefix(const v1::Segment& seg, const Tokenizer& tok, int max_tokens,
+                                                   const ChatFormat* chat) {
   std::vector<int32_t> ids;
   if (seg.has_tokens()) {
+    if (chat) {
+      return absl::InvalidArgumentError(
+          "prefix: chat needs the prefix as text (the server writes the turn markers around it); send token ids "
+          "with chat false");
+    }
     ids.assign(seg.tokens().ids().begin(), seg.tokens().ids().end());
     if (ids.empty()) return absl::InvalidArgumentError("prefix: token ids are empty (send text or at least BOS)");
     RETURN_IF_ERROR(CheckTokenIds(ids, tok.vocab_size(), "prefix"));
   } else {
-    ids = tok.Encode(seg.text(), /*bos=*/true, /*eos=*/false);
+    ASSIGN_OR_RETURN(ids, PrefixTokens(seg.text(), tok, chat));
   }
   RETURN_IF_ERROR(CheckTokenCount(ids.size(), max_tokens, "prefix", "--max_prefix_tokens"));
   return ids;
@@ -104,6 +134,21 @@ size_t FirstInvalidUtf8(absl::string_view text) {
     i += more + 1;
   }
   return absl::string_view::npos;
+}
+
+std::string ToValidUtf8(absl::string_view text) {
+  size_t bad = FirstInvalidUtf8(text);
+  if (bad == absl::string_view::npos) return std::string(text);
+  std::string out;
+  out.reserve(text.size() + 8);
+  while (bad != absl::string_view::npos) {
+    out.append(text.data(), bad);
+    out.append("\xEF\xBF\xBD");  // U+FFFD
+    text.remove_prefix(bad + 1);
+    bad = FirstInvalidUtf8(text);
+  }
+  out.append(text.data(), text.size());
+  return out;
 }
 
 std::string Excerpt(absl::string_view text) {

@@ -11,15 +11,31 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "ape/v1/encoder.pb.h"
+#include "common/engine/chat_template.h"
 #include "common/engine/tokenizer.h"
 
 namespace ape {
 
-// A prefix: text gets BOS prepended (unset or empty text: just BOS); ids are
-// used as given. A context: text without BOS; ids as given, non-empty.
-// INVALID_ARGUMENT (naming `what`) for ids outside the vocabulary, empty
-// contexts, or more than `max_tokens` tokens.
-absl::StatusOr<std::vector<int32_t>> ResolvePrefix(const v1::Segment& seg, const Tokenizer& tok, int max_tokens);
+// Prefix text to ids: BOS first when the model asks for one
+// (tok.add_bos()); with `chat` (null: plain text) the text is the system
+// text of a chat prefix (common/engine/chat_template.h: system turn and the
+// user's turn header; FAILED_PRECONDITION when the model has no template the
+// server renders). INVALID_ARGUMENT when that gives no token (a model
+// without BOS and no text: a cache entry follows at least one prefix token).
+absl::StatusOr<std::vector<int32_t>> PrefixTokens(absl::string_view text, const Tokenizer& tok, const ChatFormat* chat);
+// Query text to ids, without BOS; with `chat` followed by the end of the
+// user's turn and the assistant's header (`has_contexts`: documents sit
+// between prefix and query, see chat_template.h on stripping).
+absl::StatusOr<std::vector<int32_t>> QueryTokens(absl::string_view text, const Tokenizer& tok, const ChatFormat* chat,
+                                                 bool has_contexts);
+
+// A prefix: text as PrefixTokens says (unset or empty text: just BOS, when
+// the model has one); ids are used as given (not with `chat`). A context:
+// text without BOS; ids as given, non-empty. INVALID_ARGUMENT (naming
+// `what`) for ids outside the vocabulary, empty prefixes and contexts, or
+// more than `max_tokens` tokens.
+absl::StatusOr<std::vector<int32_t>> ResolvePrefix(const v1::Segment& seg, const Tokenizer& tok, int max_tokens,
+                                                   const ChatFormat* chat = nullptr);
 absl::StatusOr<std::vector<int32_t>> ResolveContext(const v1::Segment& seg, const Tokenizer& tok, int max_tokens,
                                                     const std::string& what);
 absl::Status CheckTokenIds(const std::vector<int32_t>& ids, int vocab_size, const std::string& what);
@@ -52,6 +68,12 @@ class TextCheck {
 // Offset of the first byte that does not start a well-formed UTF-8 sequence
 // (RFC 3629: shortest form, no surrogates, at most U+10FFFF), or npos.
 size_t FirstInvalidUtf8(absl::string_view text);
+
+// `text` with every byte that does not start a well-formed UTF-8 sequence
+// replaced by U+FFFD: for the text the servers send in `string` fields
+// (protobuf's Python and Node runtimes refuse invalid UTF-8 there, and a
+// model may generate any bytes, e.g. a random or a byte-level model).
+std::string ToValidUtf8(absl::string_view text);
 
 // Client input as it may appear in a status message or a log line: at most
 // kExcerptBytes bytes, C-escaped (so always printable ASCII), then

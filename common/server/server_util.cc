@@ -1,5 +1,6 @@
 #include "common/server/server_util.h"
 
+#include <grpcpp/ext/channelz_service_plugin.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
@@ -10,9 +11,14 @@
 #include <cstdio>
 #include <thread>
 
+#include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/server/metrics.h"
+
+ABSL_FLAG(std::string, metrics_listen, "",
+          "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9090); empty = off");
 
 namespace ape {
 
@@ -50,6 +56,10 @@ void LogRequest(const std::string& service, const std::string& method, const abs
   if (!status.ok()) absl::StrAppend(&line, " error=\"", status.message(), "\"");
   line += "\n";
   std::fwrite(line.data(), 1, line.size(), stderr);
+  metrics::Registry::Global()
+      .GetCounter("ape_requests_total", "gRPC requests answered, by server, method and status code",
+                  {{"server", service}, {"method", method}, {"code", absl::StatusCodeToString(status.code())}})
+      .Inc();
 }
 
 namespace {
@@ -79,8 +89,19 @@ int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& serv
     return 1;
   }
   const ServerSecurity& security = ServerSecurityFromFlags();
+  std::unique_ptr<metrics::HttpEndpoint> metrics_endpoint;
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::unique_ptr<metrics::HttpEndpoint>> started = metrics::HttpEndpoint::Start(listen);
+    if (!started.ok()) {
+      std::fprintf(stderr, "%s: %s\n", opts.name.c_str(), started.status().ToString().c_str());
+      return 1;
+    }
+    metrics_endpoint = *std::move(started);
+    std::fprintf(stderr, "%s: metrics on http://%s/metrics\n", opts.name.c_str(), listen.c_str());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::channelz::experimental::InitChannelzService();  // grpc.channelz.v1.Channelz: live channel and call stats
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(opts.listen, security.credentials, &port);
@@ -112,6 +133,7 @@ int RunServer(const ServerOptions& opts, const std::vector<grpc::Service*>& serv
   });
   server->Wait();
   waiter.join();
+  metrics_endpoint.reset();  // before the services (whose gauges it reads) go away
   std::fprintf(stderr, "%s: stopped\n", opts.name.c_str());
   return 0;
 }

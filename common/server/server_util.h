@@ -24,7 +24,8 @@ namespace ape {
 // absl::Status -> grpc::Status, same code and message (done once, at the edge).
 grpc::Status ToGrpcStatus(const absl::Status& s);
 
-// Writes one request line to stderr: "<time> <service> <method> <status> <details>".
+// Writes one request line to stderr: "<time> <service> <method> <status> <details>",
+// and counts it in the metric ape_requests_total{server, method, code}.
 void LogRequest(const std::string& service, const std::string& method, const absl::Status& status,
                 const std::string& details);
 
@@ -49,9 +50,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_m
 // naming `flag` otherwise.
 absl::StatusOr<int> MessageBytesFromMb(int mb, const std::string& flag);
 
-// Builds a server with the services, reflection and the standard health
-// service (SERVING), and blocks until SIGTERM or SIGINT, then shuts down
-// gracefully (in-flight calls get `grace`). Listens with TLS as the
+// Builds a server with the services, reflection, channelz
+// (grpc.channelz.v1.Channelz) and the standard health service (SERVING),
+// serves Prometheus metrics (metrics.h) on --metrics_listen when set, and blocks until SIGTERM or SIGINT, then shuts
+// down gracefully (in-flight calls get `grace`). Listens with TLS as the
 // --tls_cert, --tls_key and --tls_client_ca flags say (security.h), else in
 // plaintext with a warning; bad TLS files refuse to start. Returns a process
 // exit code.

@@ -3,6 +3,9 @@
 #include <hiredis/hiredis.h>
 #include <sys/time.h>
 
+#include <algorithm>
+#include <cassert>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -10,8 +13,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/engine/status_macros.h"
+#include "common/store/redis_cluster.h"
 
 namespace ape {
 namespace {
@@ -55,26 +61,59 @@ std::string PercentDecode(absl::string_view s) {
   return out;
 }
 
-// Maps an error reply to a status. OOM means Redis is full.
+std::string RandomHex() {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  return absl::StrCat(absl::Hex(rng(), absl::kZeroPad16));
+}
+
+// host[:port] or [ipv6][:port] into *host and *port (each unchanged when absent).
+absl::Status ParseHostPort(absl::string_view hostport, std::string* host, int* port) {
+  absl::string_view port_text;
+  if (absl::ConsumePrefix(&hostport, "[")) {  // [ipv6]:port
+    size_t close = hostport.find(']');
+    if (close == absl::string_view::npos) return absl::InvalidArgumentError("unclosed [");
+    absl::string_view rest = hostport.substr(close + 1);
+    hostport = hostport.substr(0, close);
+    if (absl::ConsumePrefix(&rest, ":")) port_text = rest;
+  } else if (size_t colon = hostport.rfind(':'); colon != absl::string_view::npos) {
+    port_text = hostport.substr(colon + 1);
+    hostport = hostport.substr(0, colon);
+  }
+  if (!port_text.empty() && (!absl::SimpleAtoi(port_text, port) || *port <= 0 || *port > 65535)) {
+    return absl::InvalidArgumentError("bad port");
+  }
+  if (!hostport.empty()) *host = std::string(hostport);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace redis {
+
 absl::Status ErrorReply(const redisReply* r, absl::string_view what) {
   std::string msg(r->str, r->len);
   if (msg.rfind("OOM", 0) == 0) return absl::ResourceExhaustedError(absl::StrCat("redis ", what, ": ", msg));
   if (msg.rfind("NOAUTH", 0) == 0 || msg.rfind("WRONGPASS", 0) == 0 || msg.rfind("NOPERM", 0) == 0) {
     return absl::PermissionDeniedError(absl::StrCat("redis ", what, ": ", msg));
   }
-  if (msg.rfind("LOADING", 0) == 0 || msg.rfind("BUSY", 0) == 0)
+  if (msg.rfind("LOADING", 0) == 0 || msg.rfind("BUSY", 0) == 0 || msg.rfind("CLUSTERDOWN", 0) == 0)
     return absl::UnavailableError(absl::StrCat("redis ", what, ": ", msg));
+  if (msg.rfind("MOVED ", 0) == 0 || msg.rfind("ASK ", 0) == 0) {  // a cluster node behind a redis:// URI
+    return absl::InternalError(absl::StrCat("redis ", what, ": ", msg, " (a Redis Cluster: use redis+cluster://)"));
+  }
   return absl::InternalError(absl::StrCat("redis ", what, ": ", msg));
 }
 
-std::string RandomHex() {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrCat(absl::Hex(rng(), absl::kZeroPad16));
-}
+}  // namespace redis
 
-}  // namespace
+using redis::ErrorReply;
 
 std::string RedisConfig::Describe() const {
+  if (cluster) {
+    std::vector<std::string> seeds;
+    for (const RedisAddress& a : cluster_seeds) seeds.push_back(absl::StrCat(a.host, ":", a.port));
+    return absl::StrCat("cluster ", absl::StrJoin(seeds, ","));
+  }
   return unix_socket.empty() ? absl::StrCat(host, ":", port, "/", db) : absl::StrCat(unix_socket, "/", db);
 }
 
@@ -93,7 +132,11 @@ absl::StatusOr<RedisConfig> ParseRedisUri(absl::string_view uri) {
     }
     return c;
   }
-  if (!absl::ConsumePrefix(&uri, "redis://")) return bad("must start with redis:// or unix://");
+  if (absl::ConsumePrefix(&uri, "redis+cluster://")) {
+    c.cluster = true;
+  } else if (!absl::ConsumePrefix(&uri, "redis://")) {
+    return bad("must start with redis://, redis+cluster:// or unix://");
+  }
   size_t at = uri.rfind('@');
   if (at != absl::string_view::npos) {
     absl::string_view auth = uri.substr(0, at);
@@ -112,28 +155,35 @@ absl::StatusOr<RedisConfig> ParseRedisUri(absl::string_view uri) {
     absl::string_view db = uri.substr(slash + 1);
     if (!db.empty() && (!absl::SimpleAtoi(db, &c.db) || c.db < 0)) return bad("database must be a number");
   }
-  absl::string_view port;
-  if (absl::ConsumePrefix(&hostport, "[")) {  // [ipv6]:port
-    size_t close = hostport.find(']');
-    if (close == absl::string_view::npos) return bad("unclosed [");
-    absl::string_view rest = hostport.substr(close + 1);
-    hostport = hostport.substr(0, close);
-    if (absl::ConsumePrefix(&rest, ":")) port = rest;
-  } else if (size_t colon = hostport.rfind(':'); colon != absl::string_view::npos) {
-    port = hostport.substr(colon + 1);
-    hostport = hostport.substr(0, colon);
+  if (!c.cluster) {
+    if (absl::Status s = ParseHostPort(hostport, &c.host, &c.port); !s.ok()) return bad(s.message());
+    return c;
   }
-  if (!port.empty() && (!absl::SimpleAtoi(port, &c.port) || c.port <= 0 || c.port > 65535)) return bad("bad port");
-  if (!hostport.empty()) c.host = std::string(hostport);
+  // Cluster: seed nodes, comma-separated; one database only.
+  if (c.db != 0) return bad("a Redis Cluster has only database 0");
+  for (absl::string_view seed : absl::StrSplit(hostport, ',')) {
+    RedisAddress a{.host = c.host, .port = c.port};
+    if (seed.empty()) return bad("empty seed node");
+    if (absl::Status s = ParseHostPort(seed, &a.host, &a.port); !s.ok()) return bad(s.message());
+    c.cluster_seeds.push_back(std::move(a));
+  }
+  c.host = c.cluster_seeds[0].host;
+  c.port = c.cluster_seeds[0].port;
   return c;
 }
 
-void RedisStore::ContextDeleter::operator()(redisContext* c) const { redisFree(c); }
+// ---- One node: a pool of connections and pipelines ------------------------------
 
-RedisStore::RedisStore(RedisConfig config) : config_(std::move(config)) {}
-RedisStore::~RedisStore() = default;
+namespace redis {
 
-absl::StatusOr<RedisStore::Acquired> RedisStore::Acquire() {
+void Node::ContextDeleter::operator()(redisContext* c) const { redisFree(c); }
+
+Node::Node(RedisConfig config)
+    : config_(std::move(config)),
+      address_(config_.unix_socket.empty() ? absl::StrCat(config_.host, ":", config_.port) : config_.unix_socket) {}
+Node::~Node() = default;
+
+absl::StatusOr<Node::Acquired> Node::Acquire() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!idle_.empty()) {
@@ -174,7 +224,7 @@ absl::StatusOr<RedisStore::Acquired> RedisStore::Acquire() {
   return Acquired{std::move(c), /*reused=*/false};
 }
 
-void RedisStore::Release(Context c) {
+void Node::Release(Context c) {
   std::lock_guard<std::mutex> lock(mu_);
   if (idle_.size() < kMaxIdleConnections) idle_.push_back(std::move(c));
 }
@@ -190,8 +240,7 @@ bool ClosedByPeer(const redisContext* c) {
 }
 }  // namespace
 
-absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_view>>& commands,
-                                  const std::function<absl::Status(size_t, void*)>& on_reply) {
+absl::Status Node::Pipeline(const std::vector<Command>& commands, const OnReply& on_reply) {
   ASSIGN_OR_RETURN(Acquired a, Acquire());
   bool retry = false;
   absl::Status s = PipelineOn(std::move(a.context), commands, on_reply, a.reused ? &retry : nullptr);
@@ -206,8 +255,7 @@ absl::Status RedisStore::Pipeline(const std::vector<std::vector<absl::string_vie
   return PipelineOn(std::move(a.context), commands, on_reply, nullptr);
 }
 
-absl::Status RedisStore::PipelineOn(Context c, const std::vector<std::vector<absl::string_view>>& commands,
-                                    const std::function<absl::Status(size_t, void*)>& on_reply, bool* retry) {
+absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, const OnReply& on_reply, bool* retry) {
   std::vector<const char*> ptrs;
   std::vector<size_t> lens;
   for (const auto& argv : commands) {
@@ -238,56 +286,134 @@ absl::Status RedisStore::PipelineOn(Context c, const std::vector<std::vector<abs
   return first_error;
 }
 
+}  // namespace redis
+
+// ---- The store ----------------------------------------------------------------
+
+RedisStore::RedisStore(RedisConfig config) : config_(std::move(config)) {
+  if (config_.cluster)
+    cluster_ = std::make_unique<redis::Cluster>(config_);
+  else
+    node_ = std::make_unique<redis::Node>(config_);
+}
+RedisStore::~RedisStore() = default;
+
+RedisStore::ClusterStats RedisStore::cluster_stats() const { return cluster_ ? cluster_->stats() : ClusterStats{}; }
+
+// Reports one public call to the observer when it goes out of scope: ok is
+// set by the call on success (an early error return leaves it false).
+class RedisStore::Observed {
+ public:
+  Observed(const RedisStore& store, const char* op)
+      : store_(store), op_(op), start_(std::chrono::steady_clock::now()) {}
+  ~Observed() {
+    if (!store_.observer_) return;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    store_.observer_(CallStats{op_, seconds, bytes_read, bytes_written, ok});
+  }
+  template <typename T>
+  T Done(T result) {
+    ok = result.ok();
+    return result;
+  }
+  uint64_t bytes_read = 0, bytes_written = 0;
+  bool ok = false;
+
+ private:
+  const RedisStore& store_;
+  const char* op_;
+  const std::chrono::steady_clock::time_point start_;
+};
+
+absl::Status RedisStore::Run(const std::vector<redis::Unit>& units,
+                             const std::function<absl::Status(size_t, size_t, const redisReply*)>& on_reply) {
+  if (cluster_) return cluster_->Run(units, on_reply);
+  // One node: every command of every unit in one pipeline, in order.
+  std::vector<redis::Command> commands;
+  std::vector<std::pair<size_t, size_t>> from;  // command i = command .second of unit .first
+  for (size_t u = 0; u < units.size(); ++u) {
+    for (size_t c = 0; c < units[u].commands.size(); ++c) {
+      commands.push_back(units[u].commands[c]);
+      from.emplace_back(u, c);
+    }
+  }
+  return node_->Pipeline(commands,
+                         [&](size_t i, const redisReply* r) { return on_reply(from[i].first, from[i].second, r); });
+}
+
+absl::Status RedisStore::ForEachNode(const std::function<absl::Status(redis::Node&)>& fn) {
+  if (!cluster_) return fn(*node_);
+  ASSIGN_OR_RETURN(std::vector<redis::Node*> masters, cluster_->Masters());
+  for (redis::Node* n : masters) {
+    if (absl::Status s = fn(*n); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("redis cluster master ", n->address(), ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RedisStore::Ping() {
-  return Pipeline({{"PING"}}, [](size_t, void* raw) {
-    auto* r = static_cast<redisReply*>(raw);
-    return r->type == REDIS_REPLY_ERROR ? ErrorReply(r, "PING") : absl::OkStatus();
-  });
+  Observed obs(*this, "ping");
+  return obs.Done(ForEachNode([](redis::Node& node) {
+    return node.Pipeline({{"PING"}}, [](size_t, const redisReply* r) {
+      return r->type == REDIS_REPLY_ERROR ? ErrorReply(r, "PING") : absl::OkStatus();
+    });
+  }));
 }
 
 absl::StatusOr<std::vector<bool>> RedisStore::Exists(const std::vector<std::string>& keys) {
-  std::vector<std::vector<absl::string_view>> cmds;
+  Observed obs(*this, "exists");
+  std::vector<redis::Unit> units;
   // An entry exists when its key is a hash with a first chunk; anything else
   // there (a wrong type, junk) counts as absent and will be overwritten.
-  for (const auto& k : keys) cmds.push_back({"HEXISTS", k, "0"});
-  std::vector<bool> out(keys.size());
-  RETURN_IF_ERROR(Pipeline(cmds, [&](size_t i, void* raw) {
-    auto* r = static_cast<redisReply*>(raw);
+  for (const auto& k : keys) units.push_back({k, {{"HEXISTS", k, "0"}}});
+  std::vector<char> found(keys.size(), 0);  // not vector<bool>: replies may come from several threads
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t, const redisReply* r) {
     if (IsWrongType(r)) return absl::OkStatus();
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HEXISTS");
-    out[i] = r->type == REDIS_REPLY_INTEGER && r->integer > 0;
+    found[i] = r->type == REDIS_REPLY_INTEGER && r->integer > 0;
     return absl::OkStatus();
   }));
-  return out;
+  obs.ok = true;
+  return std::vector<bool>(found.begin(), found.end());
 }
 
 absl::Status RedisStore::Put(const std::string& key, absl::string_view value, int ttl_seconds) {
+  Observed obs(*this, "put");
+  obs.bytes_written = value.size();
   // 1. Fill a temporary key, chunk by chunk (each HSET under the bulk limit).
-  const std::string tmp = absl::StrCat(key, ":tmp:", RandomHex());
+  //    On a cluster the temporary key's hash tag is the key itself, so both
+  //    are in one slot, on one master, and RENAME may join them.
+  if (cluster_ && (absl::StrContains(key, '{') || absl::StrContains(key, '}'))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redis cluster: key '", key, "' holds a brace; its temporary key could not share its slot"));
+  }
+  const std::string tmp =
+      cluster_ ? absl::StrCat("{", key, "}:tmp:", RandomHex()) : absl::StrCat(key, ":tmp:", RandomHex());
+  assert(!cluster_ || redis::KeySlot(tmp) == redis::KeySlot(key));
   const size_t chunk = std::max<size_t>(config_.chunk_bytes, 1);
   std::vector<std::string> fields;
   for (size_t off = 0, i = 0; off < value.size() || i == 0; off += chunk, ++i) fields.push_back(absl::StrCat(i));
-  std::vector<std::vector<absl::string_view>> fill;
+  std::vector<redis::Unit> fill;
   for (size_t i = 0; i < fields.size(); ++i) {
-    fill.push_back({"HSET", tmp, fields[i], value.substr(i * chunk, chunk)});
-    if (i == 0) fill.push_back({"EXPIRE", tmp, kTempKeyTtlSeconds});  // abandoned temps vanish
+    fill.push_back({tmp, {{"HSET", tmp, fields[i], value.substr(i * chunk, chunk)}}});
+    if (i == 0) fill.push_back({tmp, {{"EXPIRE", tmp, kTempKeyTtlSeconds}}});  // abandoned temps vanish
   }
-  RETURN_IF_ERROR(Pipeline(fill, [](size_t, void* raw) {
-    auto* r = static_cast<redisReply*>(raw);
+  RETURN_IF_ERROR(Run(fill, [](size_t, size_t, const redisReply* r) {
     return r->type == REDIS_REPLY_ERROR ? ErrorReply(r, "HSET") : absl::OkStatus();
   }));
   // 2. Publish: rename and set the expiry in one transaction.
   const std::string ttl = absl::StrCat(ttl_seconds);
-  std::vector<std::vector<absl::string_view>> publish = {{"MULTI"}, {"RENAME", tmp, key}};
+  redis::Unit publish{key, {{"MULTI"}, {"RENAME", tmp, key}}};
   if (ttl_seconds > 0)
-    publish.push_back({"EXPIRE", key, ttl});
+    publish.commands.push_back({"EXPIRE", key, ttl});
   else
-    publish.push_back({"PERSIST", key});
-  publish.push_back({"EXEC"});
-  return Pipeline(publish, [&](size_t i, void* raw) -> absl::Status {
-    auto* r = static_cast<redisReply*>(raw);
+    publish.commands.push_back({"PERSIST", key});
+  publish.commands.push_back({"EXEC"});
+  const size_t n = publish.commands.size();
+  return obs.Done(Run({publish}, [&](size_t, size_t i, const redisReply* r) -> absl::Status {
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "publish");
-    if (i + 1 < publish.size()) return absl::OkStatus();
+    if (i + 1 < n) return absl::OkStatus();
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 1) return absl::AbortedError("redis: transaction aborted");
     if (r->element[0]->type == REDIS_REPLY_ERROR) {
       // The temp key vanished (evicted) before RENAME: nothing was published.
@@ -295,15 +421,15 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
           absl::StrCat("redis evicted entry ", key, " while it was being written (maxmemory too small?)"));
     }
     return absl::OkStatus();
-  });
+  }));
 }
 
 absl::StatusOr<std::vector<StoredValue>> RedisStore::Read(const std::vector<std::string>& keys) {
-  std::vector<std::vector<absl::string_view>> cmds;
-  for (const auto& k : keys) cmds.push_back({"HGETALL", k});
+  Observed obs(*this, "read");
+  std::vector<redis::Unit> units;
+  for (const auto& k : keys) units.push_back({k, {{"HGETALL", k}}});
   std::vector<StoredValue> out(keys.size());
-  RETURN_IF_ERROR(Pipeline(cmds, [&](size_t i, void* raw) {
-    auto* r = static_cast<redisReply*>(raw);
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t, const redisReply* r) {
     if (IsWrongType(r)) {  // something else lives at the key
       out[i].state = StoredValue::State::kOtherType;
       return absl::OkStatus();
@@ -332,6 +458,8 @@ absl::StatusOr<std::vector<StoredValue>> RedisStore::Read(const std::vector<std:
     out[i].state = StoredValue::State::kFound;
     return absl::OkStatus();
   }));
+  for (const StoredValue& v : out) obs.bytes_read += v.value.size();
+  obs.ok = true;
   return out;
 }
 
@@ -346,35 +474,201 @@ absl::StatusOr<std::vector<std::optional<std::string>>> RedisStore::GetMany(cons
 
 absl::StatusOr<int64_t> RedisStore::Delete(const std::vector<std::string>& keys) {
   if (keys.empty()) return 0;
-  std::vector<absl::string_view> argv = {"DEL"};
-  for (const auto& k : keys) argv.push_back(k);
-  int64_t n = 0;
-  RETURN_IF_ERROR(Pipeline({argv}, [&](size_t, void* raw) {
-    auto* r = static_cast<redisReply*>(raw);
+  Observed obs(*this, "delete");
+  // One DEL on a node; on a cluster one per key, each to its slot's master.
+  std::vector<redis::Unit> units;
+  if (cluster_) {
+    for (const auto& k : keys) units.push_back({k, {{"DEL", k}}});
+  } else {
+    units.push_back({keys[0], {{"DEL"}}});
+    for (const auto& k : keys) units[0].commands[0].push_back(k);
+  }
+  std::vector<int64_t> deleted(units.size(), 0);
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t, const redisReply* r) {
     if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "DEL");
-    n = r->integer;
+    deleted[i] = r->integer;
     return absl::OkStatus();
   }));
+  int64_t n = 0;
+  for (int64_t d : deleted) n += d;
+  obs.ok = true;
   return n;
 }
 
 absl::StatusOr<std::vector<std::string>> RedisStore::Scan(const std::string& pattern, size_t limit) {
+  Observed obs(*this, "scan");
   std::vector<std::string> keys;
-  std::string cursor = "0";
-  do {
-    RETURN_IF_ERROR(Pipeline({{"SCAN", cursor, "MATCH", pattern, "COUNT", kScanBatch}}, [&](size_t, void* raw) {
-      auto* r = static_cast<redisReply*>(raw);
-      if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "SCAN");
-      if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return absl::InternalError("redis SCAN: bad reply");
-      cursor.assign(r->element[0]->str, r->element[0]->len);
-      for (size_t i = 0; i < r->element[1]->elements; ++i) {
-        keys.emplace_back(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
-      }
-      return absl::OkStatus();
-    }));
-  } while (cursor != "0" && keys.size() < limit);
+  RETURN_IF_ERROR(ForEachNode([&](redis::Node& node) -> absl::Status {
+    std::string cursor = "0";
+    while (keys.size() < limit) {
+      RETURN_IF_ERROR(
+          node.Pipeline({{"SCAN", cursor, "MATCH", pattern, "COUNT", kScanBatch}}, [&](size_t, const redisReply* r) {
+            if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "SCAN");
+            if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return absl::InternalError("redis SCAN: bad reply");
+            cursor.assign(r->element[0]->str, r->element[0]->len);
+            for (size_t i = 0; i < r->element[1]->elements; ++i) {
+              keys.emplace_back(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
+            }
+            return absl::OkStatus();
+          }));
+      if (cursor == "0") break;
+    }
+    return absl::OkStatus();
+  }));
   if (keys.size() > limit) keys.resize(limit);
+  obs.ok = true;
   return keys;
+}
+
+// ---- Cache administration -------------------------------------------------------
+
+namespace {
+
+// KEYS[1]: the key; ARGV[1]: head bytes. Returns {type, fields, bytes of all
+// fields "0".."n-1", the head of field "0", 1 if exactly "0".."n-1" exist}.
+// Reads no more than it must: HSTRLEN for sizes, one HGET cut to the head.
+constexpr char kInspectScript[] = R"lua(
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' then return {t, 0, 0, '', 0} end
+local n = redis.call('HLEN', KEYS[1])
+local bytes, complete = 0, 1
+for i = 0, n - 1 do
+  local f = tostring(i)
+  if redis.call('HEXISTS', KEYS[1], f) == 0 then complete = 0 else bytes = bytes + redis.call('HSTRLEN', KEYS[1], f) end
+end
+local head = redis.call('HGET', KEYS[1], '0')
+if head then head = string.sub(head, 1, tonumber(ARGV[1])) else head = ''; complete = 0 end
+return {t, n, bytes, head, complete}
+)lua";
+
+int64_t IntegerOr(const redisReply* r, int64_t otherwise) {
+  return r->type == REDIS_REPLY_INTEGER ? static_cast<int64_t>(r->integer) : otherwise;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<RedisStore::EntryInfo>> RedisStore::Inspect(const std::vector<std::string>& keys,
+                                                                       size_t head_bytes) {
+  Observed obs(*this, "inspect");
+  const std::string head = absl::StrCat(head_bytes);
+  std::vector<redis::Unit> units;
+  // OBJECT IDLETIME first: the script's HGET resets the idle time.
+  for (const auto& k : keys)
+    units.push_back({k, {{"OBJECT", "IDLETIME", k}, {"PTTL", k}, {"EVAL", kInspectScript, "1", k, head}}});
+  std::vector<EntryInfo> out(keys.size());
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t c, const redisReply* r) -> absl::Status {
+    EntryInfo& e = out[i];
+    if (c == 0) {  // an error here: idle time not tracked (an LFU policy)
+      e.idle_seconds = IntegerOr(r, -1);
+      return absl::OkStatus();
+    }
+    if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, c == 1 ? "PTTL" : "EVAL (inspect)");
+    if (c == 1) {
+      e.ttl_ms = IntegerOr(r, -2);
+      return absl::OkStatus();
+    }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 5 || r->element[0]->type != REDIS_REPLY_STRING ||
+        r->element[3]->type != REDIS_REPLY_STRING) {
+      return absl::InternalError("redis inspect script: unexpected reply");
+    }
+    const absl::string_view type(r->element[0]->str, r->element[0]->len);
+    e.chunks = IntegerOr(r->element[1], 0);
+    e.bytes = IntegerOr(r->element[2], 0);
+    e.head.assign(r->element[3]->str, r->element[3]->len);
+    if (type == "none") {
+      e.state = StoredValue::State::kMissing;
+    } else if (type != "hash") {
+      e.state = StoredValue::State::kOtherType;
+    } else {
+      e.state = IntegerOr(r->element[4], 0) == 1 ? StoredValue::State::kFound : StoredValue::State::kIncomplete;
+    }
+    return absl::OkStatus();
+  }));
+  for (const EntryInfo& e : out) obs.bytes_read += e.head.size();
+  obs.ok = true;
+  return out;
+}
+
+absl::StatusOr<std::vector<bool>> RedisStore::Expire(const std::vector<std::string>& keys, int ttl_seconds) {
+  Observed obs(*this, "expire");
+  const std::string ttl = absl::StrCat(ttl_seconds);
+  std::vector<redis::Unit> units;
+  for (const auto& k : keys) {
+    // PERSIST answers 0 for a key without expiry: EXISTS says whether it is there.
+    if (ttl_seconds > 0)
+      units.push_back({k, {{"EXPIRE", k, ttl}}});
+    else
+      units.push_back({k, {{"PERSIST", k}, {"EXISTS", k}}});
+  }
+  std::vector<char> existed(keys.size(), 0);
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t c, const redisReply* r) {
+    if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, ttl_seconds > 0 ? "EXPIRE" : "PERSIST");
+    if (ttl_seconds > 0 || c == 1) existed[i] = IntegerOr(r, 0) > 0;
+    return absl::OkStatus();
+  }));
+  obs.ok = true;
+  return std::vector<bool>(existed.begin(), existed.end());
+}
+
+absl::StatusOr<std::vector<bool>> RedisStore::DeleteEach(const std::vector<std::string>& keys) {
+  Observed obs(*this, "delete");
+  std::vector<redis::Unit> units;
+  for (const auto& k : keys) units.push_back({k, {{"DEL", k}}});
+  std::vector<char> existed(keys.size(), 0);
+  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t, const redisReply* r) {
+    if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "DEL");
+    existed[i] = IntegerOr(r, 0) > 0;
+    return absl::OkStatus();
+  }));
+  obs.ok = true;
+  return std::vector<bool>(existed.begin(), existed.end());
+}
+
+absl::StatusOr<RedisStore::ScanPage> RedisStore::ScanFrom(const std::string& cursor, const std::string& pattern,
+                                                          size_t count) {
+  Observed obs(*this, "scan");
+  // The nodes in a stable order: by address.
+  std::vector<redis::Node*> nodes;
+  if (cluster_) {
+    ASSIGN_OR_RETURN(nodes, cluster_->Masters());
+    std::sort(nodes.begin(), nodes.end(),
+              [](const redis::Node* a, const redis::Node* b) { return a->address() < b->address(); });
+  } else {
+    nodes.push_back(node_.get());
+  }
+  if (nodes.empty()) return absl::UnavailableError("redis cluster: no masters");
+  // Where to resume: "address@cursor"; a master that is gone resumes at the next address.
+  size_t at = 0;
+  std::string redis_cursor = "0";
+  if (!cursor.empty()) {
+    const size_t sep = cursor.rfind('@');
+    uint64_t parsed;
+    if (sep == std::string::npos || !absl::SimpleAtoi(cursor.substr(sep + 1), &parsed)) {
+      return absl::InvalidArgumentError(absl::StrCat("bad scan cursor '", cursor.substr(0, 80), "'"));
+    }
+    const std::string address = cursor.substr(0, sep);
+    while (at < nodes.size() && nodes[at]->address() < address) ++at;
+    if (at < nodes.size() && nodes[at]->address() == address) redis_cursor = absl::StrCat(parsed);
+    if (at == nodes.size()) return ScanPage{};
+  }
+  ScanPage page;
+  const std::string count_text = absl::StrCat(std::max<size_t>(count, 1));
+  redis::Node& node = *nodes[at];
+  RETURN_IF_ERROR(
+      node.Pipeline({{"SCAN", redis_cursor, "MATCH", pattern, "COUNT", count_text}}, [&](size_t, const redisReply* r) {
+        if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "SCAN");
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return absl::InternalError("redis SCAN: bad reply");
+        redis_cursor.assign(r->element[0]->str, r->element[0]->len);
+        for (size_t i = 0; i < r->element[1]->elements; ++i)
+          page.keys.emplace_back(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
+        return absl::OkStatus();
+      }));
+  if (redis_cursor != "0")
+    page.cursor = absl::StrCat(node.address(), "@", redis_cursor);
+  else if (at + 1 < nodes.size())
+    page.cursor = absl::StrCat(nodes[at + 1]->address(), "@0");
+  obs.ok = true;
+  return page;
 }
 
 }  // namespace ape

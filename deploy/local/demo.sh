@@ -9,9 +9,20 @@
 # prints apectl's own stats lines.
 # With another model (the stories260K fallback) it continues one story over
 # two cached passages instead: no expected answers, no tally.
+# --chat (a MODEL with a chat template: Llama 3, Qwen, Mistral): asks one
+# question (QUESTION=...) about the documents in the model's chat format, the
+# documents inside the user's turn (README "Chat models").
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/env.sh"
+
+CHAT_ARGS=()
+for arg in "$@"; do
+  case "$arg" in
+    --chat) CHAT_ARGS=(--chat) ;;
+    *) echo "demo: unknown argument '$arg' (takes only --chat)" >&2; exit 2 ;;
+  esac
+done
 
 PREFIX="You answer questions about the documents below ."
 DOCS="$HERE/docs"
@@ -99,7 +110,15 @@ ask() {
 }
 
 QA=0
-if [[ "$MODEL" == *apeserve-qa.gguf ]]; then
+if ((${#CHAT_ARGS[@]})); then
+  if [[ "$MODEL" == *apeserve-qa.gguf || "$MODEL" == *.bin ]]; then
+    echo "demo: --chat needs a MODEL with a chat template (e.g. a Llama 3 or Qwen instruct GGUF);" \
+      "$(basename "$MODEL") has none" >&2
+    exit 2
+  fi
+  PREFIX="Answer the question from the documents."
+  QUESTION=${QUESTION:-"What city does Neub visit?"}
+elif [[ "$MODEL" == *apeserve-qa.gguf ]]; then
   QA=1
   load_questions
 else  # stories260K: a story prefix, two story passages
@@ -113,17 +132,17 @@ fi
 [[ "${KEEP_RUNNING:-0}" == 1 ]] || trap '"$HERE/stop.sh"' EXIT
 
 echo "== encoding $(ls "$DOCS" | wc -l) documents from $DOCS (model $(basename "$MODEL"))"
-"$BIN/apectl" encode --encoder="$ENCODER_ADDR" --prefix="$PREFIX" "$DOCS" | tee "$RUN/demo-keys.tsv"
+"$BIN/apectl" encode --encoder="$ENCODER_ADDR" --prefix="$PREFIX" "${CHAT_ARGS[@]}" "$DOCS" | tee "$RUN/demo-keys.tsv"
 KEYS=$(cut -f1 "$RUN/demo-keys.tsv" | paste -sd, -)
 
 if ((QA == 0)); then
   echo "== question: $QUESTION"
   echo "== answer (APE over the cached documents):"
   "$BIN/apectl" generate --decoder="$DECODER_ADDR" --prefix="$PREFIX" --context-key="$KEYS" \
-    --query="$QUESTION" --max-tokens=24
+    --query="$QUESTION" --max-tokens=24 "${CHAT_ARGS[@]}"
   echo "== the same with SEQUENTIAL encoding (the baseline, no cache reuse):"
   "$BIN/apectl" generate --decoder="$DECODER_ADDR" --prefix="$PREFIX" --context-key="$KEYS" \
-    --query="$QUESTION" --max-tokens=24 --mode=sequential
+    --query="$QUESTION" --max-tokens=24 --mode=sequential "${CHAT_ARGS[@]}"
   exit 0
 fi
 

@@ -110,6 +110,20 @@ class DeployTest(unittest.TestCase):
                     self.assertEqual(d["spec"].get("clusterIP"), "None", "encoder service must be headless")
         self.assertEqual(checked, 2)
 
+    def test_servers_are_scraped_for_metrics(self):
+        """Each server pod: Prometheus annotations naming a container port
+        that --metrics_listen serves, at /metrics."""
+        for d, c in self.server_containers():
+            where = d["metadata"]["name"]
+            ann = d["spec"]["template"]["metadata"].get("annotations", {})
+            self.assertEqual(ann.get("prometheus.io/scrape"), "true", where)
+            self.assertEqual(ann.get("prometheus.io/path"), "/metrics", where)
+            listen = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--metrics_listen=")]
+            self.assertEqual(len(listen), 1, where)
+            port = int(ann["prometheus.io/port"])
+            self.assertEqual(int(listen[0].rsplit(":", 1)[1]), port, where)
+            self.assertIn(port, [p["containerPort"] for p in c["ports"]], where)
+
     def server_containers(self):
         out = []
         for d in self.deployments.values():

@@ -1,12 +1,18 @@
 // APE attention against two simpler forms from APE.md section 3: a direct
 // three-block implementation (prefix, contexts, query each with its own
-// log-sum-exp, the contexts' times S*T) and the per-key closed form.
+// log-sum-exp, the contexts' times S*T) and the per-key closed form. Then
+// the matrix-product kernel against the per-row reference kernel over GQA
+// groups, head sizes, row counts, context placements and blockings.
 #include "common/engine/ape_attention.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
 
 #include "common/engine/transformer.h"
 
@@ -168,6 +174,89 @@ TEST(ApeAttentionOrderTest, InvariantToContextOrder) {
   ApeAttention(s.q.data(), 2, 38, s.cache, 0, 2, 1, 8, p, b.data());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5f);
 }
+
+// ---- The matrix-product kernel against the per-row reference kernel.
+
+struct KernelCase {
+  int heads, kv_heads, head_dim, n;
+  int prefix, contexts;  // block C = slots [prefix, prefix + contexts)
+  int first_slot;        // rows at slots first_slot .. first_slot + n - 1
+  float T, S;
+};
+
+std::string CaseName(const ::testing::TestParamInfo<KernelCase>& info) {
+  const KernelCase& k = info.param;
+  return absl::StrFormat("g%d_d%d_n%d_ctx%d_first%d_%d", k.heads / k.kv_heads, k.head_dim, k.n, k.contexts,
+                         k.first_slot, static_cast<int>(info.index));
+}
+
+// GQA groups 1, 2 and 7; head_dim 64 and 128; decode, 3, 32 and 300 rows;
+// rows after C, starting at its end, starting inside it, and no C at all.
+// 37 and 701 are not multiples of any tile or lane-block size.
+std::vector<KernelCase> KernelCases() {
+  std::vector<KernelCase> cases;
+  const int kHeads[][2] = {{2, 2}, {4, 2}, {14, 2}};
+  const int prefix = 37, contexts = 701, end = prefix + contexts;
+  for (const auto& h : kHeads)
+    for (int hd : {64, 128})
+      for (int n : {1, 3, 32, 300}) {
+        cases.push_back({h[0], h[1], hd, n, prefix, contexts, end + 13, 0.7f, 1.3f});   // generated tokens cached
+        cases.push_back({h[0], h[1], hd, n, prefix, contexts, end, 0.5f, 0.8f});        // query right after C
+        cases.push_back({h[0], h[1], hd, n, prefix, contexts, end - 350, 1.2f, 0.6f});  // rows inside C
+        cases.push_back({h[0], h[1], hd, n, prefix, 0, 400, 0.5f, 0.5f});               // no context block
+      }
+  cases.push_back({14, 2, 64, 32, 0, 500, 100, 0.8f, 0.9f});   // no prefix, rows inside C: O empty, out = O_C
+  cases.push_back({14, 2, 64, 40, 37, 300, 10, 0.8f, 0.9f});   // rows start in the prefix and run into C
+  cases.push_back({8, 1, 80, 33, 5, 1000, 1005, 0.3f, 2.0f});  // MQA-like group 8, head_dim 80, big logits
+  cases.push_back({7, 7, 16, 1, 3, 5000, 5003, 0.9f, 0.9f});   // decode over many keys (split into chunks)
+  return cases;
+}
+
+class ApeKernelTest : public ::testing::TestWithParam<KernelCase> {};
+
+// Tolerance: max |new - reference| <= 1e-5 * max |reference| over the case.
+// Both are float32 and differ only in rounding: summation order (tiles,
+// split-K merges) and the exponential (2^x here, e^x there, each about 2e-7
+// relative). A logit s is exact to about |s| * 6e-8, and the weight exp(s)
+// inherits that as a relative error: with logits up to ~20 here (T = 0.3,
+// 0.5), a few 1e-6. These cases show at most 3e-6. A wrong weight (a key
+// masked or counted twice, a block with the wrong scale, a bad merge) moves
+// outputs by 1e-3 or more.
+TEST_P(ApeKernelTest, AgreesWithReferenceKernel) {
+  const KernelCase& k = GetParam();
+  const int slots = k.first_slot + k.n;
+  RandomCache s(k.heads, k.kv_heads, k.head_dim, slots, k.n, 77 + slots + k.n + k.heads);
+  const ApeParams p{k.prefix, k.prefix + k.contexts, k.T, k.S};
+  const size_t size = static_cast<size_t>(k.n) * k.heads * k.head_dim;
+  std::vector<float> want(size);
+  SetComputeThreads(2);
+  ApeAttentionReference(s.q.data(), k.n, k.first_slot, s.cache, 0, k.heads, k.kv_heads, k.head_dim, p, want.data());
+  float magnitude = 0.f;
+  for (float x : want) magnitude = std::max(magnitude, std::abs(x));
+  ASSERT_GT(magnitude, 0.f);
+
+  // Default blocking, and small tiles/chunks that split every case into
+  // several key chunks and tiles with remainders; 1 to 3 threads.
+  const ApeKernelOptions kSmall{/*key_tile=*/23, /*target_lanes=*/16, /*min_chunk_keys=*/50};
+  for (const ApeKernelOptions& opt : {ApeKernelOptions{}, kSmall})
+    for (int threads : {1, 2, 3}) {
+      SetComputeThreads(threads);
+      std::vector<float> got(size, NAN);
+      ApeAttention(s.q.data(), k.n, k.first_slot, s.cache, 0, k.heads, k.kv_heads, k.head_dim, p, got.data(), opt);
+      float worst = 0.f;
+      size_t at = 0;
+      for (size_t i = 0; i < size; ++i) {
+        const float diff = std::abs(got[i] - want[i]);
+        if (!(diff <= worst)) worst = diff, at = i;  // NaN counts as worst
+      }
+      EXPECT_LE(worst, 1e-5f * magnitude)
+          << "key_tile " << opt.key_tile << ", " << threads << " threads: row " << at / (k.heads * k.head_dim)
+          << " got " << got[at] << " want " << want[at] << " (magnitude " << magnitude << ")";
+    }
+  SetComputeThreads(2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ApeKernelTest, ::testing::ValuesIn(KernelCases()), CaseName);
 
 }  // namespace
 }  // namespace ape

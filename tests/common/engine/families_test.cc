@@ -1,6 +1,6 @@
 // The GGUF families against llama.cpp (tests/data/families/, see
 // tests/data/README.md): tiny random-weight qwen2, qwen3 and Llama-3.1-style
-// llama models in F32, F16 and BF16. For each of a golden's three prompts
+// llama models in F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K. For each of a golden's three prompts
 // (13, 33 and 287 tokens: the last one crosses a 256-token block and reaches
 // positions where the Llama-3.1 frequency factors matter) we prefill the
 // golden's prompt ids, compare the last-position logits with llama.cpp's,
@@ -28,8 +28,25 @@
 //   F16/BF16 vs `dequant_f32` 1e-5: the golden also holds llama.cpp's run of
 //        the exactly dequantized weights with float32 activations, which is
 //        what this engine computes; it must agree as tightly as F32 does.
-// Greedy ids must equal llama.cpp's exactly, and for F16/BF16 those of the
-// `dequant_f32` run too (the two agree on every id). The smallest greedy
+//   Q8_0, Q4_0, Q4_K, Q6_K 3e-2. Here this engine computes what llama.cpp
+//        computes: the weights stay quantized and every product quantizes its
+//        activations to Q8_0 (Q8_0, Q4_0) or Q8_K (Q4_K, Q6_K) blocks and sums
+//        integer products per block. But that rounding amplifies the float32
+//        differences that remain elsewhere (exp, SiLU, RoPE, summation order):
+//        an activation that differs by one ulp can round to the neighbouring
+//        8-bit step, a change of 1/127 of its block's largest value. Measured:
+//        many prompts agree to 6e-7 (no step flipped), others differ by up to
+//        1.4e-2, the size of the rounding noise itself (llama.cpp's own
+//        float32-activation run, `dequant_f32`, differs from it by 0.009-0.022).
+//        3e-2 is about twice the worst measured.
+//        Greedy ids: the goldens' margins go down to 7.8e-5, far below that
+//        tolerance, so no engine that is not bit-identical to llama.cpp can
+//        promise its ids. For these types decoding is teacher-forced with
+//        llama.cpp's ids, and our greedy choice must equal llama.cpp's at every
+//        step whose margin exceeds twice the tolerance; the others are
+//        counted and printed.
+// For the float types greedy ids must equal llama.cpp's exactly, and for
+// F16/BF16 those of the `dequant_f32` run too (the two agree on every id). The smallest greedy
 // margin in these goldens is 1.1e-3 (llama31 "short"), about 1000 times the
 // float32 differences; only BF16's activation rounding comes near it.
 #include <gtest/gtest.h>
@@ -56,6 +73,7 @@ using ::ape::testing::TestData;
 constexpr float kF32Tolerance = 1e-5f;
 constexpr float kF16Tolerance = 1e-3f;
 constexpr float kBF16Tolerance = 1e-2f;
+constexpr float kQuantTolerance = 3e-2f;
 
 struct Fixture {
   const char* name;     // tests/data/families/models/<name>.gguf
@@ -66,15 +84,16 @@ void PrintTo(const Fixture& f, std::ostream* os) { *os << f.name; }
 std::string ModelPath(const Fixture& f) { return TestData(std::string("families/models/") + f.name + ".gguf"); }
 std::string GoldenPath(const Fixture& f) { return TestData(std::string("families/goldens/") + f.name + ".gguf.json"); }
 
-// Config and weights of a fixture file, without its tokenizer.
+// Config and weights of a fixture file, without its tokenizer. The matrices
+// are views into the file's bytes, which the model keeps.
 std::unique_ptr<Model> LoadWithoutTokenizer(const std::string& path) {
-  std::string bytes = ReadAll(path);
-  auto g = GgufFile::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, path);
+  auto bytes = std::make_shared<const std::string>(ReadAll(path));
+  auto g = GgufFile::Parse({reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size()}, path);
   if (!g.ok()) {
     ADD_FAILURE() << g.status();
     return nullptr;
   }
-  auto parts = LoadGgufModelParts(*g);
+  auto parts = LoadGgufModelParts(*g, bytes);
   if (!parts.ok()) {
     ADD_FAILURE() << parts.status();
     return nullptr;
@@ -104,7 +123,12 @@ TEST_P(FamiliesTest, LogitsAndGreedyIdsMatchLlamaCpp) {
   const int V = model->config().vocab_size;
   ASSERT_EQ(V, golden["n_vocab"].get<int>());
   EXPECT_EQ(model->config().architecture, golden["architecture"].get<std::string>());
-  const bool quantized = std::string(f.name).find("F32") == std::string::npos;
+  const std::string name = f.name;
+  // F16 and BF16: also against llama.cpp's run of the dequantized weights.
+  const bool half_type = name.find("F16") != std::string::npos;
+  // Q8_0, Q4_0, Q4_K, Q6_K: teacher-forced decoding (see the header).
+  const bool block_type = name.find("-Q") != std::string::npos;
+  int undecided = 0, decided = 0;
 
   float worst_llama_cpp = 0, worst_dequant = 0, worst_steps = 0;
   for (const auto& c : golden["cases"]) {
@@ -122,7 +146,7 @@ TEST_P(FamiliesTest, LogitsAndGreedyIdsMatchLlamaCpp) {
     const float d = MaxAbsDiff(logits, c["last_logits"].get<std::vector<float>>());
     EXPECT_LE(d, f.llama_cpp_tol);
     worst_llama_cpp = std::max(worst_llama_cpp, d);
-    if (quantized) {
+    if (half_type) {
       const float dq = MaxAbsDiff(logits, c["dequant_f32"]["last_logits"].get<std::vector<float>>());
       EXPECT_LE(dq, kF32Tolerance);
       worst_dequant = std::max(worst_dequant, dq);
@@ -138,33 +162,54 @@ TEST_P(FamiliesTest, LogitsAndGreedyIdsMatchLlamaCpp) {
         worst_steps = std::max(worst_steps, diff);
       }
       got_ids.push_back(Argmax(logits));
+      if (block_type) {
+        if (c["greedy_margins"][step].get<float>() > 2 * f.llama_cpp_tol) {
+          EXPECT_EQ(got_ids.back(), want_ids[step]) << "step " << step;
+          ++decided;
+        } else {
+          ++undecided;
+        }
+      }
       const int32_t pos = static_cast<int32_t>(prompt.size() + step);
-      tf.Forward(std::span(&got_ids.back(), 1), std::span(&pos, 1), cache, ApeParams{}, logits.data());
+      const int32_t next = block_type ? want_ids[step] : got_ids.back();
+      tf.Forward(std::span(&next, 1), std::span(&pos, 1), cache, ApeParams{}, logits.data());
     }
-    EXPECT_EQ(got_ids, want_ids);
-    if (quantized) EXPECT_EQ(got_ids, c["dequant_f32"]["generated_ids"].get<std::vector<int32_t>>());
+    if (!block_type) EXPECT_EQ(got_ids, want_ids);
+    if (half_type) EXPECT_EQ(got_ids, c["dequant_f32"]["generated_ids"].get<std::vector<int32_t>>());
   }
   // Measured differences, for the record (tests/data/README.md quotes them).
   std::printf("%-28s max |logit diff| vs llama.cpp: last %.2e, steps %.2e", f.name, worst_llama_cpp, worst_steps);
-  if (quantized) std::printf("; vs llama.cpp F32-activations %.2e", worst_dequant);
+  if (half_type) std::printf("; vs llama.cpp F32-activations %.2e", worst_dequant);
+  if (block_type) std::printf("; greedy ids: %d of %d steps decided and equal", decided, decided + undecided);
   std::printf("\n");
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, FamiliesTest,
-                         ::testing::Values(Fixture{"tiny-random-qwen2-F32", kF32Tolerance},
-                                           Fixture{"tiny-random-qwen2-F16", kF16Tolerance},
-                                           Fixture{"tiny-random-qwen2-BF16", kBF16Tolerance},
-                                           Fixture{"tiny-random-qwen3-F32", kF32Tolerance},
-                                           Fixture{"tiny-random-qwen3-F16", kF16Tolerance},
-                                           Fixture{"tiny-random-qwen3-BF16", kBF16Tolerance},
-                                           Fixture{"tiny-random-llama31-F32", kF32Tolerance},
-                                           Fixture{"tiny-random-llama31-F16", kF16Tolerance},
-                                           Fixture{"tiny-random-llama31-BF16", kBF16Tolerance}),
-                         [](const auto& info) {
-                           std::string n = info.param.name;
-                           std::replace(n.begin(), n.end(), '-', '_');
-                           return n;
-                         });
+std::vector<Fixture> AllFixtures() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const char* arch : {"qwen2", "qwen3", "llama31"}) {
+      for (const char* type : {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"}) {
+        v.push_back(std::string("tiny-random-") + arch + "-" + type);
+      }
+    }
+    return v;
+  }();
+  std::vector<Fixture> fixtures;
+  for (const std::string& n : names) {
+    const float tol = n.ends_with("-F32")    ? kF32Tolerance
+                      : n.ends_with("-F16")  ? kF16Tolerance
+                      : n.ends_with("-BF16") ? kBF16Tolerance
+                                             : kQuantTolerance;
+    fixtures.push_back({n.c_str(), tol});
+  }
+  return fixtures;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, FamiliesTest, ::testing::ValuesIn(AllFixtures()), [](const auto& info) {
+  std::string n = info.param.name;
+  std::replace(n.begin(), n.end(), '-', '_');
+  return n;
+});
 
 // What each family's metadata and tensors turn into.
 TEST(FamiliesConfigTest, ArchitecturesReadTheirHyperparameters) {
@@ -205,22 +250,25 @@ TEST(FamiliesConfigTest, ArchitecturesReadTheirHyperparameters) {
   EXPECT_EQ(l.rope_freq_factors[31], 8.f);
 }
 
-// The full loader reads these files too; until the byte-level BPE tokenizer
-// (tokenizer.ggml.model "gpt2") is in, it may fail, but only at the
-// tokenizer: the architecture, config and weights must be accepted.
-TEST(FamiliesConfigTest, FullLoadGetsPastTheArchitecture) {
-  for (const char* name : {"tiny-random-qwen2-F16", "tiny-random-qwen3-BF16", "tiny-random-llama31-F32"}) {
-    const std::string path = TestData(std::string("families/models/") + name + ".gguf");
+// The full loader (tokenizer included) reads every fixture, keeps the
+// matrices in the file's type (none is expanded: their bytes add up to what
+// the file holds) and reports the types.
+TEST(FamiliesConfigTest, FullLoadKeepsTheStoredTypes) {
+  for (const Fixture& f : AllFixtures()) {
+    const std::string name = f.name, path = ModelPath(f);
     auto m = Model::Load(path);
-    if (m.ok()) {
-      auto parts = LoadWithoutTokenizer(path);
-      ASSERT_NE(parts, nullptr);
-      EXPECT_EQ((*m)->CanonicalConfig(), parts->CanonicalConfig()) << name;
-      EXPECT_EQ((*m)->tokenizer().vocab_size(), 512) << name;
-      EXPECT_EQ((*m)->tokenizer_model(), "gpt2") << name;
-    } else {
-      EXPECT_NE(m.status().message().find("tokenizer.ggml.model"), std::string::npos) << m.status();
-    }
+    ASSERT_TRUE(m.ok()) << m.status();
+    auto parts = LoadWithoutTokenizer(path);
+    ASSERT_NE(parts, nullptr);
+    EXPECT_EQ((*m)->CanonicalConfig(), parts->CanonicalConfig()) << name;
+    EXPECT_EQ((*m)->tokenizer().vocab_size(), 512) << name;
+    EXPECT_EQ((*m)->tokenizer_model(), "gpt2") << name;
+    const std::string type = name.substr(name.rfind('-') + 1);
+    EXPECT_NE((*m)->weight_types().find(type + " x"), std::string::npos) << name << ": " << (*m)->weight_types();
+    const ModelWeights& w = (*m)->weights();
+    EXPECT_EQ(GgmlTypeName(static_cast<uint32_t>(w.layers[0].w2.type)), type) << name;
+    EXPECT_LT(w.MatrixBytes(), (*m)->file_bytes()) << name;
+    EXPECT_GT(w.MatrixBytes(), (*m)->file_bytes() * 6 / 10) << name;
   }
 }
 

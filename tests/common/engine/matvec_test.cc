@@ -1,5 +1,6 @@
-// MatVec and MatMul against a plain double-precision loop, over edge sizes
-// and thread counts.
+// MatVec and MatMul against a plain double-precision loop, over edge sizes,
+// thread counts and weight types (each type against its own dequantized
+// values, so this checks the products, not the quantization).
 #include "common/engine/matvec.h"
 
 #include <gtest/gtest.h>
@@ -7,7 +8,8 @@
 #include <cmath>
 #include <random>
 
-#include "common/engine/transformer.h"
+#include "common/engine/quant.h"
+#include "common/engine/threading.h"
 
 namespace ape {
 namespace {
@@ -35,10 +37,59 @@ TEST(MatVecTest, MatchesReferenceAcrossShapesAndThreads) {
         if (n == 1)
           MatVec(w.data(), x.data(), y.data(), out, in);
         else
-          MatMul(x.data(), n, in, w.data(), out, y.data(), out);
+          MatMul(x.data(), n, WeightMatrix::FromFloats(w, out, in), y.data(), out);
         Reference(w, x.data(), ref.data(), n, out, in);
         for (size_t i = 0; i < y.size(); ++i)
           ASSERT_NEAR(y[i], ref[i], 1e-4f * std::sqrt(float(in))) << out << "x" << in << " n=" << n << " t=" << threads;
+      }
+    }
+  }
+}
+
+// Both paths of MatMul for stored types (DotRows for few tokens, converted
+// tiles + sgemm for many) against the double loop over the dequantized
+// matrix. Types whose dot products quantize the activations (Q8_0, Q4_0 with
+// Q8_0 blocks of 32; Q4_K, Q6_K with Q8_K blocks of 256) are allowed the
+// error that rounding brings: half a step (block max / 127) per element,
+// times |w|.
+TEST(MatVecTest, StoredTypesMatchTheirDequantizedValues) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int threads : {1, 2}) {
+    SetComputeThreads(threads);
+    for (GgmlType type :
+         {GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_K, GgmlType::kQ6_K}) {
+      for (auto [out, in] : std::vector<std::pair<int, int>>{{7, 256}, {70, 512}, {301, 1024}}) {
+        std::vector<float> values(size_t(out) * in);
+        for (auto& v : values) v = nd(rng);
+        const WeightMatrix w = WeightMatrix::Quantized(type, values, out, in);
+        const std::vector<float> wf = w.ToFloats();
+        const int block = ActivationType(type) == GgmlType::kQ8_K ? 256 : 32;
+        for (int n : {1, 3, kDotRowsMaxTokens, kDotRowsMaxTokens + 1, 40}) {
+          std::vector<float> x(size_t(n) * in), y(size_t(n) * out), ref(y.size());
+          for (auto& v : x) v = nd(rng);
+          MatMul(x.data(), n, w, y.data(), out);
+          Reference(wf, x.data(), ref.data(), n, out, in);
+          const bool quantized_x = ActivationType(type) != GgmlType::kF32;
+          for (int t = 0; t < n; ++t) {
+            for (int o = 0; o < out; ++o) {
+              double bound = 1e-4 * std::sqrt(double(in));
+              if (quantized_x) {
+                for (int b = 0; b < in; b += block) {
+                  float amax = 0, wsum = 0;
+                  for (int i = b; i < b + block; ++i) {
+                    amax = std::max(amax, std::abs(x[size_t(t) * in + i]));
+                    wsum += std::abs(wf[size_t(o) * in + i]);
+                  }
+                  bound += wsum * amax / 127 * 0.5 * 1.01;
+                }
+              }
+              ASSERT_NEAR(y[size_t(t) * out + o], ref[size_t(t) * out + o], bound)
+                  << GgmlTypeName(static_cast<uint32_t>(type)) << " " << out << "x" << in << " n=" << n
+                  << " threads=" << threads;
+            }
+          }
+        }
       }
     }
   }

@@ -107,7 +107,7 @@ TEST(ModelTest, CorruptHeadersFailCleanly) {
 // fit the (large) declared shape must be refused before anything is sized
 // from those dimensions (it used to abort with std::bad_alloc).
 TEST(ModelTest, UnsupportedHugeTensorsAreRefusedBeforeAllocating) {
-  constexpr uint32_t kQ4K = 12;  // a GGML type the engine does not read
+  constexpr uint32_t kQ4_1 = 3;  // a GGML type the engine does not read
   for (bool rope_freqs : {false, true}) {
     GgufWriter w;
     w.KvStr("general.architecture", "llama");
@@ -115,8 +115,8 @@ TEST(ModelTest, UnsupportedHugeTensorsAreRefusedBeforeAllocating) {
     w.KvU32("llama.feed_forward_length", 1 << 16);
     w.KvU32("llama.block_count", 1);
     w.KvU32("llama.attention.head_count", 256);
-    w.Tensor("token_embd.weight", {uint64_t{1} << 16, uint64_t{1} << 22}, kQ4K, "");
-    if (rope_freqs) w.Tensor("rope_freqs.weight", {uint64_t{1} << 39}, kQ4K, "");
+    w.Tensor("token_embd.weight", {uint64_t{1} << 16, uint64_t{1} << 22}, kQ4_1, "");
+    if (rope_freqs) w.Tensor("rope_freqs.weight", {uint64_t{1} << 39}, kQ4_1, "");
     TempFile f(w.Finish(), ".gguf");
     auto m = Model::Load(f.path());
     ASSERT_FALSE(m.ok());

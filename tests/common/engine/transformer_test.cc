@@ -129,9 +129,12 @@ TEST(RopeStyleTest, NeoxEqualsInterleavedOfPermutedHeads) {
       return out;
     };
     ModelWeights w = parts->weights;
+    auto permute_matrix = [&](const WeightMatrix& m) {
+      return WeightMatrix::FromFloats(permute(m.ToFloats(), m.cols), m.rows, m.cols);
+    };
     for (LayerWeights& l : w.layers) {
-      l.wq = permute(l.wq, c.dim);
-      l.wk = permute(l.wk, c.dim);
+      l.wq = permute_matrix(l.wq);
+      l.wk = permute_matrix(l.wk);
       if (c.qkv_bias) {
         l.bq = permute(l.bq, 1);
         l.bk = permute(l.bk, 1);

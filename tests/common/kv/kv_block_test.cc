@@ -140,6 +140,35 @@ TEST_F(KvBlockTest, ForeignBlocksAreRefused) {
   EXPECT_FALSE(CheckKvBlockMatches(view, fp_, c, f32, KvKind::kContext, pk).ok());
 }
 
+// The header alone: from its first 96 bytes, the fields and the whole
+// block's size; a truncated or damaged header is refused as ParseKvBlock
+// would, a newer version is UNIMPLEMENTED.
+TEST_F(KvBlockTest, HeaderParsesFromTheFirstBytes) {
+  KvCache cache(model_->config(), 64);
+  std::vector<int32_t> prefix, ctx;
+  Compute(cache, &prefix, &ctx);
+  const KvBlockHeader h = Header(KvDtype::kFloat16, ctx.size(), prefix.size());
+  const std::string block = SerializeKvBlock(h, ctx, cache, prefix.size());
+  const auto bytes = [](const std::string& s, size_t n) {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), std::min(n, s.size()));
+  };
+  auto got = ParseKvBlockHeader(bytes(block, kKvHeaderFixedBytes));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->num_tokens, ctx.size());
+  EXPECT_EQ(got->first_position, prefix.size());
+  EXPECT_EQ(got->dtype, KvDtype::kFloat16);
+  EXPECT_EQ(got->model_fingerprint, fp_);
+  EXPECT_EQ(got->prefix_key, h.prefix_key);
+  EXPECT_EQ(KvBlockBytes(*got), block.size());
+  EXPECT_EQ(ParseKvBlockHeader(bytes(block, kKvHeaderFixedBytes - 1)).status().code(), absl::StatusCode::kDataLoss);
+  std::string bad = block;
+  bad[52] ^= 1;  // num_tokens: header_bytes disagrees
+  EXPECT_EQ(ParseKvBlockHeader(bytes(bad, kKvHeaderFixedBytes)).status().code(), absl::StatusCode::kDataLoss);
+  std::string newer = block;
+  newer[8] = 2;  // format version
+  EXPECT_EQ(ParseKvBlockHeader(bytes(newer, kKvHeaderFixedBytes)).status().code(), absl::StatusCode::kUnimplemented);
+}
+
 TEST(KvDtypeTest, NamesRoundTripAndOthersAreRefused) {
   for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32}) {
     auto parsed = ParseKvDtype(KvDtypeName(d));

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <chrono>
 #include <cstdlib>
 #include <random>
@@ -90,6 +92,74 @@ TEST(RedisStoreTest, TtlIsApplied) {
   EXPECT_TRUE((*store.Exists({"k:ttl"}))[0]);
   std::this_thread::sleep_for(std::chrono::milliseconds(2100));
   EXPECT_FALSE((*store.Exists({"k:ttl"}))[0]);
+}
+
+// Cache administration: Inspect reads sizes, TTL, idle time and a head
+// without the rest; Expire, DeleteEach say which keys existed; ScanFrom
+// resumes from its cursor and covers every key once; the observer sees
+// every call with its bytes.
+TEST(RedisStoreTest, InspectExpireDeleteEachScanFromAndObserver) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore store(ConfigFor(redis, 100));
+  std::vector<RedisStore::CallStats> calls;
+  store.set_observer([&](const RedisStore::CallStats& c) { calls.push_back(c); });
+  std::string value;
+  for (int i = 0; i < 250; ++i) value += static_cast<char>('a' + i % 26);
+  ASSERT_TRUE(store.Put("adm:big", value, 0).ok());  // 3 chunks of 100, 100, 50
+  ASSERT_TRUE(store.Put("adm:ttl", "short", 100).ok());
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_STREQ(calls[0].op, "put");
+  EXPECT_EQ(calls[0].bytes_written, 250u);
+  EXPECT_TRUE(calls[0].ok);
+  const std::string cli = "redis-cli -p " + std::to_string(redis.port());
+  ASSERT_EQ(std::system((cli + " SET adm:str junk >/dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((cli + " HSET adm:part 1 x >/dev/null").c_str()), 0);
+  auto info = store.Inspect({"adm:big", "adm:ttl", "adm:str", "adm:part", "adm:none"}, 120);
+  ASSERT_TRUE(info.ok()) << info.status();
+  const auto& big = (*info)[0];
+  EXPECT_EQ(big.state, StoredValue::State::kFound);
+  EXPECT_EQ(big.chunks, 3);
+  EXPECT_EQ(big.bytes, 250);
+  EXPECT_EQ(big.head, value.substr(0, 100));  // the head comes from chunk "0" only
+  EXPECT_EQ(big.ttl_ms, -1);
+  EXPECT_GE(big.idle_seconds, 0);
+  EXPECT_GT((*info)[1].ttl_ms, 90000);
+  EXPECT_LE((*info)[1].ttl_ms, 100000);
+  EXPECT_EQ((*info)[1].head, "short");
+  EXPECT_EQ((*info)[2].state, StoredValue::State::kOtherType);
+  EXPECT_EQ((*info)[3].state, StoredValue::State::kIncomplete);
+  EXPECT_EQ((*info)[4].state, StoredValue::State::kMissing);
+  EXPECT_EQ((*info)[4].ttl_ms, -2);
+  EXPECT_STREQ(calls.back().op, "inspect");
+  EXPECT_EQ(calls.back().bytes_read, 105u);  // the two heads
+  // Expire / PERSIST, then DeleteEach.
+  auto touched = store.Expire({"adm:big", "adm:none"}, 50);
+  ASSERT_TRUE(touched.ok()) << touched.status();
+  EXPECT_EQ(*touched, (std::vector<bool>{true, false}));
+  EXPECT_GT((*store.Inspect({"adm:big"}, 0))[0].ttl_ms, 40000);
+  touched = store.Expire({"adm:big", "adm:none"}, 0);
+  EXPECT_EQ(*touched, (std::vector<bool>{true, false}));
+  EXPECT_EQ((*store.Inspect({"adm:big"}, 0))[0].ttl_ms, -1);
+  // ScanFrom: small pages, every key exactly once.
+  for (int i = 0; i < 40; ++i) ASSERT_TRUE(store.Put("adm:k" + std::to_string(i), "v", 0).ok());
+  std::multiset<std::string> seen;
+  std::string cursor;
+  int pages = 0;
+  do {
+    auto page = store.ScanFrom(cursor, "adm:k*", 5);
+    ASSERT_TRUE(page.ok()) << page.status();
+    seen.insert(page->keys.begin(), page->keys.end());
+    cursor = page->cursor;
+    ++pages;
+  } while (!cursor.empty() && pages < 1000);
+  EXPECT_EQ(seen.size(), 40u);
+  EXPECT_EQ(std::set<std::string>(seen.begin(), seen.end()).size(), 40u);
+  EXPECT_GT(pages, 1);
+  EXPECT_EQ(store.ScanFrom("no-at-sign", "*", 10).status().code(), absl::StatusCode::kInvalidArgument);
+  auto gone = store.DeleteEach({"adm:big", "adm:none", "adm:ttl"});
+  ASSERT_TRUE(gone.ok()) << gone.status();
+  EXPECT_EQ(*gone, (std::vector<bool>{true, false, true}));
 }
 
 TEST(RedisStoreTest, WrongTypeAndPartialEntriesAreMisses) {
