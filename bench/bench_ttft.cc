@@ -11,11 +11,14 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "bench/random_model.h"
+#include "common/engine/quantize_model.h"
 #include "common/engine/transformer.h"
 #include "common/pipeline/decode_pipeline.h"
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape");
+ABSL_FLAG(std::string, type, "F32", "weight type of the random model (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)");
+ABSL_FLAG(std::string, model, "", "a GGUF file to use instead of a random model (e.g. one from apectl quantize)");
 ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"1", "4", "16", "64"}), "context counts");
 ABSL_FLAG(int, context_tokens, 256, "tokens per context");
 ABSL_FLAG(int, query_tokens, 32, "query tokens");
@@ -56,9 +59,26 @@ Run Measure(const Model& m, RedisStore* store, const DecodeInput& in) {
 }
 
 int Main() {
-  auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
-  if (!shape.ok()) return 2;
-  auto model = RandomModel(*shape, 3);
+  std::unique_ptr<Model> model;
+  std::string what;
+  if (!absl::GetFlag(FLAGS_model).empty()) {
+    auto m = Model::Load(absl::GetFlag(FLAGS_model));
+    if (!m.ok()) {
+      std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
+      return 2;
+    }
+    model = *std::move(m);
+    what = absl::GetFlag(FLAGS_model) + " (" + model->weight_types() + ")";
+  } else {
+    auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
+    auto type = ParseQuantizeType(absl::GetFlag(FLAGS_type));
+    if (!shape.ok() || !type.ok()) {
+      std::fprintf(stderr, "bad --shape or --type\n");
+      return 2;
+    }
+    model = RandomModel(*shape, 3, *type);
+    what = absl::GetFlag(FLAGS_shape) + " shape, random " + absl::GetFlag(FLAGS_type) + " weights";
+  }
   const ModelConfig& c = model->config();
   testing::RedisServer redis({"--proto-max-bulk-len", "512mb"});
   if (!redis.ok()) return 1;
@@ -66,8 +86,8 @@ int Main() {
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json).empty()) json.open(absl::GetFlag(FLAGS_json), std::ios::app);
   const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
-  std::printf("## Time to first token: %s shape, random weights, %d threads, contexts of %d tokens, %d-token query\n\n",
-              absl::GetFlag(FLAGS_shape).c_str(), ComputeThreads(), lc, lq);
+  std::printf("## Time to first token: %s, %d threads, contexts of %d tokens, %d-token query\n\n", what.c_str(),
+              ComputeThreads(), lc, lq);
   std::printf(
       "| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load "
       "| SEQUENTIAL decode | APE decode |\n");

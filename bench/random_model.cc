@@ -70,8 +70,10 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed, GgmlType
   auto matrix = [&](size_t rows, size_t cols) {
     std::vector<float> v;
     fill(v, rows * cols);
-    return type == GgmlType::kF32 ? WeightMatrix::FromFloats(std::move(v), rows, cols)
-                                  : WeightMatrix::Quantized(type, v, rows, cols);
+    if (type == GgmlType::kF32) return WeightMatrix::FromFloats(std::move(v), rows, cols);
+    // As apectl quantize: rows that are not whole blocks of a K type get Q8_0.
+    const bool fits = cols % GgmlBlockElements(static_cast<uint32_t>(type)) == 0;
+    return WeightMatrix::Quantized(fits ? type : GgmlType::kQ8_0, v, rows, cols);
   };
   w.tok_emb = matrix(c.vocab_size, D);
   w.layers.resize(c.n_layers);

@@ -200,12 +200,11 @@ struct KvTile {
 
 // Copies keys and values [begin, begin + count) of KV heads [g0, g0 +
 // heads) into `buf` ([2][count][heads * head_dim]: the keys, then the
-// values), asking for the `ahead` rows after them on the way. A plain copy
-// loop keeps many loads in flight where the kernels' access pattern would
-// not. (float16 storage would convert here, 8 values per F16C instruction:
-// nothing else changes.)
-KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_dim, int begin, int count, int ahead,
-                  float* buf) {
+// values). The copy reads the cache in order, which the hardware prefetchers
+// follow (the kernels' own pattern they do not), and the kernels then read
+// the tile from L1/L2 as many times as they need. (float16 storage would
+// convert here, 8 values per F16C instruction: nothing else changes.)
+KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_dim, int begin, int count, float* buf) {
   const size_t stride = cache.kv_dim, off = static_cast<size_t>(g0) * head_dim;
   const int width = heads * head_dim;
   const float* k = cache.key(layer, begin) + off;
@@ -215,11 +214,6 @@ KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_d
   for (int j = 0; j < count; ++j) {
     const float* kj = k + j * stride;
     const float* vj = v + j * stride;
-    if (j < ahead)
-      for (int d = 0; d < width; d += 64 / sizeof(float)) {
-        _mm_prefetch(reinterpret_cast<const char*>(kj + count * stride + d), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vj + count * stride + d), _MM_HINT_T0);
-      }
     float* bkj = bk + static_cast<size_t>(j) * width;
     float* bvj = bv + static_cast<size_t>(j) * width;
     int d = 0;
@@ -612,8 +606,7 @@ void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, c
     const float* scale = in_c ? &p.c_scale : &p.o_scale;
     for (int t0 = pos; t0 < next; t0 += p.key_tile) {
       const int nt = std::min(p.key_tile, next - t0);
-      const int ahead = std::min(p.key_tile, end - (t0 + nt));  // the task's next keys
-      const KvTile kv = LoadKvTile(*p.cache, p.layer, t.g0, t.heads, hd, t0, nt, ahead, sc.kv.data());
+      const KvTile kv = LoadKvTile(*p.cache, p.layer, t.g0, t.heads, hd, t0, nt, sc.kv.data());
       ForEachBlock(t, [&](int hi, int b0, int w) {
         const KvTile head{kv.k + hi * hd, kv.v + hi * hd, kv.stride, kv.count};
         const ScoreOut out{sc.s.data(), sc.tile_max.data(), scale, masked ? sc.last.data() + b0 : nullptr};

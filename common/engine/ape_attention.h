@@ -31,7 +31,7 @@ void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, i
 // How ApeAttention blocks the work. The defaults suit head_dim 64-128 with
 // AVX2; tests pass small values to reach every path on small caches.
 struct ApeKernelOptions {
-  int key_tile = 128;        // keys scored per step, per (KV head, row tile)
+  int key_tile = 128;        // keys per tile (shared out among a decode task's KV heads)
   int target_lanes = 224;    // (query row, head) pairs per task, rounded to whole rows
   int min_chunk_keys = 512;  // split-K: a key chunk is never smaller than this
 };

@@ -79,11 +79,11 @@ void MatVec(const float* w, const float* x, float* y, int out, int in) {
 
 namespace {
 
-constexpr int kRowsPerTask = 16;  // DotRows rows per parallel task
+constexpr int kRowsPerTask = 16;       // DotRows rows per parallel task
+constexpr int kRowsPerBatchTask = 64;  // DotRowsBatch rows per parallel task
 
-// Few tokens: each token's activations in the type's partner form, then
-// every task takes a band of rows and runs all tokens over it (the band
-// stays in cache between tokens).
+// Each token's activations in the type's partner form, then every task
+// takes a band of rows and runs all tokens over it.
 void DotRowsMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
   const size_t act_bytes = ActivationBytes(w.type, w.cols);
   thread_local std::vector<uint8_t> act;
@@ -92,12 +92,16 @@ void DotRowsMatMul(const float* x, int n, const WeightMatrix& w, float* y, int l
   uint8_t* const acts = act.data();
   for (int t = 0; t < n; ++t)
     PrepareActivations(w.type, x + static_cast<size_t>(t) * w.cols, w.cols, acts + t * act_bytes);
-  const int tasks = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
+  // One token: bands of kRowsPerTask rows; several: wider bands, each run
+  // through DotRowsBatch (weights unpacked once per tile of tokens).
+  const int band_rows = n == 1 ? kRowsPerTask : kRowsPerBatchTask;
+  const int tasks = (w.rows + band_rows - 1) / band_rows;
   auto band = [&](int64_t task) {
-    const int r0 = static_cast<int>(task) * kRowsPerTask, rows = std::min(kRowsPerTask, w.rows - r0);
-    for (int t = 0; t < n; ++t) {
-      DotRows(w.type, w.row(r0), w.row_bytes, rows, acts + t * act_bytes, w.cols,
-              y + static_cast<size_t>(t) * ldy + r0);
+    const int r0 = static_cast<int>(task) * band_rows, rows = std::min(band_rows, w.rows - r0);
+    if (n == 1) {
+      DotRows(w.type, w.row(r0), w.row_bytes, rows, acts, w.cols, y + r0);
+    } else {
+      DotRowsBatch(w.type, w.row(r0), w.row_bytes, rows, acts, act_bytes, n, w.cols, y + r0, ldy);
     }
   };
   if (static_cast<int64_t>(w.rows) * w.cols >= (1 << 16)) {

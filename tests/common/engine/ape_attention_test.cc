@@ -219,7 +219,7 @@ class ApeKernelTest : public ::testing::TestWithParam<KernelCase> {};
 // split-K merges) and the exponential (2^x here, e^x there, each about 2e-7
 // relative). A logit s is exact to about |s| * 6e-8, and the weight exp(s)
 // inherits that as a relative error: with logits up to ~20 here (T = 0.3,
-// 0.5), a few 1e-6. These cases show at most 3e-6. A wrong weight (a key
+// 0.5), a few 1e-6. These cases show at most 3.3e-6. A wrong weight (a key
 // masked or counted twice, a block with the wrong scale, a bad merge) moves
 // outputs by 1e-3 or more.
 TEST_P(ApeKernelTest, AgreesWithReferenceKernel) {
