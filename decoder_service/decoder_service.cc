@@ -150,8 +150,10 @@ absl::Status DecoderService::ValidateApe(const v1::GenerateRequest& req, DecodeI
   }
   RETURN_IF_ERROR(CheckApeParam(req.ape_temperature(), "ape_temperature"));
   RETURN_IF_ERROR(CheckApeParam(req.ape_scale(), "ape_scale"));
-  in->temperature = req.ape_temperature() != 0.f ? req.ape_temperature() : preset_.temperature;
-  in->scale = req.ape_scale() != 0.f ? req.ape_scale() : preset_.scale;
+  // 0 = the preset's value for this request (its contexts, their length).
+  in->temperature = req.ape_temperature();
+  in->scale = req.ape_scale();
+  in->ape_preset = [this](int contexts, int64_t context_tokens) { return preset_.For(contexts, context_tokens); };
   ASSIGN_OR_RETURN(in->dtype, KvDtypeFromProto(req.dtype(), limits_.default_dtype));
   return absl::OkStatus();
 }
@@ -337,8 +339,8 @@ void DecoderService::FillFinal(const v1::GenerateRequest& req, const DecodeInput
   const GenerateResult& result = outcome.result;
   f->set_finish_reason(FinishReasonName(result.reason));
   f->set_text(ToValidUtf8(result.text));
-  f->set_ape_temperature(in.mode == DecodeMode::kApe ? in.temperature : 1.f);
-  f->set_ape_scale(in.mode == DecodeMode::kApe ? in.scale : 1.f);
+  f->set_ape_temperature(outcome.stats.ape_temperature);
+  f->set_ape_scale(outcome.stats.ape_scale);
   f->set_mode(req.mode() == v1::MODE_UNSPECIFIED ? v1::MODE_APE : req.mode());
   FillUsage(outcome.stats, f->mutable_usage());
   f->mutable_usage()->set_generated_tokens(result.tokens.size());

@@ -30,6 +30,10 @@ absl::StatusOr<ApePreset> LoadApePreset(const std::string& path) {
   return p;
 }
 
+std::pair<float, float> ApePreset::For(int /*contexts*/, int64_t /*context_tokens*/) const {
+  return {temperature, scale};
+}
+
 absl::StatusOr<ApePreset> PresetForModel(const std::string& model_path) {
   const std::string path = model_path + ".ape.json";
   if (!std::filesystem::exists(path)) return ApePreset{};

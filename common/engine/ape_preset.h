@@ -6,7 +6,9 @@
 #ifndef APESERVE_COMMON_ENGINE_APE_PRESET_H_
 #define APESERVE_COMMON_ENGINE_APE_PRESET_H_
 
+#include <cstdint>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 
@@ -22,6 +24,10 @@ struct ApePreset {
   float temperature = 0.9f;  // the reference library's defaults
   float scale = 0.9f;
   std::string source = "default";
+
+  // T and S for a request with `contexts` contexts holding `context_tokens`
+  // tokens in all. (Today: the fixed values above, whatever the request.)
+  std::pair<float, float> For(int contexts, int64_t context_tokens) const;
 };
 
 // INVALID_ARGUMENT for a file that is not such an object or holds values

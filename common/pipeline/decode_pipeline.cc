@@ -10,7 +10,9 @@
 #include "common/engine/status_macros.h"
 #include "common/engine/timing.h"
 #include "common/engine/transformer.h"
+#include "common/engine/ape_preset.h"
 #include "common/kv/cache_key.h"
+#include "common/pipeline/entry_loader.h"
 
 namespace ape {
 namespace {
@@ -18,271 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 bool Cancelled(const DecodeHooks& hooks) { return hooks.cancelled && hooks.cancelled(); }
-
-// ---- Loading the entries ----------------------------------------------------
-// A request's entries are [0] its prefix and [1 + i] its context i. Each step
-// below takes the records and fills in its part of every one.
-
-// One KV entry of the request, from its key to a verified block.
-struct EntryLoad {
-  enum class Source { kNone, kCache, kEncoded };  // where `view` came from
-  // What was wrong with what the key held, if it was not used:
-  //  kForeign: a valid block made for another model, prefix, dtype or
-  //    position (a client may name such a key; a content key never holds one
-  //    legitimately);
-  //  kDamaged: our format, but corrupt, not the entry its key names, or a
-  //    chunk set with a stray field: ours to repair by rewriting it;
-  //  kAlien: not ours to touch (another Redis type, not a KV block, a newer
-  //    format version): never deleted or overwritten from here.
-  enum class Fault { kNone, kForeign, kDamaged, kAlien };
-
-  KvKind kind = KvKind::kContext;
-  Hash128 hash{};
-  std::string key;                                // Redis key
-  const std::vector<int32_t>* content = nullptr;  // token ids; null: a context given only by key
-  Fault fault = Fault::kNone;
-  std::string reason;  // "key (why)" when fault != kNone
-  Source source = Source::kNone;
-  // The block and its verified view into `bytes` (set with `source`). The
-  // records are sized once, by ComputeEntryKeys, and never move afterwards.
-  std::string bytes;
-  KvBlockView view;
-
-  bool ready() const { return source != Source::kNone; }
-  void SetFault(Fault f, absl::string_view why) {
-    fault = f;
-    reason = absl::StrCat(key, " (", why, ")");
-    bytes.clear();
-  }
-};
-
-// Step 1 (no I/O): every entry's key, computed from its content or parsed
-// from the request. INVALID_ARGUMENT for a malformed key.
-absl::StatusOr<std::vector<EntryLoad>> ComputeEntryKeys(const Hash128& fp, const DecodeInput& in) {
-  std::vector<EntryLoad> entries(in.contexts.size() + 1);
-  entries[0].kind = KvKind::kPrefix;
-  entries[0].content = &in.prefix_tokens;
-  entries[0].hash = ComputeKvKey(fp, in.dtype, KvKind::kPrefix, in.prefix_tokens, {});
-  for (size_t i = 0; i < in.contexts.size(); ++i) {
-    const ContextSource& c = in.contexts[i];
-    EntryLoad& e = entries[i + 1];
-    if (c.tokens) {
-      e.content = &*c.tokens;
-      e.hash = ComputeKvKey(fp, in.dtype, KvKind::kContext, in.prefix_tokens, *c.tokens);
-    } else {
-      ASSIGN_OR_RETURN(e.hash, ParseRedisKey(c.key));
-    }
-  }
-  for (EntryLoad& e : entries) e.key = RedisKeyFor(e.hash);
-  return entries;
-}
-
-// Parses e.bytes and checks the block against the request: model, dtype,
-// kind, the prefix key (which covers model, dtype and prefix tokens), the
-// first position, its identity against the key it was read from and, for
-// content, the token ids. Sets e.view, or e.fault (dropping the bytes).
-void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
-                 EntryLoad::Source source, EntryLoad& e) {
-  e.fault = EntryLoad::Fault::kNone;
-  absl::StatusOr<KvBlockView> view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-  if (!view.ok()) {
-    // Our magic with bad bytes is ours to repair; another version or no
-    // KV block at all is somebody else's.
-    const bool ours = view.status().code() == absl::StatusCode::kDataLoss &&
-                      HasKvBlockMagic({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-    e.SetFault(ours ? EntryLoad::Fault::kDamaged : EntryLoad::Fault::kAlien, view.status().message());
-    return;
-  }
-  absl::Status usable = CheckKvBlockMatches(*view, fp, model.config(), in.dtype, e.kind, prefix_hash);
-  const size_t first_position = e.kind == KvKind::kPrefix ? 0 : in.prefix_tokens.size();
-  if (usable.ok() && view->header.first_position != first_position) {
-    usable = absl::FailedPreconditionError("KV block starts at the wrong position");
-  }
-  if (!usable.ok()) return e.SetFault(EntryLoad::Fault::kForeign, usable.message());
-  if (absl::Status key = CheckKvBlockKey(*view, e.hash, in.prefix_tokens); !key.ok()) {
-    return e.SetFault(EntryLoad::Fault::kDamaged, key.message());
-  }
-  if (e.content != nullptr && view->tokens != *e.content) {  // implied by the key check; kept as a guard
-    return e.SetFault(EntryLoad::Fault::kDamaged, "KV block holds other tokens than its key was made from");
-  }
-  e.view = *std::move(view);
-  e.source = source;
-}
-
-// Step 2: reads every entry not ready yet (one pipelined round trip) and
-// verifies it; those that pass are marked `source`. Nothing is deleted: what
-// cannot be used is recorded in the entry's fault. The store's error (e.g.
-// UNAVAILABLE) when it cannot be read.
-absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& store, const DecodeInput& in,
-                            EntryLoad::Source source, std::vector<EntryLoad>& entries) {
-  // Each key is read once: a request may name one key many times.
-  std::vector<std::string> keys;
-  absl::flat_hash_map<std::string, size_t> first;  // key -> index of its first entry
-  for (size_t i = 0; i < entries.size(); ++i) {
-    if (!entries[i].ready() && first.emplace(entries[i].key, i).second) keys.push_back(entries[i].key);
-  }
-  if (keys.empty()) return absl::OkStatus();
-  ASSIGN_OR_RETURN(std::vector<StoredValue> values, store.Read(keys));
-  size_t next_value = 0;  // values[] follows the first entries not ready
-  for (size_t i = 0; i < entries.size(); ++i) {
-    EntryLoad& e = entries[i];
-    if (e.ready()) continue;
-    if (const size_t f = first[e.key]; f != i) {  // a repeat: share the first one's verified view
-      const EntryLoad& same = entries[f];
-      if (same.ready()) {
-        e.view = same.view;  // spans same.bytes, which never moves (see EntryLoad)
-        e.source = same.source;
-      } else {
-        e.fault = same.fault;
-        e.reason = same.reason;
-      }
-      continue;
-    }
-    StoredValue& value = values[next_value++];
-    switch (value.state) {
-      case StoredValue::State::kMissing: break;
-      case StoredValue::State::kIncomplete:
-        e.SetFault(EntryLoad::Fault::kDamaged, "chunk fields are not 0..n-1");
-        break;
-      case StoredValue::State::kOtherType: e.SetFault(EntryLoad::Fault::kAlien, "not a KV entry (another type)"); break;
-      case StoredValue::State::kFound:
-        e.bytes = std::move(value.value);
-        VerifyEntry(model, fp, in, entries[0].hash, source, e);
-        break;
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Step 3: a context given only by key cannot be encoded here, so it must have
-// been loaded: FAILED_PRECONDITION for foreign entries, then the store's
-// error if it could not be read, then NOT_FOUND naming every missing key.
-absl::Status RequireKeyOnlyEntries(const std::vector<EntryLoad>& entries, const absl::Status& store_status) {
-  std::vector<std::string> foreign, missing, unreadable;
-  for (const EntryLoad& e : entries) {
-    const bool has_fault = e.fault != EntryLoad::Fault::kNone;
-    if (has_fault && e.fault != EntryLoad::Fault::kForeign) unreadable.push_back(e.reason);
-    if (e.content != nullptr || e.ready()) continue;
-    if (e.fault == EntryLoad::Fault::kForeign)
-      foreign.push_back(e.reason);
-    else
-      missing.push_back(e.key);
-  }
-  if (!foreign.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "cache entries cannot be used with this request's model, prefix and format: ", absl::StrJoin(foreign, ", ")));
-  }
-  if (missing.empty()) return absl::OkStatus();
-  if (!store_status.ok()) return store_status;  // could not even look
-  return absl::NotFoundError(
-      absl::StrCat("contexts not in the cache: ", absl::StrJoin(missing, ", "),
-                   unreadable.empty() ? "" : "; unreadable entries: ", absl::StrJoin(unreadable, ", ")));
-}
-
-// The entries not ready yet as an encode request: the prefix (contexts are
-// encoded after it) and the missing contexts' content, in request order.
-// `for_store`: leave out contexts whose key holds something not ours, and ask
-// to overwrite (repair) keys holding our entries damaged or misplaced, unless
-// the prefix's key holds something not ours.
-EncodeInput MissingAsEncodeInput(const DecodeInput& in, const std::vector<EntryLoad>& entries, bool for_store) {
-  using Fault = EntryLoad::Fault;
-  EncodeInput enc;
-  enc.prefix_tokens = in.prefix_tokens;
-  enc.dtype = in.dtype;
-  enc.ttl_seconds = in.ttl_seconds;
-  bool repair = entries[0].fault == Fault::kDamaged || entries[0].fault == Fault::kForeign;
-  for (size_t i = 1; i < entries.size(); ++i) {
-    const EntryLoad& e = entries[i];
-    if (e.ready() || (for_store && e.fault == Fault::kAlien)) continue;
-    enc.contexts.push_back(*e.content);
-    repair = repair || e.fault == Fault::kDamaged || e.fault == Fault::kForeign;
-  }
-  enc.overwrite = for_store && repair && entries[0].fault != Fault::kAlien;
-  return enc;
-}
-
-// Computes the entries not ready yet in memory (nothing is cached).
-absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, const DecodeHooks& hooks,
-                            std::vector<EntryLoad>& entries) {
-  const EncodeInput local = MissingAsEncodeInput(in, entries, /*for_store=*/false);
-  if (entries[0].ready() && local.contexts.empty()) return absl::OkStatus();
-  ASSIGN_OR_RETURN(std::vector<std::string> blocks,
-                   EncodeBlocks(model, local, hooks.cancelled));  // [0] prefix, then local.contexts
-  size_t next_context = 1;
-  for (size_t i = 0; i < entries.size(); ++i) {
-    EntryLoad& e = entries[i];
-    if (e.ready()) continue;
-    e.bytes = std::move(blocks[i == 0 ? 0 : next_context++]);
-    auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-    if (!view.ok())
-      return absl::InternalError(absl::StrCat("locally encoded block is invalid: ", view.status().message()));
-    e.view = *std::move(view);
-    e.source = EntryLoad::Source::kEncoded;
-  }
-  return absl::OkStatus();
-}
-
-// Step 4: encodes every entry still missing (all have content) into the
-// store, through hooks.remote_encode or locally, and reads them back. What is
-// still missing then (store down or refusing writes, a foreign entry in the
-// way, the encoder failing) is computed in memory and not cached.
-absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* store, const DecodeInput& in,
-                           const DecodeHooks& hooks, const absl::Status& store_status,
-                           std::vector<EntryLoad>& entries) {
-  if (Cancelled(hooks)) return absl::CancelledError("request cancelled before encoding its contexts");
-  if (store != nullptr && store_status.ok()) {
-    const EncodeInput enc = MissingAsEncodeInput(in, entries, /*for_store=*/true);
-    absl::Status stored =
-        hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc, hooks.cancelled).status();
-    if (stored.code() == absl::StatusCode::kCancelled) return stored;
-    if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, entries);
-  }
-  if (Cancelled(hooks)) return absl::CancelledError("request cancelled while encoding its contexts");
-  return EncodeInMemory(model, in, hooks, entries);
-}
-
-int TokensFrom(const std::vector<EntryLoad>& entries, EntryLoad::Source source) {
-  int n = 0;
-  for (const EntryLoad& e : entries) {
-    if (e.source == source) n += e.view.header.num_tokens;
-  }
-  return n;
-}
-
-// The prefix and every context as verified blocks, in request order.
-absl::StatusOr<std::vector<EntryLoad>> LoadEntries(const Model& model, RedisStore* store, const DecodeInput& in,
-                                                   const DecodeHooks& hooks, DecodeStats* stats) {
-  const Hash128 fp = FingerprintBytes(model);
-  ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, ComputeEntryKeys(fp, in));
-  const auto t_load = Clock::now();
-  absl::Status store_status = absl::OkStatus();
-  if (store != nullptr) store_status = FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kCache, entries);
-  RETURN_IF_ERROR(RequireKeyOnlyEntries(entries, store_status));
-  stats->cached_tokens += TokensFrom(entries, EntryLoad::Source::kCache);
-  stats->cache_load_ms += MsBetween(t_load, Clock::now());
-  if (std::all_of(entries.begin(), entries.end(), [](const EntryLoad& e) { return e.ready(); })) return entries;
-
-  const auto t_encode = Clock::now();
-  RETURN_IF_ERROR(EncodeMissing(model, fp, store, in, hooks, store_status, entries));
-  stats->encoded_tokens += TokensFrom(entries, EntryLoad::Source::kEncoded);
-  stats->encode_ms += MsBetween(t_encode, Clock::now());
-  return entries;
-}
-
-// ---- Prefill ------------------------------------------------------------------
-
-// Prefills `tokens` at `positions` in blocks, checking for cancellation.
-absl::Status Prefill(Transformer& tf, KvCache& cache, std::span<const int32_t> tokens,
-                     std::span<const int32_t> positions, const ApeParams& ape, float* logits,
-                     const DecodeHooks& hooks) {
-  constexpr size_t kBlock = 256;  // tokens per Forward: bounds the time between cancellation checks
-  for (size_t s = 0; s < tokens.size(); s += kBlock) {
-    if (Cancelled(hooks)) return absl::CancelledError("request cancelled during prefill");
-    const size_t m = std::min(kBlock, tokens.size() - s);
-    tf.Forward(tokens.subspan(s, m), positions.subspan(s, m), cache, ape, s + m == tokens.size() ? logits : nullptr);
-  }
-  return absl::OkStatus();
-}
 
 // RESOURCE_EXHAUSTED when the prompt and the tokens it may generate need more
 // than in.max_kv_slots slots.
@@ -304,24 +41,17 @@ absl::Status CheckPositions(const DecodeInput& in, int64_t span) {
   return absl::OkStatus();
 }
 
-// A request ready to generate: its cache holds the whole prompt.
-struct Prepared {
-  Prepared(const Model& model, int64_t slots)
-      : tf(std::make_unique<Transformer>(model)),
-        cache(std::make_unique<KvCache>(model.config(), static_cast<int>(slots))),
-        logits(model.config().vocab_size) {}
-  std::unique_ptr<Transformer> tf;
-  std::unique_ptr<KvCache> cache;
-  ApeParams ape;                 // T = S = 1 and no context range: ordinary attention
-  std::vector<float> logits;     // [vocab] after the last prompt token
-  std::vector<int32_t> history;  // the whole prompt
-  int32_t next_position = 0;
-};
+DecodeSession NewSession(const Model& model, int64_t slots, int max_new_tokens) {
+  DecodeSession p;
+  p.cache = std::make_unique<KvCache>(model.config(), static_cast<int>(slots));
+  p.max_new_tokens = max_new_tokens;
+  return p;
+}
 
 // SEQUENTIAL, the baseline: prefix, contexts and query concatenated and
 // prefilled at positions 0..L-1. Contexts given by key take their token ids
 // from the cache (their KV is not used).
-absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store, const DecodeInput& in,
+absl::StatusOr<DecodeSession> PrepareSequential(const Model& model, RedisStore* store, const DecodeInput& in,
                                            int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
   std::vector<EntryLoad> entries;
   if (std::any_of(in.contexts.begin(), in.contexts.end(), [](const ContextSource& c) { return !c.tokens; })) {
@@ -336,12 +66,10 @@ absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store
   prompt.insert(prompt.end(), in.query_tokens.begin(), in.query_tokens.end());
   RETURN_IF_ERROR(CheckPositions(in, static_cast<int64_t>(prompt.size()) + max_new_tokens));
   RETURN_IF_ERROR(CheckKvSlots(in, prompt.size(), max_new_tokens));
-  std::vector<int32_t> positions(prompt.size());
-  std::iota(positions.begin(), positions.end(), 0);
-  Prepared p(model, prompt.size() + max_new_tokens);
-  const auto t0 = Clock::now();
-  RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, prompt, positions, p.ape, p.logits.data(), hooks));
-  stats->prefill_ms += MsBetween(t0, Clock::now());
+  DecodeSession p = NewSession(model, prompt.size() + max_new_tokens, max_new_tokens);
+  p.to_prefill = prompt;
+  p.to_prefill_positions.resize(prompt.size());
+  std::iota(p.to_prefill_positions.begin(), p.to_prefill_positions.end(), 0);
   stats->prompt_tokens = static_cast<int>(prompt.size());
   stats->prompt_ids = prompt;
   p.next_position = static_cast<int32_t>(prompt.size());
@@ -352,7 +80,7 @@ absl::StatusOr<Prepared> PrepareSequential(const Model& model, RedisStore* store
 // APE and PARALLEL: slots [prefix | C_1 .. C_N | query, generated], every
 // context at positions Lp.., the query after the LONGEST context (APE.md
 // section 2), T and S on the pooled context range (1 for PARALLEL).
-absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, const DecodeInput& in,
+absl::StatusOr<DecodeSession> PrepareParallel(const Model& model, RedisStore* store, const DecodeInput& in,
                                          int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
   ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, LoadEntries(model, store, in, hooks, stats));
   const auto t_layout = Clock::now();
@@ -370,10 +98,9 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
   }
   RETURN_IF_ERROR(CheckPositions(in, int64_t{lp} + longest + lq + max_new_tokens));
   RETURN_IF_ERROR(CheckKvSlots(in, int64_t{lp} + total_ctx + lq, max_new_tokens));
-  Prepared p(model, int64_t{lp} + total_ctx + lq + max_new_tokens);
+  DecodeSession p = NewSession(model, int64_t{lp} + total_ctx + lq + max_new_tokens, max_new_tokens);
   for (const EntryLoad& e : entries) {  // the prefix, then each context
-    RETURN_IF_ERROR(LoadKvBlock(e.view, *p.cache, p.cache->size));
-    p.cache->size += e.view.header.num_tokens;
+    RETURN_IF_ERROR(AppendEntryToCache(e, *p.cache));
     p.history.insert(p.history.end(), e.view.tokens.begin(), e.view.tokens.end());
   }
   stats->cache_load_ms += MsBetween(t_layout, Clock::now());
@@ -382,24 +109,20 @@ absl::StatusOr<Prepared> PrepareParallel(const Model& model, RedisStore* store, 
   stats->prompt_ids = p.history;
   p.ape.context_begin = lp;
   p.ape.context_end = lp + total_ctx;
-  p.ape.temperature = in.mode == DecodeMode::kApe ? in.temperature : 1.f;
-  p.ape.scale = in.mode == DecodeMode::kApe ? in.scale : 1.f;
-  std::vector<int32_t> query_positions(lq);
-  std::iota(query_positions.begin(), query_positions.end(), lp + longest);
-  const auto t_prefill = Clock::now();
-  RETURN_IF_ERROR(Prefill(*p.tf, *p.cache, in.query_tokens, query_positions, p.ape, p.logits.data(), hooks));
-  stats->prefill_ms += MsBetween(t_prefill, Clock::now());
+  if (in.mode == DecodeMode::kApe) {
+    const int contexts = static_cast<int>(in.contexts.size());
+    const std::pair<float, float> preset =
+        in.ape_preset ? in.ape_preset(contexts, total_ctx) : ApePreset{}.For(contexts, total_ctx);
+    p.ape.temperature = in.temperature != 0.f ? in.temperature : preset.first;
+    p.ape.scale = in.scale != 0.f ? in.scale : preset.second;
+  }
+  stats->ape_temperature = p.ape.temperature;
+  stats->ape_scale = p.ape.scale;
+  p.to_prefill = in.query_tokens;
+  p.to_prefill_positions.resize(lq);
+  std::iota(p.to_prefill_positions.begin(), p.to_prefill_positions.end(), lp + longest);
   p.next_position = lp + longest + lq;
   return p;
-}
-
-// Checks the input (before any I/O), then assembles and prefills the prompt
-// with room for `max_new_tokens`.
-absl::StatusOr<Prepared> Prepare(const Model& model, RedisStore* store, const DecodeInput& in, int max_new_tokens,
-                                 const DecodeHooks& hooks, DecodeStats* stats) {
-  RETURN_IF_ERROR(CheckDecodeInput(in));
-  if (in.mode == DecodeMode::kSequential) return PrepareSequential(model, store, in, max_new_tokens, hooks, stats);
-  return PrepareParallel(model, store, in, max_new_tokens, hooks, stats);
 }
 
 }  // namespace
@@ -422,18 +145,54 @@ absl::Status CheckDecodeInput(const DecodeInput& in) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<DecodeSession> PrepareDecode(const Model& model, RedisStore* store, const DecodeInput& in,
+                                            int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
+  RETURN_IF_ERROR(CheckDecodeInput(in));
+  if (in.mode == DecodeMode::kSequential) return PrepareSequential(model, store, in, max_new_tokens, hooks, stats);
+  return PrepareParallel(model, store, in, max_new_tokens, hooks, stats);
+}
+
+void PrefillChunk(Transformer& tf, DecodeSession& session, size_t max_tokens, float* logits) {
+  const size_t m = std::min(max_tokens, session.to_prefill.size() - session.prefilled);
+  const std::span<const int32_t> tokens(session.to_prefill), positions(session.to_prefill_positions);
+  session.prefilled += m;
+  tf.Forward(tokens.subspan(session.prefilled - m, m), positions.subspan(session.prefilled - m, m), *session.cache,
+             session.ape, session.prefill_done() ? logits : nullptr);
+}
+
+namespace {
+// Prefills the whole prompt in blocks, checking for cancellation between them.
+absl::StatusOr<DecodeSession> PrepareAndPrefill(const Model& model, RedisStore* store, const DecodeInput& in,
+                                                int max_new_tokens, const DecodeHooks& hooks, Transformer& tf,
+                                                std::vector<float>& logits, DecodeStats* stats) {
+  ASSIGN_OR_RETURN(DecodeSession p, PrepareDecode(model, store, in, max_new_tokens, hooks, stats));
+  constexpr size_t kBlock = 256;  // tokens per Forward: bounds the time between cancellation checks
+  const auto t0 = Clock::now();
+  while (!p.prefill_done()) {
+    if (Cancelled(hooks)) return absl::CancelledError("request cancelled during prefill");
+    PrefillChunk(tf, p, kBlock, logits.data());
+  }
+  stats->prefill_ms += MsBetween(t0, Clock::now());
+  return p;
+}
+}  // namespace
+
 absl::StatusOr<GenerateResult> RunDecode(const Model& model, RedisStore* store, const DecodeInput& in,
                                          const DecodeHooks& hooks, const TokenCallback& on_token, DecodeStats* stats) {
   const int max_new_tokens = std::max(0, in.generate.max_tokens);
-  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, in, max_new_tokens, hooks, stats));
+  Transformer tf(model);
+  std::vector<float> logits(model.config().vocab_size);
+  ASSIGN_OR_RETURN(DecodeSession p, PrepareAndPrefill(model, store, in, max_new_tokens, hooks, tf, logits, stats));
   auto cb = [&](const TokenEvent& ev) { return !Cancelled(hooks) && on_token(ev); };
-  return Generate(*p.tf, *p.cache, p.ape, std::move(p.logits), std::move(p.history), p.next_position, in.generate, cb);
+  return Generate(tf, *p.cache, p.ape, std::move(logits), std::move(p.history), p.next_position, in.generate, cb);
 }
 
 absl::StatusOr<std::vector<float>> PromptLogits(const Model& model, RedisStore* store, const DecodeInput& in,
                                                 const DecodeHooks& hooks, DecodeStats* stats) {
-  ASSIGN_OR_RETURN(Prepared p, Prepare(model, store, in, /*max_new_tokens=*/0, hooks, stats));
-  return std::move(p.logits);
+  Transformer tf(model);
+  std::vector<float> logits(model.config().vocab_size);
+  RETURN_IF_ERROR(PrepareAndPrefill(model, store, in, /*max_new_tokens=*/0, hooks, tf, logits, stats).status());
+  return logits;
 }
 
 }  // namespace ape

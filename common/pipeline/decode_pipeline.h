@@ -5,13 +5,18 @@
 #ifndef APESERVE_COMMON_PIPELINE_DECODE_PIPELINE_H_
 #define APESERVE_COMMON_PIPELINE_DECODE_PIPELINE_H_
 
+#include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/engine/generate.h"
+#include "common/engine/kv_cache.h"
+#include "common/engine/transformer.h"
 #include "common/pipeline/encode_pipeline.h"
 
 namespace ape {
@@ -34,8 +39,11 @@ struct DecodeInput {
   // same requests).
   std::vector<int32_t> query_tokens;
   DecodeMode mode = DecodeMode::kApe;
-  float temperature = 0.9f;           // APE T
-  float scale = 0.9f;                 // APE S
+  // APE T and S. 0 = chosen by `ape_preset` once the contexts' lengths are
+  // known (ApePreset{} when it is null).
+  float temperature = 0.9f;
+  float scale = 0.9f;
+  std::function<std::pair<float, float>(int contexts, int64_t context_tokens)> ape_preset;
   KvDtype dtype = KvDtype::kFloat16;  // for contexts given by content
   int ttl_seconds = 0;                // for entries encoded on the fly
   // KV slots of the request (prompt + generated), checked once the length of
@@ -52,6 +60,8 @@ struct DecodeInput {
 struct DecodeStats {
   int prompt_tokens = 0, cached_tokens = 0, encoded_tokens = 0;
   double cache_load_ms = 0, encode_ms = 0, prefill_ms = 0;
+  // T and S the attention used (1 and 1 for PARALLEL and SEQUENTIAL).
+  float ape_temperature = 1.f, ape_scale = 1.f;
   // prefix + contexts (request order) + query, as prefilled or loaded.
   std::vector<int32_t> prompt_ids;
 };
@@ -70,6 +80,32 @@ struct DecodeHooks {
 // query, an empty context); RunDecode and PromptLogits check it before any
 // I/O, services call it while validating.
 absl::Status CheckDecodeInput(const DecodeInput& in);
+
+// A request whose cache entries are loaded, verified and laid out in its KV
+// cache, the rest of its prompt not prefilled yet: the query for APE and
+// PARALLEL, the whole prompt for SEQUENTIAL. Room is reserved for
+// max_new_tokens generated tokens. Movable, not copyable.
+struct DecodeSession {
+  std::unique_ptr<KvCache> cache;
+  ApeParams ape;                    // T = S = 1 and no context range: ordinary attention
+  std::vector<int32_t> to_prefill;  // prompt tokens not in the cache yet...
+  std::vector<int32_t> to_prefill_positions;  // ...and their RoPE positions
+  size_t prefilled = 0;             // of to_prefill, in the cache now
+  std::vector<int32_t> history;     // the whole prompt
+  int32_t next_position = 0;        // the first generated token's position
+  int max_new_tokens = 0;
+  bool prefill_done() const { return prefilled == to_prefill.size(); }
+};
+
+// Checks the input (before any I/O), loads and lays out the entries
+// (encoding what is missing), with room for `max_new_tokens`. Same statuses
+// as RunDecode.
+absl::StatusOr<DecodeSession> PrepareDecode(const Model& model, RedisStore* store, const DecodeInput& in,
+                                            int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats);
+
+// Prefills up to `max_tokens` more of session.to_prefill. When that ends the
+// prompt, the logits after its last token go to `logits` ([vocab]).
+void PrefillChunk(Transformer& tf, DecodeSession& session, size_t max_tokens, float* logits);
 
 // Runs the whole request. `store` may be null (everything computed
 // locally, nothing cached). Statuses: INVALID_ARGUMENT (CheckDecodeInput, a

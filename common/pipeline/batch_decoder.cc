@@ -1,0 +1,1 @@
+#include "common/pipeline/batch_decoder.h"

@@ -1,0 +1,1 @@
+#include "common/pipeline/hot_cache.h"
