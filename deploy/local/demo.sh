@@ -111,14 +111,14 @@ ask() {
 
 QA=0
 if ((${#CHAT_ARGS[@]})); then
-  if [[ "$MODEL" == *apeserve-qa.gguf || "$MODEL" == *.bin ]]; then
+  if [[ "$MODEL" == *apeserve-qa*.gguf || "$MODEL" == *.bin ]]; then
     echo "demo: --chat needs a MODEL with a chat template (e.g. a Llama 3 or Qwen instruct GGUF);" \
       "$(basename "$MODEL") has none" >&2
     exit 2
   fi
   PREFIX="Answer the question from the documents."
   QUESTION=${QUESTION:-"What city does Neub visit?"}
-elif [[ "$MODEL" == *apeserve-qa.gguf ]]; then
+elif [[ "$MODEL" == *apeserve-qa*.gguf ]]; then  # also its widened and quantized files (models/README.md)
   QA=1
   load_questions
 else  # stories260K: a story prefix, two story passages
