@@ -129,12 +129,20 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
       preset_(preset),
       chat_format_(DetectChatFormat(model.chat_template())),
       admission_(limits.max_concurrent, limits.max_queue),
-      encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr) {
+      encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr),
+      engine_(model, {.max_streams = limits.max_concurrent, .prefill_chunk = limits.prefill_chunk}) {
   metrics::Registry& reg = metrics::Registry::Global();
   reg.SetGaugeFunction("ape_admission_running", "Requests computing now", {{"server", "decoder"}},
                        [this] { return admission_.running(); });
   reg.SetGaugeFunction("ape_admission_waiting", "Requests queued for a compute slot now", {{"server", "decoder"}},
                        [this] { return admission_.waiting(); });
+  reg.SetGaugeFunction("ape_decoder_batch_streams", "Streams in the decode batch now (prefilling or decoding)", {},
+                       [this] { return engine_.running(); });
+  reg.SetCounterFunction("ape_decoder_batch_steps_total", "Decode steps run by the batch engine", {},
+                         [this] { return static_cast<double>(engine_.steps()); });
+  reg.SetCounterFunction("ape_decoder_batch_rows_total",
+                         "Stream tokens computed by decode steps (rows / steps = mean batch width)", {},
+                         [this] { return static_cast<double>(engine_.step_rows()); });
   DecoderMetrics::Get();  // every series exists from the start (at 0)
 }
 
@@ -357,13 +365,55 @@ void DecoderService::FillFinal(const v1::GenerateRequest& req, const DecodeInput
   t->set_total_ms(MsSince(outcome.arrival));
 }
 
+absl::StatusOr<std::shared_ptr<BatchStream>> DecoderService::Start(grpc::ServerContext* ctx, Admitted& call,
+                                                                   bool score_only, Outcome* outcome) {
+  // Loading (Redis reads, encode-on-miss) runs here, on the handler thread,
+  // never on the engine's. Encoding locally (no --encoder) computes here
+  // too, beside the engine.
+  const int max_new_tokens = score_only ? 0 : std::max(0, call.in.generate.max_tokens);
+  ASSIGN_OR_RETURN(DecodeSession session,
+                   PrepareDecode(model_, store_, call.in, max_new_tokens, call.hooks, &outcome->stats));
+  if (ctx->IsCancelled()) return absl::CancelledError("request cancelled while its contexts were loaded");
+  // The admission slot travels with the stream and is given back by the
+  // engine the moment the stream leaves the batch.
+  auto ticket = std::make_shared<Admission::Ticket>(std::move(call.ticket));
+  return engine_.Submit(
+      {.session = std::move(session), .generate = call.in.generate, .score_only = score_only, .on_leave = [ticket] {
+         ticket->Release();
+       }});
+}
+
+absl::Status DecoderService::Follow(grpc::ServerContext* ctx, BatchStream& stream,
+                                    const std::function<bool(const TokenEvent&)>& on_event) {
+  absl::Status status;
+  TokenEvent ev;
+  for (;;) {
+    // The client's cancel and the deadline have no wake-up of their own
+    // here: look at least every kCancelPoll.
+    if (status.ok()) {
+      if (ctx->deadline() <= std::chrono::system_clock::now()) {
+        status = absl::DeadlineExceededError("deadline passed");
+      } else if (ctx->IsCancelled()) {
+        status = absl::CancelledError("client cancelled");
+      }
+      if (!status.ok()) stream.Cancel();
+    }
+    const BatchStream::Next next = stream.Wait(&ev, Clock::now() + Admission::kCancelPoll);
+    if (next == BatchStream::Next::kDone) return status;
+    if (next == BatchStream::Next::kEvent && status.ok() && !on_event(ev)) {
+      status = absl::CancelledError("the client is gone");
+      stream.Cancel();  // then wait until it has left
+    }
+  }
+}
+
 absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
                                         grpc::ServerWriter<v1::GenerateResponse>* writer, Outcome* outcome) {
   ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
+  ASSIGN_OR_RETURN(std::shared_ptr<BatchStream> stream, Start(ctx, call, /*score_only=*/false, outcome));
   DecoderMetrics& m = DecoderMetrics::Get();
-  bool client_gone = false;
   Clock::time_point last_token;
-  auto on_token = [&](const TokenEvent& ev) {
+  auto on_event = [&](const TokenEvent& ev) {
     if (outcome->first_token_ms == 0) {
       outcome->first_token_ms = MsSince(outcome->arrival);
       m.ttft.Observe(outcome->first_token_ms / 1e3);
@@ -375,15 +425,15 @@ absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::Gene
       last_token = now;
       m.generated.Inc();
     }
-    if (!writer->Write(TokenMessage(ev, model_.tokenizer()))) {  // the client is gone: stop computing
-      client_gone = true;
-      return false;
-    }
-    return true;
+    return writer->Write(TokenMessage(ev, model_.tokenizer()));
   };
-  ASSIGN_OR_RETURN(outcome->result, RunDecode(model_, store_, call.in, call.hooks, on_token, &outcome->stats));
+  const absl::Status followed = Follow(ctx, *stream, on_event);
+  outcome->result = stream->result();
+  outcome->stats.prefill_ms = stream->prefill_ms();
+  outcome->queue_ms += stream->engine_queue_ms();
   m.Record(outcome->stats, req.contexts_size());
-  if (client_gone || ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
+  RETURN_IF_ERROR(followed);
+  if (ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
   v1::GenerateResponse fin;
   FillFinal(req, call.in, *outcome, fin.mutable_final());
   if (!writer->Write(fin)) return absl::CancelledError("client went away before the final message");
@@ -423,9 +473,14 @@ grpc::Status DecoderService::Generate(grpc::ServerContext* ctx, const v1::Genera
 absl::Status DecoderService::DoScore(grpc::ServerContext* ctx, const v1::GenerateRequest& req, v1::ScoreResponse* resp,
                                      Outcome* outcome) {
   ASSIGN_OR_RETURN(Admitted call, Admit(ctx, req, outcome));
-  ASSIGN_OR_RETURN(std::vector<float> logits, PromptLogits(model_, store_, call.in, call.hooks, &outcome->stats));
+  ASSIGN_OR_RETURN(std::shared_ptr<BatchStream> stream, Start(ctx, call, /*score_only=*/true, outcome));
+  const absl::Status followed = Follow(ctx, *stream, [](const TokenEvent&) { return true; });
+  outcome->stats.prefill_ms = stream->prefill_ms();
+  outcome->queue_ms += stream->engine_queue_ms();
   DecoderMetrics::Get().Record(outcome->stats, req.contexts_size());
-  if (ctx->IsCancelled()) return absl::CancelledError("client cancelled or deadline passed");
+  RETURN_IF_ERROR(followed);
+  const std::vector<float>& logits = stream->logits();
+  if (ctx->IsCancelled() || logits.empty()) return absl::CancelledError("client cancelled or deadline passed");
   const float lse = LogSumExp(logits.data(), static_cast<int>(logits.size()));
   for (float l : logits) resp->add_logprobs(l - lse);
   FillUsage(outcome->stats, resp->mutable_usage());

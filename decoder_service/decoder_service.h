@@ -1,12 +1,22 @@
-// ape.v1.Decoder: validates (before any I/O), calls
-// common/pipeline/decode_pipeline, streams tokens with one Write in flight,
-// logs one line per request. Generate and Score share everything up to the
-// pipeline call (validation, admission, cancellation, encoding through
-// --encoder); Generate then streams tokens, Score returns the distribution.
+// ape.v1.Decoder: validates (before any I/O), loads the request's cache
+// entries on its handler thread (PrepareDecode: Redis, encode-on-miss), then
+// hands the prepared session to the batch decoder (one engine thread that
+// prefills in chunks and decodes every running stream in one shared step,
+// common/pipeline/batch_decoder.h). The handler takes the stream's tokens
+// from its queue and writes them, one Write in flight; the engine never
+// waits for a client. It logs one line per request. Generate and Score
+// share everything up to the engine (validation, admission, cancellation,
+// encoding through --encoder); Generate then streams tokens, Score returns
+// the distribution after the prompt.
+//
+// Admission: --max_concurrent requests hold a slot from PrepareDecode until
+// their stream leaves the engine, so it is also the batch width; more wait
+// in the admission queue (--max_queue), the rest get RESOURCE_EXHAUSTED.
 #ifndef APESERVE_DECODER_SERVICE_DECODER_SERVICE_H_
 #define APESERVE_DECODER_SERVICE_DECODER_SERVICE_H_
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -14,6 +24,7 @@
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/engine/ape_preset.h"
 #include "common/engine/chat_template.h"
+#include "common/pipeline/batch_decoder.h"
 #include "common/pipeline/decode_pipeline.h"
 #include "common/server/kv_budget.h"
 #include "common/server/segments.h"
@@ -36,7 +47,8 @@ struct DecoderLimits {
   int max_prompt_tokens;  // 0 = the byte budget alone
   int max_new_tokens;     // generated tokens per request
   TextLimits text;        // bytes of text, checked before tokenizing
-  int max_concurrent;     // requests computing at once
+  int max_concurrent;     // requests computing at once: the decode batch width
+  int prefill_chunk;      // prompt tokens per engine iteration (batch_decoder.h)
   int max_queue;          // requests waiting beyond that
   KvDtype default_dtype;  // for KV_DTYPE_UNSPECIFIED
   int ttl_seconds;        // of entries encoded on the fly; 0 = none
@@ -89,6 +101,17 @@ class DecoderService final : public v1::Decoder::Service {
   void FillFinal(const v1::GenerateRequest& req, const DecodeInput& in, const Outcome& outcome, v1::Final* f) const;
   absl::Status DoScore(grpc::ServerContext* ctx, const v1::GenerateRequest& req, v1::ScoreResponse* resp,
                        Outcome* outcome);
+  // Loads the request's entries (handler thread) and submits its session to
+  // the engine; the admission slot (call.ticket) goes with it, released
+  // when the stream leaves the batch.
+  absl::StatusOr<std::shared_ptr<BatchStream>> Start(grpc::ServerContext* ctx, Admitted& call, bool score_only,
+                                                     Outcome* outcome);
+  // Waits for the stream's events, handing each to `on_event` (false: the
+  // client is gone), cancelling the stream when the client cancels, its
+  // deadline passes or on_event fails; returns once the stream has left the
+  // engine: OK, CANCELLED or DEADLINE_EXCEEDED.
+  absl::Status Follow(grpc::ServerContext* ctx, BatchStream& stream,
+                      const std::function<bool(const TokenEvent&)>& on_event);
   // Encodes through --encoder, as part of the request in `ctx` (cancelled
   // with it, within its deadline).
   absl::Status RemoteEncode(grpc::ServerContext* ctx, const EncodeInput& in);
@@ -103,6 +126,7 @@ class DecoderService final : public v1::Decoder::Service {
   const ChatFormat chat_format_;  // of the model's chat template, for requests with chat
   Admission admission_;
   std::unique_ptr<v1::Encoder::Stub> encoder_;
+  BatchDecoder engine_;  // last: its thread stops first
 };
 
 }  // namespace ape

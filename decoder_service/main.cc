@@ -1,4 +1,5 @@
 // ape-decoder: loads cached contexts and answers queries with APE, streaming.
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -40,7 +41,12 @@ ABSL_FLAG(int64_t, max_request_text_bytes, 16 << 20, "bytes of all text fields o
 ABSL_FLAG(int, max_new_tokens, 1024, "generated tokens per request, at most");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message accepted or sent (also to --encoder), MiB (1 to 2047)");
 ABSL_FLAG(int, threads, 0, "compute threads (OpenBLAS and ours); 0 = all cores");
-ABSL_FLAG(int, max_concurrent, 1, "requests computing at once");
+ABSL_FLAG(int, max_concurrent, 8,
+          "requests computing at once: the width of the decode batch (streams sharing one forward step; "
+          "1 to 256); more wait in the queue");
+ABSL_FLAG(int, prefill_chunk, 64,
+          "prompt tokens prefilled between two decode steps: bounds how long a newcomer's prefill stalls the "
+          "running streams (1 to 1024)");
 ABSL_FLAG(int, max_queue, 16, "requests waiting for compute before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, redis_timeout_ms, 5000, "Redis command timeout, ms");
 ABSL_FLAG(int, redis_chunk_mb, 64, "size of one stored chunk of a big entry encoded here, MiB (1 to 511)");
@@ -91,7 +97,8 @@ int main(int argc, char** argv) {
       .max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens),
       .text = {.max_field_bytes = absl::GetFlag(FLAGS_max_text_bytes),
                .max_request_bytes = absl::GetFlag(FLAGS_max_request_text_bytes)},
-      .max_concurrent = std::max(1, absl::GetFlag(FLAGS_max_concurrent)),
+      .max_concurrent = std::clamp(absl::GetFlag(FLAGS_max_concurrent), 1, 256),
+      .prefill_chunk = std::clamp(absl::GetFlag(FLAGS_prefill_chunk), 1, 1024),
       .max_queue = std::max(0, absl::GetFlag(FLAGS_max_queue)),
       .default_dtype = absl::GetFlag(FLAGS_kv_dtype),
       .ttl_seconds = absl::GetFlag(FLAGS_ttl_seconds),

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace ape {
 
@@ -35,6 +36,9 @@ Transformer::Transformer(const Model& model, int max_batch)
   att_.resize(b * c_.q_dim());
   hb_.resize(b * c_.hidden_dim);
   hb2_.resize(b * c_.hidden_dim);
+  kb_.resize(b * c_.kv_dim());
+  vb_.resize(b * c_.kv_dim());
+  positions_.resize(b);
   // Pair i of each head rotates by pos * scale * base^(-2i/rope_dim) / factor_i.
   inv_freq_.resize(c_.rope_dim / 2);
   for (int i = 0; i < c_.rope_dim / 2; ++i) {
@@ -142,6 +146,49 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
   for (int t = first_row; t < n; ++t)
     RmsNorm(&xb_[(t - first_row) * dim], &x_[t * dim], w.rms_final.data(), dim, c_.rms_eps);
   MatMul(xb_.data(), rows, w.classifier(), logits, c_.vocab_size);
+}
+
+// The layout is ForwardBlock's with n = B rows, except where the rows'
+// streams differ: K/V are computed into kb_/vb_ and then copied to each
+// stream's cache at its own slot, and attention runs per stream (one query
+// row, its cache, its APE block).
+void Transformer::ForwardDecodeBatch(std::span<const DecodeRow> rows, float* logits) {
+  const ModelWeights& w = model_.weights();
+  const int n = static_cast<int>(rows.size());
+  const int dim = c_.dim, hid = c_.hidden_dim, qd = c_.q_dim(), kvd = c_.kv_dim();
+  const size_t kv_bytes = sizeof(float) * kvd;
+  for (int b = 0; b < n; ++b) {
+    w.tok_emb.RowToFloat(rows[b].token, &x_[static_cast<size_t>(b) * dim]);
+    positions_[b] = rows[b].position;
+    rows[b].cache->pos[rows[b].cache->size] = rows[b].position;
+  }
+  for (int l = 0; l < c_.n_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], lw.rms_att.data(), dim, c_.rms_eps);
+    QueryKeyValue(lw, n, positions_.data(), kb_.data(), vb_.data());
+    for (int b = 0; b < n; ++b) {
+      KvCache& cache = *rows[b].cache;
+      std::memcpy(cache.key(l, cache.size), &kb_[static_cast<size_t>(b) * kvd], kv_bytes);
+      std::memcpy(cache.value(l, cache.size), &vb_[static_cast<size_t>(b) * kvd], kv_bytes);
+      ApeAttention(&q_[static_cast<size_t>(b) * qd], 1, cache.size, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim,
+                   *rows[b].ape, &att_[static_cast<size_t>(b) * qd]);
+    }
+    MatMul(att_.data(), n, lw.wo, xb2_.data(), dim);
+    for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
+
+    for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], lw.rms_ffn.data(), dim, c_.rms_eps);
+    MatMul(xb_.data(), n, lw.w1, hb_.data(), hid);
+    MatMul(xb_.data(), n, lw.w3, hb2_.data(), hid);
+    for (size_t i = 0; i < static_cast<size_t>(n) * hid; ++i) {
+      const float g = hb_[i];
+      hb_[i] = g / (1.f + std::exp(-g)) * hb2_[i];
+    }
+    MatMul(hb_.data(), n, lw.w2, xb2_.data(), dim);
+    for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
+  }
+  for (int b = 0; b < n; ++b) ++rows[b].cache->size;
+  for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], w.rms_final.data(), dim, c_.rms_eps);
+  MatMul(xb_.data(), n, w.classifier(), logits, c_.vocab_size);
 }
 
 }  // namespace ape

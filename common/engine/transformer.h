@@ -6,8 +6,10 @@
 //   qwen3  per-head RMSNorm of Q and K before NEOX RoPE
 // Every weight product goes through MatMul (matvec.h).
 //
-// Thread contract: a Transformer is bound to one model and one request at a
+// Thread contract: a Transformer is bound to one model and one call at a
 // time (it owns the scratch); the Model it points to is shared read-only.
+// One call may serve several requests: ForwardDecodeBatch advances many
+// streams (each with its own KvCache) by one token.
 // Parallelism inside a call comes from OpenBLAS and OpenMP, whose thread
 // counts are set in one place, SetComputeThreads() (threading.h).
 #ifndef APESERVE_COMMON_ENGINE_TRANSFORMER_H_
@@ -38,7 +40,26 @@ class Transformer {
   void Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KvCache& cache,
                const ApeParams& ape, float* logits, bool all_logits = false);
 
+  // One decode step of several independent streams, sharing every weight
+  // product. Row b runs token rows[b].token at position rows[b].position
+  // against its own *rows[b].cache (its K/V go to slot cache->size, which
+  // then grows by one) with its own attention (*rows[b].ape). The logits
+  // of row b go to logits + b * vocab. Each row's result equals what
+  // Forward computes for that token alone as far as MatMul's rows are
+  // independent of the batch size (matvec.h); norms, RoPE and attention run
+  // per row exactly as there. Preconditions (checked by callers):
+  // rows.size() <= max_batch(), every cache has room, ids < vocab, no cache
+  // twice.
+  struct DecodeRow {
+    int32_t token = 0;
+    int32_t position = 0;
+    KvCache* cache = nullptr;
+    const ApeParams* ape = nullptr;
+  };
+  void ForwardDecodeBatch(std::span<const DecodeRow> rows, float* logits);
+
   const Model& model() const { return model_; }
+  int max_batch() const { return max_batch_; }
 
  private:
   void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache, const ApeParams& ape,
@@ -52,6 +73,10 @@ class Transformer {
   std::vector<float> inv_freq_;  // [rope_dim/2] RoPE angle per unit of position
   // Scratch, [max_batch][width] each.
   std::vector<float> x_, xb_, xb2_, q_, att_, hb_, hb2_;
+  // [max_batch][kv_dim] each: a decode batch's K and V rows before they
+  // go to their streams' caches (the rows' slots are not contiguous).
+  std::vector<float> kb_, vb_;
+  std::vector<int32_t> positions_;  // [max_batch] a decode batch's positions
 };
 
 }  // namespace ape

@@ -24,8 +24,12 @@ class Admission {
    public:
     explicit Ticket(Admission* a) : a_(a) {}
     Ticket(Ticket&& o) noexcept : a_(o.a_) { o.a_ = nullptr; }
-    ~Ticket() {
+    ~Ticket() { Release(); }
+    // Gives the slot back now (once; the destructor then does nothing).
+    // Not to be called concurrently with itself or the destructor.
+    void Release() {
       if (a_) a_->Leave();
+      a_ = nullptr;
     }
 
    private:

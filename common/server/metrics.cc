@@ -134,6 +134,12 @@ void Registry::SetGaugeFunction(const std::string& name, const std::string& help
   Get(name, "gauge", help, labels).fn = std::move(fn);
 }
 
+void Registry::SetCounterFunction(const std::string& name, const std::string& help, const Labels& labels,
+                                  std::function<double()> fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Get(name, "counter", help, labels).fn = std::move(fn);
+}
+
 std::string Registry::Render() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::string out;

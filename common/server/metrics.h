@@ -88,6 +88,11 @@ class Registry {
   void SetGaugeFunction(const std::string& name, const std::string& help, const Labels& labels,
                         std::function<double()> fn);
 
+  // A counter whose total `fn` reads at each scrape from a source that
+  // keeps it (it must never go down), e.g. an engine's step count.
+  void SetCounterFunction(const std::string& name, const std::string& help, const Labels& labels,
+                          std::function<double()> fn);
+
   // Everything, in the Prometheus text format, families sorted by name.
   std::string Render() const;
 

@@ -79,5 +79,57 @@ TEST_F(GenerateTest, MaxTokensAndCancel) {
   EXPECT_EQ(calls, 3);
 }
 
+// The stepper driven by hand (as the batch decoder drives it: sample, hand
+// the event over, feed the token) gives Generate's events and result; the
+// tail of held-back text comes last; max_tokens 0 ends at once.
+TEST_F(GenerateTest, StepperDrivenByHandEqualsGenerate) {
+  GenerateOptions opt;
+  opt.max_tokens = 30;
+  opt.stop = {"xyz"};  // holds back text ending in "x" or "xy"
+  opt.top_logprobs = 2;
+  opt.sampling.temperature = 0.7f;
+  opt.sampling.seed = 3;
+  std::vector<TokenEvent> want_events;
+  GenerateResult want = Run(opt, &want_events);
+
+  std::vector<int32_t> prompt = model_->tokenizer().Encode("Once upon a time", true, false);
+  std::vector<int32_t> pos(prompt.size());
+  for (size_t i = 0; i < pos.size(); ++i) pos[i] = i;
+  Transformer tf(*model_);
+  KvCache cache(model_->config(), 300);
+  std::vector<float> logits(model_->config().vocab_size);
+  tf.Forward(prompt, pos, cache, ApeParams{}, logits.data());
+  GenerationStepper stepper(*model_, opt, prompt);
+  std::vector<TokenEvent> events;
+  int32_t next = static_cast<int32_t>(prompt.size());
+  TokenEvent ev;
+  while (!stepper.Sample(logits.data(), &ev)) {
+    events.push_back(ev);
+    const int32_t id = stepper.last_token();
+    tf.Forward({&id, 1}, {&next, 1}, cache, ApeParams{}, logits.data());
+    ++next;
+  }
+  events.push_back(ev);
+  if (stepper.Tail(&ev)) events.push_back(ev);
+  const GenerateResult& got = stepper.result();
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_EQ(got.text, want.text);
+  EXPECT_EQ(got.reason, want.reason);
+  ASSERT_EQ(events.size(), want_events.size());
+  for (size_t i = 0; i < events.size(); ++i) {
+    EXPECT_EQ(events[i].id, want_events[i].id);
+    EXPECT_EQ(events[i].text, want_events[i].text);
+    EXPECT_EQ(events[i].logprob, want_events[i].logprob);
+    EXPECT_EQ(events[i].top, want_events[i].top);
+  }
+  EXPECT_GT(got.decode_seconds, 0);
+
+  opt.max_tokens = 0;
+  GenerationStepper none(*model_, opt, prompt);
+  EXPECT_TRUE(none.done());
+  EXPECT_EQ(none.result().reason, FinishReason::kLength);
+  EXPECT_FALSE(none.Tail(&ev));
+}
+
 }  // namespace
 }  // namespace ape

@@ -102,6 +102,82 @@ TEST_P(TransformerTest, PositionsAreDataNotSlots) {
 
 INSTANTIATE_TEST_SUITE_P(Threads, TransformerTest, ::testing::Values(1, 2));
 
+// ForwardDecodeBatch: B streams, each with its own cache, positions (APE
+// reuses them: slot != position) and attention (an APE block, or none),
+// advanced by one token in one call. Each row must give what Forward gives
+// for that token alone: exactly for one row (the same products), and to
+// rounding for several (MatMul with n > 1 may round apart from n == 1
+// until its rows are made independent of n). The caches must hold the same
+// K/V and positions. Run on llama2.c (interleaved RoPE), qwen2 (biases),
+// qwen3 (head norms) in float32 and Q8_0.
+TEST(DecodeBatchTest, RowsEqualSingleStreamForward) {
+  const std::vector<std::pair<std::string, std::string>> models = {
+      {"stories260K.bin", "tok512.bin"},
+      {"families/models/tiny-random-qwen2-F32.gguf", ""},
+      {"families/models/tiny-random-qwen3-Q8_0.gguf", ""},
+  };
+  for (const auto& [file, tok] : models) {
+    SCOPED_TRACE(file);
+    auto m = Model::Load(TestData(file), tok.empty() ? "" : TestData(tok));
+    ASSERT_TRUE(m.ok()) << m.status();
+    const Model& model = **m;
+    const int V = model.config().vocab_size;
+    constexpr int kStreams = 5;
+    // Stream s: a prompt of 3 + s tokens at positions starting 10 * s, the
+    // middle ones an APE block with T and S depending on s.
+    std::vector<std::unique_ptr<KvCache>> solo, batched;
+    std::vector<ApeParams> ape(kStreams);
+    std::vector<float> scratch(V);
+    Transformer tf(model);
+    for (int s = 0; s < kStreams; ++s) {
+      std::vector<int32_t> prompt, pos;
+      for (int i = 0; i < 3 + s; ++i) {
+        prompt.push_back((7 + 13 * s + 5 * i) % V);
+        pos.push_back(10 * s + (i == 2 + s ? 1 : i));  // the last token reuses position 10s+1
+      }
+      if (s % 2 == 1)
+        ape[s] = {.context_begin = 1, .context_end = 2 + s, .temperature = 0.5f + 0.1f * s, .scale = 0.8f};
+      for (auto* caches : {&solo, &batched}) {
+        caches->push_back(std::make_unique<KvCache>(model.config(), 16));
+        tf.Forward(prompt, pos, *caches->back(), ape[s], scratch.data());
+      }
+    }
+    for (int b : {1, kStreams}) {
+      std::vector<Transformer::DecodeRow> rows;
+      std::vector<float> want(static_cast<size_t>(b) * V), got(static_cast<size_t>(b) * V);
+      for (int s = 0; s < b; ++s) {
+        const int32_t token = (31 * s + 3) % V, position = 40 + s;
+        tf.Forward({&token, 1}, {&position, 1}, *solo[s], ape[s], &want[static_cast<size_t>(s) * V]);
+        rows.push_back({.token = token, .position = position, .cache = batched[s].get(), .ape = &ape[s]});
+      }
+      tf.ForwardDecodeBatch(rows, got.data());
+      for (int s = 0; s < b; ++s) {
+        const KvCache &a = *solo[s], &c = *batched[s];
+        ASSERT_EQ(a.size, c.size);
+        EXPECT_EQ(c.pos[c.size - 1], 40 + s);
+        float kv_diff = 0, logit_diff = 0;
+        for (int l = 0; l < model.config().n_layers; ++l) {
+          for (int i = 0; i < a.kv_dim; ++i) {
+            kv_diff = std::max(kv_diff, std::abs(a.key(l, a.size - 1)[i] - c.key(l, c.size - 1)[i]));
+            kv_diff = std::max(kv_diff, std::abs(a.value(l, a.size - 1)[i] - c.value(l, c.size - 1)[i]));
+          }
+        }
+        for (int v = 0; v < V; ++v) {
+          const size_t i = static_cast<size_t>(s) * V + v;
+          logit_diff = std::max(logit_diff, std::abs(want[i] - got[i]));
+        }
+        if (b == 1) {  // the very same products
+          EXPECT_EQ(kv_diff, 0.f);
+          EXPECT_EQ(logit_diff, 0.f);
+        } else {
+          EXPECT_LT(kv_diff, 1e-4f) << "stream " << s << " of " << b;
+          EXPECT_LT(logit_diff, 1e-4f) << "stream " << s << " of " << b;
+        }
+      }
+    }
+  }
+}
+
 // NEOX RoPE rotates pairs (i, i + d/2) where interleaved RoPE rotates
 // (2i, 2i+1): the same rotation of permuted dimensions. So permuting every Q
 // and K head (rows of wq/wk, and bq/bk and the head norms) into interleaved
