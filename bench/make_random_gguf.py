@@ -8,7 +8,7 @@ vocabulary) decodes as fast as the real one. Documents must tokenize like
 text, so the tokenizer (vocabulary, merges, token types, special ids, add_bos,
 chat template) is the real Qwen2 one from the vocabulary-only fixture
 tests/data/families/vocab/ggml-vocab-qwen2.gguf (read with
-tests/e2e/make_chat_model.py's reader).
+models/recipe/gguf_io.py).
 
   /usr/bin/python3 bench/make_random_gguf.py --out /tmp/qwen-random.gguf
   /usr/bin/python3 bench/make_random_gguf.py --shape qwen2.5-1.5b --type f16 --out big.gguf
@@ -32,8 +32,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
-from make_chat_model import read_gguf  # noqa: E402  (the tests' GGUF reader)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "recipe"))
+from gguf_io import read_gguf  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_VOCAB = os.path.join(ROOT, "tests", "data", "families", "vocab", "ggml-vocab-qwen2.gguf")

@@ -13,92 +13,17 @@ engine's exact path; the files are 40-70 MB, written in a second or two).
 
   /usr/bin/python3 tests/e2e/make_chat_model.py --fixture F32.gguf --vocab vocab.gguf --out model.gguf
 
-GGUF layout: common/engine/gguf.h (v3, little-endian, 32-byte alignment).
+GGUF reading and writing: models/recipe/gguf_io.py.
 """
 import argparse
-import struct
+import os
+import sys
 
 import numpy as np
 
-GGUF_MAGIC, ALIGN = b"GGUF", 32
-T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64 = 4, 5, 6, 7, 8, 9, 10
-SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-GGML_F32, GGML_F16 = 0, 1
-
-
-def read_gguf(path):
-    """({key: (type, value, element type or None)}, [(name, dims, ggml type)]); tensor data is not read."""
-    with open(path, "rb") as f:
-        b = f.read()
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        v = struct.unpack_from("<" + fmt, b, pos)
-        pos += struct.calcsize("<" + fmt)
-        return v[0]
-
-    def string():
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return b[pos - n:pos].decode("utf-8")
-
-    def value(t):
-        if t == T_STR:
-            return string()
-        if t == T_ARR:
-            et, n = take("I"), take("Q")
-            return [value(et) for _ in range(n)]
-        return take(SCALAR[t])
-
-    if b[:4] != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file")
-    pos = 4
-    _version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
-    kv = {}
-    for _ in range(n_kv):
-        key, t = string(), take("I")
-        elem = struct.unpack_from("<I", b, pos)[0] if t == T_ARR else None
-        kv[key] = (t, value(t), elem)
-    tensors = []
-    for _ in range(n_tensors):
-        name, nd = string(), take("I")
-        dims = [take("Q") for _ in range(nd)]
-        tensors.append((name, dims, take("I")))
-        take("Q")  # offset
-    return kv, tensors
-
-
-def write_gguf(path, kv, tensors):
-    """kv: {key: (type, value, element type)}; tensors: [(name, float32 array [rows, cols] or [n], ggml type)]."""
-    def string(s):
-        e = s.encode("utf-8")
-        return struct.pack("<Q", len(e)) + e
-
-    def value(t, v, elem=None):
-        if t == T_STR:
-            return string(v)
-        if t == T_ARR:
-            return struct.pack("<IQ", elem, len(v)) + b"".join(value(elem, x) for x in v)
-        return struct.pack("<" + SCALAR[t], v)
-
-    blobs, infos, offset = [], [], 0
-    for name, arr, gtype in tensors:
-        data = arr.astype(np.float16 if gtype == GGML_F16 else np.float32).tobytes()
-        dims = list(reversed(arr.shape))  # dims[0] is the row length
-        infos.append(string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
-                     + struct.pack("<IQ", gtype, offset))
-        pad = -len(data) % ALIGN
-        blobs.append(data + b"\0" * pad)
-        offset += len(data) + pad
-    head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kv))
-    head += b"".join(string(k) + struct.pack("<I", t) + value(t, v, e) for k, (t, v, e) in kv.items())
-    head += b"".join(infos)
-    with open(path, "wb") as f:
-        f.write(head + b"\0" * (-len(head) % ALIGN))
-        for blob in blobs:
-            f.write(blob)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "recipe"))
+from gguf_io import (ALIGN, GGML_F16, GGML_F32, GGUF_MAGIC, SCALAR, T_ARR, T_BOOL, T_F32, T_I32,  # noqa: E402,F401
+                     T_STR, T_U32, T_U64, read_gguf, write_gguf)
 
 
 def make_chat_model(out, fixture, vocab, dim=64, n_layers=2, seed=0, chat_template=None):
