@@ -4,8 +4,6 @@
 // measured in the same run. Results (Markdown) to stdout, progress to stderr.
 //   bench_engine --shape tinyllama-1.1b --types F32,F16,Q8_0,Q4_0,Q4_K,Q6_K
 //   bench_engine --model model.gguf
-#include <cblas.h>
-
 #include <chrono>
 #include <cstdio>
 #include <numeric>
@@ -19,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "bench/random_model.h"
 #include "common/engine/quant.h"
 #include "common/engine/quantize_model.h"
@@ -37,33 +36,6 @@ ABSL_FLAG(std::string, model, "", "a GGUF file to benchmark instead of a random 
 namespace ape::bench {
 namespace {
 
-double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-
-// Read bandwidth: sum a 2 GiB buffer with all threads, 64 independent
-// float accumulators per thread so that the adds are not the limit.
-double MemoryBandwidthGBs() {
-  const size_t n = (size_t{2} << 30) / sizeof(float);
-  std::vector<float> a(n, 1.f);
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    double t0 = Now(), total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-      float acc[64] = {};
-#pragma omp for schedule(static)
-      for (size_t b = 0; b < n / 64; ++b) {
-#pragma omp simd
-        for (int j = 0; j < 64; ++j) acc[j] += a[b * 64 + j];
-      }
-      for (float v : acc) total += v;
-    }
-    double dt = Now() - t0;
-    if (total != static_cast<double>(n)) std::fprintf(stderr, "bandwidth sum mismatch\n");
-    best = std::max(best, n * sizeof(float) / dt / 1e9);
-  }
-  return best;
-}
-
 // XXH3-128 (the model fingerprint's hash) over a 1 GiB buffer.
 double FingerprintGBs() {
   std::vector<uint8_t> buf(size_t{1} << 30, 7);
@@ -78,24 +50,9 @@ double FingerprintGBs() {
   return best;
 }
 
-// sgemm at the model's prefill shapes: [m x in] * [out x in]^T for each matrix.
-double SgemmGflops(const ModelConfig& c, int m) {
-  const int shapes[][2] = {
-      {c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()}, {c.hidden_dim, c.dim}, {c.dim, c.hidden_dim}};
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    double flops = 0, t = 0;
-    for (auto& s : shapes) {
-      std::vector<float> x(size_t(m) * s[1], 0.01f), w(size_t(s[0]) * s[1], 0.02f), y(size_t(m) * s[0]);
-      double t0 = Now();
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, s[0], s[1], 1.f, x.data(), s[1], w.data(), s[1], 0.f,
-                  y.data(), s[0]);
-      t += Now() - t0;
-      flops += 2.0 * m * s[0] * s[1];
-    }
-    best = std::max(best, flops / t / 1e9);
-  }
-  return best;
+// The model's layer matrices, {rows, cols}: the shapes prefill multiplies.
+std::vector<std::pair<int, int>> PrefillShapes(const ModelConfig& c) {
+  return {{c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()}, {c.hidden_dim, c.dim}, {c.dim, c.hidden_dim}};
 }
 
 // Resident set size of this process, bytes.
@@ -111,10 +68,14 @@ int64_t RssBytes() {
 struct Row {
   std::string name;
   double weight_gb = 0, prefill_tps = 0, prefill_gflops = 0, decode_tps = 0, stream_ratio = 0;
+  double batch8_ratio = 0;           // a forward pass of 8 decode tokens / one of 1 token
   double rss_gb = 0, budget_gb = 0;  // resident memory vs file + KV + 10%
 };
 
-// Prefill `np` tokens then decode `nd`, best of --repeats.
+constexpr int kBatch = 8;  // tokens of the decode-batch measurement
+
+// Prefill `np` tokens then decode `nd`, then one decode batch of kBatch
+// tokens, best of --repeats.
 Row Measure(const Model& model, const std::string& name, int np, int nd, double bw, double file_gb) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
@@ -123,16 +84,16 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
   // Bytes streamed per decoded token: every layer matrix and the classifier
   // (the embedding contributes one row), in their stored types.
   const double bytes_per_token = double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
-  std::vector<int32_t> tokens(np), pos(np + nd);
+  std::vector<int32_t> tokens(np), pos(np + nd + kBatch);
   for (int i = 0; i < np; ++i) tokens[i] = 3 + (i * 37) % (c.vocab_size - 3);
   std::iota(pos.begin(), pos.end(), 0);
   Transformer tf(model, np);
   std::vector<float> logits(c.vocab_size);
-  double best_prefill = 1e30, best_decode = 1e30;
+  double best_prefill = 1e30, best_decode = 1e30, best_batch8 = 1e30;
   int64_t rss = 0;
   const double kv_gb = 2.0 * c.n_layers * c.kv_dim() * sizeof(float) * (np + nd) / 1e9;
   for (int rep = 0; rep < absl::GetFlag(FLAGS_repeats); ++rep) {
-    KvCache cache(c, np + nd);
+    KvCache cache(c, np + nd + kBatch);
     double t0 = Now();
     tf.Forward(tokens, std::span(pos).first(np), cache, ApeParams{}, logits.data());
     double t1 = Now();
@@ -141,11 +102,16 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
       tf.Forward({&tok, 1}, {&pos[np + i], 1}, cache, ApeParams{}, logits.data());
     }
     double t2 = Now();
+    // A decode batch: 8 tokens in one forward pass (each weight read once).
+    tf.Forward(std::span(tokens).first(kBatch), std::span(pos).subspan(np + nd, kBatch), cache, ApeParams{},
+               logits.data());
+    double t3 = Now();
+    best_batch8 = std::min(best_batch8, t3 - t2);
     best_prefill = std::min(best_prefill, t1 - t0);
     best_decode = std::min(best_decode, (t2 - t1) / nd);
     rss = std::max(rss, RssBytes());
-    std::fprintf(stderr, "%s repeat %d: prefill %.2f s, decode %.1f ms/token\n", name.c_str(), rep + 1, t1 - t0,
-                 (t2 - t1) / nd * 1e3);
+    std::fprintf(stderr, "%s repeat %d: prefill %.2f s, decode %.1f ms/token, batch of %d %.1f ms\n", name.c_str(),
+                 rep + 1, t1 - t0, (t2 - t1) / nd * 1e3, kBatch, (t3 - t2) * 1e3);
   }
   Row r;
   r.name = name;
@@ -154,6 +120,7 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
   r.prefill_gflops = flops_per_token * np / best_prefill / 1e9;
   r.decode_tps = 1 / best_decode;
   r.stream_ratio = best_decode / (bytes_per_token / (bw * 1e9));
+  r.batch8_ratio = best_batch8 / best_decode;
   r.rss_gb = rss / 1e9;
   r.budget_gb = (file_gb + kv_gb) * 1.1;
   return r;
@@ -186,11 +153,12 @@ int Main() {
     title = absl::StrCat(absl::GetFlag(FLAGS_shape), " shape, random weights");
   }
   std::fprintf(stderr, "measuring memory bandwidth...\n");
-  const double bw = MemoryBandwidthGBs();
+  const double bw = ReadBandwidthGBs(size_t{1} << 30, 5);
   std::fprintf(stderr, "measuring fingerprint hashing...\n");
   const double fp_gbs = FingerprintGBs();
   std::fprintf(stderr, "measuring sgemm...\n");
-  const double sgemm = SgemmGflops(c, np);
+  const SgemmProbe sgemm_probe = MeasureSgemm(PrefillShapes(c), np, 3);
+  const double sgemm = sgemm_probe.best();
 
   std::vector<Row> rows;
   if (file_model) {
@@ -227,18 +195,21 @@ int Main() {
   std::printf("| measure | value |\n|---|---:|\n");
   std::printf("| parameters | %.0f M |\n", c.num_params() / 1e6);
   std::printf("| memory read bandwidth | %.1f GB/s |\n", bw);
-  std::printf("| OpenBLAS sgemm at prefill shapes (m=%d) | %.1f GFLOP/s |\n", np, sgemm);
+  std::printf("| sgemm at prefill shapes (m=%d), OpenBLAS on %d threads | %.1f GFLOP/s |\n", np, ComputeThreads(),
+              sgemm_probe.openblas_threads);
+  std::printf("| sgemm at prefill shapes (m=%d), one-thread OpenBLAS on row bands (MatMul F32) | %.1f GFLOP/s |\n", np,
+              sgemm_probe.engine_bands);
   std::printf("| causal attention of %d tokens, all layers | %.2f s |\n", np, attn_seconds);
   std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n\n", fp_gbs, 1.0 / fp_gbs);
   std::printf(
       "| weights | GB read per token | prefill %d tok/s | prefill GFLOP/s (%% of sgemm) | decode tok/s | "
-      "decode / weight-streaming time | resident GB (budget: file + KV + 10%%) |\n",
+      "decode / weight-streaming time | decode batch of 8 / 1 token | resident GB (budget: file + KV + 10%%) |\n",
       np);
-  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
-    std::printf("| %s | %.3f | %.1f | %.1f (%.0f%%) | %.2f | %.2fx | %.2f (%.2f) |\n", r.name.c_str(), r.weight_gb,
-                r.prefill_tps, r.prefill_gflops, 100 * r.prefill_gflops / sgemm, r.decode_tps, r.stream_ratio, r.rss_gb,
-                r.budget_gb);
+    std::printf("| %s | %.3f | %.1f | %.1f (%.0f%%) | %.2f | %.2fx | %.2fx | %.2f (%.2f) |\n", r.name.c_str(),
+                r.weight_gb, r.prefill_tps, r.prefill_gflops, 100 * r.prefill_gflops / sgemm, r.decode_tps,
+                r.stream_ratio, r.batch8_ratio, r.rss_gb, r.budget_gb);
   }
   return 0;
 }

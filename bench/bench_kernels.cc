@@ -26,6 +26,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/bench_util.h"
 #include "common/engine/gguf.h"
 #include "common/engine/quant.h"
 #include "common/engine/threading.h"
@@ -55,35 +56,6 @@ double BestSeconds(int reps, const Body& body) {
     best = std::min(best, Seconds(start, Clock::now()));
   }
   return best;
-}
-
-// Reads `bytes` bytes with 32-byte AVX loads as 4 interleaved streams (one
-// per quarter, as the kernels read 4 rows): faster here than one stream, or
-// than either with software prefetch, so kernels are compared with the most
-// the memory gave. Returns a value so nothing is optimized away.
-int64_t StreamRead(const uint8_t* p, size_t bytes) {
-  const size_t quarter = bytes / 4 / 64 * 64;
-  const uint8_t* q[4] = {p, p + quarter, p + 2 * quarter, p + 3 * quarter};
-  __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-  for (size_t i = 0; i < quarter; i += 64) {
-    for (int k = 0; k < 4; ++k) {
-      s[k] = _mm256_add_epi64(s[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(q[k] + i)));
-      s[k] = _mm256_add_epi64(s[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(q[k] + i + 32)));
-    }
-  }
-  const __m256i t = _mm256_add_epi64(_mm256_add_epi64(s[0], s[1]), _mm256_add_epi64(s[2], s[3]));
-  return _mm256_extract_epi64(t, 0) + _mm256_extract_epi64(t, 1) + _mm256_extract_epi64(t, 2) +
-         _mm256_extract_epi64(t, 3);
-}
-
-// Seconds to read `bytes` bytes once on `threads` threads, each its share.
-double ReadSeconds(const uint8_t* base, size_t bytes, int threads) {
-  SetComputeThreads(threads);
-  static volatile int64_t sink = 0;
-  const size_t chunk = bytes / threads / 128 * 128;
-  const auto start = Clock::now();
-  ParallelFor(threads, /*dynamic=*/false, [&](int64_t t) { sink = sink + StreamRead(base + t * chunk, chunk); });
-  return Seconds(start, Clock::now()) * bytes / (chunk * threads);
 }
 
 struct Matrix {
@@ -205,8 +177,7 @@ int Run() {
     return 2;
   }
   const size_t bw_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_bandwidth_mib)) << 20;
-  std::vector<uint8_t> buffer(bw_bytes + 64, 1);
-  const uint8_t* base = reinterpret_cast<const uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~63ull);
+  const bench::ReadBuffer buffer(bw_bytes);
 
   std::mt19937 rng(1);
   const size_t total = static_cast<size_t>(absl::GetFlag(FLAGS_weights_mib)) << 20;
@@ -221,12 +192,15 @@ int Run() {
   double bw_s[3] = {0, 1e30, 1e30};
   std::vector<std::array<double, 3>> best(matrices.size(), {0, 1e30, 1e30});
   for (int round = 0; round < rounds; ++round) {
-    for (int threads : {1, 2}) bw_s[threads] = std::min(bw_s[threads], ReadSeconds(base, bw_bytes, threads));
+    for (int threads : {1, 2}) {
+      SetComputeThreads(threads);
+      bw_s[threads] = std::min(bw_s[threads], bench::ReadSeconds(buffer));
+    }
     for (size_t i = 0; i < matrices.size(); ++i) {
       for (int threads : {1, 2}) best[i][threads] = std::min(best[i][threads], MatVecSeconds(matrices[i], threads));
     }
   }
-  const double bw1 = bw_bytes / bw_s[1] / 1e9, bw2 = bw_bytes / bw_s[2] / 1e9;
+  const double bw1 = buffer.size() / bw_s[1] / 1e9, bw2 = buffer.size() / bw_s[2] / 1e9;
 
   std::printf(
       "kernels: %s; memory read bandwidth (%zu MiB, AVX loads, 4 streams): 1 thread %.1f GB/s, 2 threads %.1f GB/s\n",

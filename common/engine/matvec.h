@@ -1,21 +1,28 @@
 // y = W x for a weight matrix in its stored type: the hot spot of decode
-// (one token: bound by reading the weights once) and prefill (many tokens:
-// bound by arithmetic).
+// (one token, or a batch of a few streams' tokens: bound by reading the
+// weights once) and prefill (many tokens: bound by arithmetic).
 //
-//   F32, one token      MatVec below: four rows at a time, AVX2 FMA. (OpenBLAS
-//                       0.3.21's sgemv reached about a quarter of this
-//                       machine's read bandwidth.)
-//   F32, many tokens    OpenBLAS sgemm.
-//   F16, BF16           DotRows (quant.h) against float32 activations for a
-//                       few tokens; for many, bands of rows converted to
-//                       float32, then sgemm.
-//   Q8_0, Q4_0, Q4_K,   DotRows against the activations quantized to the
-//   Q6_K                type's partner (Q8_0 or Q8_K blocks), integer dot
-//                       products, for any number of tokens: what llama.cpp
-//                       computes, so greedy ids agree with it even where the
-//                       margins are small (tests/common/engine/families_test).
-// DotRows runs on bands of rows split across the OpenMP team; each band runs
-// every token, so its weights are read from memory once per call.
+//   up to kDecodeBatchMax tokens, every type
+//                       DotRowsBatch (quant.h): bands of rows split across
+//                       the compute threads, every band running all tokens,
+//                       so the weights are read from memory once per call;
+//                       each output element is computed by the same
+//                       operations in the same order whatever the number of
+//                       tokens, so row t of y is bit-identical for any n <=
+//                       kDecodeBatchMax (a stream decoded in a batch gets
+//                       what it gets alone). Float weights take float32
+//                       activations; Q8_0/Q4_0 take Q8_0 blocks and
+//                       Q4_K/Q6_K Q8_K blocks, with integer dot products:
+//                       what llama.cpp computes, so greedy ids agree with it
+//                       even where the margins are small
+//                       (tests/common/engine/families_test).
+//   more tokens (prefill)
+//     F32               OpenBLAS sgemm (one thread) on bands of rows split
+//                       across the compute threads.
+//     F16, BF16         the same, each band first converted to float32.
+//     Q8_0 ... Q6_K     DotRowsBatch, as for a few tokens: integer dot
+//                       products (see bench/results/engine.md for why not
+//                       dequantize + sgemm).
 #ifndef APESERVE_COMMON_ENGINE_MATVEC_H_
 #define APESERVE_COMMON_ENGINE_MATVEC_H_
 
@@ -23,15 +30,13 @@
 
 namespace ape {
 
-// y[out] = W[out][in] x[in] for float32 W.
-void MatVec(const float* w, const float* x, float* y, int out, int in);
+// Largest token count of a decode batch: MatMul's rows are independent of
+// n up to here.
+constexpr int kDecodeBatchMax = 16;
 
 // y[t][o] = sum_i x[t][i] W[o][i] for t < n, o < w.rows, i < w.cols; rows of
 // y are `ldy` floats apart.
 void MatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy);
-
-// Tokens up to which F16/BF16 products use DotRows rather than convert + sgemm.
-constexpr int kDotRowsMaxTokens = 8;
 
 }  // namespace ape
 

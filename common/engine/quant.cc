@@ -10,7 +10,7 @@
 //      order so the bytes match llama-quantize's;
 //   4. activations (PrepareActivations);
 //   5. DotRowsReference, plain scalar;
-//   6. the AVX2 kernels (6b: their batched tiles for DotRowsBatch);
+//   6. the AVX2 kernels (R rows x T tokens, for DotRows and DotRowsBatch);
 //   7. the AVX-512 kernels;
 //   8. run-time dispatch.
 #include "common/engine/quant.h"
@@ -730,9 +730,13 @@ void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, 
 // ---------------------------------------------------------------------------
 // 6. AVX2 + FMA + F16C kernels (the baseline, -march=x86-64-v3)
 // ---------------------------------------------------------------------------
-// Each kernel computes R rows (R = 1..4) against one activation vector, so
-// the per-block work shared by the rows (activation loads, sums) is done
-// once; rows are independent chains the CPU overlaps.
+// Each kernel computes R rows (R = 1..4) against T tokens' activations
+// (T = 1..4): the per-block work shared by the rows (activation loads,
+// sums) is done once per token, the unpacking shared by the tokens (weight
+// loads, nibbles, scales) once per row; the R x T results are independent
+// chains the CPU overlaps. Decode runs T = 1, R = 4 (DotRows); decode
+// batches and prefill run token groups (DotRowsBatch), with results
+// bit-identical to T = 1's.
 namespace {
 
 inline float HorizontalSum(__m256 v) {
@@ -789,44 +793,62 @@ inline float LoadBf16x1(const uint8_t* row, int64_t i) { return Bf16ToFloat(Load
 
 // Float weights: 16 elements per step for each row, 8-wide FMAs.
 // Load8(p, i) converts elements i..i+7 of the row at p to float.
-template <int R, int kElemBytes, typename Load8, typename Load1>
-inline void DotFloatRows(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y, Load8 load8,
-                         Load1 load1) {
-  const float* x = reinterpret_cast<const float*>(act);  // read with unaligned loads only
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+// Every kernel of this section computes R rows against T tokens: y[j *
+// y_stride + r] = dot(row r, token j), token j's activations at act + j *
+// act_stride. Each (row, token) result goes through the same operations in
+// the same order whatever R and T are (the loops over r and j only repeat
+// them), so a row's result for a token does not depend on how many tokens
+// run with it: decode batches give every stream what it gets alone.
+template <int R, int T, int kElemBytes, typename Load8, typename Load1>
+inline void DotFloatRows(const uint8_t* w, size_t row_bytes, const uint8_t* act, size_t act_stride, int64_t n, float* y,
+                         size_t y_stride, Load8 load8, Load1 load1) {
+  const float* x[T];  // read with unaligned loads only
+  for (int j = 0; j < T; ++j) x[j] = reinterpret_cast<const float*>(act + j * act_stride);
+  __m256 acc0[R][T], acc1[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc0[r][j] = acc1[r][j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * row_bytes;
       if (i * kElemBytes % 64 == 0) PrefetchLines(row + R * row_bytes + i * kElemBytes, 64);  // each line once
-      acc0[r] = _mm256_fmadd_ps(load8(row, i), x0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(load8(row, i + 8), x1, acc1[r]);
+      const __m256 w0 = load8(row, i), w1 = load8(row, i + 8);
+      for (int j = 0; j < T; ++j) {
+        acc0[r][j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc0[r][j]);
+        acc1[r][j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[j] + i + 8), acc1[r][j]);
+      }
     }
   }
   for (; i + 8 <= n; i += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < R; ++r) acc0[r] = _mm256_fmadd_ps(load8(w + r * row_bytes, i), x0, acc0[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m256 w0 = load8(w + r * row_bytes, i);
+      for (int j = 0; j < T; ++j) acc0[r][j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc0[r][j]);
+    }
   }
   for (int r = 0; r < R; ++r) {
-    float s = HorizontalSum(_mm256_add_ps(acc0[r], acc1[r]));
-    for (int64_t j = i; j < n; ++j) s += load1(w + r * row_bytes, j) * LoadF32x1(act, j);
-    y[r] = s;
+    for (int j = 0; j < T; ++j) {
+      float s = HorizontalSum(_mm256_add_ps(acc0[r][j], acc1[r][j]));
+      for (int64_t k = i; k < n; ++k) s = std::fma(load1(w + r * row_bytes, k), LoadF32x1(act + j * act_stride, k), s);
+      y[j * y_stride + r] = s;
+    }
   }
 }
 
-template <int R>
-void DotF32Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows<R, 4>(w, row_bytes, act, n, y, LoadF32x8, LoadF32x1);
+#define APE_KERNEL_ARGS \
+  const uint8_t *w, size_t row_bytes, const uint8_t *act, size_t act_stride, int64_t n, float *y, size_t y_stride
+#define APE_KERNEL_PASS w, row_bytes, act, act_stride, n, y, y_stride
+
+template <int R, int T>
+void DotF32Avx2(APE_KERNEL_ARGS) {
+  DotFloatRows<R, T, 4>(APE_KERNEL_PASS, LoadF32x8, LoadF32x1);
 }
-template <int R>
-void DotF16Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows<R, 2>(w, row_bytes, act, n, y, LoadF16x8, LoadF16x1);
+template <int R, int T>
+void DotF16Avx2(APE_KERNEL_ARGS) {
+  DotFloatRows<R, T, 2>(APE_KERNEL_PASS, LoadF16x8, LoadF16x1);
 }
-template <int R>
-void DotBf16Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows<R, 2>(w, row_bytes, act, n, y, LoadBf16x8, LoadBf16x1);
+template <int R, int T>
+void DotBf16Avx2(APE_KERNEL_ARGS) {
+  DotFloatRows<R, T, 2>(APE_KERNEL_PASS, LoadBf16x8, LoadBf16x1);
 }
 
 // The f16 scales at p and p + stride as floats in lanes 0 and 1.
@@ -841,38 +863,44 @@ inline __m256 SpreadPair(__m128 s) {
 
 // Q8_0 x Q8_0: per block, 8 int32 partial sums scaled by d_w * d_a; two
 // blocks are folded into one vector (hadd) so they share one convert and FMA.
-template <int R>
-void DotQ8_0Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+template <int R, int T>
+void DotQ8_0Avx2(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ8_0);
   const int64_t nb = n / kQk0;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const uint8_t* ab = act + b * kBlock;
-    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kBlock + 2);
-    const __m128 da = TwoHalves(ab, kBlock);
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
       PrefetchLines(wb + R * row_bytes, 2 * kBlock);
-      // Lanes: [b0 b0 b1 b1 | b0 b0 b1 b1], each pair summing to its block.
-      const __m256i sumi = _mm256_hadd_epi32(DotI8(LoadU256(wb + 2), a0), DotI8(LoadU256(wb + kBlock + 2), a1));
-      const __m128 d = _mm_mul_ps(TwoHalves(wb, kBlock), da);
-      const __m128 d4 = _mm_unpacklo_ps(d, d);  // d0 d0 d1 d1
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r]);
+      const __m256i w0 = LoadU256(wb + 2), w1 = LoadU256(wb + kBlock + 2);
+      const __m128 dw = TwoHalves(wb, kBlock);
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kBlock;
+        // Lanes: [b0 b0 b1 b1 | b0 b0 b1 b1], each pair summing to its block.
+        const __m256i sumi = _mm256_hadd_epi32(DotI8(w0, LoadU256(ab + 2)), DotI8(w1, LoadU256(ab + kBlock + 2)));
+        const __m128 d = _mm_mul_ps(dw, TwoHalves(ab, kBlock));
+        const __m128 d4 = _mm_unpacklo_ps(d, d);  // d0 d0 d1 d1
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r][j]);
+      }
     }
   }
   for (; b < nb; ++b) {
-    const uint8_t* ab = act + b * kBlock;
-    const __m256i a = LoadU256(ab + 2);
-    const float da = HalfToFloat(LoadU16(ab));
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8(LoadU256(wb + 2), a)), d, acc[r]);
+      const __m256i q = LoadU256(wb + 2);
+      const float dw = HalfToFloat(LoadU16(wb));
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kBlock;
+        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8(q, LoadU256(ab + 2))), d, acc[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
 // The 32 nibbles of a Q4_0 block in element order (low nibbles, then high).
@@ -886,49 +914,60 @@ inline __m256i Q4_0Nibbles(const uint8_t* qs) {
 // same for every row. Two blocks at a time: one 256-bit register holds both
 // blocks' 16 nibble bytes, so its low nibbles are elements 0..15 of each
 // block and its high nibbles elements 16..31; the activations are paired to
-// match, once for all rows.
-template <int R>
-void DotQ4_0Avx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+// match, once per token for all rows.
+template <int R, int T>
+void DotQ4_0Avx2(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
   const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
   const int64_t nb = n / kQk0;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const uint8_t* ab = act + b * kActBlock;
-    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
-    const __m256i alo = _mm256_permute2x128_si256(a0, a1, 0x20);  // elements 0..15 of both blocks
-    const __m256i ahi = _mm256_permute2x128_si256(a0, a1, 0x31);  // elements 16..31
-    // 8 * sum(a) of each block, as [4 lanes | 4 lanes].
-    const __m256i offset =
-        _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eights, alo), _mm256_maddubs_epi16(eights, ahi)), ones);
-    const __m128 da = TwoHalves(ab, kActBlock);
+    __m256i alo[T], ahi[T], offset[T];
+    __m128 da[T];
+    for (int j = 0; j < T; ++j) {
+      const uint8_t* ab = act + j * act_stride + b * kActBlock;
+      const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
+      alo[j] = _mm256_permute2x128_si256(a0, a1, 0x20);  // elements 0..15 of both blocks
+      ahi[j] = _mm256_permute2x128_si256(a0, a1, 0x31);  // elements 16..31
+      // 8 * sum(a) of each block, as [4 lanes | 4 lanes].
+      offset[j] = _mm256_madd_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(eights, alo[j]), _mm256_maddubs_epi16(eights, ahi[j])), ones);
+      da[j] = TwoHalves(ab, kActBlock);
+    }
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
       PrefetchLines(wb + R * row_bytes, 2 * kBlock);
       const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
                                             reinterpret_cast<const __m128i*>(wb + 2));
       const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
-      const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), offset);
-      const __m256 d = SpreadPair(_mm_mul_ps(TwoHalves(wb, kBlock), da));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+      const __m128 dw = TwoHalves(wb, kBlock);
+      for (int j = 0; j < T; ++j) {
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo[j]), _mm256_maddubs_epi16(hi, ahi[j]));
+        const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), offset[j]);
+        const __m256 d = SpreadPair(_mm_mul_ps(dw, da[j]));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+      }
     }
   }
   for (; b < nb; ++b) {
-    const uint8_t* ab = act + b * kActBlock;
-    const __m256i a = LoadU256(ab + 2);
-    const float da = HalfToFloat(LoadU16(ab));
-    const __m256i offset = DotU8I8(eights, a);
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256i sumi = _mm256_sub_epi32(DotU8I8(Q4_0Nibbles(wb + 2), a), offset);
-      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+      const __m256i q = Q4_0Nibbles(wb + 2);
+      const float dw = HalfToFloat(LoadU16(wb));
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kActBlock;
+        const __m256i a = LoadU256(ab + 2);
+        const __m256i sumi = _mm256_sub_epi32(DotU8I8(q, a), DotU8I8(eights, a));
+        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
 // Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
@@ -964,19 +1003,14 @@ inline void Q4KScalesMins(const uint8_t* packed, __m128i* scales, __m128i* mins)
 // Q4_K x Q8_K: d*da * sum_s sc[s] (q . a)_s - dmin*da * sum_s m[s] (sum a)_s,
 // the first sum in int32 lanes (maddubs, then madd by the scale), the
 // second from the activation block sums.
-template <int R>
-void DotQ4KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+template <int R, int T>
+void DotQ4KAvx2(APE_KERNEL_ARGS) {
   const __m256i m4 = _mm256_set1_epi8(15);
-  __m256 acc[R];
-  __m128 acc_min[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+  __m256 acc[R][T];
+  __m128 acc_min[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps(), acc_min[r][j] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / kQkK; ++b) {
-    const uint8_t* ab = act + b * sizeof(BlockQ8K);
-    const float da = LoadF32(ab);
-    const uint8_t* aq = ab + offsetof(BlockQ8K, qs);
-    const uint8_t* bsums = ab + offsetof(BlockQ8K, bsums);
-    // Sums of the activations over each 32-element sub-block.
-    const __m128i asum = _mm_hadd_epi16(LoadU128(bsums), LoadU128(bsums + 16));
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * sizeof(BlockQ4K);
       PrefetchLines(wb + R * row_bytes, sizeof(BlockQ4K));
@@ -984,24 +1018,38 @@ void DotQ4KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t 
       Q4KScalesMins(wb + offsetof(BlockQ4K, scales), &sc128, &m128);
       const __m256i scales = _mm256_broadcastsi128_si256(sc128);
       const uint8_t* qs = wb + offsetof(BlockQ4K, qs);
-      __m256i sumi = _mm256_setzero_si256();
+      __m256i sumi[T];
+      for (int j = 0; j < T; ++j) sumi[j] = _mm256_setzero_si256();
       for (int c = 0; c < 4; ++c) {
         const __m256i q = LoadU256(qs + 32 * c);
         const __m256i lo = _mm256_and_si256(q, m4);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        const __m256i plo = _mm256_maddubs_epi16(lo, LoadU256(aq + 64 * c));
-        const __m256i phi = _mm256_maddubs_epi16(hi, LoadU256(aq + 64 * c + 32));
         const __m256i slo = Broadcast16(scales, 2 * c);
         const __m256i shi = Broadcast16(scales, 2 * c + 1);
-        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi)));
+        for (int j = 0; j < T; ++j) {
+          const uint8_t* aq = act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, qs) + 64 * c;
+          const __m256i plo = _mm256_maddubs_epi16(lo, LoadU256(aq));
+          const __m256i phi = _mm256_maddubs_epi16(hi, LoadU256(aq + 32));
+          sumi[j] =
+              _mm256_add_epi32(sumi[j], _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi)));
+        }
       }
       // d and dmin are adjacent f16s: both converted at once.
-      const __m128 dd = _mm_mul_ps(TwoHalves(wb, 2), _mm_set1_ps(da));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_broadcastss_ps(dd), acc[r]);
-      acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(m128, asum)), _mm_permute_ps(dd, 0x55), acc_min[r]);
+      const __m128 dmins = TwoHalves(wb, 2);
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * sizeof(BlockQ8K);
+        const uint8_t* bsums = ab + offsetof(BlockQ8K, bsums);
+        // Sums of the activations over each 32-element sub-block.
+        const __m128i asum = _mm_hadd_epi16(LoadU128(bsums), LoadU128(bsums + 16));
+        const __m128 dd = _mm_mul_ps(dmins, _mm_set1_ps(LoadF32(ab)));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_broadcastss_ps(dd), acc[r][j]);
+        acc_min[r][j] =
+            _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(m128, asum)), _mm_permute_ps(dd, 0x55), acc_min[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]) - HorizontalSum(acc_min[r]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]) - HorizontalSum(acc_min[r][j]);
 }
 
 // Shuffle masks for Q6_K: kScalePairs.mask[g] = bytes [2g x 8, 2g+1 x 8],
@@ -1026,23 +1074,25 @@ inline __m256i Q6KScalePair(__m128i scales, int g) {
 
 // Q6_K x Q8_K: d*da * (sum_s sc[s] (q . a)_s - 32 * sum_s sc[s] (sum a)_s),
 // all in int32 lanes; q in 0..63 goes through maddubs unsigned.
-template <int R>
-void DotQ6KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+template <int R, int T>
+void DotQ6KAvx2(APE_KERNEL_ARGS) {
   const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < n / kQkK; ++b) {
-    const uint8_t* ab = act + b * sizeof(BlockQ8K);
-    const float da = LoadF32(ab);
-    const uint8_t* aq = ab + offsetof(BlockQ8K, qs);
-    const __m256i bsums = LoadU256(ab + offsetof(BlockQ8K, bsums));
+    const size_t ab0 = b * sizeof(BlockQ8K);
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * sizeof(BlockQ6K);
       PrefetchLines(wb + R * row_bytes, sizeof(BlockQ6K));
       const __m128i sc = LoadU128(wb + offsetof(BlockQ6K, scales));
+      const __m256i sc16 = _mm256_cvtepi8_epi16(sc);
       // The -32 offset: 32 * sum_s sc[s] * bsums[s].
-      __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                      _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bsums), 5));
+      __m256i sumi[T];
+      for (int j = 0; j < T; ++j) {
+        const __m256i bsums = LoadU256(act + j * act_stride + ab0 + offsetof(BlockQ8K, bsums));
+        sumi[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), 5));
+      }
       for (int h = 0; h < 2; ++h) {
         const __m256i ql0 = LoadU256(wb + 64 * h), ql1 = LoadU256(wb + 64 * h + 32);
         const __m256i qh = LoadU256(wb + offsetof(BlockQ6K, qh) + 32 * h);
@@ -1055,165 +1105,22 @@ void DotQ6KAvx2(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t 
         };
         for (int k = 0; k < 4; ++k) {
           const int g = 4 * h + k;
-          const __m256i p = _mm256_maddubs_epi16(q[k], LoadU256(aq + 32 * g));
-          sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, Q6KScalePair(sc, g)));
+          const __m256i pair = Q6KScalePair(sc, g);
+          for (int j = 0; j < T; ++j) {
+            const uint8_t* aq = act + j * act_stride + ab0 + offsetof(BlockQ8K, qs) + 32 * g;
+            sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], LoadU256(aq)), pair));
+          }
         }
       }
-      const float d = HalfToFloat(LoadU16(wb + offsetof(BlockQ6K, d))) * da;
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
-}
-
-}  // namespace
-
-// ---------------------------------------------------------------------------
-// 6b. Batched tiles (prefill): one row against T = 1..4 tokens
-// ---------------------------------------------------------------------------
-// The same arithmetic as the kernels above, but each weight block is loaded
-// and unpacked once and then used for T tokens. Token j's activations are
-// at act + j * act_stride; its result goes to y[j * y_stride].
-namespace {
-
-template <int T, int kElemBytes, typename Load8, typename Load1>
-inline void TileFloat(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride,
-                      Load8 load8, Load1 load1) {
-  const float* x[T];
-  __m256 acc[T];
-  for (int j = 0; j < T; ++j) {
-    x[j] = reinterpret_cast<const float*>(act + j * act_stride);
-    acc[j] = _mm256_setzero_ps();
-  }
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 wv = load8(row, i);
-    for (int j = 0; j < T; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + i), acc[j]);
-  }
-  for (int j = 0; j < T; ++j) {
-    float s = HorizontalSum(acc[j]);
-    for (int64_t k = i; k < n; ++k) s += load1(row, k) * LoadF32x1(act + j * act_stride, k);
-    y[j * y_stride] = s;
-  }
-}
-
-template <int T>
-void TileF32(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  TileFloat<T, 4>(row, act, act_stride, n, y, y_stride, LoadF32x8, LoadF32x1);
-}
-template <int T>
-void TileF16(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  TileFloat<T, 2>(row, act, act_stride, n, y, y_stride, LoadF16x8, LoadF16x1);
-}
-template <int T>
-void TileBf16(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  TileFloat<T, 2>(row, act, act_stride, n, y, y_stride, LoadBf16x8, LoadBf16x1);
-}
-
-// Q8_0: |q| once per block; per token, sign(a, q) and maddubs as in DotI8.
-// (Q4_0 has no tile: unpacking its nibbles costs less than the per-token
-// work a tile repeats, so DotRowsBatch runs DotRows' 4-row kernels there.)
-template <int T>
-void TileQ8_0(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  constexpr size_t kBlock = sizeof(BlockQ8_0);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[T];
-  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / kQk0; ++b) {
-    const uint8_t* wb = row + b * kBlock;
-    const __m256i q = LoadU256(wb + 2);
-    const __m256i q_abs = _mm256_sign_epi8(q, q);
-    const float dw = HalfToFloat(LoadU16(wb));
-    for (int j = 0; j < T; ++j) {
-      const uint8_t* ab = act + j * act_stride + b * kBlock;
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(LoadU256(ab + 2), q)), ones);
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab))), acc[j]);
-    }
-  }
-  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
-}
-
-// As DotQ4KAvx2; the mins term joins the same float accumulator.
-template <int T>
-void TileQ4K(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  const __m256i m4 = _mm256_set1_epi8(15);
-  __m256 acc[T];
-  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / kQkK; ++b) {
-    const uint8_t* wb = row + b * sizeof(BlockQ4K);
-    __m128i sc128, m128;
-    Q4KScalesMins(wb + offsetof(BlockQ4K, scales), &sc128, &m128);
-    const __m256i scales = _mm256_broadcastsi128_si256(sc128);
-    const uint8_t* qs = wb + offsetof(BlockQ4K, qs);
-    __m256i sumi[T];
-    for (int j = 0; j < T; ++j) sumi[j] = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c) {
-      const __m256i q = LoadU256(qs + 32 * c);
-      const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      const __m256i slo = Broadcast16(scales, 2 * c);
-      const __m256i shi = Broadcast16(scales, 2 * c + 1);
+      const float dw = HalfToFloat(LoadU16(wb + offsetof(BlockQ6K, d)));
       for (int j = 0; j < T; ++j) {
-        const uint8_t* aq = act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, qs) + 64 * c;
-        const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, LoadU256(aq)), slo);
-        const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, LoadU256(aq + 32)), shi);
-        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(plo, phi));
+        const float d = dw * LoadF32(act + j * act_stride + ab0);
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d), acc[r][j]);
       }
     }
-    const __m128 dd = TwoHalves(wb, 2);  // d, dmin
-    for (int j = 0; j < T; ++j) {
-      const uint8_t* ab = act + j * act_stride + b * sizeof(BlockQ8K);
-      const uint8_t* bsums = ab + offsetof(BlockQ8K, bsums);
-      const __m128i asum = _mm_hadd_epi16(LoadU128(bsums), LoadU128(bsums + 16));
-      const __m128 ddj = _mm_mul_ps(dd, _mm_set1_ps(LoadF32(ab)));
-      const __m256 mins = _mm256_zextps128_ps256(_mm_cvtepi32_ps(_mm_madd_epi16(m128, asum)));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_broadcastss_ps(ddj), acc[j]);
-      acc[j] = _mm256_fnmadd_ps(mins, _mm256_broadcastss_ps(_mm_permute_ps(ddj, 0x55)), acc[j]);
-    }
   }
-  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
-}
-
-// As DotQ6KAvx2.
-template <int T>
-void TileQ6K(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y, size_t y_stride) {
-  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30);
-  __m256 acc[T];
-  for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / kQkK; ++b) {
-    const uint8_t* wb = row + b * sizeof(BlockQ6K);
-    const __m128i sc = LoadU128(wb + offsetof(BlockQ6K, scales));
-    const __m256i sc16 = _mm256_cvtepi8_epi16(sc);
-    __m256i sumi[T];
-    for (int j = 0; j < T; ++j) {
-      const __m256i bsums = LoadU256(act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, bsums));
-      sumi[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), 5));
-    }
-    for (int h = 0; h < 2; ++h) {
-      const __m256i ql0 = LoadU256(wb + 64 * h), ql1 = LoadU256(wb + 64 * h + 32);
-      const __m256i qh = LoadU256(wb + offsetof(BlockQ6K, qh) + 32 * h);
-      const __m256i q[4] = {
-          _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
-          _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
-      };
-      for (int k = 0; k < 4; ++k) {
-        const int g = 4 * h + k;
-        const __m256i pair = Q6KScalePair(sc, g);
-        for (int j = 0; j < T; ++j) {
-          const uint8_t* aq = act + j * act_stride + b * sizeof(BlockQ8K) + offsetof(BlockQ8K, qs) + 32 * g;
-          sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], LoadU256(aq)), pair));
-        }
-      }
-    }
-    const float dw = HalfToFloat(LoadU16(wb + offsetof(BlockQ6K, d)));
-    for (int j = 0; j < T; ++j) {
-      const float da = LoadF32(act + j * act_stride + b * sizeof(BlockQ8K));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(dw * da), acc[j]);
-    }
-  }
-  for (int j = 0; j < T; ++j) y[j * y_stride] = HorizontalSum(acc[j]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
 }  // namespace
@@ -1243,44 +1150,52 @@ APE_AVX512 inline __m512 LoadBf16x16(const uint8_t* row, int64_t i) {
 }
 
 // As DotFloatRows, 32 elements per step for each row.
-template <int R, int kElemBytes, typename Load16, typename Load1>
-APE_AVX512 inline void DotFloatRows512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y,
-                                       Load16 load16, Load1 load1) {
-  const float* x = reinterpret_cast<const float*>(act);  // read with unaligned loads only
-  __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+template <int R, int T, int kElemBytes, typename Load16, typename Load1>
+APE_AVX512 inline void DotFloatRows512(const uint8_t* w, size_t row_bytes, const uint8_t* act, size_t act_stride,
+                                       int64_t n, float* y, size_t y_stride, Load16 load16, Load1 load1) {
+  const float* x[T];  // read with unaligned loads only
+  for (int j = 0; j < T; ++j) x[j] = reinterpret_cast<const float*>(act + j * act_stride);
+  __m512 acc0[R][T], acc1[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc0[r][j] = acc1[r][j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * row_bytes;
       PrefetchLines(row + R * row_bytes + i * kElemBytes, 32 * kElemBytes);
-      acc0[r] = _mm512_fmadd_ps(load16(row, i), x0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(load16(row, i + 16), x1, acc1[r]);
+      const __m512 w0 = load16(row, i), w1 = load16(row, i + 16);
+      for (int j = 0; j < T; ++j) {
+        acc0[r][j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[j] + i), acc0[r][j]);
+        acc1[r][j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[j] + i + 16), acc1[r][j]);
+      }
     }
   }
   for (; i + 16 <= n; i += 16) {
-    const __m512 x0 = _mm512_loadu_ps(x + i);
-    for (int r = 0; r < R; ++r) acc0[r] = _mm512_fmadd_ps(load16(w + r * row_bytes, i), x0, acc0[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w0 = load16(w + r * row_bytes, i);
+      for (int j = 0; j < T; ++j) acc0[r][j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[j] + i), acc0[r][j]);
+    }
   }
   for (int r = 0; r < R; ++r) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-    for (int64_t j = i; j < n; ++j) s += load1(w + r * row_bytes, j) * LoadF32x1(act, j);
-    y[r] = s;
+    for (int j = 0; j < T; ++j) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][j], acc1[r][j]));
+      for (int64_t k = i; k < n; ++k) s = std::fma(load1(w + r * row_bytes, k), LoadF32x1(act + j * act_stride, k), s);
+      y[j * y_stride + r] = s;
+    }
   }
 }
 
-template <int R>
-APE_AVX512 void DotF32Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows512<R, 4>(w, row_bytes, act, n, y, LoadF32x16, LoadF32x1);
+template <int R, int T>
+APE_AVX512 void DotF32Avx512(APE_KERNEL_ARGS) {
+  DotFloatRows512<R, T, 4>(APE_KERNEL_PASS, LoadF32x16, LoadF32x1);
 }
-template <int R>
-APE_AVX512 void DotF16Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows512<R, 2>(w, row_bytes, act, n, y, LoadF16x16, LoadF16x1);
+template <int R, int T>
+APE_AVX512 void DotF16Avx512(APE_KERNEL_ARGS) {
+  DotFloatRows512<R, T, 2>(APE_KERNEL_PASS, LoadF16x16, LoadF16x1);
 }
-template <int R>
-APE_AVX512 void DotBf16Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
-  DotFloatRows512<R, 2>(w, row_bytes, act, n, y, LoadBf16x16, LoadBf16x1);
+template <int R, int T>
+APE_AVX512 void DotBf16Avx512(APE_KERNEL_ARGS) {
+  DotFloatRows512<R, T, 2>(APE_KERNEL_PASS, LoadBf16x16, LoadBf16x1);
 }
 
 // As DotI8, with one vpdpbusd for maddubs + madd.
@@ -1289,81 +1204,99 @@ APE_AVX512 inline __m256i DotI8Vnni(__m256i w, __m256i a) {
 }
 
 // As DotQ8_0Avx2.
-template <int R>
-APE_AVX512 void DotQ8_0Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+template <int R, int T>
+APE_AVX512 void DotQ8_0Avx512(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ8_0);
   const int64_t nb = n / kQk0;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const uint8_t* ab = act + b * kBlock;
-    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kBlock + 2);
-    const __m128 da = TwoHalves(ab, kBlock);
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
       PrefetchLines(wb + R * row_bytes, 2 * kBlock);
-      const __m256i sumi = _mm256_hadd_epi32(DotI8Vnni(LoadU256(wb + 2), a0), DotI8Vnni(LoadU256(wb + kBlock + 2), a1));
-      const __m128 d = _mm_mul_ps(TwoHalves(wb, kBlock), da);
-      const __m128 d4 = _mm_unpacklo_ps(d, d);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r]);
+      const __m256i w0 = LoadU256(wb + 2), w1 = LoadU256(wb + kBlock + 2);
+      const __m128 dw = TwoHalves(wb, kBlock);
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kBlock;
+        const __m256i sumi =
+            _mm256_hadd_epi32(DotI8Vnni(w0, LoadU256(ab + 2)), DotI8Vnni(w1, LoadU256(ab + kBlock + 2)));
+        const __m128 d = _mm_mul_ps(dw, TwoHalves(ab, kBlock));
+        const __m128 d4 = _mm_unpacklo_ps(d, d);
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r][j]);
+      }
     }
   }
   for (; b < nb; ++b) {
-    const uint8_t* ab = act + b * kBlock;
-    const __m256i a = LoadU256(ab + 2);
-    const float da = HalfToFloat(LoadU16(ab));
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8Vnni(LoadU256(wb + 2), a)), d, acc[r]);
+      const __m256i q = LoadU256(wb + 2);
+      const float dw = HalfToFloat(LoadU16(wb));
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kBlock;
+        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8Vnni(q, LoadU256(ab + 2))), d, acc[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
 // As DotQ4_0Avx2; the sums start from -8 * sum(a) and take both halves of
 // the nibbles with one vpdpbusd each.
-template <int R>
-APE_AVX512 void DotQ4_0Avx512(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y) {
+template <int R, int T>
+APE_AVX512 void DotQ4_0Avx512(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
   const __m256i m4 = _mm256_set1_epi8(15), eights = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
   const int64_t nb = n / kQk0;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const uint8_t* ab = act + b * kActBlock;
-    const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
-    const __m256i alo = _mm256_permute2x128_si256(a0, a1, 0x20);
-    const __m256i ahi = _mm256_permute2x128_si256(a0, a1, 0x31);
-    const __m256i start =
-        _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, eights, alo), eights, ahi));
-    const __m128 da = TwoHalves(ab, kActBlock);
+    __m256i alo[T], ahi[T], start[T];
+    __m128 da[T];
+    for (int j = 0; j < T; ++j) {
+      const uint8_t* ab = act + j * act_stride + b * kActBlock;
+      const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
+      alo[j] = _mm256_permute2x128_si256(a0, a1, 0x20);
+      ahi[j] = _mm256_permute2x128_si256(a0, a1, 0x31);
+      start[j] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, eights, alo[j]), eights, ahi[j]));
+      da[j] = TwoHalves(ab, kActBlock);
+    }
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
       PrefetchLines(wb + R * row_bytes, 2 * kBlock);
       const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
                                             reinterpret_cast<const __m128i*>(wb + 2));
       const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      const __m256i sumi = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, lo, alo), hi, ahi);
-      const __m256 d = SpreadPair(_mm_mul_ps(TwoHalves(wb, kBlock), da));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+      const __m128 dw = TwoHalves(wb, kBlock);
+      for (int j = 0; j < T; ++j) {
+        const __m256i sumi = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start[j], lo, alo[j]), hi, ahi[j]);
+        const __m256 d = SpreadPair(_mm_mul_ps(dw, da[j]));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+      }
     }
   }
   for (; b < nb; ++b) {
-    const uint8_t* ab = act + b * kActBlock;
-    const __m256i a = LoadU256(ab + 2);
-    const float da = HalfToFloat(LoadU16(ab));
-    const __m256i start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, eights, a));
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256i sumi = _mm256_dpbusd_epi32(start, Q4_0Nibbles(wb + 2), a);
-      const __m256 d = _mm256_set1_ps(HalfToFloat(LoadU16(wb)) * da);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r]);
+      const __m256i q = Q4_0Nibbles(wb + 2);
+      const float dw = HalfToFloat(LoadU16(wb));
+      for (int j = 0; j < T; ++j) {
+        const uint8_t* ab = act + j * act_stride + b * kActBlock;
+        const __m256i a = LoadU256(ab + 2);
+        const __m256i start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, eights, a));
+        const __m256i sumi = _mm256_dpbusd_epi32(start, q, a);
+        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = HorizontalSum(acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
 #undef APE_AVX512
@@ -1375,14 +1308,16 @@ APE_AVX512 void DotQ4_0Avx512(const uint8_t* w, size_t row_bytes, const uint8_t*
 // ---------------------------------------------------------------------------
 namespace {
 
-// Computes rows r..r+R-1 (R = index + 1) of a type against one activation.
-using RowsKernel = void (*)(const uint8_t* w, size_t row_bytes, const uint8_t* act, int64_t n, float* y);
+// Computes R rows against T tokens (see DotFloatRows); grids are indexed
+// [R - 1][T - 1], R and T in 1..4.
+using RowsKernel = void (*)(APE_KERNEL_ARGS);
+using KernelGrid = RowsKernel[4][4];
 
 struct KernelSet {
   const char* isa;
-  RowsKernel f32[4], f16[4], bf16[4], q8_0[4], q4_0[4], q4_k[4], q6_k[4];
+  KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q6_k;
 
-  const RowsKernel* For(GgmlType t) const {
+  const KernelGrid& For(GgmlType t) const {
     switch (t) {
       case GgmlType::kF32: return f32;
       case GgmlType::kF16: return f16;
@@ -1396,23 +1331,26 @@ struct KernelSet {
   }
 };
 
-#define APE_ROWS(kernel) \
-  { kernel<1>, kernel<2>, kernel<3>, kernel<4> }
+#define APE_ROW(k, R) \
+  { k<R, 1>, k<R, 2>, k<R, 3>, k<R, 4> }
+#define APE_GRID(k) \
+  { APE_ROW(k, 1), APE_ROW(k, 2), APE_ROW(k, 3), APE_ROW(k, 4) }
 
 constexpr KernelSet kAvx2 = {"avx2",
-                             APE_ROWS(DotF32Avx2),
-                             APE_ROWS(DotF16Avx2),
-                             APE_ROWS(DotBf16Avx2),
-                             APE_ROWS(DotQ8_0Avx2),
-                             APE_ROWS(DotQ4_0Avx2),
-                             APE_ROWS(DotQ4KAvx2),
-                             APE_ROWS(DotQ6KAvx2)};
+                             APE_GRID(DotF32Avx2),
+                             APE_GRID(DotF16Avx2),
+                             APE_GRID(DotBf16Avx2),
+                             APE_GRID(DotQ8_0Avx2),
+                             APE_GRID(DotQ4_0Avx2),
+                             APE_GRID(DotQ4KAvx2),
+                             APE_GRID(DotQ6KAvx2)};
 
-constexpr KernelSet kAvx512 = {"avx512-vnni",           APE_ROWS(DotF32Avx512),  APE_ROWS(DotF16Avx512),
-                               APE_ROWS(DotBf16Avx512), APE_ROWS(DotQ8_0Avx512), APE_ROWS(DotQ4_0Avx512),
-                               APE_ROWS(DotQ4KAvx2),    APE_ROWS(DotQ6KAvx2)};
+constexpr KernelSet kAvx512 = {"avx512-vnni",           APE_GRID(DotF32Avx512),  APE_GRID(DotF16Avx512),
+                               APE_GRID(DotBf16Avx512), APE_GRID(DotQ8_0Avx512), APE_GRID(DotQ4_0Avx512),
+                               APE_GRID(DotQ4KAvx2),    APE_GRID(DotQ6KAvx2)};
 
-#undef APE_ROWS
+#undef APE_GRID
+#undef APE_ROW
 
 bool HasAvx512Vnni() {
   __builtin_cpu_init();  // in case this runs before libgcc's constructor
@@ -1427,58 +1365,36 @@ const KernelSet*& ActiveKernels() {
   return active;
 }
 
-// One row against T = index + 1 tokens (the batched tiles, AVX2 on every CPU).
-using TileKernel = void (*)(const uint8_t* row, const uint8_t* act, size_t act_stride, int64_t n, float* y,
-                            size_t y_stride);
-
-const TileKernel* TilesFor(GgmlType t) {
-  static constexpr TileKernel kF32[4] = {TileF32<1>, TileF32<2>, TileF32<3>, TileF32<4>};
-  static constexpr TileKernel kF16[4] = {TileF16<1>, TileF16<2>, TileF16<3>, TileF16<4>};
-  static constexpr TileKernel kBf16[4] = {TileBf16<1>, TileBf16<2>, TileBf16<3>, TileBf16<4>};
-  static constexpr TileKernel kQ8_0[4] = {TileQ8_0<1>, TileQ8_0<2>, TileQ8_0<3>, TileQ8_0<4>};
-  static constexpr TileKernel kQ4K[4] = {TileQ4K<1>, TileQ4K<2>, TileQ4K<3>, TileQ4K<4>};
-  static constexpr TileKernel kQ6K[4] = {TileQ6K<1>, TileQ6K<2>, TileQ6K<3>, TileQ6K<4>};
-  switch (t) {
-    case GgmlType::kF32: return kF32;
-    case GgmlType::kF16: return kF16;
-    case GgmlType::kBF16: return kBf16;
-    case GgmlType::kQ8_0: return kQ8_0;
-    case GgmlType::kQ4_K: return kQ4K;
-    case GgmlType::kQ6_K: return kQ6K;
-    default: std::abort();
-  }
-}
-
 }  // namespace
 
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
-  const RowsKernel* kernel = ActiveKernels()->For(t);
+  const KernelGrid& kernel = ActiveKernels()->For(t);
   int r = 0;
-  for (; r + 4 <= rows; r += 4) kernel[3](w + r * row_bytes, row_bytes, act, n, y + r);
-  if (r < rows) kernel[rows - r - 1](w + r * row_bytes, row_bytes, act, n, y + r);
+  for (; r + 4 <= rows; r += 4) kernel[3][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
+  if (r < rows) kernel[rows - r - 1][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
 }
 
 // Rows go in chunks of about 64 KiB (they stay in the L2 cache while every
-// tile of 4 tokens passes over them); a tile's activations stay in L1.
+// group of tokens passes over them, so memory is read once); a group's
+// activations stay in L1. Each group runs blocks of R rows against T
+// tokens: one token group unpacks each weight block once for T tokens,
+// except for Q4_0, whose nibbles cost less to unpack than what a wider
+// token group repeats per token (it runs 4 rows x 1 token, as DotRows).
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
+  if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
+  const KernelGrid& kernel = ActiveKernels()->For(t);
+  const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;
   const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));
-  if (t == GgmlType::kQ4_0) {
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-      const int r1 = std::min(rows, r0 + chunk);
-      for (int j = 0; j < n_tokens; ++j) {
-        DotRows(t, w + r0 * row_bytes, row_bytes, r1 - r0, act + j * act_stride, n, y + j * y_stride + r0);
-      }
-    }
-    return;
-  }
-  const TileKernel* tile = TilesFor(t);
   for (int r0 = 0; r0 < rows; r0 += chunk) {
     const int r1 = std::min(rows, r0 + chunk);
-    for (int j = 0; j < n_tokens; j += 4) {
-      const TileKernel kernel = tile[std::min(4, n_tokens - j) - 1];
-      for (int r = r0; r < r1; ++r)
-        kernel(w + r * row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r, y_stride);
+    for (int j = 0; j < n_tokens; j += group) {
+      const int tokens = std::min(group, n_tokens - j);
+      for (int r = r0; r < r1; r += block_rows) {
+        const int rb = std::min(block_rows, r1 - r);
+        kernel[rb - 1][tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n,
+                                   y + j * y_stride + r, y_stride);
+      }
     }
   }
 }

@@ -72,14 +72,16 @@ void PrepareActivations(GgmlType t, const float* x, int64_t n, uint8_t* out);
 // Single-threaded: callers split rows across threads.
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y);
 
-// Prefill: y[j * y_stride + r] = dot(row r, token j) for r < rows and
-// j < n_tokens, token j's activations (PrepareActivations) at
-// act + j * act_stride. Rows are taken in cache-sized chunks, and each
-// weight block is unpacked once per tile of 4 tokens (Q4_0, whose blocks
-// are cheap to unpack, runs DotRows per token over the cached chunk); the
-// integer types use integer dot products as DotRows does. Results equal
-// DotRows' up to float summation order. Single-threaded: callers split
-// rows across threads.
+// Several tokens: y[j * y_stride + r] = dot(row r, token j) for r < rows
+// and j < n_tokens, token j's activations (PrepareActivations) at
+// act + j * act_stride (a multiple of 4 bytes for float32 activations).
+// Each result is bit-identical to DotRows' for that token alone, whatever
+// n_tokens is: the kernels run blocks of rows against groups of tokens, and
+// every (row, token) result takes the same operations in the same order in
+// any block and group. Rows are taken in cache-sized chunks, so each weight
+// is read from memory once per call, and a weight block is unpacked once
+// per group of up to 4 tokens. Single-threaded: callers split rows across
+// threads.
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride);
 

@@ -10,8 +10,8 @@
 // time (it owns the scratch); the Model it points to is shared read-only.
 // One call may serve several requests: ForwardDecodeBatch advances many
 // streams (each with its own KvCache) by one token.
-// Parallelism inside a call comes from OpenBLAS and OpenMP, whose thread
-// counts are set in one place, SetComputeThreads() (threading.h).
+// Parallelism inside a call comes from the engine's pool (ParallelFor,
+// threading.h; OpenBLAS runs one thread per band of rows).
 #ifndef APESERVE_COMMON_ENGINE_TRANSFORMER_H_
 #define APESERVE_COMMON_ENGINE_TRANSFORMER_H_
 

@@ -1,6 +1,7 @@
-// MatVec and MatMul against a plain double-precision loop, over edge sizes,
-// thread counts and weight types (each type against its own dequantized
-// values, so this checks the products, not the quantization).
+// MatMul against a plain double-precision loop, over edge sizes, thread
+// counts and weight types (each type against its own dequantized values, so
+// this checks the products, not the quantization); and decode batches:
+// MatMul's rows bit-identical for every token count up to kDecodeBatchMax.
 #include "common/engine/matvec.h"
 
 #include <gtest/gtest.h>
@@ -30,14 +31,11 @@ TEST(MatVecTest, MatchesReferenceAcrossShapesAndThreads) {
     SetComputeThreads(threads);
     for (auto [out, in] : std::vector<std::pair<int, int>>{
              {1, 1}, {3, 7}, {4, 16}, {5, 17}, {33, 100}, {512, 64}, {1027, 515}, {64, 4099}}) {
-      for (int n : {1, 3}) {
+      for (int n : {1, 3, kDecodeBatchMax + 1}) {
         std::vector<float> w(size_t(out) * in), x(size_t(n) * in), y(size_t(n) * out), ref(y.size());
         for (auto& v : w) v = u(rng);
         for (auto& v : x) v = u(rng);
-        if (n == 1)
-          MatVec(w.data(), x.data(), y.data(), out, in);
-        else
-          MatMul(x.data(), n, WeightMatrix::FromFloats(w, out, in), y.data(), out);
+        MatMul(x.data(), n, WeightMatrix::FromFloats(w, out, in), y.data(), out);
         Reference(w, x.data(), ref.data(), n, out, in);
         for (size_t i = 0; i < y.size(); ++i)
           ASSERT_NEAR(y[i], ref[i], 1e-4f * std::sqrt(float(in))) << out << "x" << in << " n=" << n << " t=" << threads;
@@ -46,8 +44,9 @@ TEST(MatVecTest, MatchesReferenceAcrossShapesAndThreads) {
   }
 }
 
-// Both paths of MatMul for stored types (DotRows for few tokens, converted
-// tiles + sgemm for many) against the double loop over the dequantized
+// Both paths of MatMul for stored types (DotRowsBatch for decode batches;
+// for prefill, converted bands + sgemm for F16/BF16, DotRowsBatch for the
+// others) against the double loop over the dequantized
 // matrix. Types whose dot products quantize the activations (Q8_0, Q4_0 with
 // Q8_0 blocks of 32; Q4_K, Q6_K with Q8_K blocks of 256) are allowed the
 // error that rounding brings: half a step (block max / 127) per element,
@@ -65,7 +64,7 @@ TEST(MatVecTest, StoredTypesMatchTheirDequantizedValues) {
         const WeightMatrix w = WeightMatrix::Quantized(type, values, out, in);
         const std::vector<float> wf = w.ToFloats();
         const int block = ActivationType(type) == GgmlType::kQ8_K ? 256 : 32;
-        for (int n : {1, 3, kDotRowsMaxTokens, kDotRowsMaxTokens + 1, 40}) {
+        for (int n : {1, 3, kDecodeBatchMax, kDecodeBatchMax + 1, 40}) {
           std::vector<float> x(size_t(n) * in), y(size_t(n) * out), ref(y.size());
           for (auto& v : x) v = nd(rng);
           MatMul(x.data(), n, w, y.data(), out);
@@ -89,6 +88,43 @@ TEST(MatVecTest, StoredTypesMatchTheirDequantizedValues) {
                   << " threads=" << threads;
             }
           }
+        }
+      }
+    }
+  }
+}
+
+// A stream decoded in a batch must get exactly what it gets alone: for every
+// type, MatMul of n = 1..kDecodeBatchMax tokens gives each token's row
+// bit-identical to MatMul of that token alone, on 1 and 2 threads (the
+// matrix is large enough to be split across threads, with a ragged last
+// band).
+TEST(MatVecTest, DecodeBatchRowsBitIdenticalToOneToken) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int out = 301, in = 1024;
+  for (GgmlType type : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0,
+                        GgmlType::kQ4_K, GgmlType::kQ6_K}) {
+    std::vector<float> values(size_t(out) * in);
+    for (auto& v : values) v = nd(rng);
+    const WeightMatrix w = WeightMatrix::Quantized(type, values, out, in);
+    std::vector<float> x(size_t(kDecodeBatchMax) * in);
+    for (auto& v : x) v = nd(rng);
+    for (int threads : {1, 2}) {
+      SetComputeThreads(threads);
+      std::vector<float> alone(size_t(kDecodeBatchMax) * out);
+      for (int t = 0; t < kDecodeBatchMax; ++t) MatMul(&x[size_t(t) * in], 1, w, &alone[size_t(t) * out], out);
+      for (int n = 1; n <= kDecodeBatchMax; ++n) {
+        const int ldy = out + 5;
+        std::vector<float> y(size_t(n) * ldy, -7.f);
+        MatMul(x.data(), n, w, y.data(), ldy);
+        for (int t = 0; t < n; ++t) {
+          for (int o = 0; o < out; ++o) {
+            ASSERT_EQ(y[size_t(t) * ldy + o], alone[size_t(t) * out + o])
+                << GgmlTypeName(static_cast<uint32_t>(type)) << " n=" << n << " token " << t << " row " << o
+                << " threads=" << threads;
+          }
+          for (int o = out; o < ldy; ++o) ASSERT_EQ(y[size_t(t) * ldy + o], -7.f) << "padding written";
         }
       }
     }

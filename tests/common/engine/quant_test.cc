@@ -537,6 +537,47 @@ TEST(DotRowsBatchTest, MatchesReferencePerToken) {
   }
 }
 
+// Decode batches: every token's results from DotRowsBatch, for any token
+// count up to 16 and row counts that leave every remainder, are
+// bit-identical to DotRows for that token alone (with each ISA's kernels).
+TEST(DotRowsBatchTest, BitIdenticalToDotRowsPerToken) {
+  std::mt19937 rng(9);
+  for (const char* isa : {"avx2", "avx512-vnni"}) {
+    if (!ForceKernelIsaForTesting(isa)) {
+      std::printf("skipping %s: not on this CPU\n", isa);
+      continue;
+    }
+    for (GgmlType t : kWeightTypes) {
+      const int64_t n = 512;
+      const size_t row_bytes = RowBytes(t, n);
+      const int rows = 23;
+      Bytes w(rows * row_bytes);
+      for (int r = 0; r < rows; ++r) {
+        const Bytes row = RandomRow(t, n, rng);
+        std::memcpy(w.data() + r * row_bytes, row.data(), row_bytes);
+      }
+      const size_t act_stride = ActivationBytes(t, n);
+      Bytes act(16 * act_stride);
+      for (int j = 0; j < 16; ++j)
+        PrepareActivations(t, RandomFloats(rng, n, 1.f).data(), n, act.data() + j * act_stride);
+      std::vector<float> alone(16 * rows);
+      for (int j = 0; j < 16; ++j)
+        DotRows(t, w.data(), row_bytes, rows, act.data() + j * act_stride, n, &alone[j * rows]);
+      for (int tokens = 1; tokens <= 16; ++tokens) {
+        std::vector<float> y(tokens * rows);
+        DotRowsBatch(t, w.data(), row_bytes, rows, act.data(), act_stride, tokens, n, y.data(), rows);
+        for (int j = 0; j < tokens; ++j) {
+          for (int r = 0; r < rows; ++r) {
+            ASSERT_EQ(y[j * rows + r], alone[j * rows + r])
+                << isa << " " << Name(t) << " tokens " << tokens << " token " << j << " row " << r;
+          }
+        }
+      }
+    }
+  }
+  ForceKernelIsaForTesting(nullptr);
+}
+
 TEST(KernelIsaTest, NamesAKnownPath) {
   const std::string isa = KernelIsa();
   EXPECT_TRUE(isa == "avx2" || isa == "avx512-vnni") << isa;
