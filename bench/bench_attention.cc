@@ -3,6 +3,9 @@
 // matrix-product kernel, for
 //   (a) a 32-row query block over 16K cached slots, block C = all but the prefix,
 //   (b) decode: 1 row over the same 16K slots,
+//   (a16), (b16) the same two over a float16 cache laid out as the decoder
+//       lays out an APE request (read-only float16 segments of 256 slots,
+//       one per cache entry, then the writable float32 rows),
 //   (c) causal prefill of 2048 rows, no context block,
 //   (d) one 256-row block of a long causal prefill (the transformer's
 //       max_batch), after 8K slots: how SEQUENTIAL prefill calls it,
@@ -31,6 +34,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "common/engine/ape_attention.h"
+#include "common/engine/half.h"
 #include "common/engine/threading.h"
 
 ABSL_FLAG(int, threads, 2, "compute threads");
@@ -46,6 +50,8 @@ ABSL_FLAG(int, block_first_slot, 8192, "slots before the prefill block (d)");
 ABSL_FLAG(int, layers, 24, "cache layers the calls rotate over");
 ABSL_FLAG(int, rounds, 5, "rounds over all measurements");
 ABSL_FLAG(double, seconds, 0.5, "minimum time of one measurement in one round");
+ABSL_FLAG(int, segment_slots, 256,
+          "float16 cases: cached slots per read-only segment (one cache entry: a context of this many tokens)");
 ABSL_FLAG(int, key_tile, ape::ApeKernelOptions{}.key_tile, "ApeKernelOptions::key_tile");
 ABSL_FLAG(int, target_lanes, ape::ApeKernelOptions{}.target_lanes, "ApeKernelOptions::target_lanes");
 ABSL_FLAG(int, min_chunk_keys, ape::ApeKernelOptions{}.min_chunk_keys, "ApeKernelOptions::min_chunk_keys");
@@ -101,20 +107,58 @@ struct Case {
     for (int i = 0; i < n; ++i) keys += first_slot + i + 1;
     return 4.0 * absl::GetFlag(FLAGS_head_dim) * absl::GetFlag(FLAGS_heads) * keys;
   }
-  double KvBytes() const { return 2.0 * (first_slot + n) * cache->kv_dim * sizeof(float); }
+  // K/V bytes one call reads (one layer), at the widths they are stored.
+  double KvBytes() const { return static_cast<double>(cache->KvBytesRead(first_slot + n)); }
 };
 
-std::shared_ptr<KvCache> RandomCache(int slots) {
+ModelConfig Config() {
   ModelConfig config;
   config.n_layers = absl::GetFlag(FLAGS_layers);
   config.n_heads = absl::GetFlag(FLAGS_heads);
   config.n_kv_heads = absl::GetFlag(FLAGS_kv_heads);
   config.head_dim = absl::GetFlag(FLAGS_head_dim);
   config.dim = config.n_heads * config.head_dim;
-  auto cache = std::make_shared<KvCache>(config, slots);
+  return config;
+}
+
+std::shared_ptr<KvCache> RandomCache(int slots) {
+  auto cache = std::make_shared<KvCache>(Config(), slots);
   cache->size = slots;
   Fill(cache->k.data(), cache->k.size(), 4);
   Fill(cache->v.data(), cache->v.size(), 5);
+  return cache;
+}
+
+// The decoder's layout for an APE request: `cached` slots in float16
+// read-only segments of --segment_slots (each in its own buffer, laid out
+// as a cache entry's payload: per layer K then V), then `rows` writable
+// float32 slots.
+std::shared_ptr<KvCache> RandomHalfCache(int cached, int rows) {
+  const ModelConfig config = Config();
+  auto cache = std::make_shared<KvCache>(config, cached + rows, cached);
+  const int per = std::max(1, absl::GetFlag(FLAGS_segment_slots));
+  const size_t kv_dim = config.kv_dim();
+  std::vector<float> f;
+  for (int s0 = 0; s0 < cached; s0 += per) {
+    const int count = std::min(per, cached - s0);
+    const size_t half = count * kv_dim;
+    auto buf = std::make_shared<std::vector<uint16_t>>(2 * half * config.n_layers);
+    f.resize(buf->size());
+    Fill(f.data(), f.size(), 7 + s0);
+    FloatToHalf(f.data(), buf->data(), f.size());
+    KvSegment seg;
+    seg.count = count;
+    seg.element = KvElement::kFloat16;
+    seg.k = reinterpret_cast<const uint8_t*>(buf->data());
+    seg.v = reinterpret_cast<const uint8_t*>(buf->data() + half);
+    seg.row_stride = kv_dim * sizeof(uint16_t);
+    seg.layer_stride = 2 * half * sizeof(uint16_t);
+    seg.owner = buf;
+    (void)cache->AppendReadOnly(std::move(seg), s0);
+  }
+  Fill(cache->k.data(), cache->k.size(), 4);
+  Fill(cache->v.data(), cache->v.size(), 5);
+  cache->size = cached + rows;
   return cache;
 }
 
@@ -144,13 +188,17 @@ int Main() {
   Case cases[] = {
       {"(a) APE query block", query_rows, slots, ape},
       {"(b) APE decode", 1, slots, ape},
+      {"(a16) APE query block, float16 cache", query_rows, slots, ape},
+      {"(b16) APE decode, float16 cache", 1, slots, ape},
       {"(c) causal prefill", absl::GetFlag(FLAGS_prefill_rows), 0, ApeParams{}},
       {"(d) prefill block", absl::GetFlag(FLAGS_block_rows), absl::GetFlag(FLAGS_block_first_slot), ApeParams{}},
   };
   SetUp(cases[0], nullptr);
   SetUp(cases[1], cases[0].cache);  // the query block's cache, one row after its slots
-  SetUp(cases[2], nullptr);
-  SetUp(cases[3], nullptr);
+  SetUp(cases[2], RandomHalfCache(slots, query_rows));
+  SetUp(cases[3], cases[2].cache);
+  SetUp(cases[4], nullptr);
+  SetUp(cases[5], nullptr);
 
   // The ceilings: sgemm on all threads (OpenBLAS), and a sum over 512 MB.
   const int m = 512, n = 4096, kk = 4096;
@@ -189,14 +237,22 @@ int Main() {
       sgemm_gflops, read_gbps, absl::GetFlag(FLAGS_rounds));
   std::printf(
       "| case | rows | keys | reference ms | new ms | speedup | reference GFLOP/s | new GFLOP/s | new %% of sgemm "
-      "| K/V read GB/s | %% of bandwidth |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      "| K/V MB read | K/V read GB/s | %% of bandwidth |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Case& k : cases) {
     const double ref = k.reference.best, fast = k.fast.best, gbps = k.KvBytes() / fast * 1e-9;
-    std::printf("| %s | %d | %d | %.2f | %.2f | %.1fx | %.1f | %.1f | %.0f%% | %.1f | %.0f%% |\n", k.name.c_str(), k.n,
-                k.first_slot + k.n, ref * 1e3, fast * 1e3, ref / fast, k.Flops() / ref * 1e-9, k.Flops() / fast * 1e-9,
-                100 * k.Flops() / fast * 1e-9 / sgemm_gflops, gbps, 100 * gbps / read_gbps);
+    std::printf("| %s | %d | %d | %.2f | %.2f | %.1fx | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% |\n",
+                k.name.c_str(), k.n, k.first_slot + k.n, ref * 1e3, fast * 1e3, ref / fast, k.Flops() / ref * 1e-9,
+                k.Flops() / fast * 1e-9, 100 * k.Flops() / fast * 1e-9 / sgemm_gflops, k.KvBytes() * 1e-6, gbps,
+                100 * gbps / read_gbps);
   }
+  // Decode with a float16 cache against float32: bytes and time per layer.
+  const Case &d32 = cases[1], &d16 = cases[3], &q32 = cases[0], &q16 = cases[2];
+  std::printf(
+      "\nDecode over %d cached slots, per layer: float32 %.2f MB in %.3f ms, float16 %.2f MB in %.3f ms "
+      "(%.2fx the bytes, %.2fx the time). Query block of %d rows: float16 %.2fx the time of float32.\n",
+      slots, d32.KvBytes() * 1e-6, d32.fast.best * 1e3, d16.KvBytes() * 1e-6, d16.fast.best * 1e3,
+      d16.KvBytes() / d32.KvBytes(), d16.fast.best / d32.fast.best, query_rows, q16.fast.best / q32.fast.best);
   return 0;
 }
 

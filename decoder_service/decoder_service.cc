@@ -130,12 +130,22 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
       chat_format_(DetectChatFormat(model.chat_template())),
       admission_(limits.max_concurrent, limits.max_queue),
       encoder_(encoder ? v1::Encoder::NewStub(encoder) : nullptr),
+      hot_cache_(limits.hot_cache_mb > 0 ? std::make_unique<HotCache>(static_cast<size_t>(limits.hot_cache_mb) << 20)
+                                         : nullptr),
       engine_(model, {.max_streams = limits.max_concurrent, .prefill_chunk = limits.prefill_chunk}) {
   metrics::Registry& reg = metrics::Registry::Global();
   reg.SetGaugeFunction("ape_admission_running", "Requests computing now", {{"server", "decoder"}},
                        [this] { return admission_.running(); });
   reg.SetGaugeFunction("ape_admission_waiting", "Requests queued for a compute slot now", {{"server", "decoder"}},
                        [this] { return admission_.waiting(); });
+  if (HotCache* hot = hot_cache_.get()) {
+    reg.SetGaugeFunction("ape_decoder_hot_cache_bytes", "Bytes of KV entries held in the decoder's memory", {},
+                         [hot] { return static_cast<double>(hot->stats().bytes); });
+    reg.SetCounterFunction("ape_decoder_hot_cache_hits_total", "Entries served from the decoder's memory", {},
+                           [hot] { return static_cast<double>(hot->stats().hits); });
+    reg.SetCounterFunction("ape_decoder_hot_cache_misses_total", "Entries looked up in memory and read from Redis",
+                           {}, [hot] { return static_cast<double>(hot->stats().misses); });
+  }
   reg.SetGaugeFunction("ape_decoder_batch_streams", "Streams in the decode batch now (prefilling or decoding)", {},
                        [this] { return engine_.running(); });
   reg.SetCounterFunction("ape_decoder_batch_steps_total", "Decode steps run by the batch engine", {},
@@ -305,6 +315,7 @@ absl::StatusOr<DecoderService::Admitted> DecoderService::Admit(grpc::ServerConte
   if (!ticket.ok()) return ticket.status();
   DecodeHooks hooks;
   hooks.cancelled = cancelled;
+  hooks.hot_cache = hot_cache_.get();
   if (encoder_) hooks.remote_encode = [this, ctx](const EncodeInput& e) { return RemoteEncode(ctx, e); };
   return Admitted{std::move(in), std::move(hooks), *std::move(ticket)};
 }

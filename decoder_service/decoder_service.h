@@ -25,6 +25,7 @@
 #include "common/engine/ape_preset.h"
 #include "common/engine/chat_template.h"
 #include "common/pipeline/batch_decoder.h"
+#include "common/pipeline/hot_cache.h"
 #include "common/pipeline/decode_pipeline.h"
 #include "common/server/kv_budget.h"
 #include "common/server/segments.h"
@@ -52,6 +53,7 @@ struct DecoderLimits {
   int max_queue;          // requests waiting beyond that
   KvDtype default_dtype;  // for KV_DTYPE_UNSPECIFIED
   int ttl_seconds;        // of entries encoded on the fly; 0 = none
+  int64_t hot_cache_mb;   // in-process cache of verified entries (hot_cache.h); 0 = off
 };
 
 class DecoderService final : public v1::Decoder::Service {
@@ -66,6 +68,10 @@ class DecoderService final : public v1::Decoder::Service {
   grpc::Status Score(grpc::ServerContext* ctx, const v1::GenerateRequest* req, v1::ScoreResponse* resp) override;
   grpc::Status ModelInfo(grpc::ServerContext* ctx, const v1::ModelInfoRequest* req,
                          v1::ModelInfoResponse* resp) override;
+
+  // The in-process cache of hot entries (null when --hot_cache_mb=0): the
+  // Cache service drops the keys it deletes from it.
+  HotCache* hot_cache() const { return hot_cache_.get(); }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -126,7 +132,8 @@ class DecoderService final : public v1::Decoder::Service {
   const ChatFormat chat_format_;  // of the model's chat template, for requests with chat
   Admission admission_;
   std::unique_ptr<v1::Encoder::Stub> encoder_;
-  BatchDecoder engine_;  // last: its thread stops first
+  std::unique_ptr<HotCache> hot_cache_;  // null: off
+  BatchDecoder engine_;                  // last: its thread stops first
 };
 
 }  // namespace ape

@@ -41,6 +41,8 @@ ABSL_FLAG(int64_t, max_request_text_bytes, 16 << 20, "bytes of all text fields o
 ABSL_FLAG(int, max_new_tokens, 1024, "generated tokens per request, at most");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message accepted or sent (also to --encoder), MiB (1 to 2047)");
 ABSL_FLAG(int, threads, 0, "compute threads (OpenBLAS and ours); 0 = all cores");
+ABSL_FLAG(int64_t, hot_cache_mb, 0,
+          "MiB of verified KV entries kept in the decoder's memory (LRU by bytes; a hit skips Redis); 0 = off");
 ABSL_FLAG(int, max_concurrent, 8,
           "requests computing at once: the width of the decode batch (streams sharing one forward step; "
           "1 to 256); more wait in the queue");
@@ -102,6 +104,7 @@ int main(int argc, char** argv) {
       .max_queue = std::max(0, absl::GetFlag(FLAGS_max_queue)),
       .default_dtype = absl::GetFlag(FLAGS_kv_dtype),
       .ttl_seconds = absl::GetFlag(FLAGS_ttl_seconds),
+      .hot_cache_mb = std::max<int64_t>(0, absl::GetFlag(FLAGS_hot_cache_mb)),
   };
   const std::string encoder = absl::GetFlag(FLAGS_encoder);
   std::fprintf(stderr, "ape-decoder: encoder %s, APE T=%.2f S=%.2f (%s)\n", encoder.empty() ? "local" : encoder.c_str(),
@@ -114,6 +117,7 @@ int main(int argc, char** argv) {
   const ape::ServerOptions opts{
       .listen = absl::GetFlag(FLAGS_listen), .max_message_bytes = *message_bytes, .name = "ape-decoder"};
   ape::CacheService cache(model, *loaded->store, "decoder");
+  if (ape::HotCache* hot = service.hot_cache()) cache.OnDelete([hot](const std::string& key) { hot->Erase(key); });
   std::vector<grpc::Service*> services = {&service};
   if (ape::CacheAdminFromFlags()) services.push_back(&cache);
   return ape::RunServer(opts, services);

@@ -53,6 +53,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/engine/half.h"
 #include "common/engine/threading.h"
 
 namespace ape {
@@ -104,22 +105,37 @@ __attribute__((always_inline)) inline __m256 Exp2V(__m256 x) {
 
 // ============================ Reference kernel ============================
 
+namespace {
+
+// Head `offset`.. of a K or V row of `seg` as float32: the row itself, or
+// converted into `buf` (head_dim floats) when it is stored as float16.
+inline const float* HeadRow(const KvSegment& seg, const uint8_t* row, int offset, int head_dim, float* buf) {
+  if (seg.element == KvElement::kFloat32) return reinterpret_cast<const float*>(row) + offset;
+  HalfToFloat(reinterpret_cast<const uint16_t*>(row) + offset, buf, head_dim);
+  return buf;
+}
+
+}  // namespace
+
 void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_head_offset, int head_dim, int begin,
                      int end, float logit_scale, AttentionState* st) {
   constexpr int kTile = 64;  // keys scored per step (a stack buffer)
   float s[kTile];
+  float row[kMaxHeadDim];  // a float16 row converted
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int nt = std::min(kTile, end - t0);
     // Score a tile of keys and find its maximum.
     float tile_max = kNegInf;
-    for (int j = 0; j < nt; ++j) {
-      const float* k = cache.key(layer, t0 + j) + kv_head_offset;
-      float dot = 0.f;
+    cache.ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
+      for (int j = first - t0; j < first - t0 + count; ++j) {
+        const float* k = HeadRow(seg, seg.key_row(layer, t0 + j), kv_head_offset, head_dim, row);
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < head_dim; ++d) dot += q[d] * k[d];
-      s[j] = dot * logit_scale;
-      tile_max = std::max(tile_max, s[j]);
-    }
+        for (int d = 0; d < head_dim; ++d) dot += q[d] * k[d];
+        s[j] = dot * logit_scale;
+        tile_max = std::max(tile_max, s[j]);
+      }
+    });
     // Rescale what was accumulated if the running max grew.
     if (tile_max > st->m) {
       const float r = std::exp(st->m - tile_max);  // exp(-inf) = 0 on the first tile
@@ -130,12 +146,14 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
     float p[kTile];
 #pragma omp simd
     for (int j = 0; j < nt; ++j) p[j] = Exp(s[j] - st->m);
-    for (int j = 0; j < nt; ++j) {
-      const float* v = cache.value(layer, t0 + j) + kv_head_offset;
-      st->l += p[j];
+    cache.ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
+      for (int j = first - t0; j < first - t0 + count; ++j) {
+        const float* v = HeadRow(seg, seg.value_row(layer, t0 + j), kv_head_offset, head_dim, row);
+        st->l += p[j];
 #pragma omp simd
-      for (int d = 0; d < head_dim; ++d) st->acc[d] += p[j] * v[d];
-    }
+        for (int d = 0; d < head_dim; ++d) st->acc[d] += p[j] * v[d];
+      }
+    });
   }
 }
 
@@ -200,29 +218,51 @@ struct KvTile {
 
 // Copies keys and values [begin, begin + count) of KV heads [g0, g0 +
 // heads) into `buf` ([2][count][heads * head_dim]: the keys, then the
-// values). The copy reads the cache in order, which the hardware prefetchers
-// follow (the kernels' own pattern they do not), and the kernels then read
-// the tile from L1/L2 as many times as they need. (float16 storage would
-// convert here, 8 values per F16C instruction: nothing else changes.)
+// values), as float32. The copy reads the cache in order, which the hardware
+// prefetchers follow (the kernels' own pattern they do not), and the kernels
+// then read the tile from L1/L2 as many times as they need. A tile may span
+// segments (kv_cache.h): each run of slots inside one is copied from its
+// rows, float16 ones converted on the way, 8 values per F16C instruction
+// (_mm256_cvtph_ps), so a float16 cache reads half the bytes of a float32 one
+// and the kernels below see float32 either way.
 KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_dim, int begin, int count, float* buf) {
-  const size_t stride = cache.kv_dim, off = static_cast<size_t>(g0) * head_dim;
+  const size_t off = static_cast<size_t>(g0) * head_dim;
   const int width = heads * head_dim;
-  const float* k = cache.key(layer, begin) + off;
-  const float* v = cache.value(layer, begin) + off;
   float* bk = buf;
   float* bv = buf + static_cast<size_t>(count) * width;
-  for (int j = 0; j < count; ++j) {
-    const float* kj = k + j * stride;
-    const float* vj = v + j * stride;
-    float* bkj = bk + static_cast<size_t>(j) * width;
-    float* bvj = bv + static_cast<size_t>(j) * width;
-    int d = 0;
-    for (; d + kLanes <= width; d += kLanes) {
-      _mm256_storeu_ps(bkj + d, _mm256_loadu_ps(kj + d));
-      _mm256_storeu_ps(bvj + d, _mm256_loadu_ps(vj + d));
+  cache.ForEachRun(begin, count, [&](const KvSegment& seg, int first, int n) {
+    float* dk = bk + static_cast<size_t>(first - begin) * width;
+    float* dv = bv + static_cast<size_t>(first - begin) * width;
+    const uint8_t* k = seg.key_row(layer, first);
+    const uint8_t* v = seg.value_row(layer, first);
+    if (seg.element == KvElement::kFloat16) {
+      for (int j = 0; j < n; ++j) {
+        const uint16_t* kj = reinterpret_cast<const uint16_t*>(k + j * seg.row_stride) + off;
+        const uint16_t* vj = reinterpret_cast<const uint16_t*>(v + j * seg.row_stride) + off;
+        float* bkj = dk + static_cast<size_t>(j) * width;
+        float* bvj = dv + static_cast<size_t>(j) * width;
+        int d = 0;
+        for (; d + kLanes <= width; d += kLanes) {
+          _mm256_storeu_ps(bkj + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + d))));
+          _mm256_storeu_ps(bvj + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + d))));
+        }
+        for (; d < width; ++d) bkj[d] = HalfToFloat(kj[d]), bvj[d] = HalfToFloat(vj[d]);
+      }
+      return;
     }
-    for (; d < width; ++d) bkj[d] = kj[d], bvj[d] = vj[d];
-  }
+    for (int j = 0; j < n; ++j) {
+      const float* kj = reinterpret_cast<const float*>(k + j * seg.row_stride) + off;
+      const float* vj = reinterpret_cast<const float*>(v + j * seg.row_stride) + off;
+      float* bkj = dk + static_cast<size_t>(j) * width;
+      float* bvj = dv + static_cast<size_t>(j) * width;
+      int d = 0;
+      for (; d + kLanes <= width; d += kLanes) {
+        _mm256_storeu_ps(bkj + d, _mm256_loadu_ps(kj + d));
+        _mm256_storeu_ps(bvj + d, _mm256_loadu_ps(vj + d));
+      }
+      for (; d < width; ++d) bkj[d] = kj[d], bvj[d] = vj[d];
+    }
+  });
   return {bk, bv, static_cast<size_t>(width), count};
 }
 

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -91,10 +92,31 @@ absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes);
 absl::Status CheckKvBlockMatches(const KvBlockView& block, const Hash128& fingerprint, const ModelConfig& config,
                                  KvDtype dtype, KvKind kind, const Hash128& prefix_key);
 
-// Writes the block into `cache` slots dest_slot.. (float32; positions from
-// first_position). FAILED_PRECONDITION, before writing anything, when the
-// block's shape is not the cache's or it does not fit.
+// Writes the block into `cache` slots dest_slot.. of its writable segment
+// (converted to float32; positions from first_position).
+// FAILED_PRECONDITION, before writing anything, when the block's shape is
+// not the cache's or it does not fit.
 absl::Status LoadKvBlock(const KvBlockView& block, KvCache& cache, int dest_slot);
+
+// Appends the block to `cache` at slot cache.size WITHOUT copying it: a
+// read-only segment (kv_cache.h) viewing block.payload in its stored dtype,
+// which `owner` keeps alive (the block's bytes must not change while the
+// cache lives). Advances cache.size. FAILED_PRECONDITION, changing nothing,
+// when the block's shape is not the cache's or it does not fit before the
+// writable segment.
+absl::Status AttachKvBlock(const KvBlockView& block, std::shared_ptr<const void> owner, KvCache& cache);
+
+// A verified block that owns its bytes, shared read-only by the requests
+// using it (and by the decoder's hot cache, hot_cache.h). `view` points into
+// `bytes`, so an entry is built in place and never moved or copied.
+struct KvEntry {
+  explicit KvEntry(std::string b) : bytes(std::move(b)) {}
+  KvEntry(const KvEntry&) = delete;
+  KvEntry& operator=(const KvEntry&) = delete;
+  std::span<const uint8_t> span() const { return {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}; }
+  const std::string bytes;
+  KvBlockView view;
+};
 
 }  // namespace ape
 

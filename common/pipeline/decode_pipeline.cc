@@ -7,10 +7,10 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/engine/ape_preset.h"
 #include "common/engine/status_macros.h"
 #include "common/engine/timing.h"
 #include "common/engine/transformer.h"
-#include "common/engine/ape_preset.h"
 #include "common/kv/cache_key.h"
 #include "common/pipeline/entry_loader.h"
 
@@ -41,9 +41,11 @@ absl::Status CheckPositions(const DecodeInput& in, int64_t span) {
   return absl::OkStatus();
 }
 
-DecodeSession NewSession(const Model& model, int64_t slots, int max_new_tokens) {
+// A session whose cache has `slots` slots, the first `read_only` of them for
+// entries attached read-only, the rest writable float32.
+DecodeSession NewSession(const Model& model, int64_t slots, int64_t read_only, int max_new_tokens) {
   DecodeSession p;
-  p.cache = std::make_unique<KvCache>(model.config(), static_cast<int>(slots));
+  p.cache = std::make_unique<KvCache>(model.config(), static_cast<int>(slots), static_cast<int>(read_only));
   p.max_new_tokens = max_new_tokens;
   return p;
 }
@@ -52,7 +54,7 @@ DecodeSession NewSession(const Model& model, int64_t slots, int max_new_tokens) 
 // prefilled at positions 0..L-1. Contexts given by key take their token ids
 // from the cache (their KV is not used).
 absl::StatusOr<DecodeSession> PrepareSequential(const Model& model, RedisStore* store, const DecodeInput& in,
-                                           int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
+                                                int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
   std::vector<EntryLoad> entries;
   if (std::any_of(in.contexts.begin(), in.contexts.end(), [](const ContextSource& c) { return !c.tokens; })) {
     ASSIGN_OR_RETURN(entries, LoadEntries(model, store, in, hooks, stats));
@@ -60,13 +62,13 @@ absl::StatusOr<DecodeSession> PrepareSequential(const Model& model, RedisStore* 
   }
   std::vector<int32_t> prompt = in.prefix_tokens;
   for (size_t i = 0; i < in.contexts.size(); ++i) {
-    const std::vector<int32_t>& ids = in.contexts[i].tokens ? *in.contexts[i].tokens : entries[i + 1].view.tokens;
+    const std::vector<int32_t>& ids = in.contexts[i].tokens ? *in.contexts[i].tokens : entries[i + 1].view().tokens;
     prompt.insert(prompt.end(), ids.begin(), ids.end());
   }
   prompt.insert(prompt.end(), in.query_tokens.begin(), in.query_tokens.end());
   RETURN_IF_ERROR(CheckPositions(in, static_cast<int64_t>(prompt.size()) + max_new_tokens));
   RETURN_IF_ERROR(CheckKvSlots(in, prompt.size(), max_new_tokens));
-  DecodeSession p = NewSession(model, prompt.size() + max_new_tokens, max_new_tokens);
+  DecodeSession p = NewSession(model, prompt.size() + max_new_tokens, 0, max_new_tokens);
   p.to_prefill = prompt;
   p.to_prefill_positions.resize(prompt.size());
   std::iota(p.to_prefill_positions.begin(), p.to_prefill_positions.end(), 0);
@@ -81,27 +83,28 @@ absl::StatusOr<DecodeSession> PrepareSequential(const Model& model, RedisStore* 
 // context at positions Lp.., the query after the LONGEST context (APE.md
 // section 2), T and S on the pooled context range (1 for PARALLEL).
 absl::StatusOr<DecodeSession> PrepareParallel(const Model& model, RedisStore* store, const DecodeInput& in,
-                                         int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
+                                              int max_new_tokens, const DecodeHooks& hooks, DecodeStats* stats) {
   ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, LoadEntries(model, store, in, hooks, stats));
   const auto t_layout = Clock::now();
   const int lp = static_cast<int>(in.prefix_tokens.size());
   const int lq = static_cast<int>(in.query_tokens.size());
   // Slots are sized from the headers below; the prefix's must be the
   // request's (VerifyEntry compared its tokens: this is the invariant).
-  if (entries[0].view.header.num_tokens != static_cast<uint32_t>(lp)) {
+  if (entries[0].view().header.num_tokens != static_cast<uint32_t>(lp)) {
     return absl::InternalError("the prefix entry's length differs from the request's prefix");
   }
   int total_ctx = 0, longest = 0;
   for (size_t i = 1; i < entries.size(); ++i) {
-    total_ctx += entries[i].view.header.num_tokens;
-    longest = std::max<int>(longest, entries[i].view.header.num_tokens);
+    total_ctx += entries[i].view().header.num_tokens;
+    longest = std::max<int>(longest, entries[i].view().header.num_tokens);
   }
   RETURN_IF_ERROR(CheckPositions(in, int64_t{lp} + longest + lq + max_new_tokens));
   RETURN_IF_ERROR(CheckKvSlots(in, int64_t{lp} + total_ctx + lq, max_new_tokens));
-  DecodeSession p = NewSession(model, int64_t{lp} + total_ctx + lq + max_new_tokens, max_new_tokens);
+  DecodeSession p =
+      NewSession(model, int64_t{lp} + total_ctx + lq + max_new_tokens, int64_t{lp} + total_ctx, max_new_tokens);
   for (const EntryLoad& e : entries) {  // the prefix, then each context
     RETURN_IF_ERROR(AppendEntryToCache(e, *p.cache));
-    p.history.insert(p.history.end(), e.view.tokens.begin(), e.view.tokens.end());
+    p.history.insert(p.history.end(), e.view().tokens.begin(), e.view().tokens.end());
   }
   stats->cache_load_ms += MsBetween(t_layout, Clock::now());
   p.history.insert(p.history.end(), in.query_tokens.begin(), in.query_tokens.end());

@@ -21,6 +21,8 @@
 
 namespace ape {
 
+class HotCache;  // hot_cache.h
+
 enum class DecodeMode { kApe, kParallel, kSequential };
 
 // A context by cache key (tokens unknown) or by token ids.
@@ -59,6 +61,7 @@ struct DecodeInput {
 
 struct DecodeStats {
   int prompt_tokens = 0, cached_tokens = 0, encoded_tokens = 0;
+  int hot_cache_tokens = 0;  // of cached_tokens, served by the hot cache (Redis not read for them)
   double cache_load_ms = 0, encode_ms = 0, prefill_ms = 0;
   // T and S the attention used (1 and 1 for PARALLEL and SEQUENTIAL).
   float ape_temperature = 1.f, ape_scale = 1.f;
@@ -74,6 +77,9 @@ struct DecodeHooks {
   // Checked before encoding, between prefill blocks and between tokens.
   std::function<bool()> cancelled;
   RemoteEncodeFn remote_encode;
+  // The decoder's in-process cache of verified entries (hot_cache.h), shared
+  // by its requests; null = every entry read from the store.
+  HotCache* hot_cache = nullptr;
 };
 
 // INVALID_ARGUMENT for an input no store or model could answer (an empty
@@ -82,17 +88,19 @@ struct DecodeHooks {
 absl::Status CheckDecodeInput(const DecodeInput& in);
 
 // A request whose cache entries are loaded, verified and laid out in its KV
-// cache, the rest of its prompt not prefilled yet: the query for APE and
+// cache (APE and PARALLEL: the entries' payloads themselves, read-only and in
+// their stored dtype, then a writable float32 segment for the query and the
+// generated tokens; kv_cache.h), the rest of its prompt not prefilled yet: the query for APE and
 // PARALLEL, the whole prompt for SEQUENTIAL. Room is reserved for
 // max_new_tokens generated tokens. Movable, not copyable.
 struct DecodeSession {
   std::unique_ptr<KvCache> cache;
-  ApeParams ape;                    // T = S = 1 and no context range: ordinary attention
-  std::vector<int32_t> to_prefill;  // prompt tokens not in the cache yet...
+  ApeParams ape;                              // T = S = 1 and no context range: ordinary attention
+  std::vector<int32_t> to_prefill;            // prompt tokens not in the cache yet...
   std::vector<int32_t> to_prefill_positions;  // ...and their RoPE positions
-  size_t prefilled = 0;             // of to_prefill, in the cache now
-  std::vector<int32_t> history;     // the whole prompt
-  int32_t next_position = 0;        // the first generated token's position
+  size_t prefilled = 0;                       // of to_prefill, in the cache now
+  std::vector<int32_t> history;               // the whole prompt
+  int32_t next_position = 0;                  // the first generated token's position
   int max_new_tokens = 0;
   bool prefill_done() const { return prefilled == to_prefill.size(); }
 };

@@ -9,6 +9,7 @@
 #include "common/engine/status_macros.h"
 #include "common/engine/timing.h"
 #include "common/kv/cache_key.h"
+#include "common/pipeline/hot_cache.h"
 
 namespace ape {
 namespace {
@@ -38,44 +39,84 @@ absl::StatusOr<std::vector<EntryLoad>> ComputeEntryKeys(const Hash128& fp, const
   return entries;
 }
 
-// Parses e.bytes and checks the block against the request: model, dtype,
-// kind, the prefix key (which covers model, dtype and prefix tokens), the
-// first position, its identity against the key it was read from and, for
-// content, the token ids. Sets e.view, or e.fault (dropping the bytes).
-void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
-                 EntryLoad::Source source, EntryLoad& e) {
-  e.fault = EntryLoad::Fault::kNone;
-  absl::StatusOr<KvBlockView> view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-  if (!view.ok()) {
-    // Our magic with bad bytes is ours to repair; another version or no
-    // KV block at all is somebody else's.
-    const bool ours = view.status().code() == absl::StatusCode::kDataLoss &&
-                      HasKvBlockMagic({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
-    e.SetFault(ours ? EntryLoad::Fault::kDamaged : EntryLoad::Fault::kAlien, view.status().message());
-    return;
-  }
-  absl::Status usable = CheckKvBlockMatches(*view, fp, model.config(), in.dtype, e.kind, prefix_hash);
+// Checks a parsed block against the request: model, dtype, kind, the prefix
+// key (which covers model, dtype and prefix tokens), the first position, its
+// identity against the key it was read from and, for content, the token
+// ids. Sets e.entry and e.source, or e.fault.
+void CheckEntryForRequest(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
+                          EntryLoad::Source source, std::shared_ptr<const KvEntry> entry, EntryLoad& e) {
+  const KvBlockView& view = entry->view;
+  absl::Status usable = CheckKvBlockMatches(view, fp, model.config(), in.dtype, e.kind, prefix_hash);
   const size_t first_position = e.kind == KvKind::kPrefix ? 0 : in.prefix_tokens.size();
-  if (usable.ok() && view->header.first_position != first_position) {
+  if (usable.ok() && view.header.first_position != first_position) {
     usable = absl::FailedPreconditionError("KV block starts at the wrong position");
   }
   if (!usable.ok()) return e.SetFault(EntryLoad::Fault::kForeign, usable.message());
-  if (absl::Status key = CheckKvBlockKey(*view, e.hash, in.prefix_tokens); !key.ok()) {
+  if (absl::Status key = CheckKvBlockKey(view, e.hash, in.prefix_tokens); !key.ok()) {
     return e.SetFault(EntryLoad::Fault::kDamaged, key.message());
   }
-  if (e.content != nullptr && view->tokens != *e.content) {  // implied by the key check; kept as a guard
+  if (e.content != nullptr && view.tokens != *e.content) {  // implied by the key check; kept as a guard
     return e.SetFault(EntryLoad::Fault::kDamaged, "KV block holds other tokens than its key was made from");
   }
-  e.view = *std::move(view);
+  e.entry = std::move(entry);
   e.source = source;
+}
+
+// Parses `bytes` (kept, not copied, as the entry's storage) and checks the
+// block against the request (CheckEntryForRequest). Sets e.entry, or
+// e.fault (dropping the bytes).
+void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
+                 EntryLoad::Source source, std::string bytes, EntryLoad& e) {
+  e.fault = EntryLoad::Fault::kNone;
+  auto entry = std::make_shared<KvEntry>(std::move(bytes));
+  absl::StatusOr<KvBlockView> view = ParseKvBlock(entry->span());
+  if (!view.ok()) {
+    // Our magic with bad bytes is ours to repair; another version or no
+    // KV block at all is somebody else's.
+    const bool ours = view.status().code() == absl::StatusCode::kDataLoss && HasKvBlockMagic(entry->span());
+    e.SetFault(ours ? EntryLoad::Fault::kDamaged : EntryLoad::Fault::kAlien, view.status().message());
+    return;
+  }
+  entry->view = *std::move(view);
+  CheckEntryForRequest(model, fp, in, prefix_hash, source, std::move(entry), e);
+}
+
+// Step 1b: entries the hot cache holds, checked against the request as a
+// Redis read of the same bytes would be (their parse and checksum were
+// verified when they were put there; they never change).
+void TakeFromHotCache(const Model& model, const Hash128& fp, const DecodeInput& in, HotCache& hot,
+                      std::vector<EntryLoad>& entries) {
+  absl::flat_hash_map<std::string, size_t> first;  // key -> its first entry
+  for (size_t i = 0; i < entries.size(); ++i) {
+    EntryLoad& e = entries[i];
+    if (e.ready()) continue;
+    if (auto [it, inserted] = first.emplace(e.key, i); !inserted) {  // a repeat: as the first one went
+      const EntryLoad& same = entries[it->second];
+      if (same.ready()) {
+        e.entry = same.entry;
+        e.source = same.source;
+        e.from_hot_cache = true;
+      }
+      continue;
+    }
+    std::shared_ptr<const KvEntry> entry = hot.Get(e.key);
+    if (entry == nullptr) continue;
+    CheckEntryForRequest(model, fp, in, entries[0].hash, EntryLoad::Source::kCache, std::move(entry), e);
+    e.from_hot_cache = e.ready();
+    // An entry that does not fit this request is read from Redis below,
+    // which will say the same about it (or give what the key holds now).
+    e.fault = EntryLoad::Fault::kNone;
+    e.reason.clear();
+  }
 }
 
 // Step 2: reads every entry not ready yet (one pipelined round trip) and
 // verifies it; those that pass are marked `source`. Nothing is deleted: what
 // cannot be used is recorded in the entry's fault. The store's error (e.g.
 // UNAVAILABLE) when it cannot be read.
+// Verified blocks go into `hot` when it is given.
 absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& store, const DecodeInput& in,
-                            EntryLoad::Source source, std::vector<EntryLoad>& entries) {
+                            EntryLoad::Source source, HotCache* hot, std::vector<EntryLoad>& entries) {
   // Each key is read once: a request may name one key many times.
   std::vector<std::string> keys;
   absl::flat_hash_map<std::string, size_t> first;  // key -> index of its first entry
@@ -91,7 +132,7 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
     if (const size_t f = first[e.key]; f != i) {  // a repeat: share the first one's verified view
       const EntryLoad& same = entries[f];
       if (same.ready()) {
-        e.view = same.view;  // spans same.bytes, which never moves (see EntryLoad)
+        e.entry = same.entry;  // shared, read-only
         e.source = same.source;
       } else {
         e.fault = same.fault;
@@ -107,8 +148,8 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
         break;
       case StoredValue::State::kOtherType: e.SetFault(EntryLoad::Fault::kAlien, "not a KV entry (another type)"); break;
       case StoredValue::State::kFound:
-        e.bytes = std::move(value.value);
-        VerifyEntry(model, fp, in, entries[0].hash, source, e);
+        VerifyEntry(model, fp, in, entries[0].hash, source, std::move(value.value), e);
+        if (e.ready() && hot != nullptr) hot->Put(e.key, e.entry);
         break;
     }
   }
@@ -173,11 +214,12 @@ absl::Status EncodeInMemory(const Model& model, const DecodeInput& in, const Dec
   for (size_t i = 0; i < entries.size(); ++i) {
     EntryLoad& e = entries[i];
     if (e.ready()) continue;
-    e.bytes = std::move(blocks[i == 0 ? 0 : next_context++]);
-    auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(e.bytes.data()), e.bytes.size()});
+    auto entry = std::make_shared<KvEntry>(std::move(blocks[i == 0 ? 0 : next_context++]));
+    auto view = ParseKvBlock(entry->span());
     if (!view.ok())
       return absl::InternalError(absl::StrCat("locally encoded block is invalid: ", view.status().message()));
-    e.view = *std::move(view);
+    entry->view = *std::move(view);
+    e.entry = std::move(entry);
     e.source = EntryLoad::Source::kEncoded;
   }
   return absl::OkStatus();
@@ -196,7 +238,7 @@ absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* st
     absl::Status stored =
         hooks.remote_encode ? hooks.remote_encode(enc) : EncodeContexts(model, *store, enc, hooks.cancelled).status();
     if (stored.code() == absl::StatusCode::kCancelled) return stored;
-    if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, entries);
+    if (stored.ok()) (void)FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kEncoded, hooks.hot_cache, entries);
   }
   if (Cancelled(hooks)) return absl::CancelledError("request cancelled while encoding its contexts");
   return EncodeInMemory(model, in, hooks, entries);
@@ -205,7 +247,7 @@ absl::Status EncodeMissing(const Model& model, const Hash128& fp, RedisStore* st
 int TokensFrom(const std::vector<EntryLoad>& entries, EntryLoad::Source source) {
   int n = 0;
   for (const EntryLoad& e : entries) {
-    if (e.source == source) n += e.view.header.num_tokens;
+    if (e.source == source) n += e.view().header.num_tokens;
   }
   return n;
 }
@@ -217,8 +259,13 @@ absl::StatusOr<std::vector<EntryLoad>> LoadEntries(const Model& model, RedisStor
   const Hash128 fp = FingerprintBytes(model);
   ASSIGN_OR_RETURN(std::vector<EntryLoad> entries, ComputeEntryKeys(fp, in));
   const auto t_load = Clock::now();
+  if (hooks.hot_cache != nullptr) TakeFromHotCache(model, fp, in, *hooks.hot_cache, entries);
+  for (const EntryLoad& e : entries) {
+    if (e.from_hot_cache) stats->hot_cache_tokens += e.view().header.num_tokens;
+  }
   absl::Status store_status = absl::OkStatus();
-  if (store != nullptr) store_status = FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kCache, entries);
+  if (store != nullptr)
+    store_status = FetchAndVerify(model, fp, *store, in, EntryLoad::Source::kCache, hooks.hot_cache, entries);
   RETURN_IF_ERROR(RequireKeyOnlyEntries(entries, store_status));
   stats->cached_tokens += TokensFrom(entries, EntryLoad::Source::kCache);
   stats->cache_load_ms += MsBetween(t_load, Clock::now());
@@ -231,9 +278,8 @@ absl::StatusOr<std::vector<EntryLoad>> LoadEntries(const Model& model, RedisStor
   return entries;
 }
 absl::Status AppendEntryToCache(const EntryLoad& e, KvCache& cache) {
-  RETURN_IF_ERROR(LoadKvBlock(e.view, cache, cache.size));
-  cache.size += e.view.header.num_tokens;
-  return absl::OkStatus();
+  if (!e.ready()) return absl::InternalError(absl::StrCat("entry ", e.key, " is not loaded"));
+  return AttachKvBlock(e.view(), e.entry, cache);
 }
 
 }  // namespace ape

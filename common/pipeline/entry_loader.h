@@ -6,6 +6,7 @@
 #ifndef APESERVE_COMMON_PIPELINE_ENTRY_LOADER_H_
 #define APESERVE_COMMON_PIPELINE_ENTRY_LOADER_H_
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -16,8 +17,6 @@
 
 namespace ape {
 
-// A request's entries are [0] its prefix and [1 + i] its context i. Each step
-// of LoadEntries takes the records and fills in its part of every one.
 // A request's entries are [0] its prefix and [1 + i] its context i. Each step
 // below takes the records and fills in its part of every one.
 
@@ -41,16 +40,17 @@ struct EntryLoad {
   Fault fault = Fault::kNone;
   std::string reason;  // "key (why)" when fault != kNone
   Source source = Source::kNone;
-  // The block and its verified view into `bytes` (set with `source`). The
-  // records are sized once, by ComputeEntryKeys, and never move afterwards.
-  std::string bytes;
-  KvBlockView view;
+  // The verified block (set with `source`), shared read-only with the hot
+  // cache and other requests; a request's KV cache views its payload.
+  std::shared_ptr<const KvEntry> entry;
+  bool from_hot_cache = false;  // served by DecodeHooks::hot_cache, Redis not read
 
+  const KvBlockView& view() const { return entry->view; }
   bool ready() const { return source != Source::kNone; }
   void SetFault(Fault f, absl::string_view why) {
     fault = f;
     reason = absl::StrCat(key, " (", why, ")");
-    bytes.clear();
+    entry.reset();
   }
 };
 
@@ -60,7 +60,8 @@ absl::StatusOr<std::vector<EntryLoad>> LoadEntries(const Model& model, RedisStor
                                                    const DecodeHooks& hooks, DecodeStats* stats);
 
 // Appends a verified entry's K/V and positions to `cache` at slot cache.size
-// and advances cache.size.
+// and advances cache.size: the entry's payload itself, read-only and in its
+// stored dtype (AttachKvBlock), which the cache keeps alive.
 absl::Status AppendEntryToCache(const EntryLoad& e, KvCache& cache);
 
 }  // namespace ape

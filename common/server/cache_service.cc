@@ -198,6 +198,7 @@ grpc::Status CacheService::Delete(grpc::ServerContext*, const v1::DeleteRequest*
     absl::StatusOr<std::vector<bool>> existed = store_.DeleteEach(Keys(req->keys()));
     s = existed.status();
     for (size_t i = 0; s.ok() && i < existed->size(); ++i) {
+      if (on_delete_) on_delete_(req->keys(i));  // also when Redis had lost it: a hot copy must go too
       if ((*existed)[i])
         resp->set_deleted(resp->deleted() + 1);
       else

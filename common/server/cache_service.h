@@ -7,6 +7,7 @@
 #ifndef APESERVE_COMMON_SERVER_CACHE_SERVICE_H_
 #define APESERVE_COMMON_SERVER_CACHE_SERVICE_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,10 @@ class CacheService final : public v1::Cache::Service {
   // `server` names the binary in log lines ("encoder", "decoder").
   CacheService(const Model& model, RedisStore& store, std::string server);
 
+  // Called for every key Delete removed (e.g. to drop it from a decoder's
+  // in-process cache). Set before the server starts.
+  void OnDelete(std::function<void(const std::string& key)> f) { on_delete_ = std::move(f); }
+
   grpc::Status Stat(grpc::ServerContext* ctx, const v1::StatRequest* req, v1::StatResponse* resp) override;
   grpc::Status Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req, v1::DeleteResponse* resp) override;
   grpc::Status Touch(grpc::ServerContext* ctx, const v1::TouchRequest* req, v1::TouchResponse* resp) override;
@@ -49,6 +54,7 @@ class CacheService final : public v1::Cache::Service {
   const Model& model_;
   RedisStore& store_;
   const std::string server_;
+  std::function<void(const std::string& key)> on_delete_;
 };
 
 }  // namespace ape

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <utility>
 
 #include "common/engine/half.h"
 #include "common/engine/transformer.h"
@@ -273,6 +274,117 @@ TEST(CacheKeyTest, StableAndSensitiveToEveryInput) {
   EXPECT_EQ(*parsed, k);
   EXPECT_FALSE(ParseRedisKey("ape:v1:kv:xyz").ok());
   EXPECT_FALSE(ParseRedisKey("other:" + HashToHex(k)).ok());
+}
+
+// AttachKvBlock views the payload in place (no copy): every slot reads back
+// what LoadKvBlock would have written (float16 converted the same way), the
+// positions follow first_position, and re-serialising slots of a segmented
+// cache, across segments, gives the original bytes. Shape and room are
+// checked before anything changes.
+TEST_F(KvBlockTest, AttachViewsPayloadInPlace) {
+  KvCache cache(model_->config(), 64);
+  std::vector<int32_t> prefix, ctx;
+  Compute(cache, &prefix, &ctx);
+  const int lp = prefix.size(), n = ctx.size(), kv_dim = cache.kv_dim;
+  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+    auto entry = std::make_shared<KvEntry>(SerializeKvBlock(Header(dtype, n, lp), ctx, cache, lp));
+    auto view = ParseKvBlock(entry->span());
+    ASSERT_TRUE(view.ok()) << view.status();
+    entry->view = *view;
+    // Two copies of the block, then 5 writable slots.
+    KvCache attached(model_->config(), 2 * n + 5, 2 * n);
+    ASSERT_TRUE(AttachKvBlock(entry->view, entry, attached).ok());
+    ASSERT_TRUE(AttachKvBlock(entry->view, entry, attached).ok());
+    EXPECT_EQ(attached.size, 2 * n);
+    EXPECT_EQ(entry.use_count(), 3);  // the two segments hold it
+    // No room left before the writable segment: refused, nothing changed.
+    EXPECT_EQ(AttachKvBlock(entry->view, entry, attached).code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(attached.size, 2 * n);
+    KvCache loaded(model_->config(), n);
+    ASSERT_TRUE(LoadKvBlock(entry->view, loaded, 0).ok());
+    std::vector<float> k(kv_dim), v(kv_dim);
+    for (int l = 0; l < model_->config().n_layers; ++l)
+      for (int t = 0; t < 2 * n; ++t) {
+        EXPECT_EQ(attached.pos[t], lp + t % n);
+        attached.ReadRow(l, t, k.data(), v.data());
+        for (int d = 0; d < kv_dim; ++d) {
+          ASSERT_EQ(k[d], loaded.key(l, t % n)[d]);
+          ASSERT_EQ(v[d], loaded.value(l, t % n)[d]);
+        }
+        // float32 rows are reachable as pointers; float16 ones are not.
+        EXPECT_EQ(std::as_const(attached).key(l, t) != nullptr, dtype == KvDtype::kFloat32);
+      }
+    // Slots n-3 .. n+2 span both segments: serialised back, they are the
+    // original values (float16 to float16 is exact).
+    std::vector<int32_t> six(ctx.begin() + n - 3, ctx.end());
+    six.insert(six.end(), ctx.begin(), ctx.begin() + 3);
+    const std::string again = SerializeKvBlock(Header(dtype, 6, lp), six, attached, n - 3);
+    auto v6 = ParseKvBlock({reinterpret_cast<const uint8_t*>(again.data()), again.size()});
+    ASSERT_TRUE(v6.ok()) << v6.status();
+    KvCache six_loaded(model_->config(), 6);
+    ASSERT_TRUE(LoadKvBlock(*v6, six_loaded, 0).ok());
+    for (int l = 0; l < model_->config().n_layers; ++l)
+      for (int t = 0; t < 6; ++t)
+        for (int d = 0; d < kv_dim; ++d) ASSERT_EQ(six_loaded.key(l, t)[d], loaded.key(l, (n - 3 + t) % n)[d]);
+    // The cache ends, the entry is free again.
+    {
+      KvCache scoped(model_->config(), n, n);
+      ASSERT_TRUE(AttachKvBlock(entry->view, entry, scoped).ok());
+    }
+    EXPECT_EQ(entry.use_count(), 3);
+  }
+  // Another shape: refused.
+  ModelConfig other = model_->config();
+  other.n_layers += 1;
+  auto entry = std::make_shared<KvEntry>(SerializeKvBlock(Header(KvDtype::kFloat16, n, lp), ctx, cache, lp));
+  entry->view = *ParseKvBlock(entry->span());
+  KvCache wrong(other, n, n);
+  EXPECT_EQ(AttachKvBlock(entry->view, entry, wrong).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(wrong.size, 0);
+  // LoadKvBlock writes only the writable segment.
+  KvCache ro(model_->config(), n + 1, n);
+  EXPECT_EQ(LoadKvBlock(entry->view, ro, 0).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// The pool hands back what was released, keeps at most its idle bound, and
+// caches draw from the global pool.
+TEST(KvPoolTest, ReusesChunksWithinItsBound) {
+  KvPool pool(/*max_idle_bytes=*/size_t{8} << 20);
+  void* first;
+  {
+    KvPool::Chunk a = pool.Acquire(3 << 20);
+    ASSERT_NE(a.data(), nullptr);
+    EXPECT_GE(a.bytes(), size_t{3} << 20);
+    std::memset(a.data(), 1, 3 << 20);
+    first = a.data();
+    EXPECT_EQ(pool.stats().in_use_bytes, a.bytes());
+  }
+  EXPECT_EQ(pool.stats().in_use_bytes, 0u);
+  EXPECT_GT(pool.stats().idle_bytes, 0u);
+  {
+    KvPool::Chunk b = pool.Acquire((3 << 20) - 100);  // the same class: the same memory
+    EXPECT_EQ(b.data(), first);
+    EXPECT_EQ(pool.stats().reused, 1);
+  }
+  // Over the idle bound: the oldest idle chunks are unmapped.
+  { KvPool::Chunk c = pool.Acquire(5 << 20), d = pool.Acquire(5 << 20); }
+  EXPECT_LE(pool.stats().idle_bytes, size_t{8} << 20);
+  EXPECT_GT(pool.stats().unmapped, 0);
+  pool.Trim();
+  EXPECT_EQ(pool.stats().idle_bytes, 0u);
+  // A chunk larger than the bound is never kept.
+  { KvPool::Chunk big = pool.Acquire(9 << 20); }
+  EXPECT_EQ(pool.stats().idle_bytes, 0u);
+  // Caches use the global pool: a second cache of the same size reuses.
+  ModelConfig c;
+  c.n_layers = 4;
+  c.n_heads = c.n_kv_heads = 2;
+  c.head_dim = 64;
+  c.dim = 128;
+  const int64_t reused = KvPool::Global().stats().reused;
+  { KvCache a(c, 4096); }
+  { KvCache b(c, 4096); }
+  EXPECT_GT(KvPool::Global().stats().reused, reused);
 }
 
 }  // namespace
