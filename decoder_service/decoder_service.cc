@@ -143,8 +143,8 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
                          [hot] { return static_cast<double>(hot->stats().bytes); });
     reg.SetCounterFunction("ape_decoder_hot_cache_hits_total", "Entries served from the decoder's memory", {},
                            [hot] { return static_cast<double>(hot->stats().hits); });
-    reg.SetCounterFunction("ape_decoder_hot_cache_misses_total", "Entries looked up in memory and read from Redis",
-                           {}, [hot] { return static_cast<double>(hot->stats().misses); });
+    reg.SetCounterFunction("ape_decoder_hot_cache_misses_total", "Entries looked up in memory and read from Redis", {},
+                           [hot] { return static_cast<double>(hot->stats().misses); });
   }
   reg.SetGaugeFunction("ape_decoder_batch_streams", "Streams in the decode batch now (prefilling or decoding)", {},
                        [this] { return engine_.running(); });

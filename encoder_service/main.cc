@@ -19,7 +19,9 @@ ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints")
 ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
           "stored KV dtype when a request does not say: float16 or float32");
 ABSL_FLAG(int, ttl_seconds, 0, "expiry of new cache entries when a request does not say; 0 = none");
-ABSL_FLAG(int, max_contexts, 64, "contexts per request, at most");
+ABSL_FLAG(int, max_contexts, 256,
+          "contexts per request, at most (as the decoder's default: it sends all of a request's missing contexts in "
+          "one Encode)");
 ABSL_FLAG(int, max_context_tokens, 0, "tokens per context, at most; 0 = the model's context length");
 ABSL_FLAG(int, max_prefix_tokens, 0, "prefix tokens, at most; 0 = the model's context length");
 ABSL_FLAG(int, max_positions, 0,

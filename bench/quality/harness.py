@@ -7,6 +7,7 @@ the first time Services is created, or by calling stubs()."""
 import math
 import os
 import random
+import socket
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -14,6 +15,7 @@ for _p in (os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "models",
     if _p not in sys.path:
         sys.path.insert(0, _p)
 from apeserve_client import load_stubs, make_channel, utf8  # noqa: E402
+import apeserve_launcher  # noqa: E402
 from apeserve_launcher import LocalServices, default_bin_dir  # noqa: E402
 
 MODES = ("SEQUENTIAL", "PARALLEL", "APE")
@@ -23,6 +25,43 @@ ANSWER_STOP = " ."
 ANSWER_MAX_TOKENS = 12
 
 _stubs = None
+
+
+def use_port_range(spec):
+    """Makes the launcher take its loopback ports from `spec` ("21400-21499")
+    instead of the kernel's ephemeral range (a shared machine where each user
+    owns a range). Empty `spec`: no change. Each port is checked free by
+    binding it; all are held while picking, so they differ."""
+    if not spec:
+        return
+    lo, hi = (int(x) for x in spec.split("-"))
+    state = {"next": lo}
+
+    def free_ports(n):
+        socks, out = [], []
+        try:
+            for _ in range(hi - lo + 1):
+                if len(out) == n:
+                    return out
+                port = state["next"]
+                state["next"] = lo + (port + 1 - lo) % (hi - lo + 1)
+                s = socket.socket()
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+                out.append(port)
+            raise RuntimeError(f"fewer than {n} free ports in {spec}")
+        finally:
+            for s in socks:
+                s.close()
+
+    apeserve_launcher.free_ports = free_ports
+
+
+use_port_range(os.environ.get("APE_PORT_RANGE", ""))
 
 
 def stubs():
@@ -65,7 +104,7 @@ class Services:
                 bin_dir or default_bin_dir(), model, tokenizer, tmp_prefix="apeserve-quality-",
                 # Quality runs go past the trained window on purpose (SEQUENTIAL over
                 # 32+ documents is the baseline APE is measured against).
-                encoder_args=["--max_context_tokens=4096", "--max_positions=1000000"],
+                encoder_args=["--max_context_tokens=4096", "--max_positions=1000000", "--max_contexts=256"],
                 decoder_args=["--max_context_tokens=4096", "--max_positions=1000000"]
                 + ([f"--ape_preset={preset}"] if preset else [])).start()
             self.encoder, self.decoder = self.local.encoder, self.local.decoder
@@ -91,10 +130,19 @@ class Services:
             self.local = None
 
     def encode(self, prefix, docs):
+        return self.encode_entries(prefix, docs)[0]
+
+    def encode_entries(self, prefix, docs):
+        """(context keys, prefix tokens, [tokens of each context])."""
         enc_pb = stubs()[0]
         r = self.enc.Encode(enc_pb.EncodeRequest(prefix=enc_pb.Segment(text=utf8(prefix)),
                                                  contexts=[enc_pb.Segment(text=utf8(d)) for d in docs]), timeout=600)
-        return [c.key for c in r.contexts]
+        return [c.key for c in r.contexts], r.prefix.num_tokens, [c.num_tokens for c in r.contexts]
+
+    def window(self):
+        """The model's trained window in tokens (ModelInfo.context_length)."""
+        enc_pb = stubs()[0]
+        return self.enc.ModelInfo(enc_pb.ModelInfoRequest(), timeout=60).context_length
 
     def request(self, prefix, keys, query, mode, T=None, S=None, max_tokens=8, stop=()):
         dec_pb = stubs()[2]
@@ -115,13 +163,33 @@ class Services:
                 text += msg.token.text
         return text
 
+    def generate_final(self, req):
+        """(generated text, the stream's Final message)."""
+        text, final = "", None
+        for msg in self.dec.Generate(req, timeout=600):
+            if msg.HasField("token"):
+                text += msg.token.text
+            elif msg.HasField("final"):
+                final = msg.final
+        return text, final
+
     def answer(self, prefix, keys, query, mode, T=None, S=None):
         """The greedy answer to a corpus question, cut by cut_answer."""
+        return self.answer_final(prefix, keys, query, mode, T, S)[0]
+
+    def answer_final(self, prefix, keys, query, mode, T=None, S=None):
+        """(the greedy answer cut by cut_answer, Final: T and S used, usage)."""
         req = self.request(prefix, keys, query, mode, T, S, max_tokens=ANSWER_MAX_TOKENS, stop=[ANSWER_STOP])
-        return cut_answer(self.generate(req))
+        text, final = self.generate_final(req)
+        return cut_answer(text), final
 
     def score(self, req):
         return list(self.dec.Score(req, timeout=600).logprobs)
+
+    def score_full(self, req):
+        """(log-probabilities after the query, prompt tokens)."""
+        r = self.dec.Score(req, timeout=600)
+        return list(r.logprobs), r.usage.prompt_tokens
 
 
 def kl(p_log, q_log):
