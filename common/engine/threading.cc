@@ -172,6 +172,13 @@ void SetComputeThreads(int n) {
 }
 
 int ComputeThreads() {
+  // OpenBLAS is one-threaded from the first loop on, whether or not
+  // SetComputeThreads ran: a MatMul whose rows make a single band calls
+  // sgemm without entering the pool, and a sgemm on OpenBLAS's own threads
+  // sums in another order (the same prompt would give other bits the first
+  // time than afterwards).
+  static const bool blas_single = (openblas_set_num_threads(1), true);
+  (void)blas_single;
   const int n = g_threads.load(std::memory_order_relaxed);
   return n > 0 ? n : Cores();
 }
