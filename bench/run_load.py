@@ -184,10 +184,9 @@ def write_markdown(path, records, args, command, width_note):
         "that other processes keep busy, a server with more threads also gets a larger share of the cores,",
         "which flatters the points with more streams: read them next to the load average.",
         "",
-        "The servers run with OMP_WAIT_POLICY=PASSIVE unless --omp-wait-policy says otherwise: with libgomp's",
-        "default (spin in every barrier) and other processes on the same cores, the spinning thread takes the",
-        "core from the thread that has work, and one stream decoded 30x slower (0.3 against 8.9 tokens/s on",
-        "the Qwen2.5-0.5B shape, load average ~9 on 2 cores), which would make any ratio to it meaningless.",
+        "The decoder batches: --max_concurrent streams share one decode step per engine iteration (each",
+        "weight matrix read once for all of them), and a newcomer's prompt is prefilled 64 tokens per",
+        "iteration between steps (docs/APE.md section 9).",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -205,10 +204,6 @@ def main():
     ap.add_argument("--ports", default="", help="LO-HI: use ports from this range (default: any free ones)")
     ap.add_argument("--bench-args", default="", help="extra bench_load flags")
     ap.add_argument("--decoder-args", default="", help="extra ape-decoder flags")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE",
-                    help="OMP_WAIT_POLICY for the servers (empty: inherit). libgomp's default spins in every "
-                         "barrier; on a machine whose cores other processes also use, the spinning thread takes "
-                         "the core from the one with work (1-stream decode measured 30x slower)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary folder with the servers' logs")
     args = ap.parse_args()
     streams = [int(x) for x in args.streams.split(",")]
@@ -225,8 +220,6 @@ def main():
     signal.signal(signal.SIGHUP, on_signal)
 
     server_env = dict(os.environ)
-    if args.omp_wait_policy:
-        server_env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     tmp = tempfile.mkdtemp(prefix="apeserve-load-")
     procs = Processes(tmp)
     records = []
@@ -297,7 +290,6 @@ def main():
         f.write("\n")
     width_note = (f"--max_concurrent={args.width} for every point" if args.width
                   else "--max_concurrent = the point's stream count")
-    width_note += f", OMP_WAIT_POLICY={server_env.get('OMP_WAIT_POLICY', '(unset)')}"
     if args.decoder_args:
         width_note += f", `{args.decoder_args}`"
     command = " ".join(["bench/run_load.py"] + [shlex.quote(a) for a in sys.argv[1:]])
