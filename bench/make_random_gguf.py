@@ -33,14 +33,11 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "recipe"))
-from gguf_io import read_gguf  # noqa: E402
+from gguf_io import ALIGN, GGUF_MAGIC, T_F32, T_STR, T_U32, encode_kv, encode_string, read_gguf  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_VOCAB = os.path.join(ROOT, "tests", "data", "families", "vocab", "ggml-vocab-qwen2.gguf")
 
-GGUF_MAGIC, ALIGN = b"GGUF", 32
-T_U32, T_F32, T_BOOL, T_STR, T_ARR = 4, 6, 7, 8, 9
-SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
 FILE_TYPE = {GGML_F32: 0, GGML_F16: 1, GGML_Q8_0: 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 QK8_0 = 32  # values per Q8_0 block; a block is 2 + 32 bytes
@@ -52,21 +49,6 @@ SHAPES = {
     # Between the tiny fixtures and a real model: decodes in a few ms.
     "small": dict(dim=256, ffn=768, layers=4, heads=8, kv_heads=2),
 }
-
-
-def encode_kv(kv):
-    def string(s):
-        e = s.encode("utf-8")
-        return struct.pack("<Q", len(e)) + e
-
-    def value(t, v, elem=None):
-        if t == T_STR:
-            return string(v)
-        if t == T_ARR:
-            return struct.pack("<IQ", elem, len(v)) + b"".join(value(elem, x) for x in v)
-        return struct.pack("<" + SCALAR[t], v)
-
-    return b"".join(string(k) + struct.pack("<I", t) + value(t, v, e) for k, (t, v, e) in kv.items())
 
 
 def tensor_bytes(shape, gtype):
@@ -142,9 +124,8 @@ def make_random_gguf(out, shape_name="qwen2.5-0.5b", vocab=DEFAULT_VOCAB, wtype=
     # padded to ALIGN, at the offsets the infos name.
     infos, offset = [], 0
     for name, shape, t, _ in specs:
-        e = name.encode("utf-8")
         dims = list(reversed(shape))
-        infos.append(struct.pack("<Q", len(e)) + e + struct.pack("<I", len(dims))
+        infos.append(encode_string(name) + struct.pack("<I", len(dims))
                      + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", t, offset))
         size = tensor_bytes(shape, t)
         offset += size + (-size % ALIGN)

@@ -105,10 +105,24 @@ void Transformer::QueryKeyValue(const LayerWeights& lw, int n, const int32_t* po
   Rope(k, n, c_.n_kv_heads, kvd, positions);
 }
 
+// Feed-forward of the `n` rows of x_: norm, SwiGLU, down projection, residual.
+void Transformer::FeedForward(const LayerWeights& lw, int n) {
+  const int dim = c_.dim, hid = c_.hidden_dim;
+  for (int t = 0; t < n; ++t) RmsNorm(&xb_[t * dim], &x_[t * dim], lw.rms_ffn.data(), dim, c_.rms_eps);
+  MatMul(xb_.data(), n, lw.w1, hb_.data(), hid);
+  MatMul(xb_.data(), n, lw.w3, hb2_.data(), hid);
+  for (size_t i = 0; i < static_cast<size_t>(n) * hid; ++i) {
+    const float g = hb_[i];
+    hb_[i] = g / (1.f + std::exp(-g)) * hb2_[i];
+  }
+  MatMul(hb_.data(), n, lw.w2, xb2_.data(), dim);
+  for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
+}
+
 void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache,
                                const ApeParams& ape, float* logits, bool all_logits) {
   const ModelWeights& w = model_.weights();
-  const int dim = c_.dim, hid = c_.hidden_dim;
+  const int dim = c_.dim;
   const int first_slot = cache.size;
 
   // Token embeddings; record each slot's position.
@@ -126,16 +140,7 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
     MatMul(att_.data(), n, lw.wo, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
 
-    // Feed-forward: norm, SwiGLU, down projection, residual.
-    for (int t = 0; t < n; ++t) RmsNorm(&xb_[t * dim], &x_[t * dim], lw.rms_ffn.data(), dim, c_.rms_eps);
-    MatMul(xb_.data(), n, lw.w1, hb_.data(), hid);
-    MatMul(xb_.data(), n, lw.w3, hb2_.data(), hid);
-    for (size_t i = 0; i < static_cast<size_t>(n) * hid; ++i) {
-      const float g = hb_[i];
-      hb_[i] = g / (1.f + std::exp(-g)) * hb2_[i];
-    }
-    MatMul(hb_.data(), n, lw.w2, xb2_.data(), dim);
-    for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
+    FeedForward(lw, n);
   }
   cache.size += n;
 
@@ -155,7 +160,7 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
 void Transformer::ForwardDecodeBatch(std::span<const DecodeRow> rows, float* logits) {
   const ModelWeights& w = model_.weights();
   const int n = static_cast<int>(rows.size());
-  const int dim = c_.dim, hid = c_.hidden_dim, qd = c_.q_dim(), kvd = c_.kv_dim();
+  const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim();
   const size_t kv_bytes = sizeof(float) * kvd;
   for (int b = 0; b < n; ++b) {
     w.tok_emb.RowToFloat(rows[b].token, &x_[static_cast<size_t>(b) * dim]);
@@ -175,16 +180,7 @@ void Transformer::ForwardDecodeBatch(std::span<const DecodeRow> rows, float* log
     }
     MatMul(att_.data(), n, lw.wo, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
-
-    for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], lw.rms_ffn.data(), dim, c_.rms_eps);
-    MatMul(xb_.data(), n, lw.w1, hb_.data(), hid);
-    MatMul(xb_.data(), n, lw.w3, hb2_.data(), hid);
-    for (size_t i = 0; i < static_cast<size_t>(n) * hid; ++i) {
-      const float g = hb_[i];
-      hb_[i] = g / (1.f + std::exp(-g)) * hb2_[i];
-    }
-    MatMul(hb_.data(), n, lw.w2, xb2_.data(), dim);
-    for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
+    FeedForward(lw, n);
   }
   for (int b = 0; b < n; ++b) ++rows[b].cache->size;
   for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], w.rms_final.data(), dim, c_.rms_eps);

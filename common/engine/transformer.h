@@ -64,6 +64,7 @@ class Transformer {
  private:
   void ForwardBlock(const int32_t* tokens, const int32_t* positions, int n, KvCache& cache, const ApeParams& ape,
                     float* logits, bool all_logits);
+  void FeedForward(const LayerWeights& lw, int n);
   void QueryKeyValue(const LayerWeights& lw, int n, const int32_t* positions, float* k, float* v);
   void Rope(float* x, int n, int n_heads, int row_stride, const int32_t* positions);
 

@@ -57,18 +57,29 @@ def read_gguf(path):
     return kv, tensors
 
 
+def encode_string(s):
+    """A GGUF string: u64 length, UTF-8 bytes."""
+    e = s.encode("utf-8")
+    return struct.pack("<Q", len(e)) + e
+
+
+def encode_value(t, v, elem=None):
+    """A metadata value of GGUF type t (arrays: of type elem)."""
+    if t == T_STR:
+        return encode_string(v)
+    if t == T_ARR:
+        return struct.pack("<IQ", elem, len(v)) + b"".join(encode_value(elem, x) for x in v)
+    return struct.pack("<" + SCALAR[t], v)
+
+
+def encode_kv(kv):
+    """The metadata section: {key: (type, value, element type)} as key, type, value records."""
+    return b"".join(encode_string(k) + struct.pack("<I", t) + encode_value(t, v, e) for k, (t, v, e) in kv.items())
+
+
 def write_gguf(path, kv, tensors):
     """kv: {key: (type, value, element type)}; tensors: [(name, float32 array [rows, cols] or [n], ggml type)]."""
-    def string(s):
-        e = s.encode("utf-8")
-        return struct.pack("<Q", len(e)) + e
-
-    def value(t, v, elem=None):
-        if t == T_STR:
-            return string(v)
-        if t == T_ARR:
-            return struct.pack("<IQ", elem, len(v)) + b"".join(value(elem, x) for x in v)
-        return struct.pack("<" + SCALAR[t], v)
+    string = encode_string
 
     blobs, infos, offset = [], [], 0
     for name, arr, gtype in tensors:
@@ -80,7 +91,7 @@ def write_gguf(path, kv, tensors):
         blobs.append(data + b"\0" * pad)
         offset += len(data) + pad
     head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kv))
-    head += b"".join(string(k) + struct.pack("<I", t) + value(t, v, e) for k, (t, v, e) in kv.items())
+    head += encode_kv(kv)
     head += b"".join(infos)
     with open(path, "wb") as f:
         f.write(head + b"\0" * (-len(head) % ALIGN))
