@@ -9,7 +9,7 @@
 //   (c) causal prefill of 2048 rows, no context block,
 //   (d) one 256-row block of a long causal prefill (the transformer's
 //       max_batch), after 8K slots: how SEQUENTIAL prefill calls it,
-// with the machine's ceilings measured in the same run: sgemm GFLOP/s on a
+// with the machine's ceilings measured in the same run: MatMul GFLOP/s on a
 // 512x4096x4096 product, and read bandwidth. Each cache holds --layers
 // layers and calls go round them, so K/V come from memory as in a forward
 // pass, not from the last call's L3.
@@ -20,8 +20,6 @@
 // FLOPs: 4 * head_dim * n_heads per (row, visible key): the sum over rows of
 // the keys each row sees, so causal prefill counts about half of rows^2.
 // Markdown to stdout.
-#include <cblas.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -33,8 +31,10 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/bench_util.h"
 #include "common/engine/ape_attention.h"
 #include "common/engine/half.h"
+#include "common/engine/matvec.h"
 #include "common/engine/threading.h"
 
 ABSL_FLAG(int, threads, 2, "compute threads");
@@ -200,35 +200,25 @@ int Main() {
   SetUp(cases[4], nullptr);
   SetUp(cases[5], nullptr);
 
-  // The ceilings: sgemm on all threads (OpenBLAS), and a sum over 512 MB.
+  // The ceilings, measured as bench_engine does (bench_util.h): a
+  // 512x4096x4096 product as the engine runs it (MatMul: one-thread sgemm on
+  // bands of rows across the compute threads; OpenBLAS itself is kept at one
+  // thread), and a read of 512 MB on the compute threads.
   const int m = 512, n = 4096, kk = 4096;
-  std::vector<float> a(static_cast<size_t>(m) * kk), b(static_cast<size_t>(kk) * n), c(static_cast<size_t>(m) * n);
+  std::vector<float> a(static_cast<size_t>(m) * kk), b(static_cast<size_t>(n) * kk), c(static_cast<size_t>(m) * n);
   Fill(a.data(), a.size(), 1);
   Fill(b.data(), b.size(), 2);
-  Measurement sgemm{[&](int) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, kk, 1.f, a.data(), kk, b.data(), n, 0.f, c.data(), n);
-  }};
-  std::vector<float> x(size_t{128} << 20);
-  Fill(x.data(), x.size(), 3);
-  constexpr int64_t kChunks = 256;
-  std::vector<float> sums(kChunks);
-  Measurement read{[&](int) {
-    const size_t per = x.size() / kChunks;
-    ParallelFor(kChunks, /*dynamic=*/false, [&](int64_t i) {
-      const float* p = x.data() + i * per;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (size_t j = 0; j < per; ++j) acc += p[j];
-      sums[i] = acc;
-    });
-  }};
+  const WeightMatrix w = WeightMatrix::FromFloats(std::move(b), n, kk);
+  Measurement sgemm{[&](int) { MatMul(a.data(), m, w, c.data(), n); }};
+  const ReadBuffer buffer(size_t{512} << 20);
+  Measurement read{[&](int) { ReadSeconds(buffer); }};
 
   std::vector<Measurement*> all = {&sgemm, &read};
   for (Case& k : cases) all.insert(all.end(), {&k.fast, &k.reference});
   RunRounds(all, absl::GetFlag(FLAGS_rounds), absl::GetFlag(FLAGS_seconds));
 
   const double sgemm_gflops = 2.0 * m * n * kk / sgemm.best * 1e-9;
-  const double read_gbps = x.size() * sizeof(float) / read.best * 1e-9;
+  const double read_gbps = buffer.size() / read.best * 1e-9;
   std::printf("## APE attention, one layer: %d heads, %d KV heads, head_dim %d, %d threads\n\n",
               absl::GetFlag(FLAGS_heads), absl::GetFlag(FLAGS_kv_heads), absl::GetFlag(FLAGS_head_dim),
               ComputeThreads());
