@@ -62,7 +62,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, Services, answer_lead, corpus_of, cut_answer, kl, qa_examples  # noqa: E402
+from harness import (ROOT, Services, answer_lead, corpus_of, cut_answer, kl, open_result_cache,  # noqa: E402
+                     qa_examples)
 from apeserve_launcher import default_bin_dir  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
@@ -232,17 +233,8 @@ def main():
 
     st = os.stat(args.model)
     model_id = f"{os.path.abspath(args.model)}:{st.st_size}:{int(st.st_mtime)}"
-    os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
-    cache = {}
-    if os.path.exists(args.cache):
-        with open(args.cache) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by an interrupted run
-                cache[(r["model"], r["group"], r["questions"], r["T"], r["S"], r.get("what", "score"))] = r
-    cache_f = open(args.cache, "a")
+    records, cache_f = open_result_cache(args.cache)
+    cache = {(r["model"], r["group"], r["questions"], r["T"], r["S"], r.get("what", "score")): r for r in records}
 
     def cached(group, T, S, what="score"):
         return cache.get((model_id, group.name, group.questions, round(T, 4), round(S, 4), what))

@@ -44,7 +44,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, Services, answer_lead, argmax, corpus_of, cut_answer, kl, qa_examples  # noqa: E402
+from harness import (ROOT, Services, answer_lead, argmax, corpus_of, cut_answer, kl,  # noqa: E402
+                     open_result_cache, qa_examples)
 from apeserve_launcher import default_bin_dir, test_data_dir  # noqa: E402
 from corpus import PREFIX, World, query_text  # noqa: E402
 from calibrate import interpolate  # noqa: E402
@@ -468,18 +469,8 @@ def main():
     model_name = os.path.basename(args.model).replace(".gguf", "")
     # Cached outcomes belong to one model file and one preset.
     cache_tag = f"{os.path.abspath(args.model)}:{st.st_size}:{int(st.st_mtime)}:{json.dumps(preset, sort_keys=True)}"
-    os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
-    cache = {}
-    if os.path.exists(args.cache):
-        with open(args.cache) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if r.get("tag") == cache_tag:
-                    cache[r["key"]] = r["rec"]
-    cache_f = open(args.cache, "a")
+    records, cache_f = open_result_cache(args.cache)
+    cache = {r["key"]: r["rec"] for r in records if r.get("tag") == cache_tag}
 
     def store(key, rec):
         cache_f.write(json.dumps({"tag": cache_tag, "key": key, "rec": rec}) + "\n")

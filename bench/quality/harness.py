@@ -4,10 +4,10 @@ question in one mode over gRPC.
 
 Importing this module runs nothing: the gRPC stubs are generated (protoc)
 the first time Services is created, or by calling stubs()."""
+import json
 import math
 import os
 import random
-import socket
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -15,8 +15,7 @@ for _p in (os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "models",
     if _p not in sys.path:
         sys.path.insert(0, _p)
 from apeserve_client import load_stubs, make_channel, utf8  # noqa: E402
-import apeserve_launcher  # noqa: E402
-from apeserve_launcher import LocalServices, default_bin_dir  # noqa: E402
+from apeserve_launcher import LocalServices, default_bin_dir, use_port_range  # noqa: E402
 
 MODES = ("SEQUENTIAL", "PARALLEL", "APE")
 # Every corpus answer restates the fact and ends with ANSWER_STOP ("Neub
@@ -27,40 +26,7 @@ ANSWER_MAX_TOKENS = 12
 _stubs = None
 
 
-def use_port_range(spec):
-    """Makes the launcher take its loopback ports from `spec` ("21400-21499")
-    instead of the kernel's ephemeral range (a shared machine where each user
-    owns a range). Empty `spec`: no change. Each port is checked free by
-    binding it; all are held while picking, so they differ."""
-    if not spec:
-        return
-    lo, hi = (int(x) for x in spec.split("-"))
-    state = {"next": lo}
-
-    def free_ports(n):
-        socks, out = [], []
-        try:
-            for _ in range(hi - lo + 1):
-                if len(out) == n:
-                    return out
-                port = state["next"]
-                state["next"] = lo + (port + 1 - lo) % (hi - lo + 1)
-                s = socket.socket()
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    s.close()
-                    continue
-                socks.append(s)
-                out.append(port)
-            raise RuntimeError(f"fewer than {n} free ports in {spec}")
-        finally:
-            for s in socks:
-                s.close()
-
-    apeserve_launcher.free_ports = free_ports
-
-
+# APE_PORT_RANGE="LO-HI": the servers' loopback ports come from that range.
 use_port_range(os.environ.get("APE_PORT_RANGE", ""))
 
 
@@ -190,6 +156,21 @@ class Services:
         """(log-probabilities after the query, prompt tokens)."""
         r = self.dec.Score(req, timeout=600)
         return list(r.logprobs), r.usage.prompt_tokens
+
+
+def open_result_cache(path):
+    """The records of a JSON-lines result cache (a line cut by an interrupted
+    run is skipped), and the file opened for appending new ones."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    return records, open(path, "a")
 
 
 def kl(p_log, q_log):
