@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
-from apeserve_launcher import free_ports, wait_for_port  # noqa: E402
+from apeserve_launcher import free_ports, use_port_range, wait_for_port  # noqa: E402
 
 # The request mix of the committed results (bench_load flags).
 DEFAULT_BENCH_ARGS = ["--num_documents=16", "--document_words=200", "--contexts=1,2,4", "--modes=ape,parallel",
@@ -83,22 +82,6 @@ class Processes:
                     proc.wait()
             log.close()
         self.procs = keep
-
-
-def ports_in_range(spec, n):
-    """n free loopback ports from "LO-HI" (each checked by binding it)."""
-    lo, hi = (int(x) for x in spec.split("-"))
-    out = []
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        out.append(port)
-        if len(out) == n:
-            return out
-    raise RuntimeError(f"fewer than {n} free ports in {spec}")
 
 
 def default_model():
@@ -226,7 +209,8 @@ def main():
     bench = None
     ok = False
     try:
-        redis_port, enc_port, dec_port = ports_in_range(args.ports, 3) if args.ports else free_ports(3)
+        use_port_range(args.ports)
+        redis_port, enc_port, dec_port = free_ports(3)
         redis_uri = f"redis://127.0.0.1:{redis_port}"
         encoder = f"127.0.0.1:{enc_port}"
         decoder = f"127.0.0.1:{dec_port}"

@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -46,16 +47,49 @@ def test_data_dir():
     return os.environ.get("APE_TEST_DATA") or os.path.join(REPO_ROOT, "tests", "data")
 
 
+_port_lock = threading.Lock()
+_port_range = None  # [lo, hi, next] once use_port_range set one
+
+
+def use_port_range(spec):
+    """Makes free_ports take its loopback ports from `spec` ("21400-21499")
+    instead of the kernel's ephemeral range (a shared machine where each user
+    owns a range). Empty `spec`: no change. Picks go round the range, so
+    successive calls get other ports."""
+    global _port_range
+    if spec:
+        lo, hi = (int(x) for x in spec.split("-"))
+        _port_range = [lo, hi, lo]
+
+
 def free_ports(n):
     """n distinct loopback ports free right now (all held open while picking,
     so they differ)."""
     socks = []
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        with _port_lock:
+            if _port_range is None:
+                for _ in range(n):
+                    s = socket.socket()
+                    s.bind(("127.0.0.1", 0))
+                    socks.append(s)
+            else:
+                lo, hi, _ = _port_range
+                for _ in range(hi - lo + 1):
+                    if len(socks) == n:
+                        break
+                    port = _port_range[2]
+                    _port_range[2] = lo + (port + 1 - lo) % (hi - lo + 1)
+                    s = socket.socket()
+                    try:
+                        s.bind(("127.0.0.1", port))
+                    except OSError:
+                        s.close()
+                        continue
+                    socks.append(s)
+                if len(socks) < n:
+                    raise RuntimeError(f"fewer than {n} free ports in {lo}-{hi}")
+            return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()

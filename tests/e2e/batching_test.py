@@ -21,9 +21,7 @@ ape-decoder --max_concurrent=8 (stories260K).
 Ports: APE_TEST_PORT_RANGE=lo-hi (e.g. 21200-21299) makes every server
 listen in that range; otherwise free ports are picked by the kernel.
 """
-import concurrent.futures
 import os
-import socket
 import sys
 import threading
 import time
@@ -57,36 +55,8 @@ DOCS = [
 LONG_TOKENS = 12000
 
 
-def _port_range_picker():
-    spec = os.environ.get("APE_TEST_PORT_RANGE")
-    if not spec:
-        return None
-    lo, hi = (int(x) for x in spec.split("-"))
-    lock, state = threading.Lock(), {"next": lo}
-
-    def pick(n):
-        out = []
-        with lock:
-            tries = 0
-            while len(out) < n:
-                if tries > hi - lo + 1:
-                    raise RuntimeError(f"no {n} free ports in {spec}")
-                port = state["next"]
-                state["next"] = lo + (port + 1 - lo) % (hi - lo + 1)
-                tries += 1
-                with socket.socket() as s:
-                    try:
-                        s.bind(("127.0.0.1", port))
-                    except OSError:
-                        continue
-                out.append(port)
-        return out
-    return pick
-
-
-_picker = _port_range_picker()
-if _picker:
-    apeserve_launcher.free_ports = _picker
+# APE_TEST_PORT_RANGE="LO-HI": take the servers' ports from that range.
+apeserve_launcher.use_port_range(os.environ.get("APE_TEST_PORT_RANGE", ""))
 
 
 def scrape(addr, name):
