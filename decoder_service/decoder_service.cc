@@ -145,6 +145,9 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
                            [hot] { return static_cast<double>(hot->stats().hits); });
     reg.SetCounterFunction("ape_decoder_hot_cache_misses_total", "Entries looked up in memory and read from Redis", {},
                            [hot] { return static_cast<double>(hot->stats().misses); });
+    reg.SetCounterFunction("ape_decoder_hot_cache_expirations_total",
+                           "Entries dropped from memory because their Redis key's TTL ran out", {},
+                           [hot] { return static_cast<double>(hot->stats().expirations); });
   }
   reg.SetGaugeFunction("ape_decoder_batch_streams", "Streams in the decode batch now (prefilling or decoding)", {},
                        [this] { return engine_.running(); });

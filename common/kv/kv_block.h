@@ -108,14 +108,24 @@ absl::Status AttachKvBlock(const KvBlockView& block, std::shared_ptr<const void>
 
 // A verified block that owns its bytes, shared read-only by the requests
 // using it (and by the decoder's hot cache, hot_cache.h). `view` points into
-// `bytes`, so an entry is built in place and never moved or copied.
+// the bytes, so an entry is built in place and never moved or copied. The
+// bytes are a string's or any memory `owner` keeps alive (the decoder reads
+// Redis replies straight into pooled memory, entry_loader.cc).
 struct KvEntry {
-  explicit KvEntry(std::string b) : bytes(std::move(b)) {}
+  explicit KvEntry(std::string b)
+      : KvEntry(std::make_shared<const std::string>(std::move(b))) {}
+  KvEntry(std::shared_ptr<const void> owner, std::span<const uint8_t> bytes)
+      : owner_(std::move(owner)), bytes_(bytes) {}
   KvEntry(const KvEntry&) = delete;
   KvEntry& operator=(const KvEntry&) = delete;
-  std::span<const uint8_t> span() const { return {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}; }
-  const std::string bytes;
+  std::span<const uint8_t> span() const { return bytes_; }
   KvBlockView view;
+
+ private:
+  explicit KvEntry(std::shared_ptr<const std::string> s)
+      : owner_(s), bytes_(reinterpret_cast<const uint8_t*>(s->data()), s->size()) {}
+  std::shared_ptr<const void> owner_;
+  std::span<const uint8_t> bytes_;
 };
 
 }  // namespace ape

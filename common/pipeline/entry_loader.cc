@@ -62,13 +62,12 @@ void CheckEntryForRequest(const Model& model, const Hash128& fp, const DecodeInp
   e.source = source;
 }
 
-// Parses `bytes` (kept, not copied, as the entry's storage) and checks the
+// Parses the bytes of `entry` (its storage: not copied) and checks the
 // block against the request (CheckEntryForRequest). Sets e.entry, or
 // e.fault (dropping the bytes).
 void VerifyEntry(const Model& model, const Hash128& fp, const DecodeInput& in, const Hash128& prefix_hash,
-                 EntryLoad::Source source, std::string bytes, EntryLoad& e) {
+                 EntryLoad::Source source, std::shared_ptr<KvEntry> entry, EntryLoad& e) {
   e.fault = EntryLoad::Fault::kNone;
-  auto entry = std::make_shared<KvEntry>(std::move(bytes));
   absl::StatusOr<KvBlockView> view = ParseKvBlock(entry->span());
   if (!view.ok()) {
     // Our magic with bad bytes is ours to repair; another version or no
@@ -124,7 +123,15 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
     if (!entries[i].ready() && first.emplace(entries[i].key, i).second) keys.push_back(entries[i].key);
   }
   if (keys.empty()) return absl::OkStatus();
-  ASSIGN_OR_RETURN(std::vector<StoredValue> values, store.Read(keys));
+  // Values go from the socket straight into pooled memory (kv_cache.h:
+  // mapped once, reused by later requests, no page faults), which the
+  // entries then use in place.
+  const ValueAllocator pooled = [](size_t bytes) {
+    auto chunk = std::make_shared<KvPool::Chunk>(KvPool::Global().Acquire(std::max<size_t>(bytes, 1)));
+    char* data = static_cast<char*>(chunk->data());
+    return ValueBuffer{std::move(chunk), data, bytes};
+  };
+  ASSIGN_OR_RETURN(std::vector<StoredValue> values, store.Read(keys, pooled));
   size_t next_value = 0;  // values[] follows the first entries not ready
   for (size_t i = 0; i < entries.size(); ++i) {
     EntryLoad& e = entries[i];
@@ -148,8 +155,20 @@ absl::Status FetchAndVerify(const Model& model, const Hash128& fp, RedisStore& s
         break;
       case StoredValue::State::kOtherType: e.SetFault(EntryLoad::Fault::kAlien, "not a KV entry (another type)"); break;
       case StoredValue::State::kFound:
-        VerifyEntry(model, fp, in, entries[0].hash, source, std::move(value.value), e);
-        if (e.ready() && hot != nullptr) hot->Put(e.key, e.entry);
+        VerifyEntry(model, fp, in, entries[0].hash, source,
+                    value.buffer.data != nullptr
+                        ? std::make_shared<KvEntry>(std::move(value.buffer.owner),
+                                                    std::span<const uint8_t>(
+                                                        reinterpret_cast<const uint8_t*>(value.buffer.data),
+                                                        value.buffer.size))
+                        : std::make_shared<KvEntry>(std::move(value.value)),
+                    e);
+        if (e.ready() && hot != nullptr) {
+          // Kept no longer than Redis keeps the key (hot_cache.h).
+          hot->Put(e.key, e.entry,
+                   value.ttl_ms >= 0 ? HotCache::Clock::now() + std::chrono::milliseconds(value.ttl_ms)
+                                     : HotCache::kNever);
+        }
         break;
     }
   }

@@ -9,7 +9,7 @@ HotCache::HotCache(size_t capacity_bytes) : capacity_(capacity_bytes) {}
 size_t HotCache::Cost(const KvEntry& e) {
   // The bytes, the token ids copied into the view, and the bookkeeping
   // (list node, map slot, key, control block) at a round 256.
-  return e.bytes.size() + e.view.tokens.size() * sizeof(int32_t) + 256;
+  return e.span().size() + e.view.tokens.size() * sizeof(int32_t) + 256;
 }
 
 std::shared_ptr<const KvEntry> HotCache::Get(const std::string& key) {
@@ -19,12 +19,21 @@ std::shared_ptr<const KvEntry> HotCache::Get(const std::string& key) {
     ++stats_.misses;
     return nullptr;
   }
+  if (it->second->expires != kNever && Clock::now() >= it->second->expires) {
+    ++stats_.misses;
+    ++stats_.expirations;
+    stats_.bytes -= it->second->cost;
+    lru_.erase(it->second);
+    index_.erase(it);
+    stats_.entries = lru_.size();
+    return nullptr;
+  }
   ++stats_.hits;
   lru_.splice(lru_.begin(), lru_, it->second);  // to the front; iterators stay valid
   return it->second->entry;
 }
 
-void HotCache::Put(const std::string& key, std::shared_ptr<const KvEntry> entry) {
+void HotCache::Put(const std::string& key, std::shared_ptr<const KvEntry> entry, Clock::time_point expires) {
   if (entry == nullptr) return;
   const size_t cost = Cost(*entry);
   std::shared_ptr<const KvEntry> dropped;  // released after the lock
@@ -36,7 +45,7 @@ void HotCache::Put(const std::string& key, std::shared_ptr<const KvEntry> entry)
     index_.erase(it);
   }
   if (cost > capacity_) return;
-  lru_.push_front({key, std::move(entry), cost});
+  lru_.push_front({key, std::move(entry), cost, expires});
   index_[key] = lru_.begin();
   stats_.bytes += cost;
   ++stats_.insertions;

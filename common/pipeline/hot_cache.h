@@ -16,10 +16,14 @@
 // (AttachKvBlock) without copying. An entry evicted or replaced while a
 // request uses it stays alive until the last such request ends.
 //
-// What it does not see: a key deleted or expired in Redis after it was read
-// keeps answering from here until evicted (the content it names is still
-// what the key names: keys are content hashes). The Cache admin service's
-// delete should call Erase.
+// Expiry: an entry read from a key with a TTL is put with the deadline
+// Redis had for it (PTTL, read in the same round trip), and is a miss from
+// then on, so a key that expired in Redis stops answering here too. A TTL
+// extended later (Cache.Touch) only makes the entry go back to Redis early.
+// What it does not see: a key deleted in Redis by someone else after it was
+// read keeps answering from here until evicted or expired (the content it
+// names is still what the key names: keys are content hashes). The Cache
+// admin service's delete calls Erase.
 //
 // Thread-safe: one mutex around the map and the LRU list; nothing slow (no
 // I/O, no copy of an entry's bytes) runs under it.
@@ -28,6 +32,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <chrono>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -46,12 +51,16 @@ class HotCache {
   HotCache(const HotCache&) = delete;
   HotCache& operator=(const HotCache&) = delete;
 
-  // The entry at `key`, now the most recently used; null when absent.
+  using Clock = std::chrono::steady_clock;
+  static constexpr Clock::time_point kNever = Clock::time_point::max();
+
+  // The entry at `key`, now the most recently used; null when absent or
+  // past its deadline (then dropped).
   std::shared_ptr<const KvEntry> Get(const std::string& key);
-  // Puts `entry` (verified, see above) at `key`, replacing what was there,
-  // and evicts the least recently used entries until the total fits. An
-  // entry larger than the whole capacity is not kept.
-  void Put(const std::string& key, std::shared_ptr<const KvEntry> entry);
+  // Puts `entry` (verified, see above) at `key` until `expires`, replacing
+  // what was there, and evicts the least recently used entries until the
+  // total fits. An entry larger than the whole capacity is not kept.
+  void Put(const std::string& key, std::shared_ptr<const KvEntry> entry, Clock::time_point expires = kNever);
   // Drops `key` (requests using it keep their reference).
   void Erase(const std::string& key);
 
@@ -60,6 +69,7 @@ class HotCache {
 
   struct Stats {
     int64_t hits = 0, misses = 0, insertions = 0, evictions = 0;
+    int64_t expirations = 0;  // Gets that found the entry past its deadline (counted as misses too)
     size_t bytes = 0;  // of the entries held
     size_t entries = 0;
   };
@@ -71,6 +81,7 @@ class HotCache {
     std::string key;
     std::shared_ptr<const KvEntry> entry;
     size_t cost;
+    Clock::time_point expires;
   };
   using List = std::list<Item>;  // most recently used first
   void EvictLocked();

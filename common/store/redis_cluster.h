@@ -39,6 +39,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "common/store/redis_store.h"
+#include "common/store/resp_reader.h"
 
 struct redisContext;
 
@@ -51,6 +52,8 @@ using Command = std::vector<absl::string_view>;
 // NOPERM: PERMISSION_DENIED; LOADING, BUSY, CLUSTERDOWN: UNAVAILABLE; else
 // INTERNAL). `what` names the command.
 absl::Status ErrorReply(const redisReply* r, absl::string_view what);
+// The same for an error's message text.
+absl::Status ErrorMessage(absl::string_view msg, absl::string_view what);
 
 // One Redis server: a small pool of connections (authenticated, db
 // selected) and pipelines on them. Thread-safe.
@@ -71,6 +74,15 @@ class Node {
   // (a restarted Redis), the pool is emptied and the commands are sent once
   // more on a new connection.
   absl::Status Pipeline(const std::vector<Command>& commands, const OnReply& on_reply);
+  // Sends `commands` on one connection like Pipeline, but hands the reply
+  // stream to `read_replies` (resp_reader.h) instead of hiredis: for replies
+  // too big to copy through hiredis's buffers. `read_replies` must read one
+  // whole reply per command and return OK; any other status means the
+  // stream is out of sync, and the connection is dropped. Retried once on a
+  // new connection like Pipeline, when a pooled one was closed before any
+  // reply byte came.
+  absl::Status PipelineRaw(const std::vector<Command>& commands,
+                           const std::function<absl::Status(RespReader&)>& read_replies);
 
   const RedisConfig& config() const { return config_; }
   // "host:port" (what MOVED and CLUSTER SLOTS name a node by).
@@ -89,6 +101,10 @@ class Node {
   void Release(Context c);
   // One attempt on `c`; sets *retry (when not null) if it may be repeated.
   absl::Status PipelineOn(Context c, const std::vector<Command>& commands, const OnReply& on_reply, bool* retry);
+  absl::Status PipelineRawOn(Context c, const std::vector<Command>& commands,
+                             const std::function<absl::Status(RespReader&)>& read_replies, bool* retry);
+  // Appends `commands` to c's output buffer and writes it all out.
+  absl::Status Send(redisContext* c, const std::vector<Command>& commands, bool* retry);
 
   const RedisConfig config_;
   const std::string address_;

@@ -8,7 +8,9 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <random>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -91,7 +93,10 @@ absl::Status ParseHostPort(absl::string_view hostport, std::string* host, int* p
 namespace redis {
 
 absl::Status ErrorReply(const redisReply* r, absl::string_view what) {
-  std::string msg(r->str, r->len);
+  return ErrorMessage(absl::string_view(r->str, r->len), what);
+}
+
+absl::Status ErrorMessage(absl::string_view msg, absl::string_view what) {
   if (msg.rfind("OOM", 0) == 0) return absl::ResourceExhaustedError(absl::StrCat("redis ", what, ": ", msg));
   if (msg.rfind("NOAUTH", 0) == 0 || msg.rfind("WRONGPASS", 0) == 0 || msg.rfind("NOPERM", 0) == 0) {
     return absl::PermissionDeniedError(absl::StrCat("redis ", what, ": ", msg));
@@ -255,7 +260,7 @@ absl::Status Node::Pipeline(const std::vector<Command>& commands, const OnReply&
   return PipelineOn(std::move(a.context), commands, on_reply, nullptr);
 }
 
-absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, const OnReply& on_reply, bool* retry) {
+absl::Status Node::Send(redisContext* c, const std::vector<Command>& commands, bool* retry) {
   std::vector<const char*> ptrs;
   std::vector<size_t> lens;
   for (const auto& argv : commands) {
@@ -265,10 +270,22 @@ absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, c
       ptrs.push_back(a.data());
       lens.push_back(a.size());
     }
-    if (redisAppendCommandArgv(c.get(), argv.size(), ptrs.data(), lens.data()) != REDIS_OK) {
+    if (redisAppendCommandArgv(c, argv.size(), ptrs.data(), lens.data()) != REDIS_OK) {
       return absl::UnavailableError(absl::StrCat("redis ", config_.Describe(), ": ", c->errstr));
     }
   }
+  for (int done = 0; !done;) {
+    if (redisBufferWrite(c, &done) != REDIS_OK) {
+      if (retry != nullptr && ClosedByPeer(c)) *retry = true;  // nothing was answered yet
+      return absl::UnavailableError(
+          absl::StrCat("redis ", config_.Describe(), ": ", c->errstr[0] ? c->errstr : "connection lost"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, const OnReply& on_reply, bool* retry) {
+  RETURN_IF_ERROR(Send(c.get(), commands, retry));
   absl::Status first_error;
   for (size_t i = 0; i < commands.size(); ++i) {
     void* raw = nullptr;
@@ -284,6 +301,39 @@ absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, c
   }
   Release(std::move(c));
   return first_error;
+}
+
+absl::Status Node::PipelineRaw(const std::vector<Command>& commands,
+                               const std::function<absl::Status(RespReader&)>& read_replies) {
+  ASSIGN_OR_RETURN(Acquired a, Acquire());
+  bool retry = false;
+  absl::Status s = PipelineRawOn(std::move(a.context), commands, read_replies, a.reused ? &retry : nullptr);
+  if (!retry) return s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.clear();
+  }
+  ASSIGN_OR_RETURN(a, Acquire());
+  return PipelineRawOn(std::move(a.context), commands, read_replies, nullptr);
+}
+
+absl::Status Node::PipelineRawOn(Context c, const std::vector<Command>& commands,
+                                 const std::function<absl::Status(RespReader&)>& read_replies, bool* retry) {
+  // Every earlier reply on this connection was read whole, so hiredis holds
+  // no bytes of the stream; if it ever did, they would be lost here.
+  if (c->reader != nullptr && c->reader->pos != c->reader->len) {
+    return absl::InternalError("redis: unread bytes in a pooled connection");
+  }
+  RETURN_IF_ERROR(Send(c.get(), commands, retry));
+  RespReader reader(SocketSource(c->fd, config_.Describe()));
+  absl::Status s = read_replies(reader);
+  if (!s.ok()) {
+    // Closed under us before any byte of a reply: as Pipeline, resend once.
+    if (retry != nullptr && reader.bytes_read() == 0 && !absl::StrContains(s.message(), "timed out")) *retry = true;
+    return s;
+  }
+  Release(std::move(c));
+  return absl::OkStatus();
 }
 
 }  // namespace redis
@@ -424,41 +474,179 @@ absl::Status RedisStore::Put(const std::string& key, absl::string_view value, in
   }));
 }
 
-absl::StatusOr<std::vector<StoredValue>> RedisStore::Read(const std::vector<std::string>& keys) {
-  Observed obs(*this, "read");
-  std::vector<redis::Unit> units;
-  for (const auto& k : keys) units.push_back({k, {{"HGETALL", k}}});
-  std::vector<StoredValue> out(keys.size());
-  RETURN_IF_ERROR(Run(units, [&](size_t i, size_t, const redisReply* r) {
-    if (IsWrongType(r)) {  // something else lives at the key
-      out[i].state = StoredValue::State::kOtherType;
-      return absl::OkStatus();
+namespace {
+
+// Orders chunk fields "0".."n-1" given as (name, bytes) pairs: the value, or
+// nullopt when a field is stray, repeated or missing.
+template <typename Bytes>
+std::optional<std::vector<const Bytes*>> OrderChunks(const std::vector<std::pair<absl::string_view, const Bytes*>>& fields) {
+  std::vector<const Bytes*> chunks(fields.size(), nullptr);
+  for (const auto& [name, bytes] : fields) {
+    size_t idx;
+    if (!absl::SimpleAtoi(name, &idx) || idx >= chunks.size() || chunks[idx] != nullptr) return std::nullopt;
+    chunks[idx] = bytes;
+  }
+  return chunks;
+}
+
+// One HGETALL reply from `rd` into `out` (resp_reader.h). A value made of
+// one chunk "0" (every entry below RedisConfig::chunk_bytes) goes from the
+// socket into `allocate`d memory; several chunks are read into strings and
+// joined there. An error reply other than WRONGTYPE is kept in `*error` (the
+// first one) and the stream stays in sync; a non-OK return means it is not.
+absl::Status ReadHashReply(redis::RespReader& rd, const ValueAllocator& allocate, StoredValue& out,
+                           absl::Status* error) {
+  ASSIGN_OR_RETURN(absl::string_view line, rd.Line());
+  if (line.empty()) return absl::DataLossError("redis reply: an empty line");
+  if (line[0] == '-') {
+    if (absl::StartsWith(line.substr(1), kWrongType)) {
+      out.state = StoredValue::State::kOtherType;
+    } else if (error->ok()) {
+      *error = redis::ErrorMessage(line.substr(1), "HGETALL");
     }
-    if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HGETALL");
-    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) return absl::OkStatus();  // kMissing
-    out[i].state = StoredValue::State::kIncomplete;
-    if (r->elements % 2 != 0) return absl::OkStatus();
-    // Fields must be exactly "0".."n-1"; order them.
-    const size_t n = r->elements / 2;
-    std::vector<const redisReply*> chunks(n, nullptr);
-    size_t total = 0;
-    for (size_t f = 0; f < n; ++f) {
-      const redisReply* name = r->element[2 * f];
-      const redisReply* val = r->element[2 * f + 1];
-      size_t idx;
-      if (name->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING ||
-          !absl::SimpleAtoi(absl::string_view(name->str, name->len), &idx) || idx >= n || chunks[idx]) {
-        return absl::OkStatus();  // a stray or missing field: kIncomplete
-      }
-      chunks[idx] = val;
-      total += val->len;
-    }
-    out[i].value.reserve(total);
-    for (const redisReply* c : chunks) out[i].value.append(c->str, c->len);
-    out[i].state = StoredValue::State::kFound;
     return absl::OkStatus();
-  }));
-  for (const StoredValue& v : out) obs.bytes_read += v.value.size();
+  }
+  if (line[0] != '*') return absl::DataLossError(absl::StrCat("redis HGETALL: unexpected reply '", line.substr(0, 32), "'"));
+  ASSIGN_OR_RETURN(int64_t elements, redis::RespReader::Length(line, int64_t{1} << 32));
+  if (elements <= 0) return absl::OkStatus();  // kMissing
+  out.state = StoredValue::State::kIncomplete;
+  // Element i: its bulk string's length (-2: not a bulk string, skipped).
+  auto bulk_header = [&]() -> absl::StatusOr<int64_t> {
+    ASSIGN_OR_RETURN(absl::string_view h, rd.Line());
+    if (h.empty()) return absl::DataLossError("redis reply: an empty line");
+    if (h[0] == '$') return redis::RespReader::Length(h, redis::RespReader::kMaxBulkBytes);
+    if (h[0] == '+' || h[0] == '-' || h[0] == ':') return -2;
+    return absl::DataLossError(absl::StrCat("redis HGETALL: unexpected element '", h.substr(0, 32), "'"));
+  };
+  bool well_formed = elements % 2 == 0;
+  std::vector<std::string> names, chunks;
+  bool direct = false;  // the one chunk went into out.buffer
+  for (int64_t e = 0; e < elements; ++e) {
+    ASSIGN_OR_RETURN(int64_t len, bulk_header());
+    if (len < 0) {  // nil or not a string: no entry of ours
+      well_formed = false;
+      continue;
+    }
+    if (e % 2 == 0 || !well_formed) {  // a field name (or anything once malformed): to a string
+      std::string& dst = (e % 2 == 0 && well_formed) ? names.emplace_back() : chunks.emplace_back();
+      dst.resize(len);
+      RETURN_IF_ERROR(rd.Exact(dst.data(), len));
+      RETURN_IF_ERROR(rd.Crlf());
+      continue;
+    }
+    if (elements == 2 && allocate && names.back() == "0") {  // the common case: straight into place
+      out.buffer = allocate(len);
+      out.buffer.size = len;
+      RETURN_IF_ERROR(rd.Exact(out.buffer.data, len));
+      RETURN_IF_ERROR(rd.Crlf());
+      direct = true;
+      continue;
+    }
+    std::string& dst = chunks.emplace_back();
+    dst.resize(len);
+    RETURN_IF_ERROR(rd.Exact(dst.data(), len));
+    RETURN_IF_ERROR(rd.Crlf());
+  }
+  if (!well_formed) {
+    out.buffer = ValueBuffer{};
+    return absl::OkStatus();  // kIncomplete
+  }
+  if (direct) {
+    out.state = StoredValue::State::kFound;
+    return absl::OkStatus();
+  }
+  std::vector<std::pair<absl::string_view, const std::string*>> fields;
+  for (size_t f = 0; f < names.size(); ++f) fields.emplace_back(names[f], &chunks[f]);
+  std::optional<std::vector<const std::string*>> ordered = OrderChunks(fields);
+  if (!ordered) return absl::OkStatus();  // kIncomplete
+  size_t total = 0;
+  for (const std::string* c : *ordered) total += c->size();
+  if (allocate) {
+    out.buffer = allocate(total);
+    out.buffer.size = total;
+    char* p = out.buffer.data;
+    for (const std::string* c : *ordered) p = std::copy(c->begin(), c->end(), p);
+  } else {
+    out.value.reserve(total);
+    for (const std::string* c : *ordered) out.value += *c;
+  }
+  out.state = StoredValue::State::kFound;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<StoredValue>> RedisStore::Read(const std::vector<std::string>& keys,
+                                                          const ValueAllocator& allocate) {
+  Observed obs(*this, "read");
+  std::vector<StoredValue> out(keys.size());
+  if (!cluster_) {
+    // One node: HGETALL pipelined, replies parsed here (resp_reader.h).
+    std::vector<redis::Command> commands;
+    for (const auto& k : keys) {
+      commands.push_back({"HGETALL", k});
+      commands.push_back({"PTTL", k});
+    }
+    absl::Status error;
+    RETURN_IF_ERROR(node_->PipelineRaw(commands, [&](redis::RespReader& rd) -> absl::Status {
+      error = absl::OkStatus();
+      for (StoredValue& v : out) {
+        v = StoredValue{};
+        RETURN_IF_ERROR(ReadHashReply(rd, allocate, v, &error));
+        ASSIGN_OR_RETURN(absl::string_view ttl, rd.Line());
+        if (!ttl.empty() && ttl[0] == ':' && absl::SimpleAtoi(ttl.substr(1), &v.ttl_ms)) continue;
+        if (!ttl.empty() && ttl[0] == '-') {
+          if (error.ok()) error = redis::ErrorMessage(ttl.substr(1), "PTTL");
+          continue;
+        }
+        return absl::DataLossError(absl::StrCat("redis PTTL: unexpected reply '", ttl.substr(0, 32), "'"));
+      }
+      return absl::OkStatus();
+    }));
+    RETURN_IF_ERROR(error);
+  } else {
+    std::vector<redis::Unit> units;
+    for (const auto& k : keys) units.push_back({k, {{"HGETALL", k}, {"PTTL", k}}});
+    RETURN_IF_ERROR(Run(units, [&](size_t i, size_t command, const redisReply* r) {
+      if (command == 1) {
+        if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "PTTL");
+        if (r->type == REDIS_REPLY_INTEGER) out[i].ttl_ms = r->integer;
+        return absl::OkStatus();
+      }
+      if (IsWrongType(r)) {  // something else lives at the key
+        out[i].state = StoredValue::State::kOtherType;
+        return absl::OkStatus();
+      }
+      if (r->type == REDIS_REPLY_ERROR) return ErrorReply(r, "HGETALL");
+      if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) return absl::OkStatus();  // kMissing
+      out[i].state = StoredValue::State::kIncomplete;
+      if (r->elements % 2 != 0) return absl::OkStatus();
+      std::vector<std::pair<absl::string_view, const redisReply*>> fields;
+      for (size_t f = 0; f + 1 < r->elements; f += 2) {
+        const redisReply* name = r->element[f];
+        const redisReply* val = r->element[f + 1];
+        if (name->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING) return absl::OkStatus();
+        fields.emplace_back(absl::string_view(name->str, name->len), val);
+      }
+      std::optional<std::vector<const redisReply*>> chunks = OrderChunks(fields);
+      if (!chunks) return absl::OkStatus();  // a stray or missing field: kIncomplete
+      size_t total = 0;
+      for (const redisReply* c : *chunks) total += c->len;
+      char* p;
+      if (allocate) {
+        out[i].buffer = allocate(total);
+        out[i].buffer.size = total;
+        p = out[i].buffer.data;
+      } else {
+        out[i].value.resize(total);
+        p = out[i].value.data();
+      }
+      for (const redisReply* c : *chunks) p = std::copy(c->str, c->str + c->len, p);
+      out[i].state = StoredValue::State::kFound;
+      return absl::OkStatus();
+    }));
+  }
+  for (const StoredValue& v : out) obs.bytes_read += v.bytes().size();
   obs.ok = true;
   return out;
 }

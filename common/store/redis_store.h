@@ -71,6 +71,16 @@ struct RedisConfig {
 // nodes of a Redis Cluster). Percent-escapes in user and password are decoded.
 absl::StatusOr<RedisConfig> ParseRedisUri(absl::string_view uri);
 
+// Memory a value is read into (RedisStore::Read with an allocator): room for
+// `size` bytes at `data`, kept alive by `owner`.
+struct ValueBuffer {
+  std::shared_ptr<void> owner;
+  char* data = nullptr;
+  size_t size = 0;
+};
+// Gives a ValueBuffer of at least `bytes` bytes (contents undefined).
+using ValueAllocator = std::function<ValueBuffer(size_t bytes)>;
+
 // What one key held when it was read.
 struct StoredValue {
   enum class State {
@@ -80,7 +90,13 @@ struct StoredValue {
     kOtherType,   // a value of another Redis type
   };
   State state = State::kMissing;
-  std::string value;
+  std::string value;   // kFound: the bytes, unless they are in `buffer`
+  ValueBuffer buffer;  // kFound by a Read with an allocator: the bytes
+                       // are buffer.data[0, size) (`value` stays empty)
+  int64_t ttl_ms = -2;  // PTTL read with it: -1 no expiry, -2 no key
+  absl::string_view bytes() const {
+    return buffer.data != nullptr ? absl::string_view(buffer.data, buffer.size) : absl::string_view(value);
+  }
 };
 
 class RedisStore {
@@ -101,8 +117,13 @@ class RedisStore {
   // or a non-contiguous chunk set. Bytes are NOT verified here: callers
   // parse them as KV blocks.
   absl::StatusOr<std::vector<std::optional<std::string>>> GetMany(const std::vector<std::string>& keys);
-  // The same, saying for each key what it held (one pipelined round trip).
-  absl::StatusOr<std::vector<StoredValue>> Read(const std::vector<std::string>& keys);
+  // The same, saying for each key what it held and its remaining time to
+  // live (one pipelined round trip: HGETALL and PTTL per key).
+  // With `allocate`, a found value's bytes go into memory it gives (on a
+  // single node straight from the socket: no intermediate copy; on a
+  // cluster through hiredis, then one copy).
+  absl::StatusOr<std::vector<StoredValue>> Read(const std::vector<std::string>& keys,
+                                                const ValueAllocator& allocate = nullptr);
   // Deletes `keys`; returns how many existed.
   absl::StatusOr<int64_t> Delete(const std::vector<std::string>& keys);
   // Keys matching `pattern` (SCAN, so it does not block Redis).

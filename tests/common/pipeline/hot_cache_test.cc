@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <random>
 #include <string>
@@ -73,19 +74,35 @@ TEST(HotCacheTest, EvictedEntryLivesWhileInUse) {
   cache.Put("c", Entry("c", 1000));  // evicts a
   EXPECT_EQ(cache.Get("a"), nullptr);
   ASSERT_FALSE(watch.expired());  // the request still holds it
-  EXPECT_EQ(in_use->bytes, std::string(1000, 'a'));
+  EXPECT_EQ(std::string(in_use->span().begin(), in_use->span().end()), std::string(1000, 'a'));
   in_use.reset();  // the request ends
   EXPECT_TRUE(watch.expired());
   // Replaced while in use: the same.
   std::shared_ptr<const KvEntry> b = cache.Get("b");
   cache.Put("b", Entry("b", 10));
-  EXPECT_EQ(b->bytes.size(), 1000u);
-  EXPECT_EQ(cache.Get("b")->bytes.size(), 10u);
+  EXPECT_EQ(b->span().size(), 1000u);
+  EXPECT_EQ(cache.Get("b")->span().size(), 10u);
 }
 
 // Threads get, put and erase over a small key space with sizes that force
 // evictions; every entry read must be one put under its key, intact, and
 // the books must balance at the end.
+TEST(HotCacheTest, EntriesPastTheirDeadlineAreMisses) {
+  HotCache cache(1 << 20);
+  const auto now = HotCache::Clock::now();
+  cache.Put("old", Entry("o", 10), now - std::chrono::milliseconds(1));
+  cache.Put("new", Entry("n", 10), now + std::chrono::hours(1));
+  cache.Put("forever", Entry("f", 10));
+  EXPECT_EQ(cache.Get("old"), nullptr);
+  EXPECT_NE(cache.Get("new"), nullptr);
+  EXPECT_NE(cache.Get("forever"), nullptr);
+  const HotCache::Stats s = cache.stats();
+  EXPECT_EQ(s.expirations, 1);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.entries, 2u);  // the expired one is dropped
+  EXPECT_EQ(s.bytes, HotCache::Cost(*cache.Get("new")) * 2);
+}
+
 TEST(HotCacheTest, ManyThreads) {
   constexpr int kThreads = 8, kKeys = 40, kOps = 20000;
   const size_t capacity = 64 * 1024;
@@ -105,7 +122,7 @@ TEST(HotCacheTest, ManyThreads) {
           if (e == nullptr) continue;
           ++hits;
           // Content names the key: spot-check the first and last bytes.
-          if (e->bytes.empty() || e->bytes[0] != key[0] || e->bytes.back() != key[(e->bytes.size() - 1) % key.size()])
+          if (e->span().empty() || e->span()[0] != key[0] || e->span().back() != key[(e->span().size() - 1) % key.size()])
             ++bad;
           held.push_back(std::move(e));
           if (held.size() > 4) held.erase(held.begin());
@@ -197,6 +214,31 @@ TEST_F(HotCachePipelineTest, HitAnswersLikeARedisRead) {
     EXPECT_EQ(no_redis.encoded_tokens, 0);
     for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], c[i]) << i;
   }
+}
+
+// An entry read from a key with a TTL stays hot no longer than Redis keeps
+// the key: after it, a request naming the key only by its name gets what
+// Redis says (NOT_FOUND), not the hot copy.
+TEST_F(HotCachePipelineTest, ExpiresWithItsRedisKey) {
+  HotCache hot(size_t{16} << 20);
+  DecodeInput in = Input({" Lily had a red ball."}, KvDtype::kFloat32);
+  in.ttl_seconds = 1;
+  DecodeStats st;
+  Logits(in, &hot, &st);  // encoded with a 1 s TTL, read back (PTTL too), put in the hot cache
+  Logits(in, &hot, &st);
+  ASSERT_GT(st.hot_cache_tokens, 0);
+  const std::string context_key = RedisKeyFor(ComputeKvKey(FingerprintBytes(*model_), KvDtype::kFloat32,
+                                                           KvKind::kContext, in.prefix_tokens, *in.contexts[0].tokens));
+  DecodeInput by_key = Input({}, KvDtype::kFloat32);
+  by_key.contexts.push_back({context_key, std::nullopt});
+  DecodeHooks hooks;
+  hooks.hot_cache = &hot;
+  DecodeStats s;
+  ASSERT_TRUE(PromptLogits(*model_, store_.get(), by_key, hooks, &s).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  auto r = PromptLogits(*model_, store_.get(), by_key, hooks, &s);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  EXPECT_GE(hot.stats().expirations, 1);
 }
 
 // A hot entry is checked against each request like a Redis read: a context

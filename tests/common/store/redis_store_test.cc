@@ -238,6 +238,67 @@ TEST(RedisStoreTest, ReadTellsWhatAKeyHeld) {
   EXPECT_EQ((*got)[3].state, StoredValue::State::kIncomplete);
 }
 
+// Read with an allocator (the decoder's path: replies parsed by RespReader,
+// values straight into the caller's memory) says the same as without, for
+// one-chunk and many-chunk entries, big and empty values, and every kind of
+// key that is not an entry; the bytes are in the buffers it gave.
+TEST(RedisStoreTest, ReadIntoCallersMemoryAgreesWithPlainRead) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  RedisStore one_chunk(ConfigFor(redis));
+  RedisStore many_chunks(ConfigFor(redis, 1000));
+  std::string big(3 << 20, '\0');  // beyond every read buffer
+  std::mt19937 rng(7);
+  for (auto& c : big) c = static_cast<char>(rng());
+  ASSERT_TRUE(one_chunk.Put("k:big", big, 0).ok());
+  ASSERT_TRUE(many_chunks.Put("k:chunked", big.substr(0, 12345), 0).ok());
+  const std::string crlf = "\r\n$5\r\n*1\r\n";  // RESP inside a value
+  ASSERT_TRUE(one_chunk.Put("k:crlf", crlf, 0).ok());
+  ASSERT_TRUE(one_chunk.Put("k:empty", "", 0).ok());
+  ASSERT_TRUE(one_chunk.Put("k:stray", "abcdef", 0).ok());
+  RedisCli(redis, {"HSET", "k:stray", "junk", "x"});
+  RedisCli(redis, {"SET", "k:string", "x"});
+  RedisCli(redis, {"RPUSH", "k:list", "a", "b"});
+  RedisCli(redis, {"HSET", "k:nochunk0", "1", "x"});
+  const std::vector<std::string> keys = {"k:big",    "k:none",   "k:chunked", "k:crlf",     "k:empty",
+                                         "k:string", "k:stray",  "k:list",    "k:nochunk0", "k:big"};
+  std::vector<size_t> asked;
+  auto allocate = [&](size_t bytes) {
+    asked.push_back(bytes);
+    auto mem = std::shared_ptr<char[]>(new char[bytes + 1]);
+    return ValueBuffer{mem, mem.get(), bytes};
+  };
+  for (RedisStore* store : {&one_chunk, &many_chunks}) {
+    asked.clear();
+    auto plain = store->Read(keys);
+    auto into = store->Read(keys, allocate);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    ASSERT_TRUE(into.ok()) << into.status();
+    ASSERT_EQ(into->size(), keys.size());
+    size_t found = 0;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      SCOPED_TRACE(keys[i]);
+      EXPECT_EQ((*into)[i].state, (*plain)[i].state);
+      EXPECT_EQ((*into)[i].bytes(), (*plain)[i].value);
+      EXPECT_TRUE((*into)[i].value.empty());
+      if ((*into)[i].state == StoredValue::State::kFound) {
+        ++found;
+        EXPECT_NE((*into)[i].buffer.data, nullptr);
+      }
+    }
+    EXPECT_EQ(found, 5u);
+    // One buffer per entry found, of its size; none for the rest.
+    EXPECT_EQ(asked, (std::vector<size_t>{big.size(), 12345, crlf.size(), 0, big.size()}));
+    EXPECT_EQ((*into)[0].bytes(), big);
+    EXPECT_EQ((*into)[5].state, StoredValue::State::kOtherType);
+    EXPECT_EQ((*into)[7].state, StoredValue::State::kOtherType);
+    EXPECT_EQ((*into)[8].state, StoredValue::State::kIncomplete);
+  }
+  // The connection stays in sync: a plain command on the pool works after.
+  EXPECT_TRUE(one_chunk.Ping().ok());
+  EXPECT_EQ((*one_chunk.GetMany({"k:crlf"}))[0], crlf);
+}
+
 TEST(RedisStoreTest, AuthAndDatabaseFromUri) {
   RedisServer redis({"--requirepass", "s3cret"});
   ASSERT_TRUE(redis.ok());
