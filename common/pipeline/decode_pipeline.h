@@ -48,8 +48,9 @@ struct DecodeInput {
   std::function<std::pair<float, float>(int contexts, int64_t context_tokens)> ape_preset;
   KvDtype dtype = KvDtype::kFloat16;  // for contexts given by content
   int ttl_seconds = 0;                // for entries encoded on the fly
-  // KV slots of the request (prompt + generated), checked once the length of
-  // every key-only context is known (after loading); 0 = no limit.
+  // KV slots of the request (prompt + generated), in float32 slots (a
+  // float16 entry's slot, used in place, counts half), checked once the
+  // length of every key-only context is known (after loading); 0 = no limit.
   int64_t max_kv_slots = 0;
   // Positions the request may span (prefix + longest context + query +
   // generated for APE/PARALLEL; the whole prompt + generated for

@@ -1,8 +1,9 @@
 // The per-request KV memory budget of both servers (--max_request_kv_mb):
-// what one request's float32 KV cache (KvCache: K and V,
-// [layer][slot][kv_dim]) may take, counted in bytes and turned into slots
-// with the model's size, so the same flag means the same memory for any
-// model. Checked before anything is allocated.
+// what one request's KV cache (KvCache: K and V, [layer][slot][kv_dim]) may
+// take, counted in bytes and turned into float32 slots with the model's
+// size, so the same flag means the same memory for any model. Entries used
+// in place as float16 count half a slot each (decode_pipeline.cc). Checked
+// before anything is allocated.
 #ifndef APESERVE_COMMON_SERVER_KV_BUDGET_H_
 #define APESERVE_COMMON_SERVER_KV_BUDGET_H_
 

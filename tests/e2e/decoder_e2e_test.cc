@@ -531,11 +531,13 @@ TEST_F(DecoderE2eTest, CancelledLocalEncodingFreesTheWorker) {
 }
 
 // Every request is budgeted in bytes of float32 KV (--max_request_kv_mb;
-// 16 MiB = 13,107 slots of 1,280 bytes for stories260K). Contexts sent as
-// text are counted before any I/O; 256 copies of one 400-token key (102,400
-// slots, 125 MiB) are refused before the cache is allocated (the key is read
-// once): the decoder's peak memory grows by far less than that cache. (400:
-// a key-only context counts against the 512-position window once loaded.)
+// 16 MiB = 13,107 slots of 1,280 bytes for stories260K), float16 entries
+// counting half a slot. Contexts sent as text are counted before any I/O
+// (70 x 400 float16 tokens = 14,000 slots); 256 copies of one 400-token key
+// (51,200 slots, 62.5 MiB of float16) are refused before the cache is
+// allocated (the key is read once): the decoder's peak memory grows by far
+// less than that cache. (400: a key-only context counts against the
+// 512-position window once loaded.)
 TEST_F(DecoderE2eTest, KvBudgetIsCheckedBeforeAllocating) {
   Server small("ape-decoder", redis_, {"--encoder=" + encoder_->address(), "--max_request_kv_mb=16"});
   ASSERT_TRUE(small.ok()) << small.Log();
@@ -552,7 +554,7 @@ TEST_F(DecoderE2eTest, KvBudgetIsCheckedBeforeAllocating) {
 
   const int64_t commands = RedisCommands();
   v1::GenerateRequest by_text = Request({}, v1::MODE_APE, 4);
-  for (int i = 0; i < 40; ++i) by_text.add_contexts()->set_text(Repeated(100));  // 400 tokens each
+  for (int i = 0; i < 70; ++i) by_text.add_contexts()->set_text(Repeated(100));  // 400 tokens each
   Stream s = Generate(*stub, by_text);
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.status.error_message();
   EXPECT_NE(s.status.error_message().find("the limit is 13107 slots (--max_request_kv_mb=16"), std::string::npos)
@@ -562,7 +564,7 @@ TEST_F(DecoderE2eTest, KvBudgetIsCheckedBeforeAllocating) {
   const int64_t peak = PeakRss(small.pid());
   s = Generate(*stub, Request(std::vector<std::string>(256, key), v1::MODE_APE, 4));
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.status.error_message();
-  const int64_t cache_bytes = int64_t{256} * 400 * 1280;
+  const int64_t cache_bytes = int64_t{256} * 400 * 640;
   EXPECT_LT(PeakRss(small.pid()) - peak, cache_bytes) << "peak before " << peak;
   EXPECT_TRUE(Generate(*stub, Request({key}, v1::MODE_APE, 4)).status.ok());
 }

@@ -169,10 +169,10 @@ class DecodePipelineStoreTest : public DecodePipelineTest {
   }
   // Encodes two contexts after "Once upon a time" (float32) into the store:
   // enc_ is the request, prefix_key_ and keys_ the keys it got.
-  void EncodeTwoContexts() {
+  void EncodeTwoContexts(KvDtype dtype = KvDtype::kFloat32) {
     enc_.prefix_tokens = Tok("Once upon a time", true);
     enc_.contexts = {Tok(" Lily had a red ball."), Tok(" Tom liked to run in the park with his big dog.")};
-    enc_.dtype = KvDtype::kFloat32;
+    enc_.dtype = dtype;
     auto out = EncodeContexts(*model_, *store_, enc_);
     ASSERT_TRUE(out.ok()) << out.status();
     prefix_key_ = out->prefix.key;
@@ -258,6 +258,28 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
         *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
     EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
   }
+}
+
+// Float16 entries are used in place at half the bytes of float32 slots, so
+// the budget (in float32 slots) counts them half; computed slots count whole.
+TEST_F(DecodePipelineStoreTest, KvSlotLimitCountsFloat16EntriesHalf) {
+  ASSERT_NO_FATAL_FAILURE(EncodeTwoContexts(KvDtype::kFloat16));
+  const EncodeInput& enc = enc_;
+  DecodeInput in = ByKey(0.9f, 0.9f);
+  in.dtype = KvDtype::kFloat16;
+  in.generate.max_tokens = 4;
+  const int64_t cached = enc.prefix_tokens.size() + enc.contexts[0].size() + enc.contexts[1].size();
+  const int64_t need = (cached + 1) / 2 + in.query_tokens.size() + 4;
+  in.max_kv_slots = need;
+  DecodeStats st;
+  auto ok = RunDecode(
+      *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+  EXPECT_TRUE(ok.ok()) << ok.status();
+  in.max_kv_slots = need - 1;
+  auto over = RunDecode(
+      *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_NE(over.status().message().find("half"), std::string::npos) << over.status();
 }
 
 // Key-only contexts are measured once loaded: max_positions holds for them too
