@@ -462,10 +462,11 @@ absl::Status DecoderService::DoGenerate(grpc::ServerContext* ctx, const v1::Gene
 std::string DecoderService::LogDetails(const v1::GenerateRequest& req, const Outcome& outcome) const {
   const DecodeStats& st = outcome.stats;
   return absl::StrFormat(
-      "mode=%s contexts=%d chat=%d prompt_tokens=%d cached_tokens=%d encoded_tokens=%d queue_ms=%.2f "
-      "cache_load_ms=%.2f encode_ms=%.2f prefill_ms=%.2f",
-      v1::Mode_Name(req.mode()), req.contexts_size(), req.chat(), st.prompt_tokens, st.cached_tokens, st.encoded_tokens,
-      outcome.queue_ms, st.cache_load_ms, st.encode_ms, st.prefill_ms);
+      "mode=%s contexts=%d chat=%d prompt_tokens=%d cached_tokens=%d hot_cache_tokens=%d encoded_tokens=%d "
+      "ape_t=%.3g ape_s=%.3g queue_ms=%.2f cache_load_ms=%.2f encode_ms=%.2f prefill_ms=%.2f",
+      v1::Mode_Name(req.mode()), req.contexts_size(), req.chat(), st.prompt_tokens, st.cached_tokens,
+      st.hot_cache_tokens, st.encoded_tokens, st.ape_temperature, st.ape_scale, outcome.queue_ms, st.cache_load_ms,
+      st.encode_ms, st.prefill_ms);
 }
 
 grpc::Status DecoderService::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
