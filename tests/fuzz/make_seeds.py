@@ -122,6 +122,12 @@ def main():
     for i, text in enumerate(["Once upon a time", "  double  spaces\nand a newline", "caf\u00e9 \u65e5\u672c",
                               "", "\x00\xff"]):
         write("tokenizer_fuzzer", f"text{i}.txt", text.encode("utf-8", "surrogateescape"))
+    # Redis replies as the decoder reads entries: HGETALL of a one-chunk
+    # entry, a missing chunk, then PTTL; an error; nested arrays. The first
+    # byte picks the piece size and read buffer (resp_reader_fuzzer.cc).
+    write("resp_reader_fuzzer", "hgetall_pttl",
+          b"\x05*4\r\n$1\r\n0\r\n$5\r\nhello\r\n$1\r\n1\r\n$-1\r\n:1000\r\n-WRONGTYPE x\r\n*0\r\n")
+    write("resp_reader_fuzzer", "nested", b"\x41+OK\r\n*2\r\n*1\r\n:1\r\n$3\r\nabc\r\n")
 
 
 if __name__ == "__main__":
