@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <vector>
 
 #include "common/engine/half.h"
 
@@ -755,17 +756,11 @@ inline float HorizontalSum(__m128 v) {
 inline __m256i LoadU256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m128i LoadU128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
-// Signed int8 x int8 -> 8 int32 partial sums: |w| (unsigned) times a with
-// w's sign (maddubs does u8 x s8). Exact while a is in -127..127.
-inline __m256i DotI8(__m256i w, __m256i a) {
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-
-// Unsigned u (0..63) x signed a -> 8 int32 partial sums (no saturation:
-// 2 * 63 * 127 < 2^15).
-inline __m256i DotU8I8(__m256i u, __m256i a) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
+// The 32 nibbles of a Q4_0 block in element order (low nibbles, then high).
+inline __m256i Q4_0Nibbles(const uint8_t* qs) {
+  const __m128i q = LoadU128(qs);
+  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+  return _mm256_and_si256(both, _mm256_set1_epi8(15));
 }
 
 // Decode streams each weight matrix once, R rows at a time: R short
@@ -861,113 +856,250 @@ inline __m256 SpreadPair(__m128 s) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-// Q8_0 x Q8_0: per block, 8 int32 partial sums scaled by d_w * d_a; two
-// blocks are folded into one vector (hadd) so they share one convert and FMA.
-template <int R, int T>
-void DotQ8_0Avx2(APE_KERNEL_ARGS) {
+// Q8_0 and Q4_0 weights against Q8_0 activations run blocks in pairs, in
+// a layout where one 256-bit register holds half of each block of the
+// pair: x = [elements 0..15 of block 2p | elements 0..15 of block 2p+1],
+// y = the same for elements 16..31. That is how a Q4_0 pair unpacks (low
+// nibbles of its two 16-byte quant arrays = x, high nibbles = y), and for
+// Q8_0 it is two 16-byte loads per register. maddubs + madd then leave 8
+// int32 lanes, the low 4 summing to block 2p and the high 4 to block
+// 2p+1, which take the scales [d(2p) x4 | d(2p+1) x4]: one convert, one
+// multiply and one FMA per pair of blocks for each (row, token). An odd
+// last block is a pair whose second block is zero (its lanes add 0).
+//
+// The activations are rearranged into that layout once per group of
+// tokens (ActPair below), so all rows share the shuffles, the f16 -> f32
+// scale conversions and Q4_0's offset sums; the weights are unpacked once
+// per row for all the tokens of the group (up to kPairGroup).
+//
+// Every (row, token) result is the same chain whatever the group size and
+// however the rows are chunked: per pair, an exact int32 sum per lane, then
+// acc = fma(float(sum), dw * da, acc) with one 8-lane accumulator, pairs
+// in order; at the end the lanes' horizontal sum. So DotRows and
+// DotRowsBatch agree bit for bit for any number of tokens.
+struct alignas(64) ActPair {
+  int8_t x[32];    // elements 0..15 of block 2p, then of block 2p+1
+  int8_t y[32];    // elements 16..31, the same way
+  float d[8];      // d(2p) x4, d(2p+1) x4, as float
+  int32_t off[8];  // Q4_0: 8 * the sum of the activations each lane covers
+};
+static_assert(sizeof(ActPair) == 128);
+
+constexpr int kPairGroup = 8;  // tokens per group: 8 accumulators + a row's registers fit in 16
+// A group's activations are walked in slices of at most this many bytes, so
+// they stay in L1 while every row of the chunk passes over them.
+constexpr int64_t kPairSliceBytes = 16 << 10;
+
+inline __m256i LoadA256(const int8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// One token's Q8_0 blocks (PrepareActivations) -> (nb + 1) / 2 ActPairs.
+void MakeActPairs(const uint8_t* act, int64_t nb, ActPair* out) {
   constexpr size_t kBlock = sizeof(BlockQ8_0);
-  const int64_t nb = n / kQk0;
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
-      const __m256i w0 = LoadU256(wb + 2), w1 = LoadU256(wb + kBlock + 2);
-      const __m128 dw = TwoHalves(wb, kBlock);
-      for (int j = 0; j < T; ++j) {
-        const uint8_t* ab = act + j * act_stride + b * kBlock;
-        // Lanes: [b0 b0 b1 b1 | b0 b0 b1 b1], each pair summing to its block.
-        const __m256i sumi = _mm256_hadd_epi32(DotI8(w0, LoadU256(ab + 2)), DotI8(w1, LoadU256(ab + kBlock + 2)));
-        const __m128 d = _mm_mul_ps(dw, TwoHalves(ab, kBlock));
-        const __m128 d4 = _mm_unpacklo_ps(d, d);  // d0 d0 d1 d1
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set_m128(d4, d4), acc[r][j]);
+  const __m256i eights = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  for (int64_t p = 0; 2 * p < nb; ++p) {
+    const uint8_t* ab = act + 2 * p * kBlock;
+    const bool second = 2 * p + 1 < nb;
+    const __m256i a0 = LoadU256(ab + 2), a1 = second ? LoadU256(ab + kBlock + 2) : _mm256_setzero_si256();
+    const __m256i x = _mm256_permute2x128_si256(a0, a1, 0x20), y = _mm256_permute2x128_si256(a0, a1, 0x31);
+    ActPair& o = out[p];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.x), x);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.y), y);
+    const float d0 = HalfToFloat(LoadU16(ab)), d1 = second ? HalfToFloat(LoadU16(ab + kBlock)) : 0.f;
+    _mm256_store_ps(o.d, _mm256_setr_m128(_mm_set1_ps(d0), _mm_set1_ps(d1)));
+    const __m256i sum8 = _mm256_add_epi16(_mm256_maddubs_epi16(eights, x), _mm256_maddubs_epi16(eights, y));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.off), _mm256_madd_epi16(sum8, ones));
+  }
+}
+
+// As PrefetchLines for the pair kernels: the line holding the same pair
+// `ahead` bytes on. Rows go 4 at a time (one token) or one at a time
+// (several tokens, each row taking several times longer): either way 4
+// rows on is soon enough for memory and late enough to be used.
+constexpr int kPairPrefetchRows = 4;
+inline void PrefetchPair(const uint8_t* wb, size_t ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(wb + ahead), _MM_HINT_T0);
+}
+
+// [d x4 | 0 x4]: the scales of an odd last block's pair.
+inline __m256 HalfPairScale(const uint8_t* d) { return _mm256_zextps128_ps256(_mm_set1_ps(HalfToFloat(LoadU16(d)))); }
+
+// Q8_0 x Q8_0, one pair of blocks of one row against T tokens: the
+// weights' magnitudes once, then per token maddubs(|w|, a with w's sign)
+// (exact: a in -127..127).
+struct Q8_0Pairs {
+  static constexpr size_t kBlock = sizeof(BlockQ8_0);
+
+  // R rows (row_bytes apart) x T tokens, pairs p0..p1-1.
+  template <int R, int T>
+  static inline void Rows(const uint8_t* row, size_t row_bytes, const ActPair* a, int64_t a_stride, int64_t p0,
+                          int64_t p1, int64_t nb, __m256 (*acc)[T]) {
+    const int64_t full = std::min(p1, nb / 2);
+    int64_t p = p0;
+    for (; p < full; ++p) {
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
+        PrefetchPair(wb, kPairPrefetchRows * row_bytes);
+        const __m256i x = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                              reinterpret_cast<const __m128i*>(wb + 2));
+        const __m256i y = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 18),
+                                              reinterpret_cast<const __m128i*>(wb + 18));
+        Step<T>(x, y, SpreadPair(TwoHalves(wb, kBlock)), a + p, a_stride, acc[r]);
+      }
+    }
+    if (p < p1) {  // the odd last block
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
+        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), _mm256_zextsi128_si256(LoadU128(wb + 18)),
+                HalfPairScale(wb), a + p, a_stride, acc[r]);
       }
     }
   }
-  for (; b < nb; ++b) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256i q = LoadU256(wb + 2);
-      const float dw = HalfToFloat(LoadU16(wb));
-      for (int j = 0; j < T; ++j) {
-        const uint8_t* ab = act + j * act_stride + b * kBlock;
-        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotI8(q, LoadU256(ab + 2))), d, acc[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
-}
 
-// The 32 nibbles of a Q4_0 block in element order (low nibbles, then high).
-inline __m256i Q4_0Nibbles(const uint8_t* qs) {
-  const __m128i q = LoadU128(qs);
-  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
-  return _mm256_and_si256(both, _mm256_set1_epi8(15));
-}
-
-// Q4_0 x Q8_0: (q - 8) . a = q . a - 8 * sum(a); the second term is the
-// same for every row. Two blocks at a time: one 256-bit register holds both
-// blocks' 16 nibble bytes, so its low nibbles are elements 0..15 of each
-// block and its high nibbles elements 16..31; the activations are paired to
-// match, once per token for all rows.
-template <int R, int T>
-void DotQ4_0Avx2(APE_KERNEL_ARGS) {
-  constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
-  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
-  const int64_t nb = n / kQk0;
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    __m256i alo[T], ahi[T], offset[T];
-    __m128 da[T];
+  template <int T>
+  static inline void Step(__m256i x, __m256i y, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ux = _mm256_sign_epi8(x, x), uy = _mm256_sign_epi8(y, y);
     for (int j = 0; j < T; ++j) {
-      const uint8_t* ab = act + j * act_stride + b * kActBlock;
-      const __m256i a0 = LoadU256(ab + 2), a1 = LoadU256(ab + kActBlock + 2);
-      alo[j] = _mm256_permute2x128_si256(a0, a1, 0x20);  // elements 0..15 of both blocks
-      ahi[j] = _mm256_permute2x128_si256(a0, a1, 0x31);  // elements 16..31
-      // 8 * sum(a) of each block, as [4 lanes | 4 lanes].
-      offset[j] = _mm256_madd_epi16(
-          _mm256_add_epi16(_mm256_maddubs_epi16(eights, alo[j]), _mm256_maddubs_epi16(eights, ahi[j])), ones);
-      da[j] = TwoHalves(ab, kActBlock);
+      const ActPair& aj = a[j * a_stride];
+      const __m256i px = _mm256_maddubs_epi16(ux, _mm256_sign_epi8(LoadA256(aj.x), x));
+      const __m256i py = _mm256_maddubs_epi16(uy, _mm256_sign_epi8(LoadA256(aj.y), y));
+      const __m256i sumi = _mm256_add_epi32(_mm256_madd_epi16(px, ones), _mm256_madd_epi16(py, ones));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
     }
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      PrefetchLines(wb + R * row_bytes, 2 * kBlock);
-      const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
-                                            reinterpret_cast<const __m128i*>(wb + 2));
-      const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      const __m128 dw = TwoHalves(wb, kBlock);
-      for (int j = 0; j < T; ++j) {
-        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo[j]), _mm256_maddubs_epi16(hi, ahi[j]));
-        const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), offset[j]);
-        const __m256 d = SpreadPair(_mm_mul_ps(dw, da[j]));
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+  }
+};
+
+// Q4_0 x Q8_0: (q - 8) . a = q . a - 8 * sum(a), the nibbles unsigned in
+// maddubs, the second term (ActPair::off) made once per token.
+struct Q4_0Pairs {
+  static constexpr size_t kBlock = sizeof(BlockQ4_0);
+
+  template <int R, int T>
+  static inline void Rows(const uint8_t* row, size_t row_bytes, const ActPair* a, int64_t a_stride, int64_t p0,
+                          int64_t p1, int64_t nb, __m256 (*acc)[T]) {
+    const int64_t full = std::min(p1, nb / 2);
+    int64_t p = p0;
+    for (; p < full; ++p) {
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
+        PrefetchPair(wb, kPairPrefetchRows * row_bytes);
+        const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                              reinterpret_cast<const __m128i*>(wb + 2));
+        Step<T>(q, SpreadPair(TwoHalves(wb, kBlock)), a + p, a_stride, acc[r]);
+      }
+    }
+    if (p < p1) {  // the odd last block
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
+        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), HalfPairScale(wb), a + p, a_stride, acc[r]);
       }
     }
   }
-  for (; b < nb; ++b) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wb = w + r * row_bytes + b * kBlock;
-      const __m256i q = Q4_0Nibbles(wb + 2);
-      const float dw = HalfToFloat(LoadU16(wb));
-      for (int j = 0; j < T; ++j) {
-        const uint8_t* ab = act + j * act_stride + b * kActBlock;
-        const __m256i a = LoadU256(ab + 2);
-        const __m256i sumi = _mm256_sub_epi32(DotU8I8(q, a), DotU8I8(eights, a));
-        const __m256 d = _mm256_set1_ps(dw * HalfToFloat(LoadU16(ab)));
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), d, acc[r][j]);
+
+  template <int T>
+  static inline void Step(__m256i q, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    for (int j = 0; j < T; ++j) {
+      const ActPair& aj = a[j * a_stride];
+      // Nibble x activation pairs: at most 4 * 15 * 127 in int16.
+      const __m256i p16 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
+      const __m256i sumi =
+          _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), _mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
+    }
+  }
+};
+
+// `rows` rows against T tokens' ActPairs (token j's at a + j * np). One
+// token (decode: weights streamed from memory) runs 4 rows at a time, four
+// independent chains; several tokens run a row at a time, T chains. When
+// the group's pairs outgrow a slice, the rows take the pairs a slice at a
+// time (their accumulators wait in memory in between), so the slice's
+// activations stay in L1 while the rows' weights come from L2.
+template <typename K, int T>
+void PairsTile(const uint8_t* w, size_t row_bytes, int rows, const ActPair* a, int64_t np, int64_t nb, float* y,
+               size_t y_stride) {
+  const int64_t slice = std::max<int64_t>(1, kPairSliceBytes / (T * static_cast<int64_t>(sizeof(ActPair))));
+  if (T == 1 || slice >= np) {
+    constexpr int R = T == 1 ? 4 : 1;
+    int r = 0;
+    auto run = [&]<int kR>() {
+      __m256 acc[kR][T];
+      for (int i = 0; i < kR; ++i)
+        for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
+      K::template Rows<kR, T>(w + r * row_bytes, row_bytes, a, np, 0, np, nb, acc);
+      for (int i = 0; i < kR; ++i)
+        for (int j = 0; j < T; ++j) y[j * y_stride + r + i] = HorizontalSum(acc[i][j]);
+    };
+    for (; r + R <= rows; r += R) run.template operator()<R>();
+    for (; r < rows; ++r) run.template operator()<1>();
+    return;
+  }
+  thread_local std::vector<float> accs;  // 8 lanes per (row, token)
+  if (accs.size() < static_cast<size_t>(rows) * T * 8) accs.resize(static_cast<size_t>(rows) * T * 8);
+  std::fill_n(accs.begin(), static_cast<size_t>(rows) * T * 8, 0.f);
+  for (int64_t p0 = 0; p0 < np; p0 += slice) {
+    const int64_t p1 = std::min(np, p0 + slice);
+    for (int r = 0; r < rows; ++r) {
+      __m256 acc[1][T];
+      for (int j = 0; j < T; ++j) acc[0][j] = _mm256_loadu_ps(&accs[(r * T + j) * 8]);
+      K::template Rows<1, T>(w + r * row_bytes, row_bytes, a, np, p0, p1, nb, acc);
+      for (int j = 0; j < T; ++j) _mm256_storeu_ps(&accs[(r * T + j) * 8], acc[0][j]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(_mm256_loadu_ps(&accs[(r * T + j) * 8]));
+}
+
+// DotRowsBatch for Q8_0 / Q4_0 weights (and DotRows, n_tokens = 1). Rows
+// go in chunks that stay in L2 (at least a MatMul band of 64 rows, so its
+// weights are read from memory once); within a chunk, tokens go in groups
+// of up to kPairGroup, split evenly (9 tokens: 5 + 4), each group's
+// activations rearranged once.
+template <typename K>
+void PairsBatch(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
+                int64_t n, float* y, size_t y_stride) {
+  const int64_t nb = n / kQk0, np = (nb + 1) / 2;
+  if (np == 0) {
+    for (int j = 0; j < n_tokens; ++j)
+      for (int r = 0; r < rows; ++r) y[j * y_stride + r] = 0.f;
+    return;
+  }
+  const int groups = (n_tokens + kPairGroup - 1) / kPairGroup;
+  const int group = (n_tokens + groups - 1) / groups;
+  thread_local std::vector<ActPair> pairs;
+  if (pairs.size() < static_cast<size_t>(group * np)) pairs.resize(group * np);
+  const int chunk = static_cast<int>(std::max<size_t>(64, (256 << 10) / std::max<size_t>(row_bytes, 1)));
+  for (int r0 = 0; r0 < rows; r0 += chunk) {
+    const int r1 = std::min(rows, r0 + chunk);
+    for (int j0 = 0; j0 < n_tokens; j0 += group) {
+      const int tokens = std::min(group, n_tokens - j0);
+      for (int j = 0; j < tokens; ++j) MakeActPairs(act + (j0 + j) * act_stride, nb, pairs.data() + j * np);
+      const uint8_t* wr = w + r0 * row_bytes;
+      float* yr = y + j0 * y_stride + r0;
+      switch (tokens) {
+        case 1: PairsTile<K, 1>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 2: PairsTile<K, 2>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 3: PairsTile<K, 3>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 4: PairsTile<K, 4>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 5: PairsTile<K, 5>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 6: PairsTile<K, 6>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        case 7: PairsTile<K, 7>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
+        default: PairsTile<K, 8>(wr, row_bytes, r1 - r0, pairs.data(), np, nb, yr, y_stride); break;
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
+}
+
+void DotQ8_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
+                      int64_t n, float* y, size_t y_stride) {
+  PairsBatch<Q8_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
+}
+void DotQ4_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
+                      int64_t n, float* y, size_t y_stride) {
+  PairsBatch<Q4_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
 }
 
 // Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
@@ -1198,12 +1330,14 @@ APE_AVX512 void DotBf16Avx512(APE_KERNEL_ARGS) {
   DotFloatRows512<R, T, 2>(APE_KERNEL_PASS, LoadBf16x16, LoadBf16x1);
 }
 
-// As DotI8, with one vpdpbusd for maddubs + madd.
+// Signed int8 x int8 -> 8 int32 partial sums: |w| (unsigned) times a with
+// w's sign, with one vpdpbusd. Exact while a is in -127..127.
 APE_AVX512 inline __m256i DotI8Vnni(__m256i w, __m256i a) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
 }
 
-// As DotQ8_0Avx2.
+// Q8_0 x Q8_0, R rows x T tokens: two blocks folded into one vector
+// (hadd) share one convert and FMA.
 template <int R, int T>
 APE_AVX512 void DotQ8_0Avx512(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ8_0);
@@ -1244,8 +1378,9 @@ APE_AVX512 void DotQ8_0Avx512(APE_KERNEL_ARGS) {
     for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]);
 }
 
-// As DotQ4_0Avx2; the sums start from -8 * sum(a) and take both halves of
-// the nibbles with one vpdpbusd each.
+// Q4_0 x Q8_0: (q - 8) . a = q . a - 8 * sum(a). Two blocks at a time, as
+// the AVX2 pairs (Q4_0Pairs); the sums start from -8 * sum(a) and take
+// both halves of the nibbles with one vpdpbusd each.
 template <int R, int T>
 APE_AVX512 void DotQ4_0Avx512(APE_KERNEL_ARGS) {
   constexpr size_t kBlock = sizeof(BlockQ4_0), kActBlock = sizeof(BlockQ8_0);
@@ -1312,10 +1447,19 @@ namespace {
 // [R - 1][T - 1], R and T in 1..4.
 using RowsKernel = void (*)(APE_KERNEL_ARGS);
 using KernelGrid = RowsKernel[4][4];
+// A whole DotRowsBatch (DotRows: n_tokens = 1) for types whose kernels
+// tile rows and tokens themselves (the AVX2 Q8_0/Q4_0 pairs).
+using BatchKernel = void (*)(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
+                             int n_tokens, int64_t n, float* y, size_t y_stride);
 
 struct KernelSet {
   const char* isa;
   KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q6_k;
+  BatchKernel q8_0_batch, q4_0_batch;  // null: the grid
+
+  BatchKernel BatchFor(GgmlType t) const {
+    return t == GgmlType::kQ8_0 ? q8_0_batch : t == GgmlType::kQ4_0 ? q4_0_batch : nullptr;
+  }
 
   const KernelGrid& For(GgmlType t) const {
     switch (t) {
@@ -1336,18 +1480,20 @@ struct KernelSet {
 #define APE_GRID(k) \
   { APE_ROW(k, 1), APE_ROW(k, 2), APE_ROW(k, 3), APE_ROW(k, 4) }
 
-constexpr KernelSet kAvx2 = {"avx2",
-                             APE_GRID(DotF32Avx2),
-                             APE_GRID(DotF16Avx2),
-                             APE_GRID(DotBf16Avx2),
-                             APE_GRID(DotQ8_0Avx2),
-                             APE_GRID(DotQ4_0Avx2),
-                             APE_GRID(DotQ4KAvx2),
-                             APE_GRID(DotQ6KAvx2)};
+constexpr KernelSet kAvx2 = {
+    "avx2", APE_GRID(DotF32Avx2), APE_GRID(DotF16Avx2), APE_GRID(DotBf16Avx2), {},
+    {},     APE_GRID(DotQ4KAvx2), APE_GRID(DotQ6KAvx2), DotQ8_0BatchAvx2,      DotQ4_0BatchAvx2};
 
-constexpr KernelSet kAvx512 = {"avx512-vnni",           APE_GRID(DotF32Avx512),  APE_GRID(DotF16Avx512),
-                               APE_GRID(DotBf16Avx512), APE_GRID(DotQ8_0Avx512), APE_GRID(DotQ4_0Avx512),
-                               APE_GRID(DotQ4KAvx2),    APE_GRID(DotQ6KAvx2)};
+constexpr KernelSet kAvx512 = {"avx512-vnni",
+                               APE_GRID(DotF32Avx512),
+                               APE_GRID(DotF16Avx512),
+                               APE_GRID(DotBf16Avx512),
+                               APE_GRID(DotQ8_0Avx512),
+                               APE_GRID(DotQ4_0Avx512),
+                               APE_GRID(DotQ4KAvx2),
+                               APE_GRID(DotQ6KAvx2),
+                               nullptr,
+                               nullptr};
 
 #undef APE_GRID
 #undef APE_ROW
@@ -1368,6 +1514,7 @@ const KernelSet*& ActiveKernels() {
 }  // namespace
 
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
+  if (BatchKernel batch = ActiveKernels()->BatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
   const KernelGrid& kernel = ActiveKernels()->For(t);
   int r = 0;
   for (; r + 4 <= rows; r += 4) kernel[3][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
@@ -1382,6 +1529,8 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 // token group repeats per token (it runs 4 rows x 1 token, as DotRows).
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
+  if (BatchKernel batch = ActiveKernels()->BatchFor(t))
+    return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
   if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
   const KernelGrid& kernel = ActiveKernels()->For(t);
   const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;

@@ -540,36 +540,41 @@ TEST(DotRowsBatchTest, MatchesReferencePerToken) {
 // Decode batches: every token's results from DotRowsBatch, for any token
 // count up to 16 and row counts that leave every remainder, are
 // bit-identical to DotRows for that token alone (with each ISA's kernels).
+// So are prefill-sized batches (24, 40 tokens), and long rows with an odd
+// block count (the kernels that walk a token group's activations in slices
+// and pair blocks).
 TEST(DotRowsBatchTest, BitIdenticalToDotRowsPerToken) {
   std::mt19937 rng(9);
+  constexpr int kMaxTokens = 40;
   for (const char* isa : {"avx2", "avx512-vnni"}) {
     if (!ForceKernelIsaForTesting(isa)) {
       std::printf("skipping %s: not on this CPU\n", isa);
       continue;
     }
     for (GgmlType t : kWeightTypes) {
-      const int64_t n = 512;
-      const size_t row_bytes = RowBytes(t, n);
-      const int rows = 23;
-      Bytes w(rows * row_bytes);
-      for (int r = 0; r < rows; ++r) {
-        const Bytes row = RandomRow(t, n, rng);
-        std::memcpy(w.data() + r * row_bytes, row.data(), row_bytes);
-      }
-      const size_t act_stride = ActivationBytes(t, n);
-      Bytes act(16 * act_stride);
-      for (int j = 0; j < 16; ++j)
-        PrepareActivations(t, RandomFloats(rng, n, 1.f).data(), n, act.data() + j * act_stride);
-      std::vector<float> alone(16 * rows);
-      for (int j = 0; j < 16; ++j)
-        DotRows(t, w.data(), row_bytes, rows, act.data() + j * act_stride, n, &alone[j * rows]);
-      for (int tokens = 1; tokens <= 16; ++tokens) {
-        std::vector<float> y(tokens * rows);
-        DotRowsBatch(t, w.data(), row_bytes, rows, act.data(), act_stride, tokens, n, y.data(), rows);
-        for (int j = 0; j < tokens; ++j) {
-          for (int r = 0; r < rows; ++r) {
-            ASSERT_EQ(y[j * rows + r], alone[j * rows + r])
-                << isa << " " << Name(t) << " tokens " << tokens << " token " << j << " row " << r;
+      for (const int64_t n : {int64_t{512}, 4608 + int64_t{BlockElements(t)}}) {
+        const size_t row_bytes = RowBytes(t, n);
+        const int rows = 23;
+        Bytes w(rows * row_bytes);
+        for (int r = 0; r < rows; ++r) {
+          const Bytes row = RandomRow(t, n, rng);
+          std::memcpy(w.data() + r * row_bytes, row.data(), row_bytes);
+        }
+        const size_t act_stride = ActivationBytes(t, n);
+        Bytes act(kMaxTokens * act_stride);
+        for (int j = 0; j < kMaxTokens; ++j)
+          PrepareActivations(t, RandomFloats(rng, n, 1.f).data(), n, act.data() + j * act_stride);
+        std::vector<float> alone(kMaxTokens * rows);
+        for (int j = 0; j < kMaxTokens; ++j)
+          DotRows(t, w.data(), row_bytes, rows, act.data() + j * act_stride, n, &alone[j * rows]);
+        for (int tokens : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, kMaxTokens}) {
+          std::vector<float> y(tokens * rows);
+          DotRowsBatch(t, w.data(), row_bytes, rows, act.data(), act_stride, tokens, n, y.data(), rows);
+          for (int j = 0; j < tokens; ++j) {
+            for (int r = 0; r < rows; ++r) {
+              ASSERT_EQ(y[j * rows + r], alone[j * rows + r])
+                  << isa << " " << Name(t) << " n " << n << " tokens " << tokens << " token " << j << " row " << r;
+            }
           }
         }
       }
