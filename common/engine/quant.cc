@@ -731,12 +731,15 @@ void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, 
 // ---------------------------------------------------------------------------
 // 6. AVX2 + FMA + F16C kernels (the baseline, -march=x86-64-v3)
 // ---------------------------------------------------------------------------
-// Each kernel computes R rows (R = 1..4) against T tokens' activations
-// (T = 1..4): the per-block work shared by the rows (activation loads,
-// sums) is done once per token, the unpacking shared by the tokens (weight
-// loads, nibbles, scales) once per row; the R x T results are independent
-// chains the CPU overlaps. Decode runs T = 1, R = 4 (DotRows); decode
-// batches and prefill run token groups (DotRowsBatch), with results
+// Each kernel computes R rows against T tokens' activations: the
+// per-block work shared by the rows (activation loads, sums) is done once
+// per token, the unpacking shared by the tokens (weight loads, nibbles,
+// scales) once per row; the R x T results are independent chains the CPU
+// overlaps. Float, Q4_K and Q6_K weights have a grid of kernels (R, T =
+// 1..4; decode runs T = 1, DotRows; decode batches and prefill run token
+// groups, DotRowsBatch). Q8_0 and Q4_0 weights pair their blocks and tile
+// rows and tokens themselves (PairsBatch: a row x up to 8 tokens, the
+// activations rearranged once per token group). Either way results are
 // bit-identical to T = 1's.
 namespace {
 
@@ -912,9 +915,8 @@ void MakeActPairs(const uint8_t* act, int64_t nb, ActPair* out) {
 }
 
 // As PrefetchLines for the pair kernels: the line holding the same pair
-// `ahead` bytes on. Rows go 4 at a time (one token) or one at a time
-// (several tokens, each row taking several times longer): either way 4
-// rows on is soon enough for memory and late enough to be used.
+// `ahead` bytes on, 4 rows on: soon enough for memory, late enough to be
+// used (rows sliced for a token group are read a slice at a time).
 constexpr int kPairPrefetchRows = 4;
 inline void PrefetchPair(const uint8_t* wb, size_t ahead) {
   _mm_prefetch(reinterpret_cast<const char*>(wb + ahead), _MM_HINT_T0);
@@ -949,8 +951,8 @@ struct Q8_0Pairs {
     if (p < p1) {  // the odd last block
       for (int r = 0; r < R; ++r) {
         const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
-        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), _mm256_zextsi128_si256(LoadU128(wb + 18)),
-                HalfPairScale(wb), a + p, a_stride, acc[r]);
+        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), _mm256_zextsi128_si256(LoadU128(wb + 18)), HalfPairScale(wb),
+                a + p, a_stride, acc[r]);
       }
     }
   }
@@ -1012,9 +1014,11 @@ struct Q4_0Pairs {
   }
 };
 
-// `rows` rows against T tokens' ActPairs (token j's at a + j * np). One
-// token (decode: weights streamed from memory) runs 4 rows at a time, four
-// independent chains; several tokens run a row at a time, T chains. When
+// `rows` rows against T tokens' ActPairs (token j's at a + j * np), a row
+// at a time: decode (one token) then reads the band as one sequential
+// stream, which measured faster here than 2 or 4 rows side by side (the
+// old kernels' way, for four independent FMA chains; the CPU overlaps a
+// row's chain with the next row's anyway). When
 // the group's pairs outgrow a slice, the rows take the pairs a slice at a
 // time (their accumulators wait in memory in between), so the slice's
 // activations stay in L1 while the rows' weights come from L2.
@@ -1023,18 +1027,12 @@ void PairsTile(const uint8_t* w, size_t row_bytes, int rows, const ActPair* a, i
                size_t y_stride) {
   const int64_t slice = std::max<int64_t>(1, kPairSliceBytes / (T * static_cast<int64_t>(sizeof(ActPair))));
   if (T == 1 || slice >= np) {
-    constexpr int R = T == 1 ? 4 : 1;
-    int r = 0;
-    auto run = [&]<int kR>() {
-      __m256 acc[kR][T];
-      for (int i = 0; i < kR; ++i)
-        for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
-      K::template Rows<kR, T>(w + r * row_bytes, row_bytes, a, np, 0, np, nb, acc);
-      for (int i = 0; i < kR; ++i)
-        for (int j = 0; j < T; ++j) y[j * y_stride + r + i] = HorizontalSum(acc[i][j]);
-    };
-    for (; r + R <= rows; r += R) run.template operator()<R>();
-    for (; r < rows; ++r) run.template operator()<1>();
+    for (int r = 0; r < rows; ++r) {
+      __m256 acc[1][T];
+      for (int j = 0; j < T; ++j) acc[0][j] = _mm256_setzero_ps();
+      K::template Rows<1, T>(w + r * row_bytes, row_bytes, a, np, 0, np, nb, acc);
+      for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[0][j]);
+    }
     return;
   }
   thread_local std::vector<float> accs;  // 8 lanes per (row, token)
@@ -1513,20 +1511,29 @@ const KernelSet*& ActiveKernels() {
 
 }  // namespace
 
+// One token. Q4_K/Q6_K rows go one at a time (one sequential stream, as
+// PairsTile: faster from memory here than 4 rows side by side), the other
+// grid kernels 4 rows at a time.
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
   if (BatchKernel batch = ActiveKernels()->BatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
   const KernelGrid& kernel = ActiveKernels()->For(t);
+  if (t == GgmlType::kQ4_K || t == GgmlType::kQ6_K) {
+    for (int r = 0; r < rows; ++r) kernel[0][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
+    return;
+  }
   int r = 0;
   for (; r + 4 <= rows; r += 4) kernel[3][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
   if (r < rows) kernel[rows - r - 1][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
 }
 
-// Rows go in chunks of about 64 KiB (they stay in the L2 cache while every
-// group of tokens passes over them, so memory is read once); a group's
-// activations stay in L1. Each group runs blocks of R rows against T
-// tokens: one token group unpacks each weight block once for T tokens,
-// except for Q4_0, whose nibbles cost less to unpack than what a wider
-// token group repeats per token (it runs 4 rows x 1 token, as DotRows).
+// Kernels with a BatchKernel (AVX2 Q8_0/Q4_0: PairsBatch) tile rows and
+// tokens themselves. Otherwise rows go in chunks of about 64 KiB (they stay
+// in the L2 cache while every group of tokens passes over them, so memory
+// is read once); a group's activations stay in L1. Each group runs blocks
+// of R rows against T tokens: one token group unpacks each weight block
+// once for T tokens, except for Q4_0 (AVX-512), whose nibbles cost less to
+// unpack than what a wider token group repeats per token (it runs 4 rows x
+// 1 token, as DotRows).
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
   if (BatchKernel batch = ActiveKernels()->BatchFor(t))
