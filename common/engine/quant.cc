@@ -1454,6 +1454,9 @@ struct KernelSet {
   const char* isa;
   KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q6_k;
   BatchKernel q8_0_batch, q4_0_batch;  // null: the grid
+  // One row against T = 1..8 tokens ([T - 1]), for the token groups of
+  // Q4_K/Q6_K decode batches and prefill.
+  RowsKernel q4_k_tokens[8], q6_k_tokens[8];
 
   BatchKernel BatchFor(GgmlType t) const {
     return t == GgmlType::kQ8_0 ? q8_0_batch : t == GgmlType::kQ4_0 ? q4_0_batch : nullptr;
@@ -1477,10 +1480,21 @@ struct KernelSet {
   { k<R, 1>, k<R, 2>, k<R, 3>, k<R, 4> }
 #define APE_GRID(k) \
   { APE_ROW(k, 1), APE_ROW(k, 2), APE_ROW(k, 3), APE_ROW(k, 4) }
+#define APE_TOKENS(k) \
+  { k<1, 1>, k<1, 2>, k<1, 3>, k<1, 4>, k<1, 5>, k<1, 6>, k<1, 7>, k<1, 8> }
 
-constexpr KernelSet kAvx2 = {
-    "avx2", APE_GRID(DotF32Avx2), APE_GRID(DotF16Avx2), APE_GRID(DotBf16Avx2), {},
-    {},     APE_GRID(DotQ4KAvx2), APE_GRID(DotQ6KAvx2), DotQ8_0BatchAvx2,      DotQ4_0BatchAvx2};
+constexpr KernelSet kAvx2 = {"avx2",
+                             APE_GRID(DotF32Avx2),
+                             APE_GRID(DotF16Avx2),
+                             APE_GRID(DotBf16Avx2),
+                             {},
+                             {},
+                             APE_GRID(DotQ4KAvx2),
+                             APE_GRID(DotQ6KAvx2),
+                             DotQ8_0BatchAvx2,
+                             DotQ4_0BatchAvx2,
+                             APE_TOKENS(DotQ4KAvx2),
+                             APE_TOKENS(DotQ6KAvx2)};
 
 constexpr KernelSet kAvx512 = {"avx512-vnni",
                                APE_GRID(DotF32Avx512),
@@ -1491,8 +1505,11 @@ constexpr KernelSet kAvx512 = {"avx512-vnni",
                                APE_GRID(DotQ4KAvx2),
                                APE_GRID(DotQ6KAvx2),
                                nullptr,
-                               nullptr};
+                               nullptr,
+                               APE_TOKENS(DotQ4KAvx2),
+                               APE_TOKENS(DotQ6KAvx2)};
 
+#undef APE_TOKENS
 #undef APE_GRID
 #undef APE_ROW
 
@@ -1527,18 +1544,35 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 }
 
 // Kernels with a BatchKernel (AVX2 Q8_0/Q4_0: PairsBatch) tile rows and
-// tokens themselves. Otherwise rows go in chunks of about 64 KiB (they stay
-// in the L2 cache while every group of tokens passes over them, so memory
-// is read once); a group's activations stay in L1. Each group runs blocks
-// of R rows against T tokens: one token group unpacks each weight block
-// once for T tokens, except for Q4_0 (AVX-512), whose nibbles cost less to
-// unpack than what a wider token group repeats per token (it runs 4 rows x
-// 1 token, as DotRows).
+// tokens themselves; Q4_K/Q6_K run token groups of up to 8 (below). Otherwise rows go in chunks of about 64 KiB (they
+// stay in the L2 cache while every group of tokens passes over them, so memory is read once); a group's activations
+// stay in L1. Each group runs blocks of R rows against T tokens: one token group unpacks each weight block once for T
+// tokens, except for Q4_0 (AVX-512), whose nibbles cost less to unpack than what a wider token group repeats per token
+// (it runs 4 rows x 1 token, as DotRows).
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
   if (BatchKernel batch = ActiveKernels()->BatchFor(t))
     return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
   if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
+  if (t == GgmlType::kQ4_K || t == GgmlType::kQ6_K) {
+    // A row at a time against token groups of up to 8 (split evenly), in
+    // chunks of rows that stay in L2: the unpacking of a block (nibbles,
+    // 6-bit scales) is shared by twice as many tokens as the grid's 4, which
+    // measured 10-30% faster for batches of 8 and prefill.
+    const RowsKernel* kernel = t == GgmlType::kQ4_K ? ActiveKernels()->q4_k_tokens : ActiveKernels()->q6_k_tokens;
+    const int groups = (n_tokens + 7) / 8, group = (n_tokens + groups - 1) / groups;
+    const int chunk = static_cast<int>(std::max<size_t>(4, (256 << 10) / std::max<size_t>(row_bytes, 1)));
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+      const int r1 = std::min(rows, r0 + chunk);
+      for (int j = 0; j < n_tokens; j += group) {
+        const int tokens = std::min(group, n_tokens - j);
+        for (int r = r0; r < r1; ++r)
+          kernel[tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r,
+                             y_stride);
+      }
+    }
+    return;
+  }
   const KernelGrid& kernel = ActiveKernels()->For(t);
   const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;
   const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));

@@ -80,7 +80,7 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 // every (row, token) result takes the same operations in the same order in
 // any block and group. Rows are taken in cache-sized chunks, so each weight
 // is read from memory once per call, and a weight block is unpacked once
-// per group of up to 4 tokens (8 for the AVX2 Q8_0/Q4_0 kernels).
+// per group of up to 4 tokens (8 for Q8_0, Q4_0 (AVX2), Q4_K and Q6_K).
 // Single-threaded: callers split rows across threads.
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride);
