@@ -1,7 +1,8 @@
 // MatMul against a plain double-precision loop, over edge sizes, thread
 // counts and weight types (each type against its own dequantized values, so
 // this checks the products, not the quantization); and decode batches:
-// MatMul's rows bit-identical for every token count up to kDecodeBatchMax.
+// MatMul's rows bit-identical for every token count up to kDecodeBatchMax,
+// and for quantized types in prefill too.
 #include "common/engine/matvec.h"
 
 #include <gtest/gtest.h>
@@ -126,6 +127,35 @@ TEST(MatVecTest, DecodeBatchRowsBitIdenticalToOneToken) {
           }
           for (int o = out; o < ldy; ++o) ASSERT_EQ(y[size_t(t) * ldy + o], -7.f) << "padding written";
         }
+      }
+    }
+  }
+}
+
+// A prompt's numbers equal what its tokens get decoded one at a time
+// (matvec.h): quantized types run prefill through the same kernels, so
+// MatMul of more than kDecodeBatchMax tokens (here 40, enough for several
+// token groups and a ragged last one) is bit-identical to one token at a
+// time, on 1 and 2 threads, with rows of an odd block count.
+TEST(MatVecTest, PrefillRowsOfQuantizedTypesBitIdenticalToOneToken) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int out = 150, n = 40;
+  for (GgmlType type : {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_K, GgmlType::kQ6_K}) {
+    const int in = GgmlBlockElements(static_cast<uint32_t>(type)) == 256 ? 2304 : 2336;
+    std::vector<float> values(size_t(out) * in);
+    for (auto& v : values) v = nd(rng);
+    const WeightMatrix w = WeightMatrix::Quantized(type, values, out, in);
+    std::vector<float> x(size_t(n) * in);
+    for (auto& v : x) v = nd(rng);
+    for (int threads : {1, 2}) {
+      SetComputeThreads(threads);
+      std::vector<float> alone(size_t(n) * out), y(size_t(n) * out);
+      for (int t = 0; t < n; ++t) MatMul(&x[size_t(t) * in], 1, w, &alone[size_t(t) * out], out);
+      MatMul(x.data(), n, w, y.data(), out);
+      for (size_t i = 0; i < y.size(); ++i) {
+        ASSERT_EQ(y[i], alone[i]) << GgmlTypeName(static_cast<uint32_t>(type)) << " token " << i / out << " row "
+                                  << i % out << " threads=" << threads;
       }
     }
   }
