@@ -1059,6 +1059,7 @@ void PairsTile(const uint8_t* w, size_t row_bytes, int rows, const ActPair* a, i
 template <typename K>
 void PairsBatch(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
                 int64_t n, float* y, size_t y_stride) {
+  if (n_tokens <= 0 || rows <= 0) return;
   const int64_t nb = n / kQk0, np = (nb + 1) / 2;
   if (np == 0) {
     for (int j = 0; j < n_tokens; ++j)
@@ -1551,6 +1552,7 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 // (it runs 4 rows x 1 token, as DotRows).
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
+  if (n_tokens <= 0 || rows <= 0) return;
   if (BatchKernel batch = ActiveKernels()->BatchFor(t))
     return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
   if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
