@@ -62,13 +62,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (ROOT, Services, answer_lead, corpus_of, cut_answer, kl, open_result_cache,  # noqa: E402
-                     qa_examples)
+from harness import (ROOT, VALIDATION, Services, answer_lead, corpus_of, cut_answer, kl,  # noqa: E402
+                     open_result_cache, qa_examples)
 from apeserve_launcher import default_bin_dir  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
-T_GRID = [0.3, 0.5, 0.7, 0.9, 1.1, 1.4]
-S_GRID = [0.7, 0.8, 0.9, 1.0, 1.1, 1.25]
+T_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4]
+S_GRID = [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1]
 FIXED = (0.8, 0.9)  # the version-1 preset this replaces
 MIN_P, MAX_P = 0.05, 2.0  # kMinApeParam, kMaxApeParam (common/engine/ape_preset.h)
 
@@ -100,7 +100,7 @@ class Group:
     def load(self, svc, corpus, window, value_id, log):
         t0 = time.time()
         self.cases, self.tokens = [], []
-        for ex in qa_examples(self.docs, self.questions, seed=2, corpus=corpus):  # validation split
+        for ex in qa_examples(self.docs, self.questions, seed=VALIDATION, corpus=corpus):
             q, answer, value, _ = ex["qa"][0]
             ctxs = [" ".join(ex["docs"][i:i + self.pack]) for i in range(0, len(ex["docs"]), self.pack)]
             keys, _, ntok = svc.encode_entries(PREFIX, ctxs)
@@ -114,7 +114,7 @@ class Group:
             f"{sum(c['in_window'] for c in self.cases)} inside the window ({time.time() - t0:.0f} s)")
 
     def score_cell(self, svc, T, S):
-        acc, nll, div, n_kl, hits = 0, 0.0, 0.0, 0, []
+        acc, nll, div, n_kl, hits, kls = 0, 0.0, 0.0, 0, [], []
         for c in self.cases:
             lp = svc.score(svc.request(PREFIX, c["keys"], c["lead"], "APE", T, S))
             ok = max(range(len(lp)), key=lp.__getitem__) == c["value"]
@@ -122,11 +122,14 @@ class Group:
             hits.append(int(ok))
             nll -= lp[c["value"]]
             if c["in_window"]:
-                div += kl(c["seq"], lp)
+                kls.append(round(kl(c["seq"], lp), 6))
+                div += kls[-1]
                 n_kl += 1
         n = len(self.cases)
+        # kls: per question inside the window, in question order (the paired
+        # comparison with T = S = 1 in kl_vs_parallel).
         return {"acc": acc / n, "nll": nll / n, "kl": div / n_kl if n_kl else None, "n_kl": n_kl, "n": n,
-                "hits": "".join(map(str, hits))}
+                "hits": "".join(map(str, hits)), "kls": kls}
 
     def generate_em(self, svc, T, S):
         em = sum(int(svc.answer(PREFIX, c["keys"], c["query"], "APE", T, S) == c["expected"]) for c in self.cases)
@@ -136,17 +139,43 @@ class Group:
         return sum(max(range(len(c["seq"])), key=c["seq"].__getitem__) == c["value"] for c in self.cases) / len(self.cases)
 
 
-def candidates(cells, seq_acc):
-    """Cells best first: those within one binomial standard error of the
-    best acc, then the rest, each part ordered by the secondary metric: KL
-    to SEQUENTIAL where it is a reference worth matching (at least half the
-    questions inside the window and SEQUENTIAL's own acc >= 0.9), else nll.
-    Returns (cells, metric name)."""
+def uses_kl(cells):
+    """KL to SEQUENTIAL is a group's objective when at least half of its
+    questions have their SEQUENTIAL prompt inside the trained window (there
+    SEQUENTIAL is what APE approximates, whatever its own accuracy)."""
+    return cells[0]["kl"] is not None and cells[0]["n_kl"] >= cells[0]["n"] / 2
+
+
+def kl_vs_parallel(cell, par):
+    """Paired over the questions inside the window: (mean, standard error)
+    of KL(SEQUENTIAL || cell) - KL(SEQUENTIAL || T = S = 1). T = S = 1 is
+    PARALLEL, so a negative mean is a cell closer to SEQUENTIAL than
+    PARALLEL; the mean plus one standard error below 0 is one that is so
+    beyond the noise of the split."""
+    d = [a - b for a, b in zip(cell["kls"], par["kls"])]
+    if not d:
+        return 0.0, 0.0
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
+    return m, math.sqrt(var / len(d))
+
+
+def candidates(cells, par):
+    """Cells best first, and the metric they are ordered by.
+    KL groups (uses_kl): by the upper end of the paired KL difference to
+    T = S = 1 (kl_vs_parallel: mean + one standard error), so a cell that is
+    closer to SEQUENTIAL than PARALLEL on most questions ranks before one
+    whose lower mean comes from a few questions. Other groups: the cells
+    whose acc is within one binomial standard error of the best acc, then
+    the rest, each part by nll."""
+    if uses_kl(cells):
+        for c in cells:
+            m, se = kl_vs_parallel(c, par)
+            c["kl_gain"], c["kl_gain_se"], c["kl_ucb"] = m, se, m + se
+        return sorted(cells, key=lambda c: (c["kl_ucb"], c["kl"], -c["acc"])), "kl_ucb"
     best = max(c["acc"] for c in cells)
     se = max(math.sqrt(best * (1 - best) / cells[0]["n"]), 1.0 / cells[0]["n"])
-    use_kl = cells[0]["n_kl"] >= cells[0]["n"] / 2 and seq_acc >= 0.9
-    by = "kl" if use_kl else "nll"
-    return sorted(cells, key=lambda c: (c["acc"] < best - se - 1e-9, c[by], -c["acc"])), by
+    return sorted(cells, key=lambda c: (c["acc"] < best - se - 1e-9, c["nll"], -c["acc"])), "nll"
 
 
 def heatmap(path, group, cells, chosen):
@@ -196,8 +225,8 @@ def heatmap(path, group, cells, chosen):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "apeserve-qa.gguf"))
-    ap.add_argument("--docs", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128])
-    ap.add_argument("--questions", type=int, default=80)
+    ap.add_argument("--docs", type=int, nargs="+", default=[2, 3, 4, 8, 16, 32, 48, 64, 128])
+    ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--packed-docs", type=int, nargs="*", default=[32, 64],
                     help="document counts also run packed --pack to a context (the keying comparison)")
     ap.add_argument("--pack", type=int, default=4)
@@ -207,8 +236,11 @@ def main():
     ap.add_argument("--t-grid", type=float, nargs="+", default=T_GRID)
     ap.add_argument("--s-grid", type=float, nargs="+", default=S_GRID)
     ap.add_argument("--no-refine", action="store_true", help="coarse grid only")
-    ap.add_argument("--generate-top", type=int, default=12,
+    ap.add_argument("--generate-top", type=int, default=24,
                     help="candidates per document count also scored by Generate (whole-answer exact match)")
+    ap.add_argument("--kl-em-tolerance", type=float, default=0.0,
+                    help="KL groups (inside the window): a row may answer this much less exact match than the "
+                    "previous fixed preset on the validation split")
     ap.add_argument("--generate-margin", type=float, default=0.1,
                     help="only cells whose acc is within this of the best are Generate candidates")
     ap.add_argument("--out", default="", help="preset path; default <model>.ape.json")
@@ -308,8 +340,10 @@ def main():
         def calibrate_group(g, predict=None):
             cells = run_cells(g, coarse, "coarse")
             seq = seq_stats(g)
+            par = next(c for c in cells if (c["T"], c["S"]) == (1.0, 1.0))
             if not args.no_refine:
-                c0 = candidates(cells, seq["acc"])[0][0]
+                top = max(c["acc"] for c in cells)
+                c0 = [c for c in candidates(cells, par)[0] if c["acc"] >= top - args.generate_margin][0]
                 near = sorted({(round(min(max(c0["T"] + dt, MIN_P), MAX_P), 4), round(min(max(c0["S"] + ds, MIN_P), MAX_P), 4))
                                for dt in (-t_step, 0, t_step) for ds in (-s_step, 0, s_step)} - set(coarse))
                 cells += run_cells(g, near, "refine")
@@ -317,7 +351,7 @@ def main():
             # before the value (S > 1 can break those): the leading
             # candidates are also run through Generate, and the pick is the
             # best whole-answer exact match among them.
-            cands, by = candidates(cells, seq["acc"])
+            cands, by = candidates(cells, par)
             top = max(c["acc"] for c in cells)
             cands = [c for c in cands if c["acc"] >= top - args.generate_margin][:args.generate_top]
             for c in cands:
@@ -330,21 +364,33 @@ def main():
                 if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and "em" not in c:
                     c["em"] = with_gen(g, c["T"], c["S"])
             pool = cands + [c for c in cells if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and c not in cands]
-            # A row leaves the previous fixed preset only on evidence: when
-            # its exact match beats the fixed preset's by more than one
-            # binomial standard error (80 questions: one question is
-            # 0.0125). Picking the lowest KL among cells within one standard
-            # error of the best exact match instead (2-8 documents) did not
-            # hold on held-out questions (bench/results/quality.md).
-            chosen = max(pool, key=lambda c: (c["em"], -c[by]))
             ref = next(c for c in cells if (c["T"], c["S"]) == FIXED)
-            if chosen["em"] - ref["em"] <= math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions):
-                chosen = ref
+            if by == "kl_ucb":
+                # Inside the window the row is the cell closest to SEQUENTIAL
+                # (the paired KL difference to T = S = 1, mean + one standard
+                # error) among those whose exact match is not below the
+                # previous fixed preset's (less --kl-em-tolerance). T = S = 1
+                # (0 by definition) and the fixed preset are in the pool, so
+                # a cell is picked over PARALLEL only when it is closer to
+                # SEQUENTIAL beyond the noise of the split.
+                ok = [c for c in pool if c["em"] >= ref["em"] - args.kl_em_tolerance - 1e-9]
+                chosen = min(ok, key=lambda c: (c["kl_ucb"], -c["em"]))
+            else:
+                # Outside it: the best exact match, leaving the previous fixed
+                # preset only on evidence (beating it by more than one
+                # binomial standard error).
+                chosen = max(pool, key=lambda c: (c["em"], -c[by]))
+                if chosen["em"] - ref["em"] <= math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions):
+                    chosen = ref
             gen = {f"{c['T']:g},{c['S']:g}": c["em"] for c in sorted(pool, key=lambda c: (c["T"], c["S"]))}
             oracle = sum(any(c["hits"][i] == "1" for c in cells) for i in range(cells[0]["n"])) / cells[0]["n"]
             results[g.name] = {"documents": g.docs, "pack": g.pack, "contexts": g.contexts, "questions": g.questions,
                                "sequential": seq, "cells": cells, "pick": chosen, "picked_by": by,
                                "generate_em": gen, "oracle_acc": oracle}
+            if by == "kl_ucb":
+                log(f"[{g.name} docs] KL to SEQUENTIAL: pick {chosen['kl']:.4f} (paired difference to T=S=1 "
+                    f"{chosen['kl_gain']:+.4f} +- {chosen['kl_gain_se']:.4f}), T=S=1 {par['kl']:.4f}, fixed {ref['kl']:.4f}; "
+                    f"exact match: pick {chosen['em']:.3f}, fixed {ref['em']:.3f}, T=S=1 {par['em']:.3f}")
             log(f"[{g.name} docs] pick T={chosen['T']:g} S={chosen['S']:g} (acc {chosen['acc']:.3f}, by {by}); "
                 f"SEQUENTIAL acc {seq['acc']:.3f}; any cell right: {oracle:.3f}; generate EM {gen}")
             if predict:
@@ -433,8 +479,13 @@ def main():
             text = text.replace(json.dumps(row, indent=2).replace("\n", "\n    "), json.dumps(row), 1)
         f.write(text + "\n")
     with open(grid_out, "w") as f:
+        # Without the per-question KL lists (kls; their paired summary is in
+        # kl_gain / kl_gain_se): they would make the file megabytes.
+        slim = {name: dict(r, cells=[{k: v for k, v in c.items() if k != "kls"} for c in r["cells"]],
+                           pick=r["pick"] and {k: v for k, v in r["pick"].items() if k != "kls"})
+                for name, r in results.items()}
         json.dump({"preset": preset, "window": window, "keying": keying,
-                   "tables": {"contexts": by_ctx, "context_tokens": by_tok}, "groups": results}, f, indent=1)
+                   "tables": {"contexts": by_ctx, "context_tokens": by_tok}, "groups": slim}, f, indent=1)
     plots = 0
     for g in groups + (packed if args.packed_grid else []):
         plots += heatmap(os.path.join(os.path.dirname(os.path.abspath(grid_out)), f"calibration_{g.name}.png"), g,
