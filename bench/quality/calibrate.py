@@ -238,9 +238,15 @@ def main():
     ap.add_argument("--no-refine", action="store_true", help="coarse grid only")
     ap.add_argument("--generate-top", type=int, default=24,
                     help="candidates per document count also scored by Generate (whole-answer exact match)")
-    ap.add_argument("--kl-em-tolerance", type=float, default=0.0,
+    ap.add_argument("--kl-em-tolerance", type=float, default=-1,
                     help="KL groups (inside the window): a row may answer this much less exact match than the "
-                    "previous fixed preset on the validation split")
+                    "previous fixed preset on the validation split (negative: one binomial standard error)")
+    ap.add_argument("--questions-for", nargs="*", default=["8=800", "16=400", "32=400", "64=400"], metavar="DOCS=N",
+                    help="validation questions for these document counts instead of --questions (where the "
+                    "cells closest to SEQUENTIAL differ from T = S = 1 by less than 200 questions resolve)")
+    ap.add_argument("--kl-generate-top", type=int, default=40,
+                    help="inside the window: candidates also include every cell closer to SEQUENTIAL than T = S = 1, "
+                    "up to this many in all")
     ap.add_argument("--generate-margin", type=float, default=0.1,
                     help="only cells whose acc is within this of the best are Generate candidates")
     ap.add_argument("--out", default="", help="preset path; default <model>.ape.json")
@@ -280,7 +286,8 @@ def main():
         return rec
 
     corpus = corpus_of(args.model)
-    groups = [Group(n, 1, args.questions) for n in args.docs]
+    q_for = {int(k): int(v) for k, v in (x.split("=") for x in args.questions_for)}
+    groups = [Group(n, 1, q_for.get(n, args.questions)) for n in args.docs]
     packed = [Group(n, args.pack, max(args.questions * 3 // 4, 1)) for n in args.packed_docs]
     coarse = sorted({(round(t, 4), round(s, 4)) for t in args.t_grid for s in args.s_grid} | {(1.0, 1.0), FIXED})
     t_step = min(b - a for a, b in zip(sorted(args.t_grid), sorted(args.t_grid)[1:])) / 2
@@ -354,6 +361,15 @@ def main():
             cands, by = candidates(cells, par)
             top = max(c["acc"] for c in cells)
             cands = [c for c in cands if c["acc"] >= top - args.generate_margin][:args.generate_top]
+            if by == "kl_ucb":
+                # Inside the window every cell closer to SEQUENTIAL than
+                # T = S = 1 (kl_ucb < 0) is a candidate, up to
+                # --kl-generate-top: with many contexts the cells closest to
+                # SEQUENTIAL lose exact match, and the pick is the closest
+                # one that does not.
+                more = [c for c in candidates(cells, par)[0] if c["kl_ucb"] < 0 and c not in cands
+                        and c["acc"] >= top - args.generate_margin]
+                cands += more[:max(args.kl_generate_top - len(cands), 0)]
             for c in cands:
                 c["em"] = with_gen(g, c["T"], c["S"])
                 log(f"[{g.name} docs] candidate T={c['T']:g} S={c['S']:g}: generate EM {c['em']:.3f} (acc "
@@ -365,23 +381,51 @@ def main():
                     c["em"] = with_gen(g, c["T"], c["S"])
             pool = cands + [c for c in cells if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and c not in cands]
             ref = next(c for c in cells if (c["T"], c["S"]) == FIXED)
-            if by == "kl_ucb":
-                # Inside the window the row is the cell closest to SEQUENTIAL
-                # (the paired KL difference to T = S = 1, mean + one standard
-                # error) among those whose exact match is not below the
-                # previous fixed preset's (less --kl-em-tolerance). T = S = 1
-                # (0 by definition) and the fixed preset are in the pool, so
-                # a cell is picked over PARALLEL only when it is closer to
-                # SEQUENTIAL beyond the noise of the split.
-                ok = [c for c in pool if c["em"] >= ref["em"] - args.kl_em_tolerance - 1e-9]
-                chosen = min(ok, key=lambda c: (c["kl_ucb"], -c["em"]))
-            else:
-                # Outside it: the best exact match, leaving the previous fixed
-                # preset only on evidence (beating it by more than one
-                # binomial standard error).
-                chosen = max(pool, key=lambda c: (c["em"], -c[by]))
-                if chosen["em"] - ref["em"] <= math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions):
-                    chosen = ref
+
+            def pick():
+                if by == "kl_ucb":
+                    # Inside the window the row is the cell closest to SEQUENTIAL
+                    # (the paired KL difference to T = S = 1, mean + one standard
+                    # error) among those whose exact match is not below the
+                    # previous fixed preset's by more than --kl-em-tolerance (by
+                    # default one binomial standard error of the fixed preset's:
+                    # a smaller difference is no evidence of a loss). T = S = 1
+                    # itself is left out: it IS PARALLEL, and the row is there to
+                    # be closer to SEQUENTIAL than PARALLEL. The fixed preset is
+                    # in the pool, so there is always a pick.
+                    tol = args.kl_em_tolerance
+                    if tol < 0:
+                        tol = math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions)
+                    ok = [c for c in pool if c["em"] >= ref["em"] - tol - 1e-9 and c is not par]
+                    chosen = min(ok, key=lambda c: (c["kl_ucb"], -c["em"]))
+                else:
+                    # Outside it: the best exact match, leaving the previous fixed
+                    # preset only on evidence (beating it by more than one
+                    # binomial standard error).
+                    chosen = max(pool, key=lambda c: (c["em"], -c[by]))
+                    if chosen["em"] - ref["em"] <= math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions):
+                        chosen = ref
+                return chosen
+
+            chosen = pick()
+            if by == "kl_ucb" and not args.no_refine:
+                # The constrained pick is where T and S are worth resolving
+                # (the first refinement followed the unconstrained leader):
+                # its neighbourhood at half steps, scored and run through
+                # Generate, then the pick again.
+                near = sorted({(round(min(max(chosen["T"] + dt, MIN_P), MAX_P), 4),
+                                round(min(max(chosen["S"] + ds, MIN_P), MAX_P), 4))
+                               for dt in (-t_step, 0, t_step) for ds in (-s_step, 0, s_step)}
+                              - {(c["T"], c["S"]) for c in cells})
+                new = run_cells(g, near, "refine around the pick")
+                cells += new
+                candidates(cells, par)  # kl_ucb of the new cells
+                for c in new:
+                    c["em"] = with_gen(g, c["T"], c["S"])
+                    log(f"[{g.name} docs] candidate T={c['T']:g} S={c['S']:g}: generate EM {c['em']:.3f} (acc "
+                        f"{c['acc']:.3f}, {by} {c[by]:.4f})")
+                pool += new
+                chosen = pick()
             gen = {f"{c['T']:g},{c['S']:g}": c["em"] for c in sorted(pool, key=lambda c: (c["T"], c["S"]))}
             oracle = sum(any(c["hits"][i] == "1" for c in cells) for i in range(cells[0]["n"])) / cells[0]["n"]
             results[g.name] = {"documents": g.docs, "pack": g.pack, "contexts": g.contexts, "questions": g.questions,
@@ -466,7 +510,7 @@ def main():
         "interpolation": "linear in log2(key) between rows, clamped to the first and last row",
         "table": [{key: k, "temperature": round(t, 4), "scale": round(s, 4)} for k, t, s in rows],
         "source": f"bench/quality/calibrate.py: {span}; {args.questions} validation questions per document count "
-                  f"({'/'.join(map(str, args.docs))}); keyed by {key} (packed check, exact match: by contexts "
+                  f"({'/'.join(map(str, args.docs))}{''.join(f'; {v} at {k}' for k, v in q_for.items() if k in args.docs)}); keyed by {key} (packed check, exact match: by contexts "
                   f"{keying['contexts'].get('em', 0):.3f}, by tokens {keying['context_tokens'].get('em', 0):.3f}); "
                   f"fixed fallback = best mean exact match over the document counts",
     }
