@@ -244,6 +244,9 @@ def main():
     ap.add_argument("--questions-for", nargs="*", default=["8=800", "16=400", "32=400", "64=400"], metavar="DOCS=N",
                     help="validation questions for these document counts instead of --questions (where the "
                     "cells closest to SEQUENTIAL differ from T = S = 1 by less than 200 questions resolve)")
+    ap.add_argument("--em-generate-top", type=int, default=60,
+                    help="outside the window: candidates (every cell within --generate-margin of the best acc) run "
+                    "through Generate, at most this many")
     ap.add_argument("--kl-generate-top", type=int, default=40,
                     help="inside the window: candidates also include every cell closer to SEQUENTIAL than T = S = 1, "
                     "up to this many in all")
@@ -360,7 +363,12 @@ def main():
             # best whole-answer exact match among them.
             cands, by = candidates(cells, par)
             top = max(c["acc"] for c in cells)
-            cands = [c for c in cands if c["acc"] >= top - args.generate_margin][:args.generate_top]
+            cands = [c for c in cands if c["acc"] >= top - args.generate_margin]
+            # Outside the window exact match is the objective and the
+            # teacher-forced acc / nll order is a poor guide to it (a low T
+            # has the worse nll and the better answers at 48+ documents):
+            # there every cell within the margin runs, up to --em-generate-top.
+            cands = cands[:args.generate_top if by == "kl_ucb" else args.em_generate_top]
             if by == "kl_ucb":
                 # Inside the window every cell closer to SEQUENTIAL than
                 # T = S = 1 (kl_ucb < 0) is a candidate, up to
