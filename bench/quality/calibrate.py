@@ -5,8 +5,8 @@ keep the best; the bests become the rows of a version-2 preset
 <model>.ape.json, which ape-decoder interpolates per request (docs/APE.md,
 "Choosing T and S").
 
-  /usr/bin/python3 bench/quality/calibrate.py [--docs 2 4 8 16 32 64 128]
-      [--questions 80] [--packed-docs 32 64 --pack 4] [--out PRESET.json]
+  /usr/bin/python3 bench/quality/calibrate.py [--docs 2 3 4 8 16 32 48 64]
+      [--questions 200] [--questions-for 8=800 16=400 32=400 64=400] [--packed-docs 32 64 --pack 4] [--out PRESET.json]
       [--grid-out GRID.json] [--bin-dir build/bin] [--cache FILE]
 
 What one grid cell costs: one Score RPC per question (the next-token
@@ -225,7 +225,7 @@ def heatmap(path, group, cells, chosen):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "apeserve-qa.gguf"))
-    ap.add_argument("--docs", type=int, nargs="+", default=[2, 3, 4, 8, 16, 32, 48, 64, 128])
+    ap.add_argument("--docs", type=int, nargs="+", default=[2, 3, 4, 8, 16, 32, 48, 64])
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--packed-docs", type=int, nargs="*", default=[32, 64],
                     help="document counts also run packed --pack to a context (the keying comparison)")
