@@ -6,8 +6,9 @@ keep the best; the bests become the rows of a version-2 preset
 "Choosing T and S").
 
   /usr/bin/python3 bench/quality/calibrate.py [--docs 2 3 4 8 16 32 48 64]
-      [--questions 200] [--questions-for 8=800 16=400 32=400 64=400] [--packed-docs 32 64 --pack 4] [--out PRESET.json]
-      [--grid-out GRID.json] [--bin-dir build/bin] [--cache FILE]
+      [--questions 200] [--questions-for 8=800 16=400 32=400 64=400]
+      [--packed-docs 32 64 --pack 4] [--out PRESET.json] [--grid-out GRID.json]
+      [--bin-dir build/bin] [--cache FILE]
 
 What one grid cell costs: one Score RPC per question (the next-token
 distribution at the answer's value, after its restating words: "question :
@@ -18,21 +19,30 @@ contexts encoded once per question and reused by every cell. A cell records
   nll  - mean -log p(value),
   kl   - mean KL(SEQUENTIAL || APE) over the questions whose SEQUENTIAL
          prompt fits the model's trained window (n_kl of them).
-Search: a coarse grid (--t-grid x --s-grid, plus T=S=1 = PARALLEL and the
-previous fixed preset), then the 3 x 3 neighbourhood of the coarse leader at
-half the steps. Candidates per document count: the cells whose acc is within
-one binomial standard error of the best acc, then the others down to
---generate-margin below the best, each part ordered by kl where SEQUENTIAL
-is a reference worth matching (at least half the questions inside the
-window and SEQUENTIAL's own acc >= 0.9), else by nll. The first
---generate-top candidates, the previous fixed preset and T=S=1 are run
-through Generate (greedy, cut at " .": exact match of the whole answer),
-and the pick is the one with the best exact match among all of them (ties:
-the secondary metric), unless it beats the previous fixed preset by one
-binomial standard error or less: then the row stays at the fixed preset. The teacher-forced acc cannot see a wrong word before
-the value: with many contexts a large S*T draws the attention that copies
-the entity from the question into the contexts, and the answer goes wrong
-while the value would still be right.
+Questions: the VALIDATION split of harness.qa_examples (evaluate.py reports
+on HELDOUT), --questions per document count, --questions-for where more are
+needed. Search: a coarse grid (--t-grid x --s-grid, plus T=S=1 = PARALLEL
+and the previous fixed preset), then the 3 x 3 neighbourhood of the leader
+at half the steps. The row then depends on where the group is:
+  Inside the trained window (at least half the questions' SEQUENTIAL
+  prompts fit; 2-16 documents here) the objective is KL to SEQUENTIAL:
+  cells are ordered by the paired per-question KL difference to T = S = 1
+  (mean + one standard error, kl_ucb); the first --generate-top within
+  --generate-margin of the best acc, plus every other cell closer than
+  T = S = 1, up to --kl-generate-top, run through Generate, and so do the
+  previous fixed preset and T = S = 1. The row is the smallest kl_ucb among
+  them whose exact match is not below the fixed preset's by more than
+  --kl-em-tolerance (default one binomial standard error), T = S = 1 left
+  out (it IS PARALLEL); then the neighbourhood of that pick at half steps
+  runs too and the pick is made again.
+  Outside it the objective is exact match: every cell within
+  --generate-margin of the best acc (up to --em-generate-top) runs through
+  Generate, and the row is the best exact match (ties: nll), unless it
+  beats the previous fixed preset by one binomial standard error or less:
+  then the row stays at the fixed preset. The teacher-forced acc cannot see
+  a wrong word before the value: with many contexts a large S*T draws the
+  attention that copies the entity from the question into the contexts,
+  and the answer goes wrong while the value would still be right.
 
 Keying. Documents hold 3-5 facts, so within one document count the cached
 tokens vary little and the two possible keys (contexts, cached tokens) are
@@ -42,8 +52,10 @@ contexts and the table keyed by tokens each predict a T, S for those
 requests; both predictions are run as cells (and through Generate; with
 --packed-grid the packed groups get the whole search as well). The preset
 is keyed by contexts unless the tokens' prediction has the better exact
-match by more than one binomial standard error: only the contexts key can
-give a single context T = S = 1, which is exactly sequential encoding.
+match by more than one binomial standard error: the contexts key gives a
+single context T = S = 1, which is exactly sequential encoding; the tokens
+table gets a first row T = S = 1 up to the largest single validation
+document for the same reason.
 
 Progress: one line per grid cell on stderr. Every finished cell is appended
 to --cache (default $TMPDIR/apeserve-quality/calibration.jsonl), keyed by
