@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Quality of APE against sequential encoding, through the real services.
 
-For 1, 2, 3, 4, 8, 16, 32, 48, 64 and 128 documents per question, on
-held-out data: exact match of SEQUENTIAL, PARALLEL without a shared prefix,
+For 1, 2, 3, 4, 8, 16, 32, 48, 64 and 128 documents per question, on the
+held-out split (harness.HELDOUT; never the VALIDATION split calibrate.py
+fits the preset on): exact match of SEQUENTIAL, PARALLEL without a shared prefix,
 PARALLEL with the shared prefix, APE with the fixed preset (--fixed-t,
 --fixed-s: the version-1 preset, sent as the request's T and S) and APE with
 the model's adaptive preset (<model>.ape.json version 2: the request names no
@@ -28,8 +29,8 @@ Writes bench/results/quality.{md,json} and quality_*.png. Every question's
 outcome is appended to --cache (default $TMPDIR/apeserve-quality/
 evaluate.jsonl): a rerun skips finished questions (and their encoding).
 
-  /usr/bin/python3 bench/quality/evaluate.py [--questions 100]
-      [--more-questions 200 --more-questions-from 32]
+  /usr/bin/python3 bench/quality/evaluate.py [--split 3] [--questions 200]
+      [--more-questions 400 --more-questions-from 32] [--questions-for 8=800]
       [--fixed-t 0.8 --fixed-s 0.9] [--preset PRESET.json] [--bin-dir build/bin]
       [--out bench/results/quality] [--log FILE]
 
