@@ -126,6 +126,11 @@ absl::StatusOr<ApePreset> LoadApePreset(const std::string& path) {
 std::pair<float, float> ApePreset::For(int contexts, int64_t context_tokens) const {
   const int64_t x = by == ApePresetKey::kContexts ? contexts : context_tokens;
   if (table.empty() || x <= 0) return {temperature, scale};
+  // One context keyed by its tokens takes the first row whatever its
+  // length: the row fitted for the fewest documents (with one context APE at
+  // T = S = 1 is sequential encoding exactly, which a calibration's first
+  // row gives), not a row fitted for several short ones.
+  if (by == ApePresetKey::kContextTokens && contexts == 1) return {table.front().temperature, table.front().scale};
   if (x <= table.front().at) return {table.front().temperature, table.front().scale};
   if (x >= table.back().at) return {table.back().temperature, table.back().scale};
   // The first row above x; the row before it is at or below x.

@@ -59,7 +59,8 @@ struct ApePreset {
 
   // T and S for a request with `contexts` contexts holding `context_tokens`
   // tokens in all: the fixed values (version 1, or a key <= 0), else the
-  // table interpolated at the key (see the file comment).
+  // table interpolated at the key (see the file comment); keyed by tokens,
+  // one context takes the first row whatever its length.
   std::pair<float, float> For(int contexts, int64_t context_tokens) const;
 };
 

@@ -115,10 +115,12 @@ TEST(ApePresetTest, KeyedByContextTokens) {
   auto p = Load(ThreeRows("context_tokens"));
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->by, ApePresetKey::kContextTokens);
-  // The number of contexts plays no part; the tokens do.
+  // The tokens are the key; the number of contexts plays no part, except
+  // that one context takes the first row however long it is.
   ExpectPair(p->For(100, 4), 0.8, 1.0);
-  ExpectPair(p->For(1, 4), 0.8, 1.0);
   ExpectPair(p->For(3, 1000), 0.5, 1.0);
+  ExpectPair(p->For(1, 4), 0.6, 0.8);  // the first row, not 4 tokens' interpolation
+  ExpectPair(p->For(1, 1000), 0.6, 0.8);
   ExpectPair(p->For(5, 0), 0.7, 0.95);
 }
 
