@@ -1575,6 +1575,39 @@ void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, cons
     }
     return;
   }
+  if (t == GgmlType::kF16 || t == GgmlType::kBF16) {
+    // Each chunk of rows converted to float32 once (exactly: every float16
+    // and bfloat16 is a float32), then the F32 kernels run every token group
+    // over it from L2. The float16 kernels would convert each weight again
+    // for every group of 4 tokens, and the conversions, not memory, bound
+    // them. Each (row, token) result is what the float16 kernel computes
+    // (DotFloatRows: the same values in the same operations and order), so
+    // rows stay bit-identical to one-token decode (DotRows above).
+    const KernelGrid& f32 = ActiveKernels()->For(GgmlType::kF32);
+    const size_t f32_row = static_cast<size_t>(n) * sizeof(float);
+    const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(f32_row, 1)));
+    thread_local std::vector<float> tile;
+    if (tile.size() < static_cast<size_t>(chunk) * n) tile.resize(static_cast<size_t>(chunk) * n);
+    const uint8_t* tw = reinterpret_cast<const uint8_t*>(tile.data());
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+      const int r1 = std::min(rows, r0 + chunk);
+      for (int r = r0; r < r1; ++r) {
+        const uint8_t* row = w + r * row_bytes;
+        float* out = tile.data() + static_cast<size_t>(r - r0) * n;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+          _mm256_storeu_ps(out + i, t == GgmlType::kF16 ? LoadF16x8(row, i) : LoadBf16x8(row, i));
+        for (; i < n; ++i) out[i] = t == GgmlType::kF16 ? LoadF16x1(row, i) : LoadBf16x1(row, i);
+      }
+      for (int j = 0; j < n_tokens; j += 4) {
+        const int tokens = std::min(4, n_tokens - j);
+        for (int r = r0; r < r1; ++r)
+          f32[0][tokens - 1](tw + (r - r0) * f32_row, f32_row, act + j * act_stride, act_stride, n,
+                             y + j * y_stride + r, y_stride);
+      }
+    }
+    return;
+  }
   const KernelGrid& kernel = ActiveKernels()->For(t);
   const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;
   const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));
