@@ -75,7 +75,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (ROOT, VALIDATION, Services, answer_lead, corpus_of, cut_answer, kl,  # noqa: E402
-                     open_result_cache, qa_examples)
+                     open_result_cache, progress_logger, qa_examples)
 from apeserve_launcher import default_bin_dir  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
@@ -275,14 +275,7 @@ def main():
     out = args.out or args.model + ".ape.json"
     grid_out = args.grid_out or (os.path.splitext(args.out)[0] + ".grid.json" if args.out
                                  else os.path.join(ROOT, "bench", "results", "calibration.json"))
-    logf = open(args.log, "a") if args.log else None
-
-    def log(s):
-        line = time.strftime("%H:%M:%S ") + s
-        print(line, file=sys.stderr, flush=True)
-        if logf:
-            logf.write(line + "\n")
-            logf.flush()
+    log = progress_logger(args.log)
 
     st = os.stat(args.model)
     model_id = f"{os.path.abspath(args.model)}:{st.st_size}:{int(st.st_mtime)}"

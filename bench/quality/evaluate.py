@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HELDOUT, ROOT, VALIDATION, Services, answer_lead, argmax, corpus_of, cut_answer,  # noqa: E402
-                     kl, open_result_cache, qa_examples)
+                     kl, open_result_cache, progress_logger, qa_examples)
 from apeserve_launcher import default_bin_dir, test_data_dir  # noqa: E402
 from corpus import PREFIX, World, query_text  # noqa: E402
 from calibrate import interpolate  # noqa: E402
@@ -541,14 +541,7 @@ def main():
         ap.error("--split: the validation split is calibrate.py's; evaluating on it measures the fit, not the preset")
     DOC_COUNTS[:] = args.docs
     args.q_for = {int(k): int(v) for k, v in (x.split("=") for x in args.questions_for)}
-    logf = open(args.log, "a") if args.log else None
-
-    def log(s):
-        line = time.strftime("%H:%M:%S ") + s
-        print(line, file=sys.stderr, flush=True)
-        if logf:
-            logf.write(line + "\n")
-            logf.flush()
+    log = progress_logger(args.log)
 
     if args.preset and not os.path.exists(args.preset):
         ap.error(f"--preset {args.preset} does not exist")

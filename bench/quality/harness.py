@@ -9,6 +9,7 @@ import math
 import os
 import random
 import sys
+import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 for _p in (os.path.join(ROOT, "clients", "python"), os.path.join(ROOT, "models", "recipe")):
@@ -171,6 +172,20 @@ def open_result_cache(path):
                 except ValueError:
                     continue
     return records, open(path, "a")
+
+
+def progress_logger(path=""):
+    """A log(line) function: each line time-stamped to stderr, and appended
+    to `path` too when one is given (long runs, tailed from elsewhere)."""
+    logf = open(path, "a") if path else None
+
+    def log(s):
+        line = time.strftime("%H:%M:%S ") + s
+        print(line, file=sys.stderr, flush=True)
+        if logf:
+            logf.write(line + "\n")
+            logf.flush()
+    return log
 
 
 def kl(p_log, q_log):

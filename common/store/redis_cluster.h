@@ -99,6 +99,11 @@ class Node {
   };
   absl::StatusOr<Acquired> Acquire();
   void Release(Context c);
+  // Runs `attempt` on a pooled connection; when it sets *retry (given only
+  // for a pooled, possibly stale, connection), empties the pool and runs it
+  // once more on a new connection (see Pipeline).
+  using Attempt = std::function<absl::Status(Context, bool* retry)>;
+  absl::Status WithStaleRetry(const Attempt& attempt);
   // One attempt on `c`; sets *retry (when not null) if it may be repeated.
   absl::Status PipelineOn(Context c, const std::vector<Command>& commands, const OnReply& on_reply, bool* retry);
   absl::Status PipelineRawOn(Context c, const std::vector<Command>& commands,

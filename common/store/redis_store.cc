@@ -245,10 +245,10 @@ bool ClosedByPeer(const redisContext* c) {
 }
 }  // namespace
 
-absl::Status Node::Pipeline(const std::vector<Command>& commands, const OnReply& on_reply) {
+absl::Status Node::WithStaleRetry(const Attempt& attempt) {
   ASSIGN_OR_RETURN(Acquired a, Acquire());
   bool retry = false;
-  absl::Status s = PipelineOn(std::move(a.context), commands, on_reply, a.reused ? &retry : nullptr);
+  absl::Status s = attempt(std::move(a.context), a.reused ? &retry : nullptr);
   if (!retry) return s;
   // Every idle connection predates the same restart: drop them all, and try
   // once more on a connection made now.
@@ -257,7 +257,11 @@ absl::Status Node::Pipeline(const std::vector<Command>& commands, const OnReply&
     idle_.clear();
   }
   ASSIGN_OR_RETURN(a, Acquire());
-  return PipelineOn(std::move(a.context), commands, on_reply, nullptr);
+  return attempt(std::move(a.context), nullptr);
+}
+
+absl::Status Node::Pipeline(const std::vector<Command>& commands, const OnReply& on_reply) {
+  return WithStaleRetry([&](Context c, bool* retry) { return PipelineOn(std::move(c), commands, on_reply, retry); });
 }
 
 absl::Status Node::Send(redisContext* c, const std::vector<Command>& commands, bool* retry) {
@@ -305,16 +309,8 @@ absl::Status Node::PipelineOn(Context c, const std::vector<Command>& commands, c
 
 absl::Status Node::PipelineRaw(const std::vector<Command>& commands,
                                const std::function<absl::Status(RespReader&)>& read_replies) {
-  ASSIGN_OR_RETURN(Acquired a, Acquire());
-  bool retry = false;
-  absl::Status s = PipelineRawOn(std::move(a.context), commands, read_replies, a.reused ? &retry : nullptr);
-  if (!retry) return s;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    idle_.clear();
-  }
-  ASSIGN_OR_RETURN(a, Acquire());
-  return PipelineRawOn(std::move(a.context), commands, read_replies, nullptr);
+  return WithStaleRetry(
+      [&](Context c, bool* retry) { return PipelineRawOn(std::move(c), commands, read_replies, retry); });
 }
 
 absl::Status Node::PipelineRawOn(Context c, const std::vector<Command>& commands,

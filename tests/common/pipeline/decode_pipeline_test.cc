@@ -179,6 +179,22 @@ class DecodePipelineStoreTest : public DecodePipelineTest {
     keys_.clear();
     for (const auto& c : out->contexts) keys_.push_back(c.key);
   }
+  // `in` runs with max_kv_slots = need and is refused (RESOURCE_EXHAUSTED,
+  // returned) with need - 1.
+  absl::Status ExpectKvSlotLimitIs(DecodeInput in, int64_t need) {
+    const auto run = [&] {
+      DecodeStats st;
+      return RunDecode(
+          *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
+    };
+    in.max_kv_slots = need;
+    auto ok = run();
+    EXPECT_TRUE(ok.ok()) << ok.status();
+    in.max_kv_slots = need - 1;
+    auto over = run();
+    EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+    return over.status();
+  }
   // An APE request over the encoded contexts, by key.
   DecodeInput ByKey(float T, float S) {
     DecodeInput in = Input(DecodeMode::kApe, {}, T, S);
@@ -248,15 +264,7 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitAppliesToContextsGivenByKey) {
       enc.prefix_tokens.size() + enc.contexts[0].size() + enc.contexts[1].size() + in.query_tokens.size() + 4;
   for (DecodeMode mode : {DecodeMode::kApe, DecodeMode::kSequential}) {
     in.mode = mode;
-    in.max_kv_slots = need;
-    DecodeStats st;
-    auto ok = RunDecode(
-        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
-    EXPECT_TRUE(ok.ok()) << ok.status();
-    in.max_kv_slots = need - 1;
-    auto over = RunDecode(
-        *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
-    EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+    ExpectKvSlotLimitIs(in, need);
   }
 }
 
@@ -270,16 +278,8 @@ TEST_F(DecodePipelineStoreTest, KvSlotLimitCountsFloat16EntriesHalf) {
   in.generate.max_tokens = 4;
   const int64_t cached = enc.prefix_tokens.size() + enc.contexts[0].size() + enc.contexts[1].size();
   const int64_t need = (cached + 1) / 2 + in.query_tokens.size() + 4;
-  in.max_kv_slots = need;
-  DecodeStats st;
-  auto ok = RunDecode(
-      *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
-  EXPECT_TRUE(ok.ok()) << ok.status();
-  in.max_kv_slots = need - 1;
-  auto over = RunDecode(
-      *model_, store_.get(), in, DecodeHooks{}, [](const TokenEvent&) { return true; }, &st);
-  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
-  EXPECT_NE(over.status().message().find("half"), std::string::npos) << over.status();
+  const absl::Status over = ExpectKvSlotLimitIs(in, need);
+  EXPECT_NE(over.message().find("half"), std::string::npos) << over;
 }
 
 // Key-only contexts are measured once loaded: max_positions holds for them too
