@@ -1545,11 +1545,15 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 }
 
 // Kernels with a BatchKernel (AVX2 Q8_0/Q4_0: PairsBatch) tile rows and
-// tokens themselves; Q4_K/Q6_K run token groups of up to 8 (below). Otherwise rows go in chunks of about 64 KiB (they
-// stay in the L2 cache while every group of tokens passes over them, so memory is read once); a group's activations
-// stay in L1. Each group runs blocks of R rows against T tokens: one token group unpacks each weight block once for T
-// tokens, except for Q4_0 (AVX-512), whose nibbles cost less to unpack than what a wider token group repeats per token
-// (it runs 4 rows x 1 token, as DotRows).
+// tokens themselves; Q4_K/Q6_K run token groups of up to 8 (below). Otherwise
+// each group of tokens runs blocks of R rows against T tokens: one token group
+// unpacks each weight block once for T tokens, except for Q4_0 (AVX-512),
+// whose nibbles cost less to unpack than what a wider token group repeats per
+// token (it runs 4 rows x 1 token, as DotRows). A decode batch (activations
+// that fit in L2) takes a block of rows through all its token groups while
+// the block is in L1; a prefill takes chunks of about 64 KiB of rows through
+// one token group after another (the chunk stays in L2, a group's
+// activations in L1). Either way memory is read once.
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
   if (n_tokens <= 0 || rows <= 0) return;
@@ -1576,50 +1580,53 @@ void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, cons
     return;
   }
   if (t == GgmlType::kF16 || t == GgmlType::kBF16) {
-    // Each chunk of rows converted to float32 once (exactly: every float16
-    // and bfloat16 is a float32), then the F32 kernels run every token group
-    // over it from L2. The float16 kernels would convert each weight again
-    // for every group of 4 tokens, and the conversions, not memory, bound
-    // them. Each (row, token) result is what the float16 kernel computes
-    // (DotFloatRows: the same values in the same operations and order), so
-    // rows stay bit-identical to one-token decode (DotRows above).
+    // Each row converted to float32 once (exactly: every float16 and
+    // bfloat16 is a float32) into a buffer that stays in L1, then the F32
+    // kernels run every token group over it. The float16 kernels would
+    // convert each weight again for every group of 4 tokens, and the
+    // conversions, not memory, bound them. Each (row, token) result is what
+    // the float16 kernel computes (DotFloatRows: the same values in the same
+    // operations and order), so rows stay bit-identical to one-token decode
+    // (DotRows above).
     const KernelGrid& f32 = ActiveKernels()->For(GgmlType::kF32);
     const size_t f32_row = static_cast<size_t>(n) * sizeof(float);
-    const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(f32_row, 1)));
-    thread_local std::vector<float> tile;
-    if (tile.size() < static_cast<size_t>(chunk) * n) tile.resize(static_cast<size_t>(chunk) * n);
-    const uint8_t* tw = reinterpret_cast<const uint8_t*>(tile.data());
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-      const int r1 = std::min(rows, r0 + chunk);
-      for (int r = r0; r < r1; ++r) {
-        const uint8_t* row = w + r * row_bytes;
-        float* out = tile.data() + static_cast<size_t>(r - r0) * n;
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8)
-          _mm256_storeu_ps(out + i, t == GgmlType::kF16 ? LoadF16x8(row, i) : LoadBf16x8(row, i));
-        for (; i < n; ++i) out[i] = t == GgmlType::kF16 ? LoadF16x1(row, i) : LoadBf16x1(row, i);
-      }
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(n)) buf.resize(n);
+    const uint8_t* bw = reinterpret_cast<const uint8_t*>(buf.data());
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = w + r * row_bytes;
+      PrefetchLines(row + row_bytes, row_bytes);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(buf.data() + i, t == GgmlType::kF16 ? LoadF16x8(row, i) : LoadBf16x8(row, i));
+      for (; i < n; ++i) buf[i] = t == GgmlType::kF16 ? LoadF16x1(row, i) : LoadBf16x1(row, i);
       for (int j = 0; j < n_tokens; j += 4) {
         const int tokens = std::min(4, n_tokens - j);
-        for (int r = r0; r < r1; ++r)
-          f32[0][tokens - 1](tw + (r - r0) * f32_row, f32_row, act + j * act_stride, act_stride, n,
-                             y + j * y_stride + r, y_stride);
+        f32[0][tokens - 1](bw, f32_row, act + j * act_stride, act_stride, n, y + j * y_stride + r, y_stride);
       }
     }
     return;
   }
   const KernelGrid& kernel = ActiveKernels()->For(t);
   const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;
+  auto run = [&](int r, int rb, int j) {
+    const int tokens = std::min(group, n_tokens - j);
+    kernel[rb - 1][tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r,
+                               y_stride);
+  };
+  if (static_cast<size_t>(n_tokens) * act_stride <= (256 << 10)) {
+    // A decode batch: its activations fit in L2, so each block of rows goes
+    // through every token group while it is in L1, and the weights stream
+    // from memory once, without pause, under the arithmetic.
+    for (int r = 0; r < rows; r += block_rows)
+      for (int j = 0; j < n_tokens; j += group) run(r, std::min(block_rows, rows - r), j);
+    return;
+  }
   const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));
   for (int r0 = 0; r0 < rows; r0 += chunk) {
     const int r1 = std::min(rows, r0 + chunk);
     for (int j = 0; j < n_tokens; j += group) {
-      const int tokens = std::min(group, n_tokens - j);
-      for (int r = r0; r < r1; r += block_rows) {
-        const int rb = std::min(block_rows, r1 - r);
-        kernel[rb - 1][tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n,
-                                   y + j * y_stride + r, y_stride);
-      }
+      for (int r = r0; r < r1; r += block_rows) run(r, std::min(block_rows, r1 - r), j);
     }
   }
 }
