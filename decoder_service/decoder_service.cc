@@ -156,6 +156,9 @@ DecoderService::DecoderService(const Model& model, RedisStore* store, DecoderLim
   reg.SetCounterFunction("ape_decoder_batch_rows_total",
                          "Stream tokens computed by decode steps (rows / steps = mean batch width)", {},
                          [this] { return static_cast<double>(engine_.step_rows()); });
+  reg.SetCounterFunction("ape_decoder_batch_riding_chunks_total",
+                         "Prompt chunks computed inside a decode step (the weights read once for both)", {},
+                         [this] { return static_cast<double>(engine_.riding_chunks()); });
   DecoderMetrics::Get();  // every series exists from the start (at 0)
 }
 

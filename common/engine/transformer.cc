@@ -153,38 +153,51 @@ void Transformer::ForwardBlock(const int32_t* tokens, const int32_t* positions, 
   MatMul(xb_.data(), rows, w.classifier(), logits, c_.vocab_size);
 }
 
-// The layout is ForwardBlock's with n = B rows, except where the rows'
-// streams differ: K/V are computed into kb_/vb_ and then copied to each
-// stream's cache at its own slot, and attention runs per stream (one query
-// row, its cache, its APE block).
-void Transformer::ForwardDecodeBatch(std::span<const DecodeRow> rows, float* logits) {
+// The layout is ForwardBlock's with n = all the streams' tokens, except
+// where the streams differ: K/V are computed into kb_/vb_ and then copied
+// to each stream's cache at its own slots, attention runs per stream (its
+// rows, its cache, its APE block), and the classifier runs on each stream's
+// last row.
+void Transformer::ForwardBatch(std::span<const StreamTokens> streams, float* logits) {
   const ModelWeights& w = model_.weights();
-  const int n = static_cast<int>(rows.size());
   const int dim = c_.dim, qd = c_.q_dim(), kvd = c_.kv_dim();
   const size_t kv_bytes = sizeof(float) * kvd;
-  for (int b = 0; b < n; ++b) {
-    w.tok_emb.RowToFloat(rows[b].token, &x_[static_cast<size_t>(b) * dim]);
-    positions_[b] = rows[b].position;
-    rows[b].cache->pos[rows[b].cache->size] = rows[b].position;
+  int n = 0;
+  for (const StreamTokens& s : streams) {
+    for (size_t t = 0; t < s.tokens.size(); ++t, ++n) {
+      w.tok_emb.RowToFloat(s.tokens[t], &x_[static_cast<size_t>(n) * dim]);
+      positions_[n] = s.positions[t];
+      s.cache->pos[s.cache->size + t] = s.positions[t];
+    }
   }
   for (int l = 0; l < c_.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], lw.rms_att.data(), dim, c_.rms_eps);
     QueryKeyValue(lw, n, positions_.data(), kb_.data(), vb_.data());
-    for (int b = 0; b < n; ++b) {
-      KvCache& cache = *rows[b].cache;
-      std::memcpy(cache.key(l, cache.size), &kb_[static_cast<size_t>(b) * kvd], kv_bytes);
-      std::memcpy(cache.value(l, cache.size), &vb_[static_cast<size_t>(b) * kvd], kv_bytes);
-      ApeAttention(&q_[static_cast<size_t>(b) * qd], 1, cache.size, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim,
-                   *rows[b].ape, &att_[static_cast<size_t>(b) * qd]);
+    int row = 0;
+    for (const StreamTokens& s : streams) {
+      KvCache& cache = *s.cache;
+      const int m = static_cast<int>(s.tokens.size());
+      for (int t = 0; t < m; ++t) {
+        std::memcpy(cache.key(l, cache.size + t), &kb_[static_cast<size_t>(row + t) * kvd], kv_bytes);
+        std::memcpy(cache.value(l, cache.size + t), &vb_[static_cast<size_t>(row + t) * kvd], kv_bytes);
+      }
+      ApeAttention(&q_[static_cast<size_t>(row) * qd], m, cache.size, cache, l, c_.n_heads, c_.n_kv_heads, c_.head_dim,
+                   *s.ape, &att_[static_cast<size_t>(row) * qd]);
+      row += m;
     }
     MatMul(att_.data(), n, lw.wo, xb2_.data(), dim);
     for (size_t i = 0; i < static_cast<size_t>(n) * dim; ++i) x_[i] += xb2_[i];
     FeedForward(lw, n);
   }
-  for (int b = 0; b < n; ++b) ++rows[b].cache->size;
-  for (int b = 0; b < n; ++b) RmsNorm(&xb_[b * dim], &x_[b * dim], w.rms_final.data(), dim, c_.rms_eps);
-  MatMul(xb_.data(), n, w.classifier(), logits, c_.vocab_size);
+  int last = -1, b = 0;
+  for (const StreamTokens& s : streams) {
+    last += static_cast<int>(s.tokens.size());
+    s.cache->size += static_cast<int>(s.tokens.size());
+    RmsNorm(&xb_[static_cast<size_t>(b++) * dim], &x_[static_cast<size_t>(last) * dim], w.rms_final.data(), dim,
+            c_.rms_eps);
+  }
+  MatMul(xb_.data(), b, w.classifier(), logits, c_.vocab_size);
 }
 
 }  // namespace ape

@@ -8,8 +8,8 @@
 //
 // Thread contract: a Transformer is bound to one model and one call at a
 // time (it owns the scratch); the Model it points to is shared read-only.
-// One call may serve several requests: ForwardDecodeBatch advances many
-// streams (each with its own KvCache) by one token.
+// One call may serve several requests: ForwardBatch advances many streams
+// (each with its own KvCache) by one token or a chunk of their prompt.
 // Parallelism inside a call comes from the engine's pool (ParallelFor,
 // threading.h; OpenBLAS runs one thread per band of rows).
 #ifndef APESERVE_COMMON_ENGINE_TRANSFORMER_H_
@@ -40,23 +40,25 @@ class Transformer {
   void Forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KvCache& cache,
                const ApeParams& ape, float* logits, bool all_logits = false);
 
-  // One decode step of several independent streams, sharing every weight
-  // product. Row b runs token rows[b].token at position rows[b].position
-  // against its own *rows[b].cache (its K/V go to slot cache->size, which
-  // then grows by one) with its own attention (*rows[b].ape). The logits
-  // of row b go to logits + b * vocab. Each row's result equals what
-  // Forward computes for that token alone as far as MatMul's rows are
-  // independent of the batch size (matvec.h); norms, RoPE and attention run
-  // per row exactly as there. Preconditions (checked by callers):
-  // rows.size() <= max_batch(), every cache has room, ids < vocab, no cache
-  // twice.
-  struct DecodeRow {
-    int32_t token = 0;
-    int32_t position = 0;
+  // One step of several independent streams, sharing every weight product:
+  // a decode step (one token each), possibly with chunks of prompts riding
+  // along. Stream b runs its tokens (with their RoPE positions) against its
+  // own *cache (their K/V go to slots cache->size.. onward, and the cache
+  // grows by that many) with its own attention (*ape); the logits after its
+  // last token go to logits + b * vocab. Each stream's result equals what
+  // Forward computes for its tokens alone as far as MatMul's rows are
+  // independent of the number of rows (matvec.h: up to kDecodeBatchMax in
+  // all); norms, RoPE and attention run per stream exactly as there.
+  // Preconditions (checked by callers): tokens.size() == positions.size()
+  // >= 1, at most max_batch() tokens in all, every cache has room, ids <
+  // vocab, no cache twice.
+  struct StreamTokens {
+    std::span<const int32_t> tokens;
+    std::span<const int32_t> positions;
     KvCache* cache = nullptr;
     const ApeParams* ape = nullptr;
   };
-  void ForwardDecodeBatch(std::span<const DecodeRow> rows, float* logits);
+  void ForwardBatch(std::span<const StreamTokens> streams, float* logits);
 
   const Model& model() const { return model_; }
   int max_batch() const { return max_batch_; }
@@ -74,10 +76,10 @@ class Transformer {
   std::vector<float> inv_freq_;  // [rope_dim/2] RoPE angle per unit of position
   // Scratch, [max_batch][width] each.
   std::vector<float> x_, xb_, xb2_, q_, att_, hb_, hb2_;
-  // [max_batch][kv_dim] each: a decode batch's K and V rows before they
-  // go to their streams' caches (the rows' slots are not contiguous).
+  // [max_batch][kv_dim] each: a batch's K and V rows before they go to
+  // their streams' caches (each stream's rows at its own slots).
   std::vector<float> kb_, vb_;
-  std::vector<int32_t> positions_;  // [max_batch] a decode batch's positions
+  std::vector<int32_t> positions_;  // [max_batch] a batch's positions
 };
 
 }  // namespace ape

@@ -1,9 +1,11 @@
 #include "common/pipeline/batch_decoder.h"
 
 #include <algorithm>
+#include <span>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/engine/matvec.h"
 #include "common/engine/threading.h"
 #include "common/engine/timing.h"
 
@@ -137,45 +139,101 @@ bool BatchDecoder::Emit(Active& a, const float* logits) {
   return true;
 }
 
-// The oldest stream still prefilling gets one chunk: first come, first
-// served keeps the mean time to first token lowest, and every other stream
-// waits at most this chunk.
-void BatchDecoder::PrefillOne(std::vector<std::unique_ptr<Active>>& active) {
-  auto it =
-      std::find_if(active.begin(), active.end(), [](const auto& a) { return !a->left && !a->session.prefill_done(); });
-  if (it == active.end()) return;
-  Active& a = **it;
+// The oldest stream still prefilling gets one chunk of its own: first come,
+// first served keeps the mean time to first token lowest, and every other
+// stream waits at most this chunk.
+void BatchDecoder::PrefillAlone(Active& a) {
   const auto t0 = Clock::now();
   PrefillChunk(tf_, a.session, options_.prefill_chunk, logits_.data());
   a.stream->prefill_ms_ += MsBetween(t0, Clock::now());
-  if (!a.session.prefill_done()) return;
+  if (a.session.prefill_done()) PromptDone(a, logits_.data());
+}
+
+void BatchDecoder::PromptDone(Active& a, const float* logits) {
   if (a.score_only) {
-    a.stream->logits_.assign(logits_.begin(), logits_.begin() + model_.config().vocab_size);
+    a.stream->logits_.assign(logits, logits + model_.config().vocab_size);
     Leave(a, FinishReason::kLength);
     return;
   }
-  a.feeding = Emit(a, logits_.data());
+  a.feeding = Emit(a, logits);
 }
 
-void BatchDecoder::DecodeStep(std::vector<std::unique_ptr<Active>>& active) {
+// One iteration's computation. Every stream with a token to feed decodes it,
+// and prompt chunks (prefill_chunk tokens each, oldest stream first) ride
+// along in the same forward pass while the pass stays within
+// kDecodeBatchMax tokens: there MatMul's rows do not depend on how many run
+// together (matvec.h), so a chunk computes exactly what it computes alone,
+// and the weights are read once for the decode rows and the chunks. When
+// the oldest stream's chunk does not fit, it runs alone first.
+void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
+  const int limit = std::min(kDecodeBatchMax, tf_.max_batch());
+  auto chunk_of = [&](const Active& a) {
+    return static_cast<int>(
+        std::min<size_t>(options_.prefill_chunk, a.session.to_prefill.size() - a.session.prefilled));
+  };
+  auto prefilling = [](const Active& a) { return !a.left && !a.session.prefill_done(); };
+  auto feeding = [](const Active& a) { return !a.left && a.feeding; };
+  const int decode_rows =
+      static_cast<int>(std::count_if(active.begin(), active.end(), [&](const auto& a) { return feeding(*a); }));
+  auto oldest = std::find_if(active.begin(), active.end(), [&](const auto& a) { return prefilling(*a); });
+  bool ride = true;
+  if (oldest != active.end() && decode_rows + chunk_of(**oldest) > limit) {
+    PrefillAlone(**oldest);
+    ride = false;
+  }
+
+  // The pass: decode rows first, then the chunks that fit.
   std::vector<Active*> batch;
-  std::vector<Transformer::DecodeRow> rows;
-  for (auto& a : active) {
-    if (a->left || !a->feeding) continue;
-    batch.push_back(a.get());
-    rows.push_back({.token = a->stepper.last_token(),
-                    .position = a->next_position,
-                    .cache = a->session.cache.get(),
-                    .ape = &a->session.ape});
+  std::vector<int> chunk;  // per batch entry: prompt tokens (0: a decode row)
+  std::vector<Transformer::StreamTokens> rows;
+  feed_.resize(active.size());
+  int tokens = 0;
+  for (size_t i = 0; i < active.size(); ++i) {
+    Active& a = *active[i];
+    if (!feeding(a)) continue;
+    feed_[i] = a.stepper.last_token();
+    batch.push_back(&a);
+    chunk.push_back(0);
+    rows.push_back({.tokens = {&feed_[i], 1},
+                    .positions = {&a.next_position, 1},
+                    .cache = a.session.cache.get(),
+                    .ape = &a.session.ape});
+    ++tokens;
+  }
+  const int decoding = static_cast<int>(batch.size());
+  for (auto& p : active) {
+    Active& a = *p;
+    if (!ride || !prefilling(a)) continue;
+    const int m = chunk_of(a);
+    if (tokens + m > limit) break;  // first come, first served
+    const std::span<const int32_t> t(a.session.to_prefill), pos(a.session.to_prefill_positions);
+    batch.push_back(&a);
+    chunk.push_back(m);
+    rows.push_back({.tokens = t.subspan(a.session.prefilled, m),
+                    .positions = pos.subspan(a.session.prefilled, m),
+                    .cache = a.session.cache.get(),
+                    .ape = &a.session.ape});
+    tokens += m;
   }
   if (rows.empty()) return;
-  tf_.ForwardDecodeBatch(rows, logits_.data());
-  steps_.fetch_add(1, std::memory_order_relaxed);
-  step_rows_.fetch_add(static_cast<int64_t>(rows.size()), std::memory_order_relaxed);
+  const auto t0 = Clock::now();
+  tf_.ForwardBatch(rows, logits_.data());
+  const double ms = MsBetween(t0, Clock::now());
+  if (decoding > 0) {
+    steps_.fetch_add(1, std::memory_order_relaxed);
+    step_rows_.fetch_add(decoding, std::memory_order_relaxed);
+    riding_chunks_.fetch_add(static_cast<int64_t>(batch.size()) - decoding, std::memory_order_relaxed);
+  }
   const size_t vocab = model_.config().vocab_size;
+  for (size_t b = decoding; b < batch.size(); ++b) {
+    Active& a = *batch[b];
+    a.session.prefilled += chunk[b];
+    a.stream->prefill_ms_ += ms;
+    if (a.session.prefill_done()) PromptDone(a, logits_.data() + b * vocab);
+  }
   // Sampling, logprobs and top_logprobs scan the vocabulary once or more per
   // stream: spread over the cores (streams are independent).
-  ParallelFor(static_cast<int64_t>(batch.size()), /*dynamic=*/true, [&](int64_t b) {
+  ParallelFor(decoding, /*dynamic=*/true, [&](int64_t b) {
     Active& a = *batch[b];
     ++a.next_position;
     a.feeding = Emit(a, logits_.data() + b * vocab);
@@ -192,8 +250,7 @@ void BatchDecoder::Loop() {
       if (a->stream->cancel_.load(std::memory_order_relaxed)) Leave(*a, FinishReason::kCancelled);
     }
     drop_left();
-    PrefillOne(active);
-    DecodeStep(active);
+    Step(active);
     drop_left();
   }
   // Stopping: whatever is still here ends as cancelled.

@@ -6,18 +6,23 @@
 // The engine loop, per iteration:
 //   1. takes in newly submitted streams (up to max_streams in the batch;
 //      more wait in order) and drops the cancelled ones, freeing their slot;
-//   2. runs ONE prefill chunk (prefill_chunk tokens) of the oldest stream
-//      still prefilling; when that ends its prompt, samples its first token
-//      (or, score_only, hands back the prompt logits and leaves);
-//   3. runs ONE decode step for every stream that has a token to feed
-//      (Transformer::ForwardDecodeBatch: the weights are read once for all),
-//      then samples each stream's next token; finished streams leave.
+//   2. runs ONE forward pass (Transformer::ForwardBatch: the weights are
+//      read once for all its rows) with a token for every stream that has
+//      one to feed, and the next prefill chunk (prefill_chunk tokens) of
+//      the streams still prefilling, oldest first, as long as the pass
+//      stays within kDecodeBatchMax tokens (matvec.h). A chunk that does
+//      not fit (a long one, or a full batch) runs alone first, for the
+//      oldest stream only;
+//   3. samples each decoding stream's next token, and the first token of a
+//      stream whose prompt just ended (or, score_only, hands back the
+//      prompt logits and leaves); finished streams leave.
 // So a running stream waits at most one chunk between two of its tokens,
 // and a newcomer's prefill is spread over its chunks. Chunk boundaries
-// depend only on the request (prefill_chunk and the prompt), so a
-// request's results do not depend on what else is running, and a stream's
-// greedy tokens equal those it gets alone as long as MatMul's rows do not
-// depend on the batch size (matvec.h).
+// depend only on the request (prefill_chunk and the prompt), and a chunk
+// rides along only where MatMul's rows do not depend on how many run
+// together, so a request's results do not depend on what else is running:
+// a stream's greedy tokens equal those it gets alone (as long as at most
+// kDecodeBatchMax streams decode at once).
 //
 // Tokens go from the engine to the stream's own queue; the consumer (a gRPC
 // handler) takes them with BatchStream::Next and may block on its client as
@@ -117,6 +122,8 @@ class BatchDecoder {
   // Decode steps run and rows they computed (mean batch = rows / steps).
   int64_t steps() const { return steps_.load(std::memory_order_relaxed); }
   int64_t step_rows() const { return step_rows_.load(std::memory_order_relaxed); }
+  // Prompt chunks computed inside a decode step (riding along).
+  int64_t riding_chunks() const { return riding_chunks_.load(std::memory_order_relaxed); }
 
   const BatchDecoderOptions& options() const { return options_; }
 
@@ -125,8 +132,11 @@ class BatchDecoder {
   void Loop();
   // Moves submitted streams into the batch; false when stopping.
   bool TakeIn(std::vector<std::unique_ptr<Active>>& active);
-  void PrefillOne(std::vector<std::unique_ptr<Active>>& active);
-  void DecodeStep(std::vector<std::unique_ptr<Active>>& active);
+  void Step(std::vector<std::unique_ptr<Active>>& active);
+  void PrefillAlone(Active& a);
+  // A stream's prompt is in its cache: hands back the logits (score_only) or
+  // samples its first token.
+  void PromptDone(Active& a, const float* logits);
   // Samples a stream's next token from `logits` and queues its event; true
   // when the stream still needs feeding.
   bool Emit(Active& a, const float* logits);
@@ -136,13 +146,14 @@ class BatchDecoder {
   const BatchDecoderOptions options_;
   Transformer tf_;             // the engine thread's only
   std::vector<float> logits_;  // [max_streams][vocab]
+  std::vector<int32_t> feed_;  // the tokens a step feeds, one per stream
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Active>> submitted_;  // guarded by mu_
   bool stop_ = false;                              // guarded by mu_
   std::atomic<int> running_{0};
-  std::atomic<int64_t> steps_{0}, step_rows_{0};
+  std::atomic<int64_t> steps_{0}, step_rows_{0}, riding_chunks_{0};
   std::thread thread_;  // last: starts once everything above exists
 };
 
