@@ -46,7 +46,7 @@ BatchDecoder::BatchDecoder(const Model& model, BatchDecoderOptions options)
     : model_(model),
       options_{.max_streams = std::clamp(options.max_streams, 1, 256),
                .prefill_chunk = std::clamp(options.prefill_chunk, 1, 1024)},
-      tf_(model, std::max(options_.max_streams, options_.prefill_chunk)),
+      tf_(model, std::max({options_.max_streams, options_.prefill_chunk, kDecodeBatchMax})),
       logits_(static_cast<size_t>(options_.max_streams) * model.config().vocab_size),
       thread_([this] { Loop(); }) {}
 
@@ -166,7 +166,7 @@ void BatchDecoder::PromptDone(Active& a, const float* logits) {
 // and the weights are read once for the decode rows and the chunks. When
 // the oldest stream's chunk does not fit, it runs alone first.
 void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
-  const int limit = std::min(kDecodeBatchMax, tf_.max_batch());
+  const int limit = kDecodeBatchMax;  // <= tf_.max_batch()
   auto chunk_of = [&](const Active& a) {
     return static_cast<int>(
         std::min<size_t>(options_.prefill_chunk, a.session.to_prefill.size() - a.session.prefilled));
