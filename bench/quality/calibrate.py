@@ -79,8 +79,17 @@ from harness import (ROOT, VALIDATION, Services, answer_lead, corpus_of, cut_ans
 from apeserve_launcher import default_bin_dir  # noqa: E402
 from corpus import PREFIX, query_text  # noqa: E402
 
-T_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4]
-S_GRID = [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1]
+# Outside the trained window (32+ documents, exact match): the best cells of
+# the wider search of 2026-11-27 (T 0.3-1.4 x S 0.8-1.1) were all at T 0.5-0.8,
+# S 0.9-1.05, so the search keeps a margin around that.
+T_GRID = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+S_GRID = [0.85, 0.9, 0.95, 1.0, 1.05]
+# Inside the trained window the question is whether any cell is closer to
+# SEQUENTIAL than T = S = 1 beyond the noise, and the closest cells are near
+# (1, 1) or at T above 1: a smaller grid there (fewer cells, a smaller
+# multiple-comparison correction, more questions per cell for the time).
+KL_T_GRID = [1.0, 1.1, 1.25, 1.45]
+KL_S_GRID = [0.85, 0.9, 0.925, 0.95, 1.0]
 FIXED = (0.8, 0.9)  # the version-1 preset this replaces
 MIN_P, MAX_P = 0.05, 2.0  # kMinApeParam, kMaxApeParam (common/engine/ape_preset.h)
 
@@ -97,6 +106,33 @@ def interpolate(rows, x):
             f = (math.log2(x) - math.log2(a)) / (math.log2(b) - math.log2(a))
             return ta + f * (tb - ta), sa + f * (sb - sa)
     raise AssertionError("unreachable")
+
+
+def token_rows(fits):
+    """The tokens table from the fitted groups, [(sequential stats with
+    min/median/max_tokens, T, S)] by increasing document count: each group's
+    T, S held over the span of its validation requests' tokens (a row at each
+    end), so every request like the ones a row was fitted on gets that row,
+    not a blend with its neighbour's (with one row at the median, half of
+    the 8-document requests were interpolated towards the 4- or the
+    16-document row). Where neighbouring spans overlap (2, 3 and 4 documents:
+    24-40, 36-60, 48-80 tokens) they are cut at the geometric mean of the two
+    medians; between spans T and S are interpolated as everywhere."""
+    rows = []
+    meds = [f[0]["median_tokens"] for f in fits]
+    for i, (seq, T, S) in enumerate(fits):
+        if i and meds[i] <= meds[i - 1]:
+            continue  # a group no longer than the one before adds nothing
+        lo, hi = seq.get("min_tokens", meds[i]), seq.get("max_tokens", meds[i])
+        if i:
+            lo = max(lo, math.floor(math.sqrt(meds[i - 1] * meds[i])) + 1)
+        if i + 1 < len(fits) and meds[i + 1] > meds[i]:
+            hi = min(hi, math.floor(math.sqrt(meds[i] * meds[i + 1])))
+        lo, hi = min(lo, meds[i]), max(hi, meds[i])
+        if rows and lo <= rows[-1][0]:
+            lo = meds[i]
+        rows += [(lo, T, S)] + ([(hi, T, S)] if hi > lo else [])
+    return rows
 
 
 class Group:
@@ -172,18 +208,31 @@ def kl_vs_parallel(cell, par):
     return m, math.sqrt(var / len(d))
 
 
-def candidates(cells, par):
+def kl_z(cells, alpha=0.05, z=None):
+    """The z of the paired upper confidence bound: one-sided at level
+    alpha, Bonferroni-corrected for the cells compared with T = S = 1 (the
+    pick is the best of them, and the best of many noisy differences is
+    below 0 by chance: the winner's curse that made the 200-question rows
+    of 2026-11-27 miss on the held-out split). `z` given: that instead."""
+    if z is not None:
+        return z
+    from statistics import NormalDist
+    m = max(sum((c["T"], c["S"]) != (1.0, 1.0) for c in cells), 1)
+    return NormalDist().inv_cdf(1 - alpha / m)
+
+
+def candidates(cells, par, z=1.0):
     """Cells best first, and the metric they are ordered by.
     KL groups (uses_kl): by the upper end of the paired KL difference to
-    T = S = 1 (kl_vs_parallel: mean + one standard error), so a cell that is
-    closer to SEQUENTIAL than PARALLEL on most questions ranks before one
-    whose lower mean comes from a few questions. Other groups: the cells
-    whose acc is within one binomial standard error of the best acc, then
-    the rest, each part by nll."""
+    T = S = 1 (kl_vs_parallel: mean + z standard errors, kl_ucb; below 0 is a
+    cell closer to SEQUENTIAL than PARALLEL beyond the noise), so a cell that
+    is closer on most questions ranks before one whose lower mean comes from
+    a few questions. Other groups: the cells whose acc is within one binomial
+    standard error of the best acc, then the rest, each part by nll."""
     if uses_kl(cells):
         for c in cells:
             m, se = kl_vs_parallel(c, par)
-            c["kl_gain"], c["kl_gain_se"], c["kl_ucb"] = m, se, m + se
+            c["kl_gain"], c["kl_gain_se"], c["kl_ucb"], c["kl_z"] = m, se, m + z * se, z
         return sorted(cells, key=lambda c: (c["kl_ucb"], c["kl"], -c["acc"])), "kl_ucb"
     best = max(c["acc"] for c in cells)
     se = max(math.sqrt(best * (1 - best) / cells[0]["n"]), 1.0 / cells[0]["n"])
@@ -248,20 +297,27 @@ def main():
     ap.add_argument("--t-grid", type=float, nargs="+", default=T_GRID)
     ap.add_argument("--s-grid", type=float, nargs="+", default=S_GRID)
     ap.add_argument("--no-refine", action="store_true", help="coarse grid only")
-    ap.add_argument("--generate-top", type=int, default=24,
-                    help="candidates per document count also scored by Generate (whole-answer exact match)")
     ap.add_argument("--kl-em-tolerance", type=float, default=-1,
                     help="KL groups (inside the window): a row may answer this much less exact match than the "
                     "previous fixed preset on the validation split (negative: one binomial standard error)")
-    ap.add_argument("--questions-for", nargs="*", default=["8=800", "16=400", "32=400", "64=400"], metavar="DOCS=N",
+    ap.add_argument("--kl-t-grid", type=float, nargs="+", default=KL_T_GRID,
+                    help="inside the trained window: the T of the search (instead of --t-grid)")
+    ap.add_argument("--kl-s-grid", type=float, nargs="+", default=KL_S_GRID,
+                    help="inside the trained window: the S of the search (instead of --s-grid)")
+    ap.add_argument("--kl-alpha", type=float, default=0.05,
+                    help="inside the window a row leaves T = S = 1 only for a cell whose paired KL difference to it has "
+                    "its upper confidence bound below 0 at this one-sided level, Bonferroni-corrected over the cells")
+    ap.add_argument("--kl-z", type=float, default=None, help="the bound's z instead (no correction)")
+    ap.add_argument("--questions-for", nargs="*",
+                    default=["2=1000", "3=2000", "4=2000", "8=3000", "16=400", "32=800", "64=400"], metavar="DOCS=N",
                     help="validation questions for these document counts instead of --questions (where the "
                     "cells closest to SEQUENTIAL differ from T = S = 1 by less than 200 questions resolve)")
-    ap.add_argument("--em-generate-top", type=int, default=60,
+    ap.add_argument("--em-generate-top", type=int, default=30,
                     help="outside the window: candidates (every cell within --generate-margin of the best acc) run "
                     "through Generate, at most this many")
     ap.add_argument("--kl-generate-top", type=int, default=40,
-                    help="inside the window: candidates also include every cell closer to SEQUENTIAL than T = S = 1, "
-                    "up to this many in all")
+                    help="inside the window: the cells closer to SEQUENTIAL than T = S = 1 beyond the noise run "
+                    "through Generate, closest first, until one does not lose exact match; at most this many")
     ap.add_argument("--generate-margin", type=float, default=0.1,
                     help="only cells whose acc is within this of the best are Generate candidates")
     ap.add_argument("--out", default="", help="preset path; default <model>.ape.json")
@@ -300,6 +356,10 @@ def main():
     coarse = sorted({(round(t, 4), round(s, 4)) for t in args.t_grid for s in args.s_grid} | {(1.0, 1.0), FIXED})
     t_step = min(b - a for a, b in zip(sorted(args.t_grid), sorted(args.t_grid)[1:])) / 2
     s_step = min(b - a for a, b in zip(sorted(args.s_grid), sorted(args.s_grid)[1:])) / 2
+    kl_coarse = sorted({(round(t, 4), round(s, 4)) for t in args.kl_t_grid for s in args.kl_s_grid}
+                       | {(1.0, 1.0), FIXED})
+    kl_t_step = min(b - a for a, b in zip(sorted(args.kl_t_grid), sorted(args.kl_t_grid)[1:])) / 2
+    kl_s_step = min(b - a for a, b in zip(sorted(args.kl_s_grid), sorted(args.kl_s_grid)[1:])) / 2
     results = {}
     t_start = time.time()
     with Services(args.model, bin_dir=args.bin_dir) as svc:
@@ -353,64 +413,87 @@ def main():
             return rec
 
         def calibrate_group(g, predict=None):
-            cells = run_cells(g, coarse, "coarse")
             seq = seq_stats(g)
+            # Inside the trained window (at least half the questions'
+            # SEQUENTIAL prompts fit) KL to SEQUENTIAL is the objective, and
+            # the search is the KL grid.
+            inside = seq["in_window"] >= g.questions / 2
+            cells = run_cells(g, kl_coarse if inside else coarse, "coarse")
             par = next(c for c in cells if (c["T"], c["S"]) == (1.0, 1.0))
+
+            def ranked():
+                return candidates(cells, par, kl_z(cells, args.kl_alpha, args.kl_z))
+
             if not args.no_refine:
                 top = max(c["acc"] for c in cells)
-                c0 = [c for c in candidates(cells, par)[0] if c["acc"] >= top - args.generate_margin][0]
+                c0 = [c for c in ranked()[0] if c["acc"] >= top - args.generate_margin][0]
+                ts, ss = (kl_t_step, kl_s_step) if inside else (t_step, s_step)
                 near = sorted({(round(min(max(c0["T"] + dt, MIN_P), MAX_P), 4), round(min(max(c0["S"] + ds, MIN_P), MAX_P), 4))
-                               for dt in (-t_step, 0, t_step) for ds in (-s_step, 0, s_step)} - set(coarse))
+                               for dt in (-ts, 0, ts) for ds in (-ss, 0, ss)} - {(c["T"], c["S"]) for c in cells})
                 cells += run_cells(g, near, "refine")
             # The teacher-forced acc does not see a wrong entity or cue word
             # before the value (S > 1 can break those): the leading
             # candidates are also run through Generate, and the pick is the
             # best whole-answer exact match among them.
-            cands, by = candidates(cells, par)
+            cands, by = ranked()
             top = max(c["acc"] for c in cells)
-            cands = [c for c in cands if c["acc"] >= top - args.generate_margin]
-            # Outside the window exact match is the objective and the
-            # teacher-forced acc / nll order is a poor guide to it (a low T
-            # has the worse nll and the better answers at 48+ documents):
-            # there every cell within the margin runs, up to --em-generate-top.
-            cands = cands[:args.generate_top if by == "kl_ucb" else args.em_generate_top]
-            if by == "kl_ucb":
-                # Inside the window every cell closer to SEQUENTIAL than
-                # T = S = 1 (kl_ucb < 0) is a candidate, up to
-                # --kl-generate-top: with many contexts the cells closest to
-                # SEQUENTIAL lose exact match, and the pick is the closest
-                # one that does not.
-                more = [c for c in candidates(cells, par)[0] if c["kl_ucb"] < 0 and c not in cands
-                        and c["acc"] >= top - args.generate_margin]
-                cands += more[:max(args.kl_generate_top - len(cands), 0)]
-            for c in cands:
-                c["em"] = with_gen(g, c["T"], c["S"])
-                log(f"[{g.name} docs] candidate T={c['T']:g} S={c['S']:g}: generate EM {c['em']:.3f} (acc "
-                    f"{c['acc']:.3f}, {by} {c[by]:.4f})")
-            # The references (the previous fixed preset, T = S = 1) join the
-            # pool: a row never does worse on the validation split than them.
+            # The references (the previous fixed preset, T = S = 1) run
+            # through Generate and join the pool: a row never does worse on
+            # the validation split than them.
             for c in cells:
                 if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and "em" not in c:
                     c["em"] = with_gen(g, c["T"], c["S"])
-            pool = cands + [c for c in cells if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and c not in cands]
             ref = next(c for c in cells if (c["T"], c["S"]) == FIXED)
+            tol = args.kl_em_tolerance
+            if tol < 0:
+                tol = math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions)
+
+            def em_ok(c):
+                return c["em"] >= ref["em"] - tol - 1e-9
+
+            def run_gen(c):
+                c["em"] = with_gen(g, c["T"], c["S"])
+                log(f"[{g.name} docs] candidate T={c['T']:g} S={c['S']:g}: generate EM {c['em']:.3f} (acc "
+                    f"{c['acc']:.3f}, {by} {c[by]:.4f})")
+
+            if by == "kl_ucb":
+                # Inside the window the candidates are the cells closer to
+                # SEQUENTIAL than T = S = 1 beyond the noise (kl_ucb < 0),
+                # closest first, through Generate until one does not lose
+                # exact match (em_ok: that one is the pick), at most
+                # --kl-generate-top of them. With many contexts the closest
+                # cells lose answers (16 documents: T 1.25-1.45 answer
+                # 0.2-0.75), so the search goes down the list.
+                sig, cands = [c for c in cands if c["kl_ucb"] < 0], []
+                for c in sig[:args.kl_generate_top]:
+                    if "em" not in c:
+                        run_gen(c)
+                    cands.append(c)
+                    if em_ok(c):
+                        break
+            else:
+                # Outside the window exact match is the objective and the
+                # teacher-forced acc / nll order is a poor guide to it (a low T
+                # has the worse nll and the better answers at 48+ documents):
+                # every cell within the margin runs, up to --em-generate-top.
+                cands = [c for c in cands if c["acc"] >= top - args.generate_margin][:args.em_generate_top]
+                for c in cands:
+                    if "em" not in c:
+                        run_gen(c)
+            pool = cands + [c for c in cells if (c["T"], c["S"]) in (FIXED, (1.0, 1.0)) and c not in cands]
 
             def pick():
                 if by == "kl_ucb":
-                    # Inside the window the row is the cell closest to SEQUENTIAL
-                    # (the paired KL difference to T = S = 1, mean + one standard
-                    # error) among those whose exact match is not below the
-                    # previous fixed preset's by more than --kl-em-tolerance (by
-                    # default one binomial standard error of the fixed preset's:
-                    # a smaller difference is no evidence of a loss). T = S = 1
-                    # itself is left out: it IS PARALLEL, and the row is there to
-                    # be closer to SEQUENTIAL than PARALLEL. The fixed preset is
-                    # in the pool, so there is always a pick.
-                    tol = args.kl_em_tolerance
-                    if tol < 0:
-                        tol = math.sqrt(max(ref["em"] * (1 - ref["em"]), 1e-4) / g.questions)
-                    ok = [c for c in pool if c["em"] >= ref["em"] - tol - 1e-9 and c is not par]
-                    chosen = min(ok, key=lambda c: (c["kl_ucb"], -c["em"]))
+                    # Inside the window the row moves away from T = S = 1 (which
+                    # IS PARALLEL) only on evidence: to the cell with the
+                    # smallest kl_ucb (closer to SEQUENTIAL than T = S = 1 beyond
+                    # the noise, Bonferroni-corrected over the cells searched)
+                    # among those whose exact match is not below the previous
+                    # fixed preset's by more than --kl-em-tolerance (default one
+                    # binomial standard error of the fixed preset's). No such
+                    # cell: T = S = 1, and APE is PARALLEL at that count.
+                    ok = [c for c in pool if c["kl_ucb"] < 0 and em_ok(c)]
+                    chosen = min(ok, key=lambda c: (c["kl_ucb"], -c["em"])) if ok else par
                 else:
                     # Outside it: the best exact match, leaving the previous fixed
                     # preset only on evidence (beating it by more than one
@@ -421,23 +504,23 @@ def main():
                 return chosen
 
             chosen = pick()
-            if by == "kl_ucb" and not args.no_refine:
+            if by == "kl_ucb" and not args.no_refine and chosen is not par:
                 # The constrained pick is where T and S are worth resolving
                 # (the first refinement followed the unconstrained leader):
                 # its neighbourhood at half steps, scored and run through
-                # Generate, then the pick again.
+                # Generate, then the pick again (over every cell searched: the
+                # correction grows with them).
                 near = sorted({(round(min(max(chosen["T"] + dt, MIN_P), MAX_P), 4),
                                 round(min(max(chosen["S"] + ds, MIN_P), MAX_P), 4))
-                               for dt in (-t_step, 0, t_step) for ds in (-s_step, 0, s_step)}
+                               for dt in (-kl_t_step, 0, kl_t_step) for ds in (-kl_s_step, 0, kl_s_step)}
                               - {(c["T"], c["S"]) for c in cells})
                 new = run_cells(g, near, "refine around the pick")
                 cells += new
-                candidates(cells, par)  # kl_ucb of the new cells
-                for c in new:
-                    c["em"] = with_gen(g, c["T"], c["S"])
-                    log(f"[{g.name} docs] candidate T={c['T']:g} S={c['S']:g}: generate EM {c['em']:.3f} (acc "
-                        f"{c['acc']:.3f}, {by} {c[by]:.4f})")
-                pool += new
+                ranked()  # kl_ucb of every cell, with the new cells counted
+                for c in sorted(new, key=lambda c: c["kl_ucb"]):
+                    if c["kl_ucb"] < min(chosen["kl_ucb"], 0):
+                        run_gen(c)
+                        pool.append(c)
                 chosen = pick()
             gen = {f"{c['T']:g},{c['S']:g}": c["em"] for c in sorted(pool, key=lambda c: (c["T"], c["S"]))}
             oracle = sum(any(c["hits"][i] == "1" for c in cells) for i in range(cells[0]["n"])) / cells[0]["n"]
@@ -445,9 +528,11 @@ def main():
                                "sequential": seq, "cells": cells, "pick": chosen, "picked_by": by,
                                "generate_em": gen, "oracle_acc": oracle}
             if by == "kl_ucb":
+                sig = sum(c["kl_ucb"] < 0 for c in cells)
                 log(f"[{g.name} docs] KL to SEQUENTIAL: pick {chosen['kl']:.4f} (paired difference to T=S=1 "
-                    f"{chosen['kl_gain']:+.4f} +- {chosen['kl_gain_se']:.4f}), T=S=1 {par['kl']:.4f}, fixed {ref['kl']:.4f}; "
-                    f"exact match: pick {chosen['em']:.3f}, fixed {ref['em']:.3f}, T=S=1 {par['em']:.3f}")
+                    f"{chosen['kl_gain']:+.4f} +- {chosen['kl_gain_se']:.4f}, z {chosen['kl_z']:.2f}), T=S=1 "
+                    f"{par['kl']:.4f}, fixed {ref['kl']:.4f}; {sig} of {len(cells) - 1} cells closer than T=S=1 beyond "
+                    f"the noise; exact match: pick {chosen['em']:.3f}, fixed {ref['em']:.3f}, T=S=1 {par['em']:.3f}")
             log(f"[{g.name} docs] pick T={chosen['T']:g} S={chosen['S']:g} (acc {chosen['acc']:.3f}, by {by}); "
                 f"SEQUENTIAL acc {seq['acc']:.3f}; any cell right: {oracle:.3f}; generate EM {gen}")
             if predict:
@@ -462,9 +547,8 @@ def main():
         # (docs/APE.md, section 4), nothing can do better there.
         by_ctx = [(1, 1.0, 1.0)] + [(g.contexts, results[g.name]["pick"]["T"], results[g.name]["pick"]["S"])
                                     for g in groups]
-        by_tok = [(results[g.name]["sequential"]["median_tokens"], results[g.name]["pick"]["T"],
-                   results[g.name]["pick"]["S"]) for g in groups]
-        by_tok = [r for i, r in enumerate(by_tok) if i == 0 or r[0] > by_tok[i - 1][0]]
+        by_tok = token_rows([(results[g.name]["sequential"], results[g.name]["pick"]["T"],
+                              results[g.name]["pick"]["S"]) for g in groups])
         # The tokens table's first row: T = S = 1 up to the largest single
         # document of the validation split (documents are 12-20 tokens, two
         # of them at least 24), so that a request with one document is
@@ -524,8 +608,14 @@ def main():
                 pooled.setdefault(tuple(float(v) for v in ts.split(",")), []).append(em)
         fallback = max((k for k in pooled if len(pooled[k]) == len(groups)), key=lambda k: (sum(pooled[k]), k == FIXED))
 
-    span = f"T {'/'.join(f'{v:g}' for v in args.t_grid)} x S {'/'.join(f'{v:g}' for v in args.s_grid)}" + \
-        ("" if args.no_refine else ", refined at half steps around the coarse best")
+    span = (f"inside the trained window (KL to SEQUENTIAL) T {'/'.join(f'{v:g}' for v in args.kl_t_grid)} x S "
+            f"{'/'.join(f'{v:g}' for v in args.kl_s_grid)}, a row other than T = S = 1 only where a cell is closer "
+            f"than T = S = 1 beyond the noise (paired upper bound below 0, "
+            + (f"z {args.kl_z:g}" if args.kl_z is not None else f"alpha {args.kl_alpha:g} Bonferroni-corrected")
+            + f"); outside it (exact match) T {'/'.join(f'{v:g}' for v in args.t_grid)} x S "
+            f"{'/'.join(f'{v:g}' for v in args.s_grid)}"
+            + ("" if args.no_refine else "; refined at half steps around the best")
+            + "; each row held over its document count's span of tokens")
     preset = {
         "version": 2,
         "temperature": fallback[0], "scale": fallback[1],
