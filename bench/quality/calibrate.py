@@ -6,9 +6,9 @@ keep the best; the bests become the rows of a version-2 preset
 "Choosing T and S").
 
   /usr/bin/python3 bench/quality/calibrate.py [--docs 2 3 4 8 16 32 48 64]
-      [--questions 200] [--questions-for 8=800 16=400 32=400 64=400]
+      [--questions 200] [--questions-for 2=1000 3=2000 4=2000 8=3000 ...]
       [--packed-docs 32 64 --pack 4] [--out PRESET.json] [--grid-out GRID.json]
-      [--bin-dir build/bin] [--cache FILE]
+      [--bin-dir build/bin] [--cache FILE] [--log FILE]
 
 What one grid cell costs: one Score RPC per question (the next-token
 distribution at the answer's value, after its restating words: "question :
@@ -21,21 +21,25 @@ contexts encoded once per question and reused by every cell. A cell records
          prompt fits the model's trained window (n_kl of them).
 Questions: the VALIDATION split of harness.qa_examples (evaluate.py reports
 on HELDOUT), --questions per document count, --questions-for where more are
-needed. Search: a coarse grid (--t-grid x --s-grid, plus T=S=1 = PARALLEL
-and the previous fixed preset), then the 3 x 3 neighbourhood of the leader
-at half the steps. The row then depends on where the group is:
+needed. The row then depends on where the group is:
   Inside the trained window (at least half the questions' SEQUENTIAL
-  prompts fit; 2-16 documents here) the objective is KL to SEQUENTIAL:
-  cells are ordered by the paired per-question KL difference to T = S = 1
-  (mean + one standard error, kl_ucb); the first --generate-top within
-  --generate-margin of the best acc, plus every other cell closer than
-  T = S = 1, up to --kl-generate-top, run through Generate, and so do the
-  previous fixed preset and T = S = 1. The row is the smallest kl_ucb among
-  them whose exact match is not below the fixed preset's by more than
-  --kl-em-tolerance (default one binomial standard error), T = S = 1 left
-  out (it IS PARALLEL); then the neighbourhood of that pick at half steps
-  runs too and the pick is made again.
-  Outside it the objective is exact match: every cell within
+  prompts fit; 2-16 documents here) the objective is KL to SEQUENTIAL, and
+  the search is --kl-t-grid x --kl-s-grid (plus T = S = 1, which IS
+  PARALLEL, and the previous fixed preset), then the 3 x 3 neighbourhood of
+  the leader at half the steps. Each cell gets the paired per-question KL
+  difference to T = S = 1 and its upper confidence bound, kl_ucb = mean +
+  z standard errors, z one-sided at --kl-alpha Bonferroni-corrected over
+  the cells searched (about 2.9 for 30 cells; --kl-z to set it). The row
+  stays at T = S = 1 unless some cell has kl_ucb < 0 (closer to SEQUENTIAL
+  than PARALLEL beyond the noise): then those cells run through Generate,
+  smallest kl_ucb first, and the row is the first whose exact match is not
+  below the previous fixed preset's by more than --kl-em-tolerance (default
+  one binomial standard error); then the neighbourhood of that pick at half
+  steps, and the pick again. (The 200-question rows of 2026-11-27, picked
+  as the smallest mean + one standard error of about 88 cells, were the
+  winner's curse: closer by 0.08 on validation, not at all on held-out.)
+  Outside it the objective is exact match: the search is --t-grid x
+  --s-grid and the leader's neighbourhood, every cell within
   --generate-margin of the best acc (up to --em-generate-top) runs through
   Generate, and the row is the best exact match (ties: nll), unless it
   beats the previous fixed preset by one binomial standard error or less:
@@ -55,7 +59,9 @@ is keyed by contexts unless the tokens' prediction has the better exact
 match by more than one binomial standard error: the contexts key gives a
 single context T = S = 1, which is exactly sequential encoding; the tokens
 table gets a first row T = S = 1 up to the largest single validation
-document for the same reason.
+document for the same reason. Keyed by tokens, each group's row is held
+over the span of its requests' tokens (token_rows), so the requests a row
+was fitted on all get it.
 
 Progress: one line per grid cell on stderr. Every finished cell is appended
 to --cache (default $TMPDIR/apeserve-quality/calibration.jsonl), keyed by
