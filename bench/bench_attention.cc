@@ -31,6 +31,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "bench/bench_util.h"
 #include "common/engine/ape_attention.h"
 #include "common/engine/half.h"
@@ -52,6 +54,9 @@ ABSL_FLAG(int, rounds, 5, "rounds over all measurements");
 ABSL_FLAG(double, seconds, 0.5, "minimum time of one measurement in one round");
 ABSL_FLAG(int, segment_slots, 256,
           "float16 cases: cached slots per read-only segment (one cache entry: a context of this many tokens)");
+ABSL_FLAG(
+    std::string, cases, "",
+    "comma-separated case tags to run (a, b, a16, b16, c, d); empty = all. The summary line needs b, b16, a, a16");
 ABSL_FLAG(int, key_tile, ape::ApeKernelOptions{}.key_tile, "ApeKernelOptions::key_tile");
 ABSL_FLAG(int, target_lanes, ape::ApeKernelOptions{}.target_lanes, "ApeKernelOptions::target_lanes");
 ABSL_FLAG(int, min_chunk_keys, ape::ApeKernelOptions{}.min_chunk_keys, "ApeKernelOptions::min_chunk_keys");
@@ -162,7 +167,7 @@ std::shared_ptr<KvCache> RandomHalfCache(int cached, int rows) {
   return cache;
 }
 
-void SetUp(Case& k, std::shared_ptr<KvCache> cache) {
+void SetUp(Case& k, std::shared_ptr<KvCache> cache, bool decode_kernel = true) {
   const int heads = absl::GetFlag(FLAGS_heads), kv_heads = absl::GetFlag(FLAGS_kv_heads);
   const int hd = absl::GetFlag(FLAGS_head_dim), layers = absl::GetFlag(FLAGS_layers);
   k.cache = cache != nullptr ? cache : RandomCache(k.first_slot + k.n);
@@ -170,7 +175,7 @@ void SetUp(Case& k, std::shared_ptr<KvCache> cache) {
   k.out.resize(k.q.size());
   Fill(k.q.data(), k.q.size(), 6);
   const ApeKernelOptions opt{absl::GetFlag(FLAGS_key_tile), absl::GetFlag(FLAGS_target_lanes),
-                             absl::GetFlag(FLAGS_min_chunk_keys)};
+                             absl::GetFlag(FLAGS_min_chunk_keys), decode_kernel};
   k.fast.run = [&k, heads, kv_heads, hd, layers, opt](int call) {
     ApeAttention(k.q.data(), k.n, k.first_slot, *k.cache, call % layers, heads, kv_heads, hd, k.ape, k.out.data(), opt);
   };
@@ -190,6 +195,7 @@ int Main() {
       {"(b) APE decode", 1, slots, ape},
       {"(a16) APE query block, float16 cache", query_rows, slots, ape},
       {"(b16) APE decode, float16 cache", 1, slots, ape},
+      {"(b16m) APE decode, float16 cache, matrix-product kernels", 1, slots, ape},
       {"(c) causal prefill", absl::GetFlag(FLAGS_prefill_rows), 0, ApeParams{}},
       {"(d) prefill block", absl::GetFlag(FLAGS_block_rows), absl::GetFlag(FLAGS_block_first_slot), ApeParams{}},
   };
@@ -197,8 +203,9 @@ int Main() {
   SetUp(cases[1], cases[0].cache);  // the query block's cache, one row after its slots
   SetUp(cases[2], RandomHalfCache(slots, query_rows));
   SetUp(cases[3], cases[2].cache);
-  SetUp(cases[4], nullptr);
+  SetUp(cases[4], cases[2].cache, /*decode_kernel=*/false);
   SetUp(cases[5], nullptr);
+  SetUp(cases[6], nullptr);
 
   // The ceilings, measured as bench_engine does (bench_util.h): a
   // 512x4096x4096 product as the engine runs it (MatMul: one-thread sgemm on
@@ -214,7 +221,16 @@ int Main() {
   Measurement read{[&](int) { ReadSeconds(buffer); }};
 
   std::vector<Measurement*> all = {&sgemm, &read};
-  for (Case& k : cases) all.insert(all.end(), {&k.fast, &k.reference});
+  const std::string only = absl::GetFlag(FLAGS_cases);
+  const auto selected = [&only](const Case& k) {
+    if (only.empty()) return true;
+    const std::string tag = k.name.substr(1, k.name.find(')') - 1);
+    for (absl::string_view t : absl::StrSplit(only, ','))
+      if (t == tag) return true;
+    return false;
+  };
+  for (Case& k : cases)
+    if (selected(k)) all.insert(all.end(), {&k.fast, &k.reference});
   RunRounds(all, absl::GetFlag(FLAGS_rounds), absl::GetFlag(FLAGS_seconds));
 
   const double sgemm_gflops = 2.0 * m * n * kk / sgemm.best * 1e-9;
@@ -230,12 +246,14 @@ int Main() {
       "| K/V MB read | K/V read GB/s | %% of bandwidth |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Case& k : cases) {
+    if (!selected(k)) continue;
     const double ref = k.reference.best, fast = k.fast.best, gbps = k.KvBytes() / fast * 1e-9;
     std::printf("| %s | %d | %d | %.2f | %.2f | %.1fx | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% |\n",
                 k.name.c_str(), k.n, k.first_slot + k.n, ref * 1e3, fast * 1e3, ref / fast, k.Flops() / ref * 1e-9,
                 k.Flops() / fast * 1e-9, 100 * k.Flops() / fast * 1e-9 / sgemm_gflops, k.KvBytes() * 1e-6, gbps,
                 100 * gbps / read_gbps);
   }
+  if (!only.empty()) return 0;
   // Decode with a float16 cache against float32: bytes and time per layer.
   const Case &d32 = cases[1], &d16 = cases[3], &q32 = cases[0], &q16 = cases[2];
   std::printf(

@@ -51,6 +51,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common/engine/half.h"
@@ -762,11 +763,386 @@ void RunTask(const Plan& p, int64_t i, const SplitK* split) {
     MergeChunks(p, i - t.chunk, split->states);
 }
 
+// ======================= Decode: one row over many keys =======================
+//
+// A decode row (n = 1) has only `group` query heads per KV head: 7 lanes of
+// the matrix-product kernels' 8, each key a scalar broadcast per FMA, and
+// its float16 tiles converted into a float32 scratch tile first. This path
+// vectorizes along head_dim instead: every 8 elements of a K or V row are
+// one vector, converted from float16 in the register that the FMAs use
+// (F16C), read straight from the cache (no scratch copy), and each
+// converted K (or V) vector serves every query head of its group.
+//
+//   scores  s[h][j] = q_h . k_j: two keys at a time, the group's heads
+//           (up to 7) in registers: 2 x 7 accumulators over head_dim, then
+//           one horizontal-add tree per pair of heads. q is pre-scaled by
+//           the block's logit scale (base 2), so s comes out scaled.
+//   softmax per head along its row of the tile, online (m, l, acc).
+//   values  acc[h][d] += sum_j p[h][j] v_j[d]: 8 dims of all the group's
+//           heads in registers, over the tile's keys.
+//
+// Keys go in tiles of consecutive slots, from the start of each block piece
+// of a key chunk (never from segment boundaries), and within a tile by runs
+// of slots inside one segment (kv_cache.h): so a float16 cache and a float32
+// cache holding the same values give bit-identical outputs. While a tile is
+// computed, the next tile's rows are prefetched into L2: the cache streams
+// from memory while the FMAs run, instead of before them.
+//
+// A chunk of keys per task, all KV heads in it (whole cache rows read once);
+// the caller merges the chunks' states and applies the APE merge.
+
+constexpr int kDecodeMaxTile = 128;                        // keys per tile at most
+constexpr int kDecodeRowStride = kDecodeMaxTile + kLanes;  // s row, padded to whole vectors
+constexpr int kHeadBlock = 7;                              // query heads in registers at once
+
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// A run of tile slots inside one segment: K/V rows of KV head 0 at k, v.
+struct DecodeRun {
+  const uint8_t* k;
+  const uint8_t* v;
+  size_t stride;  // bytes between slots
+  int first;      // index of its first key in the tile
+  int count;
+  bool f16;
+};
+
+// s[h * kDecodeRowStride + {0, 1}] = q_h . k0, q_h . k1 for HB heads (q_h at
+// q + h * hd). The dot of each key goes through the same adds whichever key
+// it is paired with (k1 == k0 for a lone key).
+template <typename E, int HB>
+__attribute__((always_inline)) inline void ScorePair(const E* k0, const E* k1, const float* q, int hd, float* s) {
+  __m256 a0[HB], a1[HB];
+#pragma GCC unroll 16
+  for (int h = 0; h < HB; ++h) a0[h] = a1[h] = _mm256_setzero_ps();
+  for (int d = 0; d < hd; d += kLanes) {
+    const __m256 x0 = Load8(k0 + d), x1 = Load8(k1 + d);
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + h * hd + d);
+      a0[h] = _mm256_fmadd_ps(x0, qv, a0[h]);
+      a1[h] = _mm256_fmadd_ps(x1, qv, a1[h]);
+    }
+  }
+  // hadd(a0, a1) = pairwise sums of both; again with the next head's; then
+  // the two 128-bit halves added: [k0.q_h, k1.q_h, k0.q_h+1, k1.q_h+1].
+#pragma GCC unroll 16
+  for (int h = 0; h < HB; h += 2) {
+    const __m256 t0 = _mm256_hadd_ps(a0[h], a1[h]);
+    const __m256 t1 = h + 1 < HB ? _mm256_hadd_ps(a0[h + 1], a1[h + 1]) : t0;
+    const __m256 u = _mm256_hadd_ps(t0, t1);
+    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    _mm_storel_pi(reinterpret_cast<__m64*>(s + h * kDecodeRowStride), r);
+    if (h + 1 < HB) _mm_storeh_pi(reinterpret_cast<__m64*>(s + (h + 1) * kDecodeRowStride), r);
+  }
+}
+
+// Scores of a run's keys for HB heads, into s[h][run.first + j].
+template <typename E, int HB>
+void ScoreRun(const DecodeRun& r, size_t head_off, const float* q, int hd, float* s) {
+  const auto row = [&](int j) { return reinterpret_cast<const E*>(r.k + j * r.stride) + head_off; };
+  int j = 0;
+  for (; j + 2 <= r.count; j += 2) ScorePair<E, HB>(row(j), row(j + 1), q, hd, s + r.first + j);
+  // A lone last key: paired with itself; the second column lands in the
+  // next key's place (overwritten by it, or padding).
+  if (j < r.count) ScorePair<E, HB>(row(j), row(j), q, hd, s + r.first + j);
+}
+
+// acc[h][d..] += sum_j p[h][run.first + j] v_j[d..] for HB heads, all dims,
+// 8 at a time with the HB accumulators in registers over the run.
+template <typename E, int HB>
+void AddValuesRun(const DecodeRun& r, size_t head_off, const float* p, int hd, float* acc) {
+  const auto row = [&](int j) { return reinterpret_cast<const E*>(r.v + j * r.stride) + head_off; };
+  const float* pr = p + r.first;
+  for (int d = 0; d < hd; d += kLanes) {
+    __m256 a[HB];
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) a[h] = _mm256_loadu_ps(acc + h * hd + d);
+    for (int j = 0; j < r.count; ++j) {
+      const __m256 x = Load8(row(j) + d);
+#pragma GCC unroll 16
+      for (int h = 0; h < HB; ++h) a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + h * kDecodeRowStride + j), x, a[h]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) _mm256_storeu_ps(acc + h * hd + d, a[h]);
+  }
+}
+
+// Dispatch on the element type and the head block (1..kHeadBlock).
+template <int HB>
+void ScoreRuns(const DecodeRun* runs, int n_runs, size_t head_off, const float* q, int hd, float* s) {
+  for (int i = 0; i < n_runs; ++i) {
+    if (runs[i].f16)
+      ScoreRun<uint16_t, HB>(runs[i], head_off, q, hd, s);
+    else
+      ScoreRun<float, HB>(runs[i], head_off, q, hd, s);
+  }
+}
+
+template <int HB>
+void AddValuesRuns(const DecodeRun* runs, int n_runs, size_t head_off, const float* p, int hd, float* acc) {
+  for (int i = 0; i < n_runs; ++i) {
+    if (runs[i].f16)
+      AddValuesRun<uint16_t, HB>(runs[i], head_off, p, hd, acc);
+    else
+      AddValuesRun<float, HB>(runs[i], head_off, p, hd, acc);
+  }
+}
+
+template <typename F>
+void WithHeadBlock(int hb, const F& f) {
+  switch (hb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, 7>{});
+  }
+}
+
+// Online softmax over one head's row of a tile: s[0, nt) scores (padding to
+// whole vectors is -inf), in place to p = 2^(s - m); m, l, acc[hd] updated.
+void DecodeSoftmax(float* s, int nt, float* m, float* l, float* acc, int hd) {
+  const int nv = CeilDiv(nt, kLanes);
+  __m256 mx = _mm256_set1_ps(kNegInf);
+  for (int i = 0; i < nv; ++i) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + i * kLanes));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float m_new = std::max(*m, _mm_cvtss_f32(h));  // finite: nt >= 1
+  if (m_new > *m) {
+    const float alpha = *m == kNegInf ? 0.f : std::exp2(*m - m_new);
+    *l *= alpha;
+    const __m256 av = _mm256_set1_ps(alpha);
+    for (int d = 0; d < hd; d += kLanes) _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), av));
+    *m = m_new;
+  }
+  const __m256 mv = _mm256_set1_ps(m_new), neg_inf = _mm256_set1_ps(kNegInf);
+  __m256 sum = _mm256_setzero_ps();
+  for (int i = 0; i < nv; ++i) {
+    const __m256 x = _mm256_loadu_ps(s + i * kLanes);
+    const __m256 p = _mm256_and_ps(Exp2V(_mm256_sub_ps(x, mv)), _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
+    _mm256_storeu_ps(s + i * kLanes, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  *l += _mm_cvtss_f32(t);
+}
+
+struct DecodePlan {
+  const KvCache* cache;
+  int layer, n_heads, n_kv_heads, head_dim, group;
+  int keys;                        // the row sees slots [0, keys)
+  int context_begin, context_end;  // block C, clipped to [0, keys)
+  int tile, chunks;
+  const float* q_scaled;  // [2][n_heads][head_dim]: q times the C, then the O logit scale (base 2)
+  size_t state_floats;    // per chunk: [2 blocks][n_heads] m, l, then acc[2][n_heads][head_dim]
+};
+
+// A chunk's states: block b (0 = C, 1 = O), head h.
+struct DecodeStates {
+  float* m;    // [2][n_heads]
+  float* l;    // [2][n_heads]
+  float* acc;  // [2][n_heads][head_dim]
+};
+
+inline DecodeStates DecodeStatesAt(const DecodePlan& p, float* base) {
+  const int h2 = 2 * p.n_heads;
+  return {base, base + h2, base + 2 * h2};
+}
+
+// Copies the rows of slots [t0, t0 + nt), all KV heads, as stored (float16
+// or float32), into `buf` ([K rows][V rows], each kind packed run after run)
+// and describes them as runs. A plain sequential copy, which the hardware
+// streams from memory at full rate (the kernels' strided passes, one KV
+// head and 8 dims at a time, it does not): half the bytes of a float32
+// scratch tile for a float16 cache, read from L1/L2 by the kernels.
+int CopyTile(const DecodePlan& p, int t0, int nt, uint8_t* buf, DecodeRun* runs) {
+  const size_t row_elems = static_cast<size_t>(p.n_kv_heads) * p.head_dim;
+  uint8_t* dk = buf;
+  uint8_t* dv = buf + static_cast<size_t>(nt) * row_elems * sizeof(float);
+  int n = 0;
+  p.cache->ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
+    const bool f16 = seg.element == KvElement::kFloat16;
+    const size_t rb = row_elems * (f16 ? sizeof(uint16_t) : sizeof(float));
+    const uint8_t* k = seg.key_row(p.layer, first);
+    const uint8_t* v = seg.value_row(p.layer, first);
+    // Row by row, K and V together, 32 bytes at a time (rb is a multiple of
+    // 16: head_dim is of 8). (memcpy of a whole run reads slower here.)
+    for (int j = 0; j < count; ++j) {
+      const uint8_t* kj = k + j * seg.row_stride;
+      const uint8_t* vj = v + j * seg.row_stride;
+      uint8_t* dkj = dk + j * rb;
+      uint8_t* dvj = dv + j * rb;
+      size_t i = 0;
+      for (; i + 32 <= rb; i += 32) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dkj + i),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj + i)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dvj + i),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + i)));
+      }
+      if (i < rb) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dkj + i),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + i)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dvj + i),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + i)));
+      }
+    }
+    runs[n++] = {dk, dv, rb, first - t0, count, f16};
+    dk += count * rb;
+    dv += count * rb;
+  });
+  return n;
+}
+
+// Keys [begin, end) of one block into its states (block b: 0 = C, 1 = O).
+void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStates& st) {
+  const int hd = p.head_dim, G = p.group;
+  thread_local std::vector<float> s_buf;
+  thread_local std::vector<uint8_t> tile_buf;
+  const size_t s_size = static_cast<size_t>(G) * kDecodeRowStride;
+  const size_t tile_size = 2 * static_cast<size_t>(p.tile) * p.n_kv_heads * hd * sizeof(float);
+  if (s_buf.size() < s_size) s_buf.resize(s_size);
+  if (tile_buf.size() < tile_size) tile_buf.resize(tile_size);
+  float* s = s_buf.data();
+  DecodeRun runs[kDecodeMaxTile];
+  for (int t0 = begin; t0 < end; t0 += p.tile) {
+    const int nt = std::min(p.tile, end - t0), padded = CeilDiv(nt, kLanes) * kLanes;
+    const int n_runs = CopyTile(p, t0, nt, tile_buf.data(), runs);
+    for (int g = 0; g < p.n_kv_heads; ++g) {
+      const size_t head_off = static_cast<size_t>(g) * hd;  // elements into a row
+      for (int h0 = 0; h0 < G; h0 += kHeadBlock) {
+        const int hb = std::min(kHeadBlock, G - h0);
+        const float* q = p.q_scaled + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
+        float* sh = s + h0 * kDecodeRowStride;
+        WithHeadBlock(hb, [&](auto HB) { ScoreRuns<HB()>(runs, n_runs, head_off, q, hd, sh); });
+      }
+      // -inf after the tile's last key, for the softmax's whole vectors (the
+      // lone-key column of a tile's last key lands at s[nt]; the previous KV
+      // head left p = 0 there).
+      for (int h = 0; h < G; ++h) std::fill(s + h * kDecodeRowStride + nt, s + h * kDecodeRowStride + padded, kNegInf);
+      for (int h = 0; h < G; ++h) {
+        const int qh = b * p.n_heads + g * G + h;
+        DecodeSoftmax(s + h * kDecodeRowStride, nt, st.m + qh, st.l + qh, st.acc + static_cast<size_t>(qh) * hd, hd);
+      }
+      for (int h0 = 0; h0 < G; h0 += kHeadBlock) {
+        const int hb = std::min(kHeadBlock, G - h0);
+        float* acc = st.acc + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
+        WithHeadBlock(
+            hb, [&](auto HB) { AddValuesRuns<HB()>(runs, n_runs, head_off, s + h0 * kDecodeRowStride, hd, acc); });
+      }
+    }
+  }
+}
+
+// Chunk `c` of the keys into its states, reset first.
+void DecodeChunk(const DecodePlan& p, int c, float* base) {
+  const DecodeStates st = DecodeStatesAt(p, base);
+  const int h2 = 2 * p.n_heads;
+  std::fill(st.m, st.m + h2, kNegInf);
+  std::fill(st.l, st.l + h2, 0.f);
+  std::fill(st.acc, st.acc + static_cast<size_t>(h2) * p.head_dim, 0.f);
+  const int per = CeilDiv(p.keys, p.chunks);
+  const int begin = std::min(p.keys, c * per), end = std::min(p.keys, begin + per);
+  // Pieces that are all C or all O.
+  for (int pos = begin, next = 0; pos < end; pos = next) {
+    next = end;
+    for (int cut : {p.context_begin, p.context_end})
+      if (cut > pos && cut < next) next = cut;
+    const bool in_c = pos >= p.context_begin && pos < p.context_end;
+    DecodeKeys(p, pos, next, in_c ? 0 : 1, st);
+  }
+}
+
+void DecodeAttention(const float* q, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
+                     int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& opt) {
+  DecodePlan p{};
+  p.cache = &cache;
+  p.layer = layer;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.group = n_heads / n_kv_heads;
+  p.keys = first_slot + 1;
+  p.context_begin = std::min(ape.context_begin, p.keys);
+  p.context_end = std::min(ape.context_end, p.keys);
+  // key_tile counts keys x KV heads, as in the matrix-product path.
+  p.tile = std::clamp(opt.key_tile / std::max(1, n_kv_heads), 1, kDecodeMaxTile);
+  const int wanted = 4 * ComputeThreads();
+  p.chunks = std::clamp(wanted, 1, std::max(1, p.keys / std::max(1, opt.min_chunk_keys)));
+  const size_t q_floats = static_cast<size_t>(n_heads) * head_dim;
+  p.state_floats = 2 * static_cast<size_t>(n_heads) * (2 + head_dim);
+
+  // The caller's buffers: scaled q, then every chunk's states.
+  thread_local std::vector<float> buf;
+  const size_t need = 2 * q_floats + p.chunks * p.state_floats;
+  if (buf.size() < need) buf.resize(need);
+  const float o_scale = kLog2E / std::sqrt(static_cast<float>(head_dim));
+  const float c_scale = o_scale / ape.temperature;
+  for (size_t i = 0; i < q_floats; ++i) {
+    buf[i] = q[i] * c_scale;
+    buf[q_floats + i] = q[i] * o_scale;
+  }
+  p.q_scaled = buf.data();
+  float* states = buf.data() + 2 * q_floats;
+  ParallelFor(p.chunks, /*dynamic=*/true,
+              [&](int64_t c) { DecodeChunk(p, static_cast<int>(c), states + c * p.state_floats); });
+
+  // Chunk 0 takes in the others, block by block and head by head.
+  const int hd = head_dim;
+  const DecodeStates into = DecodeStatesAt(p, states);
+  for (int c = 1; c < p.chunks; ++c) {
+    const DecodeStates from = DecodeStatesAt(p, states + c * p.state_floats);
+    for (int i = 0; i < 2 * n_heads; ++i) {
+      const float m = std::max(into.m[i], from.m[i]);
+      if (m == kNegInf) continue;  // neither saw a key
+      const float fi = into.m[i] == kNegInf ? 0.f : std::exp2(into.m[i] - m);
+      const float ff = from.m[i] == kNegInf ? 0.f : std::exp2(from.m[i] - m);
+      into.m[i] = m;
+      into.l[i] = into.l[i] * fi + from.l[i] * ff;
+      float* a = into.acc + static_cast<size_t>(i) * hd;
+      const float* f = from.acc + static_cast<size_t>(i) * hd;
+      for (int d = 0; d < hd; ++d) a[d] = a[d] * fi + f[d] * ff;
+    }
+  }
+  // The APE merge per head, as Finalize.
+  const float st = ape.scale * ape.temperature;
+  for (int h = 0; h < n_heads; ++h) {
+    const int ci = h, oi = n_heads + h;
+    float fc, fo;
+    if (into.l[ci] == 0.f) {
+      fc = 0.f;
+      fo = 1.f / into.l[oi];
+    } else if (into.l[oi] == 0.f) {
+      fc = 1.f / into.l[ci];
+      fo = 0.f;
+    } else {
+      const float a = st * (kLn2 * into.m[ci] + std::log(into.l[ci]));
+      const float bb = kLn2 * into.m[oi] + std::log(into.l[oi]);
+      const float mx = std::max(a, bb);
+      const float wa = std::exp(a - mx), wb = std::exp(bb - mx);
+      const float norm = 1.f / (wa + wb);
+      fc = wa * norm / into.l[ci];
+      fo = wb * norm / into.l[oi];
+    }
+    const float* ac = into.acc + static_cast<size_t>(ci) * hd;
+    const float* ao = into.acc + static_cast<size_t>(oi) * hd;
+    for (int d = 0; d < hd; ++d) out[static_cast<size_t>(h) * hd + d] = fc * ac[d] + fo * ao[d];
+  }
+}
+
 }  // namespace
 
 void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
                   int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& options) {
   if (n <= 0) return;
+  if (n == 1 && options.decode_kernel && head_dim % kLanes == 0 && n_heads % n_kv_heads == 0)
+    return DecodeAttention(q, first_slot, cache, layer, n_heads, n_kv_heads, head_dim, ape, out, options);
   const Plan p = MakePlan(q, n, first_slot, cache, layer, n_heads, n_kv_heads, head_dim, ape, out, options);
   if (p.chunks == 1) {
     ParallelFor(p.tasks, /*dynamic=*/true, [&](int64_t i) { RunTask(p, i, nullptr); });

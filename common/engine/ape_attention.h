@@ -34,6 +34,10 @@ struct ApeKernelOptions {
   int key_tile = 128;        // keys per tile (shared out among a decode task's KV heads)
   int target_lanes = 224;    // (query row, head) pairs per task, rounded to whole rows
   int min_chunk_keys = 512;  // split-K: a key chunk is never smaller than this
+  // A single row (decode) through the kernel vectorized along head_dim
+  // (ape_attention.cc, "Decode"); false sends it through the matrix-product
+  // kernels like a block of rows (for comparison in tests and benchmarks).
+  bool decode_kernel = true;
 };
 
 // ApeAttention with explicit blocking (same result up to rounding).
