@@ -766,34 +766,35 @@ void RunTask(const Plan& p, int64_t i, const SplitK* split) {
 // ======================= Decode: one row over many keys =======================
 //
 // A decode row (n = 1) has only `group` query heads per KV head: 7 lanes of
-// the matrix-product kernels' 8, each key a scalar broadcast per FMA, and
-// its float16 tiles converted into a float32 scratch tile first. This path
+// the matrix-product kernels' 8, one broadcast load per FMA, and their
+// float16 tiles converted into a float32 scratch tile first. This path
 // vectorizes along head_dim instead: every 8 elements of a K or V row are
-// one vector, converted from float16 in the register that the FMAs use
-// (F16C), read straight from the cache (no scratch copy), and each
-// converted K (or V) vector serves every query head of its group.
+// one vector, converted from float16 in the register the FMAs use (F16C),
+// and serve several query heads of the group at once.
 //
-//   scores  s[h][j] = q_h . k_j: two keys at a time, the group's heads
-//           (up to 7) in registers: 2 x 7 accumulators over head_dim, then
-//           one horizontal-add tree per pair of heads. q is pre-scaled by
-//           the block's logit scale (base 2), so s comes out scaled.
+//   scores  s[h][j] = q_h . k_j: 3 keys x 4 heads of accumulators over
+//           head_dim, then a horizontal-add tree per 2 keys x 2 heads. q is
+//           pre-scaled by the block's logit scale (base 2): s comes out
+//           scaled.
 //   softmax per head along its row of the tile, online (m, l, acc).
-//   values  acc[h][d] += sum_j p[h][j] v_j[d]: 8 dims of all the group's
-//           heads in registers, over the tile's keys.
+//   values  acc[h][d] += sum_j p[h][j] v_j[d]: 4 heads x 16 dims of
+//           accumulators in registers over the tile's keys.
 //
-// Keys go in tiles of consecutive slots, from the start of each block piece
-// of a key chunk (never from segment boundaries), and within a tile by runs
-// of slots inside one segment (kv_cache.h): so a float16 cache and a float32
-// cache holding the same values give bit-identical outputs. While a tile is
-// computed, the next tile's rows are prefetched into L2: the cache streams
-// from memory while the FMAs run, instead of before them.
+// Keys go in tiles of consecutive slots, counted from the start of each
+// block piece of a key chunk (never from segment boundaries). A tile's rows
+// (all KV heads) are first touched in order (TouchTile: so the cache
+// streams from memory at full rate), then read in place by runs of slots
+// inside one segment (kv_cache.h). The arithmetic per key does not depend
+// on the runs, so a
+// float16 cache and a float32 cache holding the same values give
+// bit-identical outputs.
 //
 // A chunk of keys per task, all KV heads in it (whole cache rows read once);
 // the caller merges the chunks' states and applies the APE merge.
 
 constexpr int kDecodeMaxTile = 128;                        // keys per tile at most
 constexpr int kDecodeRowStride = kDecodeMaxTile + kLanes;  // s row, padded to whole vectors
-constexpr int kHeadBlock = 7;                              // query heads in registers at once
+constexpr int kHeadBlock = 4;                              // query heads in registers at once
 
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 Load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -808,65 +809,105 @@ struct DecodeRun {
   bool f16;
 };
 
-// s[h * kDecodeRowStride + {0, 1}] = q_h . k0, q_h . k1 for HB heads (q_h at
-// q + h * hd). The dot of each key goes through the same adds whichever key
-// it is paired with (k1 == k0 for a lone key).
-template <typename E, int HB>
-__attribute__((always_inline)) inline void ScorePair(const E* k0, const E* k1, const float* q, int hd, float* s) {
-  __m256 a0[HB], a1[HB];
+// s[h * kDecodeRowStride + i] = q_h . k_i for KB keys (rows[i]) and HB heads
+// (q_h at q + h * hd): KB x HB accumulators over head_dim, each K vector
+// converted once for the HB heads, each q vector loaded once for the KB
+// keys. Then one horizontal-add tree per 2 keys x 2 heads; every dot goes
+// through the same adds whichever keys and heads share its tree (so
+// results do not depend on how runs group the keys). KB odd: the last key
+// is paired with itself, and its partner's column lands one key further
+// (overwritten by that key, or padding).
+template <typename E, int KB, int HB>
+__attribute__((always_inline)) inline void ScoreKeys(const E* const* rows, const float* q, int hd, float* s) {
+  __m256 a[KB][HB];
 #pragma GCC unroll 16
-  for (int h = 0; h < HB; ++h) a0[h] = a1[h] = _mm256_setzero_ps();
+  for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) a[i][h] = _mm256_setzero_ps();
   for (int d = 0; d < hd; d += kLanes) {
-    const __m256 x0 = Load8(k0 + d), x1 = Load8(k1 + d);
+    __m256 x[KB];
+#pragma GCC unroll 16
+    for (int i = 0; i < KB; ++i) x[i] = Load8(rows[i] + d);
 #pragma GCC unroll 16
     for (int h = 0; h < HB; ++h) {
       const __m256 qv = _mm256_loadu_ps(q + h * hd + d);
-      a0[h] = _mm256_fmadd_ps(x0, qv, a0[h]);
-      a1[h] = _mm256_fmadd_ps(x1, qv, a1[h]);
+#pragma GCC unroll 16
+      for (int i = 0; i < KB; ++i) a[i][h] = _mm256_fmadd_ps(x[i], qv, a[i][h]);
     }
   }
-  // hadd(a0, a1) = pairwise sums of both; again with the next head's; then
-  // the two 128-bit halves added: [k0.q_h, k1.q_h, k0.q_h+1, k1.q_h+1].
+  // hadd(key i, key i+1) = pairwise sums of both; again with the next
+  // head's; the two 128-bit halves added: [k_i.q_h, k_i+1.q_h, k_i.q_h+1, k_i+1.q_h+1].
 #pragma GCC unroll 16
-  for (int h = 0; h < HB; h += 2) {
-    const __m256 t0 = _mm256_hadd_ps(a0[h], a1[h]);
-    const __m256 t1 = h + 1 < HB ? _mm256_hadd_ps(a0[h + 1], a1[h + 1]) : t0;
-    const __m256 u = _mm256_hadd_ps(t0, t1);
-    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-    _mm_storel_pi(reinterpret_cast<__m64*>(s + h * kDecodeRowStride), r);
-    if (h + 1 < HB) _mm_storeh_pi(reinterpret_cast<__m64*>(s + (h + 1) * kDecodeRowStride), r);
+  for (int i = 0; i < KB; i += 2) {
+    const int i1 = i + 1 < KB ? i + 1 : i;
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; h += 2) {
+      const __m256 t0 = _mm256_hadd_ps(a[i][h], a[i1][h]);
+      const __m256 t1 = h + 1 < HB ? _mm256_hadd_ps(a[i][h + 1], a[i1][h + 1]) : t0;
+      const __m256 u = _mm256_hadd_ps(t0, t1);
+      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+      _mm_storel_pi(reinterpret_cast<__m64*>(s + h * kDecodeRowStride + i), r);
+      if (h + 1 < HB) _mm_storeh_pi(reinterpret_cast<__m64*>(s + (h + 1) * kDecodeRowStride + i), r);
+    }
   }
 }
 
 // Scores of a run's keys for HB heads, into s[h][run.first + j].
 template <typename E, int HB>
 void ScoreRun(const DecodeRun& r, size_t head_off, const float* q, int hd, float* s) {
+  constexpr int KB = 3;  // 3 x 4 accumulators, 3 K vectors and a q vector: 16 registers
   const auto row = [&](int j) { return reinterpret_cast<const E*>(r.k + j * r.stride) + head_off; };
   int j = 0;
-  for (; j + 2 <= r.count; j += 2) ScorePair<E, HB>(row(j), row(j + 1), q, hd, s + r.first + j);
-  // A lone last key: paired with itself; the second column lands in the
-  // next key's place (overwritten by it, or padding).
-  if (j < r.count) ScorePair<E, HB>(row(j), row(j), q, hd, s + r.first + j);
+  for (; j + KB <= r.count; j += KB) {
+    const E* rows[KB];
+    for (int i = 0; i < KB; ++i) rows[i] = row(j + i);
+    ScoreKeys<E, KB, HB>(rows, q, hd, s + r.first + j);
+  }
+  if (r.count - j == 2) {
+    const E* rows[2] = {row(j), row(j + 1)};
+    ScoreKeys<E, 2, HB>(rows, q, hd, s + r.first + j);
+  } else if (r.count - j == 1) {
+    const E* rows[1] = {row(j)};
+    ScoreKeys<E, 1, HB>(rows, q, hd, s + r.first + j);
+  }
 }
 
-// acc[h][d..] += sum_j p[h][run.first + j] v_j[d..] for HB heads, all dims,
-// 8 at a time with the HB accumulators in registers over the run.
+// acc[h][d..] += sum_j p[h][run.first + j] v_j[d..] for HB heads and DV
+// vectors of dims from d, the HB x DV accumulators in registers over the run.
+template <typename E, int HB, int DV>
+__attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, size_t head_off, const float* pr, int hd,
+                                                         int d, float* acc) {
+  __m256 a[HB][DV];
+#pragma GCC unroll 16
+  for (int h = 0; h < HB; ++h)
+#pragma GCC unroll 16
+    for (int u = 0; u < DV; ++u) a[h][u] = _mm256_loadu_ps(acc + h * hd + d + u * kLanes);
+  const uint8_t* v = r.v;
+  for (int j = 0; j < r.count; ++j, v += r.stride) {
+    const E* row = reinterpret_cast<const E*>(v) + head_off + d;
+    __m256 x[DV];
+#pragma GCC unroll 16
+    for (int u = 0; u < DV; ++u) x[u] = Load8(row + u * kLanes);
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) {
+      const __m256 pv = _mm256_broadcast_ss(pr + h * kDecodeRowStride + j);
+#pragma GCC unroll 16
+      for (int u = 0; u < DV; ++u) a[h][u] = _mm256_fmadd_ps(pv, x[u], a[h][u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < HB; ++h)
+#pragma GCC unroll 16
+    for (int u = 0; u < DV; ++u) _mm256_storeu_ps(acc + h * hd + d + u * kLanes, a[h][u]);
+}
+
 template <typename E, int HB>
 void AddValuesRun(const DecodeRun& r, size_t head_off, const float* p, int hd, float* acc) {
-  const auto row = [&](int j) { return reinterpret_cast<const E*>(r.v + j * r.stride) + head_off; };
+  constexpr int DV = HB <= 2 ? 4 : 2;  // HB x DV accumulators, DV V vectors and p: at most 13 registers
   const float* pr = p + r.first;
-  for (int d = 0; d < hd; d += kLanes) {
-    __m256 a[HB];
-#pragma GCC unroll 16
-    for (int h = 0; h < HB; ++h) a[h] = _mm256_loadu_ps(acc + h * hd + d);
-    for (int j = 0; j < r.count; ++j) {
-      const __m256 x = Load8(row(j) + d);
-#pragma GCC unroll 16
-      for (int h = 0; h < HB; ++h) a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + h * kDecodeRowStride + j), x, a[h]);
-    }
-#pragma GCC unroll 16
-    for (int h = 0; h < HB; ++h) _mm256_storeu_ps(acc + h * hd + d, a[h]);
-  }
+  int d = 0;
+  for (; d + DV * kLanes <= hd; d += DV * kLanes) AddValuesDims<E, HB, DV>(r, head_off, pr, hd, d, acc);
+  for (; d < hd; d += kLanes) AddValuesDims<E, HB, 1>(r, head_off, pr, hd, d, acc);
 }
 
 // Dispatch on the element type and the head block (1..kHeadBlock).
@@ -896,10 +937,7 @@ void WithHeadBlock(int hb, const F& f) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    default: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
@@ -956,46 +994,33 @@ inline DecodeStates DecodeStatesAt(const DecodePlan& p, float* base) {
   return {base, base + h2, base + 2 * h2};
 }
 
-// Copies the rows of slots [t0, t0 + nt), all KV heads, as stored (float16
-// or float32), into `buf` ([K rows][V rows], each kind packed run after run)
-// and describes them as runs. A plain sequential copy, which the hardware
-// streams from memory at full rate (the kernels' strided passes, one KV
-// head and 8 dims at a time, it does not): half the bytes of a float32
-// scratch tile for a float16 cache, read from L1/L2 by the kernels.
-int CopyTile(const DecodePlan& p, int t0, int nt, uint8_t* buf, DecodeRun* runs) {
+// The runs of slots [t0, t0 + nt) (each inside one segment), after one
+// load from every 64-byte line of their K and V rows, all KV heads: a
+// sequential pass of independent loads, which the hardware streams from
+// memory at full rate, leaving the tile in L1/L2 for the kernels' strided
+// passes (one KV head and 8 or 16 dims at a time: left to those, the rows
+// come from memory at a fraction of the bandwidth). Measured faster than a
+// software prefetch of the next tile and than copying the tile into a
+// buffer.
+int TouchTile(const DecodePlan& p, int t0, int nt, DecodeRun* runs) {
   const size_t row_elems = static_cast<size_t>(p.n_kv_heads) * p.head_dim;
-  uint8_t* dk = buf;
-  uint8_t* dv = buf + static_cast<size_t>(nt) * row_elems * sizeof(float);
   int n = 0;
   p.cache->ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
     const bool f16 = seg.element == KvElement::kFloat16;
-    const size_t rb = row_elems * (f16 ? sizeof(uint16_t) : sizeof(float));
+    const size_t rb = row_elems * (f16 ? sizeof(uint16_t) : sizeof(float));  // a multiple of 16
     const uint8_t* k = seg.key_row(p.layer, first);
     const uint8_t* v = seg.value_row(p.layer, first);
-    // Row by row, K and V together, 32 bytes at a time (rb is a multiple of
-    // 16: head_dim is of 8). (memcpy of a whole run reads slower here.)
+    __m128i sink = _mm_setzero_si128();
     for (int j = 0; j < count; ++j) {
       const uint8_t* kj = k + j * seg.row_stride;
       const uint8_t* vj = v + j * seg.row_stride;
-      uint8_t* dkj = dk + j * rb;
-      uint8_t* dvj = dv + j * rb;
-      size_t i = 0;
-      for (; i + 32 <= rb; i += 32) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dkj + i),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj + i)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dvj + i),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + i)));
-      }
-      if (i < rb) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dkj + i),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + i)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dvj + i),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + i)));
+      for (size_t i = 0; i < rb; i += 64) {
+        sink = _mm_or_si128(sink, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + i)));
+        sink = _mm_or_si128(sink, _mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + i)));
       }
     }
-    runs[n++] = {dk, dv, rb, first - t0, count, f16};
-    dk += count * rb;
-    dv += count * rb;
+    asm volatile("" : : "x"(sink));  // keep the loads
+    runs[n++] = {k, v, seg.row_stride, first - t0, count, f16};
   });
   return n;
 }
@@ -1004,16 +1029,13 @@ int CopyTile(const DecodePlan& p, int t0, int nt, uint8_t* buf, DecodeRun* runs)
 void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStates& st) {
   const int hd = p.head_dim, G = p.group;
   thread_local std::vector<float> s_buf;
-  thread_local std::vector<uint8_t> tile_buf;
   const size_t s_size = static_cast<size_t>(G) * kDecodeRowStride;
-  const size_t tile_size = 2 * static_cast<size_t>(p.tile) * p.n_kv_heads * hd * sizeof(float);
   if (s_buf.size() < s_size) s_buf.resize(s_size);
-  if (tile_buf.size() < tile_size) tile_buf.resize(tile_size);
   float* s = s_buf.data();
   DecodeRun runs[kDecodeMaxTile];
   for (int t0 = begin; t0 < end; t0 += p.tile) {
     const int nt = std::min(p.tile, end - t0), padded = CeilDiv(nt, kLanes) * kLanes;
-    const int n_runs = CopyTile(p, t0, nt, tile_buf.data(), runs);
+    const int n_runs = TouchTile(p, t0, nt, runs);
     for (int g = 0; g < p.n_kv_heads; ++g) {
       const size_t head_off = static_cast<size_t>(g) * hd;  // elements into a row
       for (int h0 = 0; h0 < G; h0 += kHeadBlock) {

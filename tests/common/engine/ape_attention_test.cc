@@ -391,5 +391,117 @@ INSTANTIATE_TEST_SUITE_P(
         // Odd widths: kv_dim 3 * 12 = 36 (not a multiple of 8: the scalar tail of the conversion).
         SegmentedCase{3, 3, 12, 2, {2, 33, 17}, 4, 2}));
 
+// ---- Decode (one row) over many segments: the head_dim-vectorized decode
+// kernel against the reference kernel and the matrix-product kernels.
+//
+// The decoder's APE cache is one float16 segment per context (a cache
+// entry), then the writable float32 rows. Segments of odd lengths (1 to 61
+// slots, some float32) make tiles of every blocking cross segment edges and
+// hold lone keys at run ends; C starts inside the first segment and ends
+// inside a later one, so block pieces split runs too.
+struct DecodeCase {
+  int heads, kv_heads, head_dim;
+  int segments;  // read-only segments before the writable rows
+  int writable;  // writable slots; the decode row is the last one
+  int prefix;    // block C = [prefix, context_end)
+  int c_tail;    // context_end = read-only slots - c_tail (O after C within the segments); < 0: no C
+  float T, S;
+};
+
+class ApeDecodeTest : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(ApeDecodeTest, ManySegmentsAgreeWithReference) {
+  const DecodeCase& k = GetParam();
+  constexpr int kLayers = 2;
+  ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim);
+  c.n_layers = kLayers;
+  const int kv_dim = c.kv_dim();
+  std::mt19937 rng(11 + k.segments * 7 + k.head_dim);
+  std::normal_distribution<float> nd(0.f, 1.5f);
+  std::vector<int> lengths;  // negative: a float32 segment
+  int read_only = 0;
+  for (int i = 0; i < k.segments; ++i) {
+    const int len = 1 + (i * 37 + 11) % 61;
+    lengths.push_back(i % 5 == 3 ? -len : len);
+    read_only += len;
+  }
+  const int slots = read_only + k.writable;
+  KvCache cache(c, slots, read_only);
+  for (int r : lengths) {
+    const bool f16 = r > 0;
+    const int count = std::abs(r);
+    const size_t half = static_cast<size_t>(count) * kv_dim, elem = f16 ? 2 : 4;
+    auto buf = std::make_shared<std::vector<uint8_t>>(2 * half * kLayers * elem);
+    for (size_t i = 0; i < 2 * half * kLayers; ++i) {
+      const float x = nd(rng);
+      if (f16) {
+        const uint16_t h = FloatToHalf(x);
+        std::memcpy(buf->data() + 2 * i, &h, 2);
+      } else {
+        std::memcpy(buf->data() + 4 * i, &x, 4);
+      }
+    }
+    KvSegment seg;
+    seg.count = count;
+    seg.element = f16 ? KvElement::kFloat16 : KvElement::kFloat32;
+    seg.row_stride = kv_dim * elem;
+    seg.layer_stride = 2 * half * elem;
+    seg.k = buf->data();
+    seg.v = buf->data() + half * elem;
+    seg.owner = buf;
+    ASSERT_TRUE(cache.AppendReadOnly(seg, cache.size).ok());
+  }
+  for (int l = 0; l < kLayers; ++l)
+    for (int j = read_only; j < slots; ++j)
+      for (int d = 0; d < kv_dim; ++d) cache.key(l, j)[d] = nd(rng), cache.value(l, j)[d] = nd(rng);
+  cache.size = slots;
+  std::vector<float> q(static_cast<size_t>(k.heads) * k.head_dim);
+  for (auto& x : q) x = nd(rng);
+  const ApeParams p{k.prefix, k.c_tail < 0 ? k.prefix : read_only - k.c_tail, k.T, k.S};
+  const int first_slot = slots - 1;
+  ApeKernelOptions matrix;
+  matrix.decode_kernel = false;
+  for (int layer = 0; layer < kLayers; ++layer) {
+    SetComputeThreads(2);
+    std::vector<float> want(q.size()), other(q.size());
+    ApeAttentionReference(q.data(), 1, first_slot, cache, layer, k.heads, k.kv_heads, k.head_dim, p, want.data());
+    ApeAttention(q.data(), 1, first_slot, cache, layer, k.heads, k.kv_heads, k.head_dim, p, other.data(), matrix);
+    float magnitude = 0.f;
+    for (float x : want) magnitude = std::max(magnitude, std::abs(x));
+    ASSERT_GT(magnitude, 0.f);
+    // Tiles of 64 keys (the default over 2 KV heads), of 11 and of 1; key
+    // chunks of the default size and of 50 keys; 1 to 3 threads.
+    const ApeKernelOptions kOptions[] = {{}, {23, 16, 50}, {2, 16, 50}};
+    for (const ApeKernelOptions& opt : kOptions)
+      for (int threads : {1, 2, 3}) {
+        SetComputeThreads(threads);
+        std::vector<float> got(q.size(), NAN);
+        ApeAttention(q.data(), 1, first_slot, cache, layer, k.heads, k.kv_heads, k.head_dim, p, got.data(), opt);
+        for (size_t i = 0; i < q.size(); ++i) {
+          ASSERT_NEAR(got[i], want[i], 1e-5f * magnitude)
+              << "layer " << layer << " key_tile " << opt.key_tile << " threads " << threads << " at " << i;
+          ASSERT_NEAR(got[i], other[i], 1e-5f * magnitude)
+              << "layer " << layer << " key_tile " << opt.key_tile << " threads " << threads << " at " << i;
+        }
+      }
+  }
+  SetComputeThreads(2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Segments, ApeDecodeTest,
+                         ::testing::Values(
+                             // The Qwen2.5-0.5B attention shape: GQA 7, head_dim 64.
+                             DecodeCase{14, 2, 64, 60, 9, 5, 0, 0.8f, 0.9f},
+                             // O keys after C inside the segments; big logits (T = 0.3).
+                             DecodeCase{14, 2, 64, 25, 3, 1, 40, 0.3f, 2.0f},
+                             // GQA 8 (a head block of 7, then 1), head_dim 72 (rows of 144 bytes
+                             // in float16: a 16-byte tail in the tile copy), one KV head.
+                             DecodeCase{8, 1, 72, 30, 2, 3, 0, 0.7f, 1.3f},
+                             // GQA 1 and 3, head_dim 8 and 128.
+                             DecodeCase{4, 4, 8, 40, 5, 2, 7, 0.9f, 0.9f},
+                             DecodeCase{6, 2, 128, 20, 4, 0, 0, 0.5f, 0.8f},
+                             // No context block: ordinary attention over the segments.
+                             DecodeCase{14, 2, 64, 10, 6, 0, -1, 1.f, 1.f}));
+
 }  // namespace
 }  // namespace ape
