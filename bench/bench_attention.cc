@@ -6,6 +6,9 @@
 //   (a16), (b16) the same two over a float16 cache laid out as the decoder
 //       lays out an APE request (read-only float16 segments of 256 slots,
 //       one per cache entry, then the writable float32 rows),
+//   (b16m) (b16) through the matrix-product kernels rather than the decode
+//       kernel (ApeKernelOptions::decode_kernel = false): the decode path
+//       before it, in the same run,
 //   (c) causal prefill of 2048 rows, no context block,
 //   (d) one 256-row block of a long causal prefill (the transformer's
 //       max_batch), after 8K slots: how SEQUENTIAL prefill calls it,
@@ -54,9 +57,8 @@ ABSL_FLAG(int, rounds, 5, "rounds over all measurements");
 ABSL_FLAG(double, seconds, 0.5, "minimum time of one measurement in one round");
 ABSL_FLAG(int, segment_slots, 256,
           "float16 cases: cached slots per read-only segment (one cache entry: a context of this many tokens)");
-ABSL_FLAG(
-    std::string, cases, "",
-    "comma-separated case tags to run (a, b, a16, b16, c, d); empty = all. The summary line needs b, b16, a, a16");
+ABSL_FLAG(std::string, cases, "",
+          "comma-separated case tags to run (a, b, a16, b16, b16m, c, d); empty = all (and then the summary line)");
 ABSL_FLAG(int, key_tile, ape::ApeKernelOptions{}.key_tile, "ApeKernelOptions::key_tile");
 ABSL_FLAG(int, target_lanes, ape::ApeKernelOptions{}.target_lanes, "ApeKernelOptions::target_lanes");
 ABSL_FLAG(int, min_chunk_keys, ape::ApeKernelOptions{}.min_chunk_keys, "ApeKernelOptions::min_chunk_keys");

@@ -37,7 +37,9 @@
 // bound by memory: its tasks take all KV heads, to read whole cache rows,
 // and split the keys into chunks to keep every thread busy; the chunk that
 // finishes last merges the chunks' states (the same algebra as rescaling by
-// a new max) before the APE merge.
+// a new max) before the APE merge. A single row (decode proper) goes
+// through its own kernel instead, vectorized along head_dim, with float16
+// converted in registers ("Decode: one row over many keys" below).
 // ApeAttentionReference is the same math one (row, head) at a time, one key
 // at a time, as APE.md describes it.
 #include "common/engine/ape_attention.h"

@@ -24,7 +24,9 @@ struct ApeParams {
 // context range form block C, the rest (prefix, query, generated) block O.
 // Computed as matrix products: the rows and query heads of one KV head are
 // stacked, keys go by tiles. Runs on ComputeThreads() threads over (KV heads,
-// row tile, key chunk) tasks; a decode row splits its keys into chunks.
+// row tile, key chunk) tasks; a decode row splits its keys into chunks. A
+// single row (n = 1, head_dim a multiple of 8) takes a kernel of its own,
+// vectorized along head_dim, reading float16 K/V in place.
 void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
                   int head_dim, const ApeParams& ape, float* out);
 
