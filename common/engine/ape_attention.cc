@@ -912,24 +912,15 @@ void AddValuesRun(const DecodeRun& r, size_t head_off, const float* p, int hd, f
   for (; d < hd; d += kLanes) AddValuesDims<E, HB, 1>(r, head_off, pr, hd, d, acc);
 }
 
-// Dispatch on the element type and the head block (1..kHeadBlock).
-template <int HB>
-void ScoreRuns(const DecodeRun* runs, int n_runs, size_t head_off, const float* q, int hd, float* s) {
+// Dispatch on the element type (f(run, element) for each run, element a
+// value of the run's type) and on the head block (1..kHeadBlock).
+template <typename F>
+void ForEachTypedRun(const DecodeRun* runs, int n_runs, const F& f) {
   for (int i = 0; i < n_runs; ++i) {
     if (runs[i].f16)
-      ScoreRun<uint16_t, HB>(runs[i], head_off, q, hd, s);
+      f(runs[i], uint16_t{});
     else
-      ScoreRun<float, HB>(runs[i], head_off, q, hd, s);
-  }
-}
-
-template <int HB>
-void AddValuesRuns(const DecodeRun* runs, int n_runs, size_t head_off, const float* p, int hd, float* acc) {
-  for (int i = 0; i < n_runs; ++i) {
-    if (runs[i].f16)
-      AddValuesRun<uint16_t, HB>(runs[i], head_off, p, hd, acc);
-    else
-      AddValuesRun<float, HB>(runs[i], head_off, p, hd, acc);
+      f(runs[i], float{});
   }
 }
 
@@ -1044,7 +1035,10 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
         const int hb = std::min(kHeadBlock, G - h0);
         const float* q = p.q_scaled + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
         float* sh = s + h0 * kDecodeRowStride;
-        WithHeadBlock(hb, [&](auto HB) { ScoreRuns<HB()>(runs, n_runs, head_off, q, hd, sh); });
+        WithHeadBlock(hb, [&](auto HB) {
+          ForEachTypedRun(runs, n_runs,
+                          [&](const DecodeRun& r, auto e) { ScoreRun<decltype(e), HB()>(r, head_off, q, hd, sh); });
+        });
       }
       // -inf after the tile's last key, for the softmax's whole vectors (the
       // lone-key column of a tile's last key lands at s[nt]; the previous KV
@@ -1057,8 +1051,11 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
       for (int h0 = 0; h0 < G; h0 += kHeadBlock) {
         const int hb = std::min(kHeadBlock, G - h0);
         float* acc = st.acc + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
-        WithHeadBlock(
-            hb, [&](auto HB) { AddValuesRuns<HB()>(runs, n_runs, head_off, s + h0 * kDecodeRowStride, hd, acc); });
+        WithHeadBlock(hb, [&](auto HB) {
+          ForEachTypedRun(runs, n_runs, [&](const DecodeRun& r, auto e) {
+            AddValuesRun<decltype(e), HB()>(r, head_off, s + h0 * kDecodeRowStride, hd, acc);
+          });
+        });
       }
     }
   }
