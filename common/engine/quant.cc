@@ -931,30 +931,19 @@ inline __m256 HalfPairScale(const uint8_t* d) { return _mm256_zextps128_ps256(_m
 struct Q8_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ8_0);
 
-  // R rows (row_bytes apart) x T tokens, pairs p0..p1-1.
-  template <int R, int T>
-  static inline void Rows(const uint8_t* row, size_t row_bytes, const ActPair* a, int64_t a_stride, int64_t p0,
-                          int64_t p1, int64_t nb, __m256 (*acc)[T]) {
-    const int64_t full = std::min(p1, nb / 2);
-    int64_t p = p0;
-    for (; p < full; ++p) {
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
-        PrefetchPair(wb, kPairPrefetchRows * row_bytes);
-        const __m256i x = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
-                                              reinterpret_cast<const __m128i*>(wb + 2));
-        const __m256i y = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 18),
-                                              reinterpret_cast<const __m128i*>(wb + 18));
-        Step<T>(x, y, SpreadPair(TwoHalves(wb, kBlock)), a + p, a_stride, acc[r]);
-      }
-    }
-    if (p < p1) {  // the odd last block
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
-        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), _mm256_zextsi128_si256(LoadU128(wb + 18)), HalfPairScale(wb),
-                a + p, a_stride, acc[r]);
-      }
-    }
+  // A whole pair of blocks at wb, and an odd last block alone.
+  template <int T>
+  static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i x = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                          reinterpret_cast<const __m128i*>(wb + 2));
+    const __m256i y = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 18),
+                                          reinterpret_cast<const __m128i*>(wb + 18));
+    Step<T>(x, y, SpreadPair(TwoHalves(wb, kBlock)), a, a_stride, acc);
+  }
+  template <int T>
+  static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), _mm256_zextsi128_si256(LoadU128(wb + 18)), HalfPairScale(wb), a,
+            a_stride, acc);
   }
 
   template <int T>
@@ -976,26 +965,15 @@ struct Q8_0Pairs {
 struct Q4_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ4_0);
 
-  template <int R, int T>
-  static inline void Rows(const uint8_t* row, size_t row_bytes, const ActPair* a, int64_t a_stride, int64_t p0,
-                          int64_t p1, int64_t nb, __m256 (*acc)[T]) {
-    const int64_t full = std::min(p1, nb / 2);
-    int64_t p = p0;
-    for (; p < full; ++p) {
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
-        PrefetchPair(wb, kPairPrefetchRows * row_bytes);
-        const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
-                                              reinterpret_cast<const __m128i*>(wb + 2));
-        Step<T>(q, SpreadPair(TwoHalves(wb, kBlock)), a + p, a_stride, acc[r]);
-      }
-    }
-    if (p < p1) {  // the odd last block
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wb = row + r * row_bytes + 2 * p * kBlock;
-        Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), HalfPairScale(wb), a + p, a_stride, acc[r]);
-      }
-    }
+  template <int T>
+  static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 2),
+                                          reinterpret_cast<const __m128i*>(wb + 2));
+    Step<T>(q, SpreadPair(TwoHalves(wb, kBlock)), a, a_stride, acc);
+  }
+  template <int T>
+  static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 2)), HalfPairScale(wb), a, a_stride, acc);
   }
 
   template <int T>
@@ -1014,6 +992,21 @@ struct Q4_0Pairs {
   }
 };
 
+// One row (its blocks of kind K) against T tokens, pairs p0..p1-1 (of nb
+// blocks: the pair past nb / 2 is the odd last block), into acc.
+template <typename K, int T>
+inline void PairRow(const uint8_t* row, size_t row_bytes, const ActPair* a, int64_t a_stride, int64_t p0, int64_t p1,
+                    int64_t nb, __m256* acc) {
+  const int64_t full = std::min(p1, nb / 2);
+  int64_t p = p0;
+  for (; p < full; ++p) {
+    const uint8_t* wb = row + 2 * p * K::kBlock;
+    PrefetchPair(wb, kPairPrefetchRows * row_bytes);
+    K::template Pair<T>(wb, a + p, a_stride, acc);
+  }
+  if (p < p1) K::template Odd<T>(row + 2 * p * K::kBlock, a + p, a_stride, acc);
+}
+
 // `rows` rows against T tokens' ActPairs (token j's at a + j * np), a row
 // at a time: decode (one token) then reads the band as one sequential
 // stream, which measured faster here than 2 or 4 rows side by side (the
@@ -1028,10 +1021,10 @@ void PairsTile(const uint8_t* w, size_t row_bytes, int rows, const ActPair* a, i
   const int64_t slice = std::max<int64_t>(1, kPairSliceBytes / (T * static_cast<int64_t>(sizeof(ActPair))));
   if (T == 1 || slice >= np) {
     for (int r = 0; r < rows; ++r) {
-      __m256 acc[1][T];
-      for (int j = 0; j < T; ++j) acc[0][j] = _mm256_setzero_ps();
-      K::template Rows<1, T>(w + r * row_bytes, row_bytes, a, np, 0, np, nb, acc);
-      for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[0][j]);
+      __m256 acc[T];
+      for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+      PairRow<K, T>(w + r * row_bytes, row_bytes, a, np, 0, np, nb, acc);
+      for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[j]);
     }
     return;
   }
@@ -1041,10 +1034,10 @@ void PairsTile(const uint8_t* w, size_t row_bytes, int rows, const ActPair* a, i
   for (int64_t p0 = 0; p0 < np; p0 += slice) {
     const int64_t p1 = std::min(np, p0 + slice);
     for (int r = 0; r < rows; ++r) {
-      __m256 acc[1][T];
-      for (int j = 0; j < T; ++j) acc[0][j] = _mm256_loadu_ps(&accs[(r * T + j) * 8]);
-      K::template Rows<1, T>(w + r * row_bytes, row_bytes, a, np, p0, p1, nb, acc);
-      for (int j = 0; j < T; ++j) _mm256_storeu_ps(&accs[(r * T + j) * 8], acc[0][j]);
+      __m256 acc[T];
+      for (int j = 0; j < T; ++j) acc[j] = _mm256_loadu_ps(&accs[(r * T + j) * 8]);
+      PairRow<K, T>(w + r * row_bytes, row_bytes, a, np, p0, p1, nb, acc);
+      for (int j = 0; j < T; ++j) _mm256_storeu_ps(&accs[(r * T + j) * 8], acc[j]);
     }
   }
   for (int r = 0; r < rows; ++r)
