@@ -665,16 +665,45 @@ void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, c
 
 // ---- The end of a row: merge key chunks, then the APE merge.
 
+// Two online-softmax states (m, l, acc) of the same lanes, merged: both are
+// rescaled to the larger max, acc_into = acc_into * fi + acc_from * ff (and
+// l likewise). False when neither has seen a key (nothing to do).
+inline bool MergeFactors(float* m_into, float* l_into, float m_from, float l_from, float* fi, float* ff) {
+  const float m = std::max(*m_into, m_from);
+  if (m == kNegInf) return false;
+  *fi = *m_into == kNegInf ? 0.f : std::exp2(*m_into - m);
+  *ff = m_from == kNegInf ? 0.f : std::exp2(m_from - m);
+  *m_into = m;
+  *l_into = *l_into * *fi + l_from * *ff;
+  return true;
+}
+
+// out = fc * acc_C + fo * acc_O, as in APE.md, with its two degenerate
+// cases; st = S*T, m in base 2.
+inline void ApeFactors(float st, float m_c, float l_c, float m_o, float l_o, float* fc, float* fo) {
+  if (l_c == 0.f) {  // no context block visible: ordinary attention, out = O_O
+    *fc = 0.f;
+    *fo = 1.f / l_o;
+  } else if (l_o == 0.f) {  // no O keys visible (a row inside C): out = O_C
+    *fc = 1.f / l_c;
+    *fo = 0.f;
+  } else {  // a = S*T * log Z_C, b = log Z_O, weights e^a and e^b
+    const float a = st * (kLn2 * m_c + std::log(l_c));
+    const float b = kLn2 * m_o + std::log(l_o);
+    const float mx = std::max(a, b);
+    const float wa = std::exp(a - mx), wb = std::exp(b - mx);
+    const float norm = 1.f / (wa + wb);
+    *fc = wa * norm / l_c;
+    *fo = wb * norm / l_o;
+  }
+}
+
 // into += from: two softmax states over disjoint keys, taken to the larger max.
 void MergeStates(const Plan& p, const Task& t, const LaneStates& into, const LaneStates& from) {
   const int head_dim = p.head_dim;
   ForEachLane(p, t, [&](int lane, int b0, int width, int, int) {
-    const float m = std::max(into.m[lane], from.m[lane]);
-    if (m == kNegInf) return;  // neither saw a key
-    const float fi = into.m[lane] == kNegInf ? 0.f : std::exp2(into.m[lane] - m);
-    const float ff = from.m[lane] == kNegInf ? 0.f : std::exp2(from.m[lane] - m);
-    into.m[lane] = m;
-    into.l[lane] = into.l[lane] * fi + from.l[lane] * ff;
+    float fi, ff;
+    if (!MergeFactors(&into.m[lane], &into.l[lane], from.m[lane], from.l[lane], &fi, &ff)) return;
     const size_t base = static_cast<size_t>(b0) * head_dim + (lane - b0);
     for (int d = 0; d < head_dim; ++d) {
       const size_t k = base + static_cast<size_t>(d) * width;
@@ -683,27 +712,12 @@ void MergeStates(const Plan& p, const Task& t, const LaneStates& into, const Lan
   });
 }
 
-// out = fc * acc_C + fo * acc_O per lane, as in APE.md, with its two
-// degenerate cases.
+// out = fc * acc_C + fo * acc_O per lane (ApeFactors).
 void Finalize(const Plan& p, const Task& t, const LaneStates& c, const LaneStates& o) {
   const int hd = p.head_dim;
   ForEachLane(p, t, [&](int lane, int b0, int width, int row, int h) {
     float fc, fo;
-    if (c.l[lane] == 0.f) {  // no context block visible: ordinary attention, out = O_O
-      fc = 0.f;
-      fo = 1.f / o.l[lane];
-    } else if (o.l[lane] == 0.f) {  // no O keys visible (a row inside C): out = O_C
-      fc = 1.f / c.l[lane];
-      fo = 0.f;
-    } else {  // a = S*T * log Z_C, b = log Z_O (m in base 2), weights e^a and e^b
-      const float a = p.st * (kLn2 * c.m[lane] + std::log(c.l[lane]));
-      const float b = kLn2 * o.m[lane] + std::log(o.l[lane]);
-      const float mx = std::max(a, b);
-      const float wa = std::exp(a - mx), wb = std::exp(b - mx);
-      const float norm = 1.f / (wa + wb);
-      fc = wa * norm / c.l[lane];
-      fo = wb * norm / o.l[lane];
-    }
+    ApeFactors(p.st, c.m[lane], c.l[lane], o.m[lane], o.l[lane], &fc, &fo);
     float* oh = p.out + (static_cast<size_t>(row) * p.n_heads + h) * hd;
     const size_t base = static_cast<size_t>(b0) * hd + (lane - b0);
     for (int d = 0; d < hd; ++d) {
@@ -1120,37 +1134,19 @@ void DecodeAttention(const float* q, int first_slot, const KvCache& cache, int l
   for (int c = 1; c < p.chunks; ++c) {
     const DecodeStates from = DecodeStatesAt(p, states + c * p.state_floats);
     for (int i = 0; i < 2 * n_heads; ++i) {
-      const float m = std::max(into.m[i], from.m[i]);
-      if (m == kNegInf) continue;  // neither saw a key
-      const float fi = into.m[i] == kNegInf ? 0.f : std::exp2(into.m[i] - m);
-      const float ff = from.m[i] == kNegInf ? 0.f : std::exp2(from.m[i] - m);
-      into.m[i] = m;
-      into.l[i] = into.l[i] * fi + from.l[i] * ff;
+      float fi, ff;
+      if (!MergeFactors(&into.m[i], &into.l[i], from.m[i], from.l[i], &fi, &ff)) continue;
       float* a = into.acc + static_cast<size_t>(i) * hd;
       const float* f = from.acc + static_cast<size_t>(i) * hd;
       for (int d = 0; d < hd; ++d) a[d] = a[d] * fi + f[d] * ff;
     }
   }
-  // The APE merge per head, as Finalize.
+  // The APE merge per head (ApeFactors, as Finalize).
   const float st = ape.scale * ape.temperature;
   for (int h = 0; h < n_heads; ++h) {
     const int ci = h, oi = n_heads + h;
     float fc, fo;
-    if (into.l[ci] == 0.f) {
-      fc = 0.f;
-      fo = 1.f / into.l[oi];
-    } else if (into.l[oi] == 0.f) {
-      fc = 1.f / into.l[ci];
-      fo = 0.f;
-    } else {
-      const float a = st * (kLn2 * into.m[ci] + std::log(into.l[ci]));
-      const float bb = kLn2 * into.m[oi] + std::log(into.l[oi]);
-      const float mx = std::max(a, bb);
-      const float wa = std::exp(a - mx), wb = std::exp(bb - mx);
-      const float norm = 1.f / (wa + wb);
-      fc = wa * norm / into.l[ci];
-      fo = wb * norm / into.l[oi];
-    }
+    ApeFactors(st, into.m[ci], into.l[ci], into.m[oi], into.l[oi], &fc, &fo);
     const float* ac = into.acc + static_cast<size_t>(ci) * hd;
     const float* ao = into.acc + static_cast<size_t>(oi) * hd;
     for (int d = 0; d < hd; ++d) out[static_cast<size_t>(h) * hd + d] = fc * ac[d] + fo * ao[d];
