@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <numeric>
 #include <type_traits>
@@ -632,6 +633,18 @@ void PackLanes(const Plan& p, const Task& t, float* qt, int32_t* last) {
   });
 }
 
+// Calls f(pos, next) for the pieces of [begin, end) cut at every `cuts`
+// point inside it, in order.
+template <typename F>
+void ForEachPiece(int begin, int end, std::initializer_list<int> cuts, const F& f) {
+  for (int pos = begin, next = 0; pos < end; pos = next) {
+    next = end;
+    for (int cut : cuts)
+      if (cut > pos && cut < next) next = cut;
+    f(pos, next);
+  }
+}
+
 // Keys [begin, end) of the task into the C and O states. The range is cut
 // where C starts and ends and where the causal diagonal starts (after the
 // first row's last slot): every piece is all C or all O, and only the
@@ -639,10 +652,7 @@ void PackLanes(const Plan& p, const Task& t, float* qt, int32_t* last) {
 void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, const LaneStates& c,
                 const LaneStates& o) {
   const int hd = p.head_dim, first_row_last = p.first_slot + t.r0;
-  for (int pos = begin, next = 0; pos < end; pos = next) {
-    next = end;
-    for (int cut : {p.context_begin, p.context_end, first_row_last + 1})
-      if (cut > pos && cut < next) next = cut;
+  ForEachPiece(begin, end, {p.context_begin, p.context_end, first_row_last + 1}, [&](int pos, int next) {
     const bool in_c = pos >= p.context_begin && pos < p.context_end;
     const bool masked = pos > first_row_last;
     const LaneStates& st = in_c ? c : o;
@@ -660,7 +670,7 @@ void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, c
         if (w == 1) AttendTile<1>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
       });
     }
-  }
+  });
 }
 
 // ---- The end of a row: merge key chunks, then the APE merge.
@@ -1085,13 +1095,10 @@ void DecodeChunk(const DecodePlan& p, int c, float* base) {
   const int per = CeilDiv(p.keys, p.chunks);
   const int begin = std::min(p.keys, c * per), end = std::min(p.keys, begin + per);
   // Pieces that are all C or all O.
-  for (int pos = begin, next = 0; pos < end; pos = next) {
-    next = end;
-    for (int cut : {p.context_begin, p.context_end})
-      if (cut > pos && cut < next) next = cut;
+  ForEachPiece(begin, end, {p.context_begin, p.context_end}, [&](int pos, int next) {
     const bool in_c = pos >= p.context_begin && pos < p.context_end;
     DecodeKeys(p, pos, next, in_c ? 0 : 1, st);
-  }
+  });
 }
 
 void DecodeAttention(const float* q, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
