@@ -55,28 +55,33 @@ std::vector<std::pair<int, int>> PrefillShapes(const ModelConfig& c) {
   return {{c.q_dim(), c.dim}, {c.kv_dim(), c.dim}, {c.dim, c.q_dim()}, {c.hidden_dim, c.dim}, {c.dim, c.hidden_dim}};
 }
 
-// Resident set size of this process, bytes.
-int64_t RssBytes() {
+// A field of /proc/self/status in bytes ("VmRSS": resident set size;
+// "RssAnon": its anonymous part, "RssFile": mapped file pages).
+int64_t StatusBytes(const std::string& field) {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
   }
   return 0;
 }
+int64_t RssBytes() { return StatusBytes("VmRSS"); }
 
 struct Row {
   std::string name;
   double weight_gb = 0, prefill_tps = 0, prefill_gflops = 0, decode_tps = 0, stream_ratio = 0;
-  double batch8_ratio = 0;           // a forward pass of 8 decode tokens / one of 1 token
-  double rss_gb = 0, budget_gb = 0;  // resident memory vs file + KV + 10%
+  double batch8_ratio = 0;  // a forward pass of 8 decode tokens / one of 1 token
+  // Resident memory the model took (the process's peak over its baseline
+  // before the model: libraries, the probes' buffers), against file + KV + 10%.
+  double rss_gb = 0, budget_gb = 0;
 };
 
 constexpr int kBatch = 8;  // tokens of the decode-batch measurement
 
 // Prefill `np` tokens then decode `nd`, then one decode batch of kBatch
 // tokens, best of --repeats.
-Row Measure(const Model& model, const std::string& name, int np, int nd, double bw, double file_gb) {
+Row Measure(const Model& model, const std::string& name, int np, int nd, double bw, double file_gb,
+            int64_t baseline_rss) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   const double layer_params = double(c.q_dim()) * c.dim * 2 + 2.0 * c.kv_dim() * c.dim + 3.0 * c.hidden_dim * c.dim;
@@ -110,8 +115,11 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
     best_prefill = std::min(best_prefill, t1 - t0);
     best_decode = std::min(best_decode, (t2 - t1) / nd);
     rss = std::max(rss, RssBytes());
-    std::fprintf(stderr, "%s repeat %d: prefill %.2f s, decode %.1f ms/token, batch of %d %.1f ms\n", name.c_str(),
-                 rep + 1, t1 - t0, (t2 - t1) / nd * 1e3, kBatch, (t3 - t2) * 1e3);
+    std::fprintf(stderr,
+                 "%s repeat %d: prefill %.2f s, decode %.1f ms/token, batch of %d %.1f ms; resident %.3f GB "
+                 "(anonymous %.3f, file pages %.3f)\n",
+                 name.c_str(), rep + 1, t1 - t0, (t2 - t1) / nd * 1e3, kBatch, (t3 - t2) * 1e3, RssBytes() / 1e9,
+                 StatusBytes("RssAnon") / 1e9, StatusBytes("RssFile") / 1e9);
   }
   Row r;
   r.name = name;
@@ -121,7 +129,7 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
   r.decode_tps = 1 / best_decode;
   r.stream_ratio = best_decode / (bytes_per_token / (bw * 1e9));
   r.batch8_ratio = best_batch8 / best_decode;
-  r.rss_gb = rss / 1e9;
+  r.rss_gb = (rss - baseline_rss) / 1e9;
   r.budget_gb = (file_gb + kv_gb) * 1.1;
   return r;
 }
@@ -130,19 +138,23 @@ int Main() {
   SetComputeThreads(absl::GetFlag(FLAGS_threads));
   const int np = absl::GetFlag(FLAGS_prefill), nd = absl::GetFlag(FLAGS_decode);
   const std::string model_path = absl::GetFlag(FLAGS_model);
+  auto load = [&]() -> std::unique_ptr<Model> {
+    std::fprintf(stderr, "loading %s...\n", model_path.c_str());
+    auto m = Model::Load(model_path);
+    if (!m.ok()) std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
+    return m.ok() ? *std::move(m) : nullptr;
+  };
   std::unique_ptr<Model> file_model;
   ModelConfig c;
   std::string title;
   if (!model_path.empty()) {
-    std::fprintf(stderr, "loading %s...\n", model_path.c_str());
-    auto m = Model::Load(model_path);
-    if (!m.ok()) {
-      std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
-      return 2;
-    }
-    file_model = *std::move(m);
+    // The shape first (the probes use it); the model is dropped and loaded
+    // again after them, so the process's baseline does not include it.
+    file_model = load();
+    if (file_model == nullptr) return 2;
     c = file_model->config();
     title = absl::StrCat(model_path, " (", file_model->weight_types(), ")");
+    file_model.reset();
   } else {
     auto shape = ShapeByName(absl::GetFlag(FLAGS_shape));
     if (!shape.ok()) {
@@ -159,10 +171,15 @@ int Main() {
   std::fprintf(stderr, "measuring sgemm...\n");
   const SgemmProbe sgemm_probe = MeasureSgemm(PrefillShapes(c), np, 3);
   const double sgemm = sgemm_probe.best();
+  // Resident memory before any model: libraries and what the probes keep
+  // (OpenBLAS's per-thread buffers).
+  const int64_t baseline_rss = RssBytes();
 
   std::vector<Row> rows;
-  if (file_model) {
-    rows.push_back(Measure(*file_model, "file", np, nd, bw, file_model->file_bytes() / 1e9));
+  if (!model_path.empty()) {
+    file_model = load();
+    if (file_model == nullptr) return 2;
+    rows.push_back(Measure(*file_model, "file", np, nd, bw, file_model->file_bytes() / 1e9, baseline_rss));
   } else {
     for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_types), ',')) {
       auto type = ParseQuantizeType(std::string(name));
@@ -173,7 +190,8 @@ int Main() {
       std::fprintf(stderr, "building random %s model in %s...\n", absl::GetFlag(FLAGS_shape).c_str(),
                    std::string(name).c_str());
       auto model = RandomModel(c, 1, *type);
-      rows.push_back(Measure(*model, std::string(name), np, nd, bw, model->weights().MatrixBytes() / 1e9));
+      rows.push_back(
+          Measure(*model, std::string(name), np, nd, bw, model->weights().MatrixBytes() / 1e9, baseline_rss));
     }
   }
   // Attention alone at the same shape (all layers), to show its share.
@@ -195,6 +213,7 @@ int Main() {
   std::printf("| measure | value |\n|---|---:|\n");
   std::printf("| parameters | %.0f M |\n", c.num_params() / 1e6);
   std::printf("| memory read bandwidth | %.1f GB/s |\n", bw);
+  std::printf("| resident memory before the model (libraries, probe buffers) | %.3f GB |\n", baseline_rss / 1e9);
   std::printf("| sgemm at prefill shapes (m=%d), OpenBLAS on %d threads | %.1f GFLOP/s |\n", np, ComputeThreads(),
               sgemm_probe.openblas_threads);
   std::printf("| sgemm at prefill shapes (m=%d), one-thread OpenBLAS on row bands (MatMul F32) | %.1f GFLOP/s |\n", np,
@@ -203,7 +222,8 @@ int Main() {
   std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n\n", fp_gbs, 1.0 / fp_gbs);
   std::printf(
       "| weights | GB read per token | prefill %d tok/s | prefill GFLOP/s (%% of sgemm) | decode tok/s | "
-      "decode / weight-streaming time | decode batch of 8 / 1 token | resident GB (budget: file + KV + 10%%) |\n",
+      "decode / weight-streaming time | decode batch of 8 / 1 token | resident GB over the baseline (budget: file + "
+      "KV + 10%%) |\n",
       np);
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
