@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/engine/quantize_model.h"
 
 namespace ape::bench {
 
@@ -71,9 +72,11 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed, GgmlType
     std::vector<float> v;
     fill(v, rows * cols);
     if (type == GgmlType::kF32) return WeightMatrix::FromFloats(std::move(v), rows, cols);
-    // As apectl quantize: rows that are not whole blocks of a K type get Q8_0.
-    const bool fits = cols % GgmlBlockElements(static_cast<uint32_t>(type)) == 0;
-    return WeightMatrix::Quantized(fits ? type : GgmlType::kQ8_0, v, rows, cols);
+    // As apectl quantize: rows that are not whole blocks of a K type take
+    // llama.cpp's fallback type (Q5_0 for Q4_K, Q8_0 for Q6_K).
+    const GgmlType t = MatrixTypeFor(type, cols).value_or(GgmlType::kF32);
+    if (t == GgmlType::kF32) return WeightMatrix::FromFloats(std::move(v), rows, cols);
+    return WeightMatrix::Quantized(t, v, rows, cols);
   };
   w.tok_emb = matrix(c.vocab_size, D);
   w.layers.resize(c.n_layers);

@@ -33,7 +33,7 @@ namespace {
 // 1. Block layouts (GGML ggml-common.h; little-endian, no padding)
 // ---------------------------------------------------------------------------
 
-constexpr int kQk0 = 32;   // elements per Q8_0 / Q4_0 block
+constexpr int kQk0 = 32;   // elements per Q8_0 / Q4_0 / Q5_0 block
 constexpr int kQkK = 256;  // elements per K-quant super-block
 
 // Q8_0: x[j] = d * qs[j].
@@ -49,6 +49,17 @@ struct BlockQ4_0 {
   uint8_t qs[kQk0 / 2];
 };
 static_assert(sizeof(BlockQ4_0) == 18);
+
+// Q5_0: Q4_0's nibbles plus a fifth bit per element in qh (a little-endian
+// uint32, bit j for element j): for j < 16,
+//   x[j]      = d * (((qs[j] & 15) | (qh >> j & 1) << 4) - 16),
+//   x[j + 16] = d * (((qs[j] >> 4) | (qh >> (j + 16) & 1) << 4) - 16).
+struct BlockQ5_0 {
+  uint16_t d;     // f16 scale
+  uint8_t qh[4];  // fifth bits
+  uint8_t qs[kQk0 / 2];
+};
+static_assert(sizeof(BlockQ5_0) == 22);
 
 // Q4_K: 8 sub-blocks s of 32 elements, x = d * sc[s] * q - dmin * m[s], q in 0..15.
 //   scales[12] packs the 6-bit sc[8] and m[8]:
@@ -105,10 +116,22 @@ inline uint16_t LoadU16(const uint8_t* p) {
   return v;
 }
 
+inline uint32_t LoadU32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 inline float LoadF32(const uint8_t* p) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// Element j's 5-bit quant (0..31) of a Q5_0 block.
+inline int Q5_0Quant(const BlockQ5_0& b, int j) {
+  const int low = j < 16 ? b.qs[j] & 15 : b.qs[j - 16] >> 4;
+  return low | static_cast<int>(LoadU32(b.qh) >> j & 1) << 4;
 }
 
 // The 6-bit scale and min of Q4_K sub-block s (GGML get_scale_min_k4).
@@ -150,6 +173,14 @@ void DequantizeQ4_0(const uint8_t* row, float* out, int64_t n) {
       out[i * kQk0 + j] = ((b.qs[j] & 15) - 8) * d;
       out[i * kQk0 + j + 16] = ((b.qs[j] >> 4) - 8) * d;
     }
+  }
+}
+
+void DequantizeQ5_0(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ5_0 b = LoadBlock<BlockQ5_0>(row, i);
+    const float d = HalfToFloat(b.d);
+    for (int j = 0; j < kQk0; ++j) out[i * kQk0 + j] = (Q5_0Quant(b, j) - 16) * d;
   }
 }
 
@@ -248,6 +279,34 @@ void QuantizeQ4_0(const float* x, uint8_t* out, int64_t n) {
       const int q1 = std::min(15, static_cast<int>(x1 + 8.5f));
       b.qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
     }
+    StoreBlock(b, out, i);
+  }
+}
+
+// GGML quantize_row_q5_0_ref: as Q4_0 with 5 bits, the value of largest
+// magnitude mapped to -16, quants truncated from x/d + 16.5 and capped at 31.
+void QuantizeQ5_0(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const float* xb = x + i * kQk0;
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < kQk0; ++j) {
+      if (amax < std::fabs(xb[j])) {
+        amax = std::fabs(xb[j]);
+        max = xb[j];
+      }
+    }
+    const float d = max / -16;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ5_0 b;
+    b.d = FloatToHalf(d);
+    uint32_t qh = 0;
+    for (int j = 0; j < kQk0 / 2; ++j) {
+      const int q0 = std::min(31, static_cast<int>(xb[j] * id + 16.5f));
+      const int q1 = std::min(31, static_cast<int>(xb[j + 16] * id + 16.5f));
+      b.qs[j] = static_cast<uint8_t>((q0 & 15) | (q1 & 15) << 4);
+      qh |= static_cast<uint32_t>(q0 >> 4) << j | static_cast<uint32_t>(q1 >> 4) << (j + 16);
+    }
+    std::memcpy(b.qh, &qh, 4);
     StoreBlock(b, out, i);
   }
 }
@@ -529,6 +588,7 @@ bool IsWeightType(GgmlType t) {
     case GgmlType::kBF16:
     case GgmlType::kQ8_0:
     case GgmlType::kQ4_0:
+    case GgmlType::kQ5_0:
     case GgmlType::kQ4_K:
     case GgmlType::kQ6_K: return true;
     default: return false;
@@ -538,7 +598,8 @@ bool IsWeightType(GgmlType t) {
 GgmlType ActivationType(GgmlType t) {
   switch (t) {
     case GgmlType::kQ8_0:
-    case GgmlType::kQ4_0: return GgmlType::kQ8_0;
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ5_0: return GgmlType::kQ8_0;
     case GgmlType::kQ4_K:
     case GgmlType::kQ6_K: return GgmlType::kQ8_K;
     default: return GgmlType::kF32;
@@ -556,6 +617,7 @@ void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n) {
       return;
     case GgmlType::kQ8_0: DequantizeQ8_0(row, out, n); return;
     case GgmlType::kQ4_0: DequantizeQ4_0(row, out, n); return;
+    case GgmlType::kQ5_0: DequantizeQ5_0(row, out, n); return;
     case GgmlType::kQ4_K: DequantizeQ4K(row, out, n); return;
     case GgmlType::kQ6_K: DequantizeQ6K(row, out, n); return;
     case GgmlType::kQ8_K: DequantizeQ8K(row, out, n); return;
@@ -583,6 +645,7 @@ void QuantizeRow(GgmlType t, const float* x, uint8_t* out, int64_t n) {
       return;
     case GgmlType::kQ8_0: QuantizeQ8_0(x, out, n); return;
     case GgmlType::kQ4_0: QuantizeQ4_0(x, out, n); return;
+    case GgmlType::kQ5_0: QuantizeQ5_0(x, out, n); return;
     case GgmlType::kQ4_K: QuantizeQ4K(x, out, n); return;
     case GgmlType::kQ6_K: QuantizeQ6K(x, out, n); return;
     case GgmlType::kQ8_K: QuantizeQ8K(x, out, n); return;
@@ -668,6 +731,18 @@ float DotQ4_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
   return sum;
 }
 
+float DotQ5_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ5_0 b = LoadBlock<BlockQ5_0>(w, i);
+    const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
+    int sumi = 0;
+    for (int j = 0; j < kQk0; ++j) sumi += (Q5_0Quant(b, j) - 16) * a.qs[j];
+    sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
+  }
+  return sum;
+}
+
 // sum_s sc[s] * (q . a over s) * d*da - sum_s m[s] * (a summed over s) * dmin*da.
 float DotQ4KReference(const uint8_t* w, const uint8_t* act, int64_t n) {
   float sum = 0;
@@ -715,6 +790,7 @@ float DotRowReference(GgmlType t, const uint8_t* w, const uint8_t* act, int64_t 
       return DotFloatReference(w, act, n, 2, [](const uint8_t* p) { return Bf16ToFloat(LoadU16(p)); });
     case GgmlType::kQ8_0: return DotQ8_0Reference(w, act, n);
     case GgmlType::kQ4_0: return DotQ4_0Reference(w, act, n);
+    case GgmlType::kQ5_0: return DotQ5_0Reference(w, act, n);
     case GgmlType::kQ4_K: return DotQ4KReference(w, act, n);
     case GgmlType::kQ6_K: return DotQ6KReference(w, act, n);
     default: std::abort();
@@ -960,8 +1036,25 @@ struct Q8_0Pairs {
   }
 };
 
-// Q4_0 x Q8_0: (q - 8) . a = q . a - 8 * sum(a), the nibbles unsigned in
-// maddubs, the second term (ActPair::off) made once per token.
+// Unsigned weight quants u minus a bias of 8 << kBiasShift (Q4_0: 8, Q5_0:
+// 16) against T tokens: (u - bias) . a = u . a - bias * sum(a), u in maddubs'
+// unsigned operand, the second term from ActPair::off (8 * sum(a)) shifted.
+// lo holds the pair's elements 0..15 (the x layout), hi 16..31 (y).
+template <int T, int kBiasShift>
+inline void UnsignedPairStep(__m256i lo, __m256i hi, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int j = 0; j < T; ++j) {
+    const ActPair& aj = a[j * a_stride];
+    // Quant x activation pairs: at most 4 * 31 * 127 in int16.
+    const __m256i p16 =
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
+    const __m256i bias = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)), kBiasShift);
+    const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), bias);
+    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
+  }
+}
+
+// Q4_0 x Q8_0: (q - 8) . a, the nibbles unsigned.
 struct Q4_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ4_0);
 
@@ -978,17 +1071,48 @@ struct Q4_0Pairs {
 
   template <int T>
   static inline void Step(__m256i q, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-    for (int j = 0; j < T; ++j) {
-      const ActPair& aj = a[j * a_stride];
-      // Nibble x activation pairs: at most 4 * 15 * 127 in int16.
-      const __m256i p16 =
-          _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
-      const __m256i sumi =
-          _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), _mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
-    }
+    const __m256i m4 = _mm256_set1_epi8(15);
+    UnsignedPairStep<T, 0>(_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), dw, a, a_stride,
+                           acc);
+  }
+};
+
+// 16 in byte i of the result where bit i of `bits` is set, else 0.
+inline __m256i FifthBits(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+// Q5_0 x Q8_0: Q4_0's nibbles plus the fifth bits, (q - 16) . a. For the
+// pair layout, the x register takes bits 0..15 of each block's qh, the y
+// register bits 16..31.
+struct Q5_0Pairs {
+  static constexpr size_t kBlock = sizeof(BlockQ5_0);
+
+  template <int T>
+  static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 6),
+                                          reinterpret_cast<const __m128i*>(wb + 6));
+    const uint32_t h0 = LoadU32(wb + 2), h1 = LoadU32(wb + kBlock + 2);
+    Step<T>(q, (h0 & 0xffff) | h1 << 16, h0 >> 16 | (h1 & 0xffff0000), SpreadPair(TwoHalves(wb, kBlock)), a, a_stride,
+            acc);
+  }
+  template <int T>
+  static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const uint32_t h0 = LoadU32(wb + 2);
+    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 6)), h0 & 0xffff, h0 >> 16, HalfPairScale(wb), a, a_stride, acc);
+  }
+
+  template <int T>
+  static inline void Step(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256 dw, const ActPair* a, int64_t a_stride,
+                          __m256* acc) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits(x_bits));
+    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(y_bits));
+    UnsignedPairStep<T, 1>(lo, hi, dw, a, a_stride, acc);
   }
 };
 
@@ -1092,6 +1216,10 @@ void DotQ8_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_
 void DotQ4_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
                       int64_t n, float* y, size_t y_stride) {
   PairsBatch<Q4_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
+}
+void DotQ5_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
+                      int64_t n, float* y, size_t y_stride) {
+  PairsBatch<Q5_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
 }
 
 // Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
@@ -1448,12 +1576,18 @@ struct KernelSet {
   const char* isa;
   KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q6_k;
   BatchKernel q8_0_batch, q4_0_batch;  // null: the grid
+  BatchKernel q5_0_batch;              // the AVX2 pairs in both sets
   // One row against T = 1..8 tokens ([T - 1]), for the token groups of
   // Q4_K/Q6_K decode batches and prefill.
   RowsKernel q4_k_tokens[8], q6_k_tokens[8];
 
   BatchKernel BatchFor(GgmlType t) const {
-    return t == GgmlType::kQ8_0 ? q8_0_batch : t == GgmlType::kQ4_0 ? q4_0_batch : nullptr;
+    switch (t) {
+      case GgmlType::kQ8_0: return q8_0_batch;
+      case GgmlType::kQ4_0: return q4_0_batch;
+      case GgmlType::kQ5_0: return q5_0_batch;
+      default: return nullptr;
+    }
   }
 
   const KernelGrid& For(GgmlType t) const {
@@ -1487,6 +1621,7 @@ constexpr KernelSet kAvx2 = {"avx2",
                              APE_GRID(DotQ6KAvx2),
                              DotQ8_0BatchAvx2,
                              DotQ4_0BatchAvx2,
+                             DotQ5_0BatchAvx2,
                              APE_TOKENS(DotQ4KAvx2),
                              APE_TOKENS(DotQ6KAvx2)};
 
@@ -1500,6 +1635,7 @@ constexpr KernelSet kAvx512 = {"avx512-vnni",
                                APE_GRID(DotQ6KAvx2),
                                nullptr,
                                nullptr,
+                               DotQ5_0BatchAvx2,
                                APE_TOKENS(DotQ4KAvx2),
                                APE_TOKENS(DotQ6KAvx2)};
 

@@ -9,6 +9,9 @@
 //   Q8_0  32 elements in 34 bytes:  f16 d | int8 q[32]            x = d*q
 //   Q4_0  32 elements in 18 bytes:  f16 d | u8 qs[16]             x = d*(nibble-8)
 //         (element j < 16 is the low nibble of qs[j], element j+16 its high nibble)
+//   Q5_0  32 elements in 22 bytes:  f16 d | u32 qh | u8 qs[16]    x = d*(q5-16)
+//         (q5 = Q4_0's nibble of element j plus bit j of qh as its fifth bit;
+//         llama.cpp's Q4_K_M files hold it where rows are not 256 long)
 //   Q4_K  256 elements in 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
 //         8 sub-blocks s of 32, each with a 6-bit scale sc and 6-bit min m
 //         packed in scales[]; x = d*sc*nibble - dmin*m.
@@ -27,7 +30,7 @@
 //         bsums[i] = sum of qs[16i .. 16i+15])
 //
 // Dot products take the activations in the form their weight type wants
-// (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0,
+// (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0/Q5_0,
 // Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 paths (F/BW/VL and
 // VNNI: float, Q8_0 and Q4_0 weights) at run time where the CPU has them and
 // AVX2+FMA+F16C otherwise; every kernel has a plain scalar twin
@@ -42,7 +45,8 @@
 
 namespace ape {
 
-// True for the types weights may have: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K.
+// True for the types weights may have: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K,
+// Q6_K.
 // (Block sizes: GgmlBlockElements / GgmlBlockBytes / GgmlRowBytes in gguf.h.)
 bool IsWeightType(GgmlType t);
 

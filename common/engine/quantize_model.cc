@@ -20,6 +20,7 @@ int FileType(GgmlType t) {
     case GgmlType::kF16: return 1;
     case GgmlType::kQ4_0: return 2;
     case GgmlType::kQ8_0: return 7;
+    case GgmlType::kQ5_0: return 8;
     case GgmlType::kQ4_K: return 15;  // llama-quantize's "Q4_K" is Q4_K_M
     case GgmlType::kQ6_K: return 18;
     case GgmlType::kBF16: return 32;
@@ -31,16 +32,20 @@ bool IsMatrixWeight(const GgufTensor& t) {
   return t.dims.size() == 2 && absl::EndsWith(t.name, ".weight") && !absl::StrContains(t.name, "_norm");
 }
 
-// The type tensor `t` gets, and why when it is not `target`.
+uint64_t BlockOf(GgmlType t) { return static_cast<uint64_t>(GgmlBlockElements(static_cast<uint32_t>(t))); }
+
+// The type tensor `t` gets, and why when it is not `target` (Qwen2.5-0.5B's
+// 896 columns are not whole K-quant super-blocks).
 GgmlType TypeFor(const GgufTensor& t, GgmlType target, std::string* why) {
   const auto source = static_cast<GgmlType>(t.type);
   if (!IsMatrixWeight(t)) return source;
   const uint64_t cols = t.dims[0];
-  if (cols % GgmlBlockElements(static_cast<uint32_t>(target)) == 0) return target;
-  *why = absl::StrCat("rows of ", cols, " are not a multiple of ", GgmlTypeName(static_cast<uint32_t>(target)),
-                      "'s block of ", GgmlBlockElements(static_cast<uint32_t>(target)));
-  if (GgmlBlockElements(static_cast<uint32_t>(target)) == 256 && cols % 32 == 0) return GgmlType::kQ8_0;
-  return source;
+  const std::optional<GgmlType> type = MatrixTypeFor(target, cols);
+  if (type != target) {
+    *why = absl::StrCat("rows of ", cols, " are not a multiple of ", GgmlTypeName(static_cast<uint32_t>(target)),
+                        "'s block of ", BlockOf(target));
+  }
+  return type.value_or(source);
 }
 
 struct FileCloser {
@@ -49,13 +54,20 @@ struct FileCloser {
 
 }  // namespace
 
+std::optional<GgmlType> MatrixTypeFor(GgmlType target, uint64_t cols) {
+  if (cols % BlockOf(target) == 0) return target;
+  if (target != GgmlType::kQ4_K && target != GgmlType::kQ6_K) return std::nullopt;
+  const GgmlType fallback = target == GgmlType::kQ4_K ? GgmlType::kQ5_0 : GgmlType::kQ8_0;
+  return cols % BlockOf(fallback) == 0 ? fallback : GgmlType::kF16;
+}
+
 absl::StatusOr<GgmlType> ParseQuantizeType(const std::string& name) {
-  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_K,
-                     GgmlType::kQ6_K}) {
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ5_0,
+                     GgmlType::kQ4_K, GgmlType::kQ6_K}) {
     if (name == GgmlTypeName(static_cast<uint32_t>(t))) return t;
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown target type '", name, "'; one of F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K"));
+      absl::StrCat("unknown target type '", name, "'; one of F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K"));
 }
 
 absl::StatusOr<QuantizeResult> QuantizeGguf(const GgufFile& in, GgmlType type, const std::string& out_path,

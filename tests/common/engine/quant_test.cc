@@ -30,7 +30,7 @@ namespace {
 using Bytes = std::vector<uint8_t>;
 
 const GgmlType kWeightTypes[] = {GgmlType::kF32,  GgmlType::kF16,  GgmlType::kBF16, GgmlType::kQ8_0,
-                                 GgmlType::kQ4_0, GgmlType::kQ4_K, GgmlType::kQ6_K};
+                                 GgmlType::kQ4_0, GgmlType::kQ5_0, GgmlType::kQ4_K, GgmlType::kQ6_K};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 int BlockElements(GgmlType t) { return GgmlBlockElements(static_cast<uint32_t>(t)); }
@@ -158,6 +158,12 @@ Decoded DecodeByLayout(GgmlType t, const uint8_t* row, int64_t n) {
       const int j = i % 32;
       const int q = j < 16 ? b[2 + j] & 15 : b[2 + j - 16] >> 4;
       out.scaled[i] = F16(b) * (q - 8);
+    } else if (t == GgmlType::kQ5_0) {
+      const uint8_t* b = row + 22 * (i / 32);
+      const int j = i % 32;
+      const int low = j < 16 ? b[6 + j] & 15 : b[6 + j - 16] >> 4;
+      const int fifth = (b[2 + j / 8] >> (j % 8)) & 1;
+      out.scaled[i] = F16(b) * ((low | fifth << 4) - 16);
     } else if (t == GgmlType::kQ4_K) {
       const uint8_t* b = row + 144 * (i / 256);
       const uint8_t* scales = b + 4;
@@ -220,6 +226,9 @@ Bytes RandomRow(GgmlType t, int64_t n, std::mt19937& rng) {
       break;
     case GgmlType::kQ4_0:
       for (int64_t b = 0; b < n / 32; ++b) put16(18 * b, FloatToHalf(scale(rng)));
+      break;
+    case GgmlType::kQ5_0:
+      for (int64_t b = 0; b < n / 32; ++b) put16(22 * b, FloatToHalf(scale(rng)));
       break;
     case GgmlType::kQ4_K:
       for (int64_t b = 0; b < n / 256; ++b) {
@@ -317,6 +326,7 @@ Grid GridOf(GgmlType t, const uint8_t* row, int64_t i) {
 //         |err| <= d/2 + 127 * 2^-11 d.
 //   Q4_0: d = amax/8; x/d truncated from x/d + 8.5 and capped at 15, so
 //         |err| <= d (at the cap, +amax lands on 7d), plus 8 * 2^-11 d.
+//   Q5_0: the same with d = amax/16, cap 31: |err| <= d + 16 * 2^-11 d.
 //   Q4_K / Q6_K: every element is rounded to the nearest level of its
 //         sub-block's grid (d*sc*l - dmin*m, l in 0..15; d*sc*(l - 32),
 //         l in 0..63): within half a step of it, or clamped to the end
@@ -342,6 +352,7 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
         case GgmlType::kBF16: bound = 0x1p-8 * std::fabs(x[i]); break;
         case GgmlType::kQ8_0: bound = BlockAmax(x, i, 32) / 127 * (0.5 + 127 * 0x1p-11) * 1.0001; break;
         case GgmlType::kQ4_0: bound = BlockAmax(x, i, 32) / 8 * (1 + 8 * 0x1p-11) * 1.0001; break;
+        case GgmlType::kQ5_0: bound = BlockAmax(x, i, 32) / 16 * (1 + 16 * 0x1p-11) * 1.0001; break;
         case GgmlType::kQ4_K:
         case GgmlType::kQ6_K: {
           const Grid g = GridOf(t, q.data(), i);
@@ -358,6 +369,7 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
     const double rel_rms = std::sqrt(err2 / x2);
     // Typical relative RMS errors on Gaussian data (measured, with margin).
     const double rms_bound = t == GgmlType::kQ4_0   ? 0.12
+                             : t == GgmlType::kQ5_0 ? 0.06
                              : t == GgmlType::kQ4_K ? 0.10
                              : t == GgmlType::kQ6_K ? 0.03
                              : t == GgmlType::kQ8_0 ? 0.01
@@ -365,6 +377,33 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
     EXPECT_LE(rel_rms, rms_bound) << Name(t);
     printf("%-5s relative RMS round-trip error %.5f\n", Name(t), rel_rms);
   }
+}
+
+// Q5_0 has no llama-quantize fixture here: a block worked by hand from
+// GGML's quantize_row_q5_0_ref. The value of largest magnitude is -1.6, so
+// d = -1.6 / -16 = 0.1 and q = min(31, int(x / d + 16.5)).
+TEST(QuantizeRowTest, Q5_0BlockByHand) {
+  std::vector<float> x(32, 0.f);
+  x[0] = -1.6f;   // q = 0
+  x[1] = 1.5f;    // q = int(31.5) = 31: low 15, fifth bit set
+  x[2] = 0.04f;   // q = int(16.9) = 16: low 0, fifth bit set
+  x[17] = -0.3f;  // q = int(13.5) = 13: low 13 (high nibble of qs[1]), no fifth bit
+  const Bytes q = Quantize(GgmlType::kQ5_0, x);
+  ASSERT_EQ(q.size(), 22u);
+  EXPECT_EQ(F16(q.data()), static_cast<double>(HalfToFloat(FloatToHalf(0.1f))));
+  uint32_t qh;
+  std::memcpy(&qh, q.data() + 2, 4);
+  // Zeros give 16 (fifth bit set): every bit but those of elements 0 and 17.
+  EXPECT_EQ(qh, ~((1u << 0) | (1u << 17)));
+  EXPECT_EQ(q[6 + 0], 0x00);          // elements 0 and 16: 0, 16 -> low nibbles 0, 0
+  EXPECT_EQ(q[6 + 1], 15 | 13 << 4);  // elements 1 and 17
+  EXPECT_EQ(q[6 + 2], 0x00);          // elements 2 and 18: 16, 16
+  const std::vector<float> y = Dequantize(GgmlType::kQ5_0, q.data(), 32);
+  const float d = HalfToFloat(FloatToHalf(0.1f));
+  EXPECT_EQ(y[0], -16 * d);
+  EXPECT_EQ(y[1], 15 * d);
+  EXPECT_EQ(y[2], 0.f);
+  EXPECT_EQ(y[17], -3 * d);
 }
 
 TEST(QuantizeRowTest, Q8KBlockSumsAndScale) {
