@@ -30,7 +30,7 @@ ABSL_FLAG(int, decode, 32, "tokens decoded one at a time after the prompt");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, repeats, 3, "repeats; the best is reported");
 ABSL_FLAG(std::string, types, "F32",
-          "weight types of the random model, comma-separated (F32,F16,BF16,Q8_0,Q4_0,Q5_0,Q4_K,Q6_K)");
+          "weight types of the random model, comma-separated (F32,F16,BF16,Q8_0,Q4_0,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K)");
 ABSL_FLAG(std::string, model, "", "a GGUF file to benchmark instead of a random model");
 
 namespace ape::bench {

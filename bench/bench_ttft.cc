@@ -21,7 +21,8 @@
 #include "tests/process_util.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape");
-ABSL_FLAG(std::string, type, "F32", "weight type of the random model (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)");
+ABSL_FLAG(std::string, type, "F32",
+          "weight type of the random model (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
 ABSL_FLAG(std::string, model, "", "a GGUF file to use instead of a random model (e.g. one from apectl quantize)");
 ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"1", "4", "16", "64"}), "context counts");
 ABSL_FLAG(int, context_tokens, 256, "tokens per context");

@@ -73,7 +73,7 @@ std::unique_ptr<Model> RandomModel(const ModelConfig& c, uint64_t seed, GgmlType
     fill(v, rows * cols);
     if (type == GgmlType::kF32) return WeightMatrix::FromFloats(std::move(v), rows, cols);
     // As apectl quantize: rows that are not whole blocks of a K type take
-    // llama.cpp's fallback type (Q5_0 for Q4_K, Q8_0 for Q6_K).
+    // llama.cpp's fallback type (Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K).
     const GgmlType t = MatrixTypeFor(type, cols).value_or(GgmlType::kF32);
     if (t == GgmlType::kF32) return WeightMatrix::FromFloats(std::move(v), rows, cols);
     return WeightMatrix::Quantized(t, v, rows, cols);

@@ -20,7 +20,8 @@
 
 ABSL_DECLARE_FLAG(std::string, model);
 ABSL_FLAG(std::string, out, "", "quantize: the GGUF file to write");
-ABSL_FLAG(std::string, type, "Q4_K", "quantize: target type of the matrices: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K");
+ABSL_FLAG(std::string, type, "Q4_K",
+          "quantize: target type of the matrices: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K");
 
 namespace ape::apectl {
 

@@ -151,6 +151,7 @@ int GgmlBlockElements(uint32_t type) {
     case GgmlType::kBF16: return 1;
     case GgmlType::kQ4_0:
     case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
     case GgmlType::kQ8_0: return 32;
     case GgmlType::kQ4_K:
     case GgmlType::kQ5_K:
@@ -167,6 +168,7 @@ int GgmlBlockBytes(uint32_t type) {
     case GgmlType::kBF16: return 2;
     case GgmlType::kQ4_0: return 2 + 16;                 // f16 d, 32 nibbles
     case GgmlType::kQ5_0: return 2 + 4 + 16;             // f16 d, 32 high bits, 32 nibbles
+    case GgmlType::kQ5_1: return 2 + 2 + 4 + 16;         // f16 d, f16 m, 32 high bits, 32 nibbles
     case GgmlType::kQ8_0: return 2 + 32;                 // f16 d, 32 int8
     case GgmlType::kQ4_K: return 2 + 2 + 12 + 128;       // d, dmin, scales, nibbles
     case GgmlType::kQ5_K: return 2 + 2 + 12 + 32 + 128;  // + 256 high bits

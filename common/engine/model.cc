@@ -396,7 +396,7 @@ class TensorReader {
   std::vector<std::span<const uint8_t>>& bytes() { return bytes_; }
 
  private:
-  static constexpr const char* kSupportedTypes = "F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K";
+  static constexpr const char* kSupportedTypes = "F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
   const GgufFile& g_;
   std::shared_ptr<const void> owner_;
   std::vector<std::span<const uint8_t>> bytes_;

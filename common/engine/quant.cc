@@ -18,10 +18,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "common/engine/half.h"
@@ -61,6 +63,16 @@ struct BlockQ5_0 {
 };
 static_assert(sizeof(BlockQ5_0) == 22);
 
+// Q5_1: as Q5_0 with a minimum instead of the bias, x[j] = d * q5[j] + m
+// (q5 in 0..31, built as in Q5_0).
+struct BlockQ5_1 {
+  uint16_t d;  // f16 scale
+  uint16_t m;  // f16 minimum
+  uint8_t qh[4];
+  uint8_t qs[kQk0 / 2];
+};
+static_assert(sizeof(BlockQ5_1) == 24);
+
 // Q4_K: 8 sub-blocks s of 32 elements, x = d * sc[s] * q - dmin * m[s], q in 0..15.
 //   scales[12] packs the 6-bit sc[8] and m[8]:
 //     s < 4:  sc[s] = scales[s] & 63,  m[s] = scales[s + 4] & 63
@@ -75,6 +87,25 @@ struct BlockQ4K {
   uint8_t qs[kQkK / 2];
 };
 static_assert(sizeof(BlockQ4K) == 144);
+
+// Q5_K: Q4_K with a fifth bit per element, q in 0..31: element 64c + l
+// (c < 4, l < 32) takes bit 2c of qh[l] as its fifth bit, element
+// 64c + 32 + l bit 2c + 1.
+struct BlockQ5K {
+  uint16_t d;     // f16 scale of the sub-block scales
+  uint16_t dmin;  // f16 scale of the sub-block mins
+  uint8_t scales[12];
+  uint8_t qh[kQkK / 8];
+  uint8_t qs[kQkK / 2];
+};
+static_assert(sizeof(BlockQ5K) == 176);
+
+// Element 64c + 32h + l's quant (h = 0 low nibble, 1 high nibble) of a
+// Q4_K or Q5_K block.
+inline int KQuant(const BlockQ4K& b, int c, int h, int l) { return (b.qs[32 * c + l] >> (4 * h)) & 15; }
+inline int KQuant(const BlockQ5K& b, int c, int h, int l) {
+  return ((b.qs[32 * c + l] >> (4 * h)) & 15) | ((b.qh[l] >> (2 * c + h)) & 1) << 4;
+}
 
 // Q6_K: 16 sub-blocks of 16 elements, x[e] = d * scales[e / 16] * (q[e] - 32), q in 0..63.
 //   Two halves h of 128 elements; for l < 32, with L = ql + 64h and H = qh + 32h:
@@ -128,8 +159,9 @@ inline float LoadF32(const uint8_t* p) {
   return v;
 }
 
-// Element j's 5-bit quant (0..31) of a Q5_0 block.
-inline int Q5_0Quant(const BlockQ5_0& b, int j) {
+// Element j's 5-bit quant (0..31) of a Q5_0 or Q5_1 block.
+template <typename Block>
+inline int Q5Quant(const Block& b, int j) {
   const int low = j < 16 ? b.qs[j] & 15 : b.qs[j - 16] >> 4;
   return low | static_cast<int>(LoadU32(b.qh) >> j & 1) << 4;
 }
@@ -180,13 +212,23 @@ void DequantizeQ5_0(const uint8_t* row, float* out, int64_t n) {
   for (int64_t i = 0; i < n / kQk0; ++i) {
     const BlockQ5_0 b = LoadBlock<BlockQ5_0>(row, i);
     const float d = HalfToFloat(b.d);
-    for (int j = 0; j < kQk0; ++j) out[i * kQk0 + j] = (Q5_0Quant(b, j) - 16) * d;
+    for (int j = 0; j < kQk0; ++j) out[i * kQk0 + j] = (Q5Quant(b, j) - 16) * d;
   }
 }
 
-void DequantizeQ4K(const uint8_t* row, float* out, int64_t n) {
+void DequantizeQ5_1(const uint8_t* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ5_1 b = LoadBlock<BlockQ5_1>(row, i);
+    const float d = HalfToFloat(b.d), m = HalfToFloat(b.m);
+    for (int j = 0; j < kQk0; ++j) out[i * kQk0 + j] = Q5Quant(b, j) * d + m;
+  }
+}
+
+// Q4_K and Q5_K (Block).
+template <typename Block>
+void DequantizeKMin(const uint8_t* row, float* out, int64_t n) {
   for (int64_t i = 0; i < n / kQkK; ++i) {
-    const BlockQ4K b = LoadBlock<BlockQ4K>(row, i);
+    const Block b = LoadBlock<Block>(row, i);
     const float d = HalfToFloat(b.d), dmin = HalfToFloat(b.dmin);
     float* y = out + i * kQkK;
     for (int c = 0; c < 4; ++c) {
@@ -195,8 +237,8 @@ void DequantizeQ4K(const uint8_t* row, float* out, int64_t n) {
       Q4KScaleMin(b.scales, 2 * c + 1, &sc1, &m1);
       const float d0 = d * sc0, min0 = dmin * m0, d1 = d * sc1, min1 = dmin * m1;
       for (int l = 0; l < 32; ++l) {
-        y[64 * c + l] = d0 * (b.qs[32 * c + l] & 15) - min0;
-        y[64 * c + 32 + l] = d1 * (b.qs[32 * c + l] >> 4) - min1;
+        y[64 * c + l] = d0 * KQuant(b, c, 0, l) - min0;
+        y[64 * c + 32 + l] = d1 * KQuant(b, c, 1, l) - min1;
       }
     }
   }
@@ -311,6 +353,33 @@ void QuantizeQ5_0(const float* x, uint8_t* out, int64_t n) {
   }
 }
 
+// GGML quantize_row_q5_1_ref: the block's range [min, max] in 31 steps,
+// quants rounded (half up) from (x - min) / d.
+void QuantizeQ5_1(const float* x, uint8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const float* xb = x + i * kQk0;
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < kQk0; ++j) {
+      min = std::min(min, xb[j]);
+      max = std::max(max, xb[j]);
+    }
+    const float d = (max - min) / 31;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ5_1 b;
+    b.d = FloatToHalf(d);
+    b.m = FloatToHalf(min);
+    uint32_t qh = 0;
+    for (int j = 0; j < kQk0 / 2; ++j) {
+      const int q0 = static_cast<uint8_t>((xb[j] - min) * id + 0.5f);
+      const int q1 = static_cast<uint8_t>((xb[j + 16] - min) * id + 0.5f);
+      b.qs[j] = static_cast<uint8_t>((q0 & 15) | (q1 & 15) << 4);
+      qh |= static_cast<uint32_t>((q0 >> 4) & 1) << j | static_cast<uint32_t>((q1 >> 4) & 1) << (j + 16);
+    }
+    std::memcpy(b.qh, &qh, 4);
+    StoreBlock(b, out, i);
+  }
+}
+
 // GGML make_qkx2_quants: levels L[i] in 0..nmax and (scale, -min) fitting
 // x ~ scale * L + min by weighted least squares, trying nstep + 1 scales
 // around nmax / (max - min). Returns the scale; *neg_min = -min >= 0.
@@ -380,9 +449,30 @@ float FitScaleMin(int n, int nmax, const float* x, const float* weights, uint8_t
   return scale;
 }
 
-// GGML quantize_row_q4_K_ref (what llama-quantize runs for Q4_K without an
-// importance matrix: quantize_q4_K -> quantize_row_q4_K_ref).
-void QuantizeQ4K(const float* x, uint8_t* out, int64_t n) {
+// Levels L[e] (0..15 or 0..31) of a Q4_K / Q5_K block into its quant fields.
+void PackLevels(const uint8_t* L, BlockQ4K* b) {
+  for (int c = 0; c < 4; ++c) {
+    for (int l = 0; l < 32; ++l) b->qs[32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4);
+  }
+}
+void PackLevels(const uint8_t* L, BlockQ5K* b) {
+  std::memset(b->qh, 0, sizeof(b->qh));
+  for (int c = 0; c < 4; ++c) {
+    for (int l = 0; l < 32; ++l) {
+      const int l0 = L[64 * c + l], l1 = L[64 * c + 32 + l];
+      b->qs[32 * c + l] = static_cast<uint8_t>((l0 & 15) | (l1 & 15) << 4);
+      b->qh[l] |= static_cast<uint8_t>((l0 >> 4) << (2 * c) | (l1 >> 4) << (2 * c + 1));
+    }
+  }
+}
+
+// GGML quantize_row_q4_K_ref and quantize_row_q5_K_ref (what llama-quantize
+// runs for Q4_K / Q5_K without an importance matrix); they differ only in the
+// levels (nmax 15 / 31) and the scale search (rmin -1 / -0.5, 20 / 15 steps).
+template <typename Block>
+void QuantizeKMin(const float* x, uint8_t* out, int64_t n) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5K>;
+  constexpr int kNmax = kQ5 ? 31 : 15;
   uint8_t L[kQkK], Laux[32];
   float weights[32], mins[8], scales[8];
   for (int64_t i = 0; i < n / kQkK; ++i, x += kQkK) {
@@ -393,12 +483,13 @@ void QuantizeQ4K(const float* x, uint8_t* out, int64_t n) {
       for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
       const float av_x = std::sqrt(sum_x2 / 32);
       for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
-      scales[j] = FitScaleMin(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20);
+      scales[j] = FitScaleMin(32, kNmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, kQ5 ? -0.5f : -1.f, 0.1f,
+                              kQ5 ? 15 : 20);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }
     // Quantize the scales and mins to 6 bits and pack them.
-    BlockQ4K b;
+    Block b;
     std::memset(&b, 0, sizeof(b));
     const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
     const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
@@ -427,12 +518,10 @@ void QuantizeQ4K(const float* x, uint8_t* out, int64_t n) {
       const float dm = HalfToFloat(b.dmin) * m;
       for (int ii = 0; ii < 32; ++ii) {
         const int l = NearestInt((x[32 * j + ii] + dm) / d);
-        L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(15, l)));
+        L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(kNmax, l)));
       }
     }
-    for (int c = 0; c < 4; ++c) {
-      for (int l = 0; l < 32; ++l) b.qs[32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4);
-    }
+    PackLevels(L, &b);
     StoreBlock(b, out, i);
   }
 }
@@ -589,7 +678,9 @@ bool IsWeightType(GgmlType t) {
     case GgmlType::kQ8_0:
     case GgmlType::kQ4_0:
     case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
     case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
     case GgmlType::kQ6_K: return true;
     default: return false;
   }
@@ -599,8 +690,10 @@ GgmlType ActivationType(GgmlType t) {
   switch (t) {
     case GgmlType::kQ8_0:
     case GgmlType::kQ4_0:
-    case GgmlType::kQ5_0: return GgmlType::kQ8_0;
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1: return GgmlType::kQ8_0;
     case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
     case GgmlType::kQ6_K: return GgmlType::kQ8_K;
     default: return GgmlType::kF32;
   }
@@ -618,7 +711,9 @@ void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n) {
     case GgmlType::kQ8_0: DequantizeQ8_0(row, out, n); return;
     case GgmlType::kQ4_0: DequantizeQ4_0(row, out, n); return;
     case GgmlType::kQ5_0: DequantizeQ5_0(row, out, n); return;
-    case GgmlType::kQ4_K: DequantizeQ4K(row, out, n); return;
+    case GgmlType::kQ5_1: DequantizeQ5_1(row, out, n); return;
+    case GgmlType::kQ4_K: DequantizeKMin<BlockQ4K>(row, out, n); return;
+    case GgmlType::kQ5_K: DequantizeKMin<BlockQ5K>(row, out, n); return;
     case GgmlType::kQ6_K: DequantizeQ6K(row, out, n); return;
     case GgmlType::kQ8_K: DequantizeQ8K(row, out, n); return;
     default: std::abort();  // callers check IsWeightType
@@ -646,7 +741,9 @@ void QuantizeRow(GgmlType t, const float* x, uint8_t* out, int64_t n) {
     case GgmlType::kQ8_0: QuantizeQ8_0(x, out, n); return;
     case GgmlType::kQ4_0: QuantizeQ4_0(x, out, n); return;
     case GgmlType::kQ5_0: QuantizeQ5_0(x, out, n); return;
-    case GgmlType::kQ4_K: QuantizeQ4K(x, out, n); return;
+    case GgmlType::kQ5_1: QuantizeQ5_1(x, out, n); return;
+    case GgmlType::kQ4_K: QuantizeKMin<BlockQ4K>(x, out, n); return;
+    case GgmlType::kQ5_K: QuantizeKMin<BlockQ5K>(x, out, n); return;
     case GgmlType::kQ6_K: QuantizeQ6K(x, out, n); return;
     case GgmlType::kQ8_K: QuantizeQ8K(x, out, n); return;
     default: std::abort();
@@ -737,25 +834,43 @@ float DotQ5_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
     const BlockQ5_0 b = LoadBlock<BlockQ5_0>(w, i);
     const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
     int sumi = 0;
-    for (int j = 0; j < kQk0; ++j) sumi += (Q5_0Quant(b, j) - 16) * a.qs[j];
+    for (int j = 0; j < kQk0; ++j) sumi += (Q5Quant(b, j) - 16) * a.qs[j];
     sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
   }
   return sum;
 }
 
+// d*da * (q . a) + m*da * sum(a) per block (llama.cpp takes da * sum(a)
+// from its Q8_1 activation blocks, the same value).
+float DotQ5_1Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
+  float sum = 0;
+  for (int64_t i = 0; i < n / kQk0; ++i) {
+    const BlockQ5_1 b = LoadBlock<BlockQ5_1>(w, i);
+    const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
+    int sumi = 0, suma = 0;
+    for (int j = 0; j < kQk0; ++j) {
+      sumi += Q5Quant(b, j) * a.qs[j];
+      suma += a.qs[j];
+    }
+    const float da = HalfToFloat(a.d);
+    sum += sumi * (HalfToFloat(b.d) * da) + HalfToFloat(b.m) * (da * suma);
+  }
+  return sum;
+}
+
 // sum_s sc[s] * (q . a over s) * d*da - sum_s m[s] * (a summed over s) * dmin*da.
-float DotQ4KReference(const uint8_t* w, const uint8_t* act, int64_t n) {
+template <typename Block>
+float DotKMinReference(const uint8_t* w, const uint8_t* act, int64_t n) {
   float sum = 0;
   for (int64_t i = 0; i < n / kQkK; ++i) {
-    const BlockQ4K b = LoadBlock<BlockQ4K>(w, i);
+    const Block b = LoadBlock<Block>(w, i);
     const BlockQ8K a = LoadBlock<BlockQ8K>(act, i);
     int sumi = 0, summ = 0;
     for (int s = 0; s < 8; ++s) {
       int sc, m;
       Q4KScaleMin(b.scales, s, &sc, &m);
-      const int c = s / 2, shift = 4 * (s % 2);
       int dot = 0;
-      for (int l = 0; l < 32; ++l) dot += ((b.qs[32 * c + l] >> shift) & 15) * a.qs[32 * s + l];
+      for (int l = 0; l < 32; ++l) dot += KQuant(b, s / 2, s % 2, l) * a.qs[32 * s + l];
       sumi += sc * dot;
       summ += m * (a.bsums[2 * s] + a.bsums[2 * s + 1]);
     }
@@ -791,7 +906,9 @@ float DotRowReference(GgmlType t, const uint8_t* w, const uint8_t* act, int64_t 
     case GgmlType::kQ8_0: return DotQ8_0Reference(w, act, n);
     case GgmlType::kQ4_0: return DotQ4_0Reference(w, act, n);
     case GgmlType::kQ5_0: return DotQ5_0Reference(w, act, n);
-    case GgmlType::kQ4_K: return DotQ4KReference(w, act, n);
+    case GgmlType::kQ5_1: return DotQ5_1Reference(w, act, n);
+    case GgmlType::kQ4_K: return DotKMinReference<BlockQ4K>(w, act, n);
+    case GgmlType::kQ5_K: return DotKMinReference<BlockQ5K>(w, act, n);
     case GgmlType::kQ6_K: return DotQ6KReference(w, act, n);
     default: std::abort();
   }
@@ -1086,6 +1203,14 @@ inline __m256i FifthBits(uint32_t bits) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
 }
 
+// A pair's 5-bit quants (Q5_0, Q5_1): the nibbles of q (Q4_0's layout) with
+// the fifth bits of the x and y registers or'ed in.
+inline void FiveBitPair(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256i* lo, __m256i* hi) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  *lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits(x_bits));
+  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(y_bits));
+}
+
 // Q5_0 x Q8_0: Q4_0's nibbles plus the fifth bits, (q - 16) . a. For the
 // pair layout, the x register takes bits 0..15 of each block's qh, the y
 // register bits 16..31.
@@ -1109,10 +1234,48 @@ struct Q5_0Pairs {
   template <int T>
   static inline void Step(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256 dw, const ActPair* a, int64_t a_stride,
                           __m256* acc) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits(x_bits));
-    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(y_bits));
+    __m256i lo, hi;
+    FiveBitPair(q, x_bits, y_bits, &lo, &hi);
     UnsignedPairStep<T, 1>(lo, hi, dw, a, a_stride, acc);
+  }
+};
+
+// Q5_1 x Q8_0: d * (q . a) + m * sum(a) per block, q as Q5_0's; sum(a)
+// from ActPair::off (8 * sum(a) per lane, so m is taken / 8, exactly).
+struct Q5_1Pairs {
+  static constexpr size_t kBlock = sizeof(BlockQ5_1);
+
+  template <int T>
+  static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 8),
+                                          reinterpret_cast<const __m128i*>(wb + 8));
+    const uint32_t h0 = LoadU32(wb + 4), h1 = LoadU32(wb + kBlock + 4);
+    Step<T>(q, (h0 & 0xffff) | h1 << 16, h0 >> 16 | (h1 & 0xffff0000), SpreadPair(TwoHalves(wb, kBlock)),
+            SpreadPair(TwoHalves(wb + 2, kBlock)), a, a_stride, acc);
+  }
+  template <int T>
+  static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
+    const uint32_t h0 = LoadU32(wb + 4);
+    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 8)), h0 & 0xffff, h0 >> 16, HalfPairScale(wb), HalfPairScale(wb + 2),
+            a, a_stride, acc);
+  }
+
+  template <int T>
+  static inline void Step(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256 dw, __m256 mw, const ActPair* a,
+                          int64_t a_stride, __m256* acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo, hi;
+    FiveBitPair(q, x_bits, y_bits, &lo, &hi);
+    const __m256 mw8 = _mm256_mul_ps(mw, _mm256_set1_ps(0.125f));
+    for (int j = 0; j < T; ++j) {
+      const ActPair& aj = a[j * a_stride];
+      const __m256i p16 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
+      const __m256 da = _mm256_load_ps(aj.d);
+      const __m256 off = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), _mm256_mul_ps(dw, da), acc[j]);
+      acc[j] = _mm256_fmadd_ps(off, _mm256_mul_ps(mw8, da), acc[j]);
+    }
   }
 };
 
@@ -1221,6 +1384,10 @@ void DotQ5_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_
                       int64_t n, float* y, size_t y_stride) {
   PairsBatch<Q5_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
 }
+void DotQ5_1BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
+                      int64_t n, float* y, size_t y_stride) {
+  PairsBatch<Q5_1Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
+}
 
 // Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
 // lane to all 8 of its lanes.
@@ -1252,11 +1419,21 @@ inline void Q4KScalesMins(const uint8_t* packed, __m128i* scales, __m128i* mins)
   *mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<int64_t>(m)));
 }
 
-// Q4_K x Q8_K: d*da * sum_s sc[s] (q . a)_s - dmin*da * sum_s m[s] (sum a)_s,
-// the first sum in int32 lanes (maddubs, then madd by the scale), the
-// second from the activation block sums.
-template <int R, int T>
-void DotQ4KAvx2(APE_KERNEL_ARGS) {
+// 16 in byte l of the result where bit k of byte l of `qh` is set (the
+// fifth bits of one Q5_K nibble run).
+template <int k>
+inline __m256i FifthBitsOf(__m256i qh) {
+  const __m256i at4 = k <= 4 ? _mm256_slli_epi16(qh, 4 - k) : _mm256_srli_epi16(qh, k - 4);
+  return _mm256_and_si256(at4, _mm256_set1_epi8(16));  // (16-bit shifts: bit 4 of each byte came from its own bit k)
+}
+
+// Q4_K / Q5_K (Block) x Q8_K: d*da * sum_s sc[s] (q . a)_s - dmin*da * sum_s
+// m[s] (sum a)_s, the first sum in int32 lanes (maddubs, then madd by the
+// scale), the second from the activation block sums. Q5_K's quants (0..31)
+// are Q4_K's nibbles with the fifth bits or'ed in.
+template <typename Block, int R, int T>
+void DotKMinAvx2(APE_KERNEL_ARGS) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5K>;
   const __m256i m4 = _mm256_set1_epi8(15);
   __m256 acc[R][T];
   __m128 acc_min[R][T];
@@ -1264,18 +1441,26 @@ void DotQ4KAvx2(APE_KERNEL_ARGS) {
     for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps(), acc_min[r][j] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / kQkK; ++b) {
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wb = w + r * row_bytes + b * sizeof(BlockQ4K);
-      PrefetchLines(wb + R * row_bytes, sizeof(BlockQ4K));
+      const uint8_t* wb = w + r * row_bytes + b * sizeof(Block);
+      PrefetchLines(wb + R * row_bytes, sizeof(Block));
       __m128i sc128, m128;
-      Q4KScalesMins(wb + offsetof(BlockQ4K, scales), &sc128, &m128);
+      Q4KScalesMins(wb + offsetof(Block, scales), &sc128, &m128);
       const __m256i scales = _mm256_broadcastsi128_si256(sc128);
-      const uint8_t* qs = wb + offsetof(BlockQ4K, qs);
+      const uint8_t* qs = wb + offsetof(Block, qs);
+      __m256i qh = _mm256_setzero_si256();
+      if constexpr (kQ5) qh = LoadU256(wb + offsetof(BlockQ5K, qh));
       __m256i sumi[T];
       for (int j = 0; j < T; ++j) sumi[j] = _mm256_setzero_si256();
       for (int c = 0; c < 4; ++c) {
         const __m256i q = LoadU256(qs + 32 * c);
-        const __m256i lo = _mm256_and_si256(q, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        __m256i lo = _mm256_and_si256(q, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if constexpr (kQ5) {
+          // Bits 2c and 2c + 1 of qh[l]; qh moves 2 bits on per c.
+          lo = _mm256_or_si256(lo, FifthBitsOf<0>(qh));
+          hi = _mm256_or_si256(hi, FifthBitsOf<1>(qh));
+          qh = _mm256_srli_epi16(qh, 2);
+        }
         const __m256i slo = Broadcast16(scales, 2 * c);
         const __m256i shi = Broadcast16(scales, 2 * c + 1);
         for (int j = 0; j < T; ++j) {
@@ -1302,6 +1487,14 @@ void DotQ4KAvx2(APE_KERNEL_ARGS) {
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < T; ++j) y[j * y_stride + r] = HorizontalSum(acc[r][j]) - HorizontalSum(acc_min[r][j]);
+}
+template <int R, int T>
+void DotQ4KAvx2(APE_KERNEL_ARGS) {
+  DotKMinAvx2<BlockQ4K, R, T>(APE_KERNEL_PASS);
+}
+template <int R, int T>
+void DotQ5KAvx2(APE_KERNEL_ARGS) {
+  DotKMinAvx2<BlockQ5K, R, T>(APE_KERNEL_PASS);
 }
 
 // Shuffle masks for Q6_K: kScalePairs.mask[g] = bytes [2g x 8, 2g+1 x 8],
@@ -1574,18 +1767,23 @@ using BatchKernel = void (*)(const uint8_t* w, size_t row_bytes, int rows, const
 
 struct KernelSet {
   const char* isa;
-  KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q6_k;
+  KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k;
   BatchKernel q8_0_batch, q4_0_batch;  // null: the grid
-  BatchKernel q5_0_batch;              // the AVX2 pairs in both sets
+  BatchKernel q5_0_batch, q5_1_batch;  // the AVX2 pairs in both sets
   // One row against T = 1..8 tokens ([T - 1]), for the token groups of
-  // Q4_K/Q6_K decode batches and prefill.
-  RowsKernel q4_k_tokens[8], q6_k_tokens[8];
+  // Q4_K/Q5_K/Q6_K decode batches and prefill.
+  RowsKernel q4_k_tokens[8], q5_k_tokens[8], q6_k_tokens[8];
+
+  const RowsKernel* TokensFor(GgmlType t) const {
+    return t == GgmlType::kQ4_K ? q4_k_tokens : t == GgmlType::kQ5_K ? q5_k_tokens : q6_k_tokens;
+  }
 
   BatchKernel BatchFor(GgmlType t) const {
     switch (t) {
       case GgmlType::kQ8_0: return q8_0_batch;
       case GgmlType::kQ4_0: return q4_0_batch;
       case GgmlType::kQ5_0: return q5_0_batch;
+      case GgmlType::kQ5_1: return q5_1_batch;
       default: return nullptr;
     }
   }
@@ -1598,6 +1796,7 @@ struct KernelSet {
       case GgmlType::kQ8_0: return q8_0;
       case GgmlType::kQ4_0: return q4_0;
       case GgmlType::kQ4_K: return q4_k;
+      case GgmlType::kQ5_K: return q5_k;
       case GgmlType::kQ6_K: return q6_k;
       default: std::abort();  // callers check IsWeightType
     }
@@ -1618,11 +1817,14 @@ constexpr KernelSet kAvx2 = {"avx2",
                              {},
                              {},
                              APE_GRID(DotQ4KAvx2),
+                             APE_GRID(DotQ5KAvx2),
                              APE_GRID(DotQ6KAvx2),
                              DotQ8_0BatchAvx2,
                              DotQ4_0BatchAvx2,
                              DotQ5_0BatchAvx2,
+                             DotQ5_1BatchAvx2,
                              APE_TOKENS(DotQ4KAvx2),
+                             APE_TOKENS(DotQ5KAvx2),
                              APE_TOKENS(DotQ6KAvx2)};
 
 constexpr KernelSet kAvx512 = {"avx512-vnni",
@@ -1632,11 +1834,14 @@ constexpr KernelSet kAvx512 = {"avx512-vnni",
                                APE_GRID(DotQ8_0Avx512),
                                APE_GRID(DotQ4_0Avx512),
                                APE_GRID(DotQ4KAvx2),
+                               APE_GRID(DotQ5KAvx2),
                                APE_GRID(DotQ6KAvx2),
                                nullptr,
                                nullptr,
                                DotQ5_0BatchAvx2,
+                               DotQ5_1BatchAvx2,
                                APE_TOKENS(DotQ4KAvx2),
+                               APE_TOKENS(DotQ5KAvx2),
                                APE_TOKENS(DotQ6KAvx2)};
 
 #undef APE_TOKENS
@@ -1649,6 +1854,8 @@ bool HasAvx512Vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+bool IsKQuant(GgmlType t) { return t == GgmlType::kQ4_K || t == GgmlType::kQ5_K || t == GgmlType::kQ6_K; }
+
 const KernelSet* DetectKernels() { return HasAvx512Vnni() ? &kAvx512 : &kAvx2; }
 
 const KernelSet*& ActiveKernels() {
@@ -1658,13 +1865,13 @@ const KernelSet*& ActiveKernels() {
 
 }  // namespace
 
-// One token. Q4_K/Q6_K rows go one at a time (one sequential stream, as
+// One token. K-quant rows go one at a time (one sequential stream, as
 // PairsTile: faster from memory here than 4 rows side by side), the other
 // grid kernels 4 rows at a time.
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
   if (BatchKernel batch = ActiveKernels()->BatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
   const KernelGrid& kernel = ActiveKernels()->For(t);
-  if (t == GgmlType::kQ4_K || t == GgmlType::kQ6_K) {
+  if (IsKQuant(t)) {
     for (int r = 0; r < rows; ++r) kernel[0][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
     return;
   }
@@ -1674,7 +1881,7 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 }
 
 // Kernels with a BatchKernel (AVX2 Q8_0/Q4_0: PairsBatch) tile rows and
-// tokens themselves; Q4_K/Q6_K run token groups of up to 8 (below). Otherwise
+// tokens themselves; K-quants run token groups of up to 8 (below). Otherwise
 // each group of tokens runs blocks of R rows against T tokens: one token group
 // unpacks each weight block once for T tokens, except for Q4_0 (AVX-512),
 // whose nibbles cost less to unpack than what a wider token group repeats per
@@ -1689,12 +1896,12 @@ void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, cons
   if (BatchKernel batch = ActiveKernels()->BatchFor(t))
     return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
   if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
-  if (t == GgmlType::kQ4_K || t == GgmlType::kQ6_K) {
+  if (IsKQuant(t)) {
     // A row at a time against token groups of up to 8 (split evenly), in
     // chunks of rows that stay in L2: the unpacking of a block (nibbles,
     // 6-bit scales) is shared by twice as many tokens as the grid's 4, which
     // measured 10-30% faster for batches of 8 and prefill.
-    const RowsKernel* kernel = t == GgmlType::kQ4_K ? ActiveKernels()->q4_k_tokens : ActiveKernels()->q6_k_tokens;
+    const RowsKernel* kernel = ActiveKernels()->TokensFor(t);
     const int groups = (n_tokens + 7) / 8, group = (n_tokens + groups - 1) / groups;
     const int chunk = static_cast<int>(std::max<size_t>(4, (256 << 10) / std::max<size_t>(row_bytes, 1)));
     for (int r0 = 0; r0 < rows; r0 += chunk) {

@@ -12,6 +12,8 @@
 //   Q5_0  32 elements in 22 bytes:  f16 d | u32 qh | u8 qs[16]    x = d*(q5-16)
 //         (q5 = Q4_0's nibble of element j plus bit j of qh as its fifth bit;
 //         llama.cpp's Q4_K_M files hold it where rows are not 256 long)
+//   Q5_1  32 elements in 24 bytes:  f16 d | f16 m | u32 qh | u8 qs[16]   x = d*q5 + m
+//         (Q5_K_M's fallback for rows not 256 long)
 //   Q4_K  256 elements in 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
 //         8 sub-blocks s of 32, each with a 6-bit scale sc and 6-bit min m
 //         packed in scales[]; x = d*sc*nibble - dmin*m.
@@ -19,6 +21,9 @@
 //         bits of sc and m are the low and high nibble of scales[s+4], their
 //         top 2 bits are bits 6-7 of scales[s-4] (sc) and scales[s] (m).
 //         qs[32c+l]: low nibble is element 64c+l, high nibble element 64c+32+l
+//   Q5_K  256 elements in 176 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128]
+//         Q4_K with a fifth bit per element: element 64c+l takes bit 2c of
+//         qh[l], element 64c+32+l bit 2c+1; x = d*sc*q5 - dmin*m
 //   Q6_K  256 elements in 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
 //         16 sub-blocks of 16, x = d*scales[e/16]*(q6 - 32) for element e,
 //         q6 = 4 low bits from ql, 2 high bits from qh. In each half h of
@@ -26,11 +31,11 @@
 //         low (k < 2) or high nibble of ql[64h+32(k%2)+l] and bits 2k..2k+1
 //         of qh[32h+l]
 //   Q8_K  256 elements in 292 bytes: f32 d | int8 qs[256] | i16 bsums[16]
-//         (activations only: the partner of Q4_K/Q6_K in dot products;
+//         (activations only: the partner of Q4_K/Q5_K/Q6_K in dot products;
 //         bsums[i] = sum of qs[16i .. 16i+15])
 //
 // Dot products take the activations in the form their weight type wants
-// (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0/Q5_0,
+// (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0/Q5_0/Q5_1,
 // Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 paths (F/BW/VL and
 // VNNI: float, Q8_0 and Q4_0 weights) at run time where the CPU has them and
 // AVX2+FMA+F16C otherwise; every kernel has a plain scalar twin
@@ -45,8 +50,8 @@
 
 namespace ape {
 
-// True for the types weights may have: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K,
-// Q6_K.
+// True for the types weights may have: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1,
+// Q4_K, Q5_K, Q6_K.
 // (Block sizes: GgmlBlockElements / GgmlBlockBytes / GgmlRowBytes in gguf.h.)
 bool IsWeightType(GgmlType t);
 

@@ -21,6 +21,8 @@ int FileType(GgmlType t) {
     case GgmlType::kQ4_0: return 2;
     case GgmlType::kQ8_0: return 7;
     case GgmlType::kQ5_0: return 8;
+    case GgmlType::kQ5_1: return 9;
+    case GgmlType::kQ5_K: return 17;  // Q5_K_M
     case GgmlType::kQ4_K: return 15;  // llama-quantize's "Q4_K" is Q4_K_M
     case GgmlType::kQ6_K: return 18;
     case GgmlType::kBF16: return 32;
@@ -56,18 +58,23 @@ struct FileCloser {
 
 std::optional<GgmlType> MatrixTypeFor(GgmlType target, uint64_t cols) {
   if (cols % BlockOf(target) == 0) return target;
-  if (target != GgmlType::kQ4_K && target != GgmlType::kQ6_K) return std::nullopt;
-  const GgmlType fallback = target == GgmlType::kQ4_K ? GgmlType::kQ5_0 : GgmlType::kQ8_0;
+  GgmlType fallback;
+  switch (target) {
+    case GgmlType::kQ4_K: fallback = GgmlType::kQ5_0; break;
+    case GgmlType::kQ5_K: fallback = GgmlType::kQ5_1; break;
+    case GgmlType::kQ6_K: fallback = GgmlType::kQ8_0; break;
+    default: return std::nullopt;
+  }
   return cols % BlockOf(fallback) == 0 ? fallback : GgmlType::kF16;
 }
 
 absl::StatusOr<GgmlType> ParseQuantizeType(const std::string& name) {
   for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ5_0,
-                     GgmlType::kQ4_K, GgmlType::kQ6_K}) {
+                     GgmlType::kQ5_1, GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K}) {
     if (name == GgmlTypeName(static_cast<uint32_t>(t))) return t;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown target type '", name, "'; one of F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown target type '", name,
+                                                 "'; one of F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K"));
 }
 
 absl::StatusOr<QuantizeResult> QuantizeGguf(const GgufFile& in, GgmlType type, const std::string& out_path,

@@ -29,8 +29,8 @@ namespace {
 
 using Bytes = std::vector<uint8_t>;
 
-const GgmlType kWeightTypes[] = {GgmlType::kF32,  GgmlType::kF16,  GgmlType::kBF16, GgmlType::kQ8_0,
-                                 GgmlType::kQ4_0, GgmlType::kQ5_0, GgmlType::kQ4_K, GgmlType::kQ6_K};
+const GgmlType kWeightTypes[] = {GgmlType::kF32,  GgmlType::kF16,  GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0,
+                                 GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 int BlockElements(GgmlType t) { return GgmlBlockElements(static_cast<uint32_t>(t)); }
@@ -164,8 +164,16 @@ Decoded DecodeByLayout(GgmlType t, const uint8_t* row, int64_t n) {
       const int low = j < 16 ? b[6 + j] & 15 : b[6 + j - 16] >> 4;
       const int fifth = (b[2 + j / 8] >> (j % 8)) & 1;
       out.scaled[i] = F16(b) * ((low | fifth << 4) - 16);
-    } else if (t == GgmlType::kQ4_K) {
-      const uint8_t* b = row + 144 * (i / 256);
+    } else if (t == GgmlType::kQ5_1) {
+      const uint8_t* b = row + 24 * (i / 32);
+      const int j = i % 32;
+      const int low = j < 16 ? b[8 + j] & 15 : b[8 + j - 16] >> 4;
+      const int fifth = (b[4 + j / 8] >> (j % 8)) & 1;
+      out.scaled[i] = F16(b) * (low | fifth << 4);
+      out.offset[i] = -F16(b + 2);
+    } else if (t == GgmlType::kQ4_K || t == GgmlType::kQ5_K) {
+      const bool q5 = t == GgmlType::kQ5_K;
+      const uint8_t* b = row + (q5 ? 176 : 144) * (i / 256);
       const uint8_t* scales = b + 4;
       const int e = i % 256, s = e / 32, c = e / 64;
       int sc, m;
@@ -176,8 +184,9 @@ Decoded DecodeByLayout(GgmlType t, const uint8_t* row, int64_t n) {
         sc = (scales[s + 4] & 15) | (scales[s - 4] >> 6) << 4;
         m = (scales[s + 4] >> 4) | (scales[s] >> 6) << 4;
       }
-      const uint8_t byte = b[16 + 32 * c + e % 32];
-      const int q = (e % 64) < 32 ? byte & 15 : byte >> 4;
+      const uint8_t byte = b[(q5 ? 48 : 16) + 32 * c + e % 32];
+      int q = (e % 64) < 32 ? byte & 15 : byte >> 4;
+      if (q5) q |= ((b[16 + e % 32] >> (2 * c + (e % 64) / 32)) & 1) << 4;  // qh[l], bit 2c (+1 for the high nibble)
       out.scaled[i] = F16(b) * sc * q;
       out.offset[i] = F16(b + 2) * m;
     } else if (t == GgmlType::kQ6_K) {
@@ -230,12 +239,21 @@ Bytes RandomRow(GgmlType t, int64_t n, std::mt19937& rng) {
     case GgmlType::kQ5_0:
       for (int64_t b = 0; b < n / 32; ++b) put16(22 * b, FloatToHalf(scale(rng)));
       break;
-    case GgmlType::kQ4_K:
-      for (int64_t b = 0; b < n / 256; ++b) {
-        put16(144 * b, FloatToHalf(scale(rng)));
-        put16(144 * b + 2, FloatToHalf(scale(rng)));
+    case GgmlType::kQ5_1:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        put16(24 * b, FloatToHalf(scale(rng)));
+        put16(24 * b + 2, FloatToHalf(-16 * scale(rng)));
       }
       break;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K: {
+      const int block = t == GgmlType::kQ4_K ? 144 : 176;
+      for (int64_t b = 0; b < n / 256; ++b) {
+        put16(block * b, FloatToHalf(scale(rng)));
+        put16(block * b + 2, FloatToHalf(scale(rng)));
+      }
+      break;
+    }
     case GgmlType::kQ6_K:
       for (int64_t b = 0; b < n / 256; ++b) put16(210 * b + 208, FloatToHalf(scale(rng) * 0.1f));
       break;
@@ -307,13 +325,13 @@ struct Grid {
 };
 
 Grid GridOf(GgmlType t, const uint8_t* row, int64_t i) {
-  if (t == GgmlType::kQ4_K) {
-    const uint8_t* b = row + 144 * (i / 256);
+  if (t == GgmlType::kQ4_K || t == GgmlType::kQ5_K) {
+    const uint8_t* b = row + (t == GgmlType::kQ4_K ? 144 : 176) * (i / 256);
     const int s = i % 256 / 32;
     const uint8_t* scales = b + 4;
     const int sc = s < 4 ? scales[s] & 63 : (scales[s + 4] & 15) | (scales[s - 4] >> 6) << 4;
     const int m = s < 4 ? scales[s + 4] & 63 : (scales[s + 4] >> 4) | (scales[s] >> 6) << 4;
-    return {F16(b) * sc, F16(b + 2) * m, 0, 15};
+    return {F16(b) * sc, F16(b + 2) * m, 0, t == GgmlType::kQ4_K ? 15 : 31};
   }
   const uint8_t* b = row + 210 * (i / 256);
   return {F16(b + 208) * static_cast<int8_t>(b[192 + i % 256 / 16]), 0, -32, 31};
@@ -327,10 +345,12 @@ Grid GridOf(GgmlType t, const uint8_t* row, int64_t i) {
 //   Q4_0: d = amax/8; x/d truncated from x/d + 8.5 and capped at 15, so
 //         |err| <= d (at the cap, +amax lands on 7d), plus 8 * 2^-11 d.
 //   Q5_0: the same with d = amax/16, cap 31: |err| <= d + 16 * 2^-11 d.
-//   Q4_K / Q6_K: every element is rounded to the nearest level of its
-//         sub-block's grid (d*sc*l - dmin*m, l in 0..15; d*sc*(l - 32),
-//         l in 0..63): within half a step of it, or clamped to the end
-//         level when outside the grid.
+//   Q5_1: d = (max - min)/31, rounded: |err| <= d/2, plus the f16
+//         roundings of d (31 * 2^-11 d) and of min (2^-11 |min|).
+//   Q4_K / Q5_K / Q6_K: every element is rounded to the nearest level of
+//         its sub-block's grid (d*sc*l - dmin*m, l in 0..15 or 0..31;
+//         d*sc*(l - 32), l in 0..63): within half a step of it, or clamped
+//         to the end level when outside the grid.
 TEST(QuantizeRowTest, RoundTripErrorBounds) {
   std::mt19937 rng(3);
   const int64_t n = 4096;
@@ -353,7 +373,15 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
         case GgmlType::kQ8_0: bound = BlockAmax(x, i, 32) / 127 * (0.5 + 127 * 0x1p-11) * 1.0001; break;
         case GgmlType::kQ4_0: bound = BlockAmax(x, i, 32) / 8 * (1 + 8 * 0x1p-11) * 1.0001; break;
         case GgmlType::kQ5_0: bound = BlockAmax(x, i, 32) / 16 * (1 + 16 * 0x1p-11) * 1.0001; break;
+        case GgmlType::kQ5_1: {
+          const int64_t start = i / 32 * 32;
+          const float lo = *std::min_element(x.begin() + start, x.begin() + start + 32);
+          const float hi = *std::max_element(x.begin() + start, x.begin() + start + 32);
+          bound = ((hi - lo) / 31 * (0.5 + 32 * 0x1p-11) + std::fabs(lo) * 0x1p-11) * 1.0001;
+          break;
+        }
         case GgmlType::kQ4_K:
+        case GgmlType::kQ5_K:
         case GgmlType::kQ6_K: {
           const Grid g = GridOf(t, q.data(), i);
           double nearest = 1e30;
@@ -370,7 +398,9 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
     // Typical relative RMS errors on Gaussian data (measured, with margin).
     const double rms_bound = t == GgmlType::kQ4_0   ? 0.12
                              : t == GgmlType::kQ5_0 ? 0.06
+                             : t == GgmlType::kQ5_1 ? 0.05
                              : t == GgmlType::kQ4_K ? 0.10
+                             : t == GgmlType::kQ5_K ? 0.05
                              : t == GgmlType::kQ6_K ? 0.03
                              : t == GgmlType::kQ8_0 ? 0.01
                                                     : 0.005;
@@ -404,6 +434,30 @@ TEST(QuantizeRowTest, Q5_0BlockByHand) {
   EXPECT_EQ(y[1], 15 * d);
   EXPECT_EQ(y[2], 0.f);
   EXPECT_EQ(y[17], -3 * d);
+}
+
+// Q5_1, by hand from GGML's quantize_row_q5_1_ref: min -1, max 2.1, so
+// d = 3.1 / 31 = 0.1 and q = int((x - min) / d + 0.5).
+TEST(QuantizeRowTest, Q5_1BlockByHand) {
+  std::vector<float> x(32, 0.f);  // zeros: q = int(10.5) = 10
+  x[0] = -1.f;                    // q = 0
+  x[1] = 2.1f;                    // q = 31: low 15, fifth bit set
+  x[18] = 0.56f;                  // q = int(16.1) = 16: low 0, fifth bit set
+  const Bytes q = Quantize(GgmlType::kQ5_1, x);
+  ASSERT_EQ(q.size(), 24u);
+  EXPECT_EQ(F16(q.data()), static_cast<double>(HalfToFloat(FloatToHalf(3.1f / 31))));
+  EXPECT_EQ(F16(q.data() + 2), -1.0);
+  uint32_t qh;
+  std::memcpy(&qh, q.data() + 4, 4);
+  EXPECT_EQ(qh, (1u << 1) | (1u << 18));
+  EXPECT_EQ(q[8 + 0], 0 | 10 << 4);   // elements 0 and 16
+  EXPECT_EQ(q[8 + 1], 15 | 10 << 4);  // elements 1 and 17
+  EXPECT_EQ(q[8 + 2], 10 | 0 << 4);   // elements 2 and 18
+  const std::vector<float> y = Dequantize(GgmlType::kQ5_1, q.data(), 32);
+  const float d = HalfToFloat(FloatToHalf(3.1f / 31));
+  EXPECT_EQ(y[0], -1.f);
+  EXPECT_EQ(y[1], 31 * d - 1.f);
+  EXPECT_EQ(y[18], 16 * d - 1.f);
 }
 
 TEST(QuantizeRowTest, Q8KBlockSumsAndScale) {

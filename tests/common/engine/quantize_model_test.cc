@@ -105,7 +105,7 @@ std::string MatricesGguf(const std::vector<uint64_t>& cols, int rows) {
 }
 
 // Rows that are not whole super-blocks take llama.cpp's fallback
-// (llama_tensor_get_type): Q4_K -> Q5_0, Q6_K -> Q8_0, F16 when even 32
+// (llama_tensor_get_type): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, F16 when even 32
 // does not divide them; the data is that type's quantizer's, row by row.
 TEST(QuantizeModelTest, KQuantFallbacksAreLlamaCpps) {
   const std::string in_bytes = MatricesGguf({512, 96, 48}, 3);
@@ -116,6 +116,7 @@ TEST(QuantizeModelTest, KQuantFallbacksAreLlamaCpps) {
     std::vector<GgmlType> want;
   };
   for (const Case& c : {Case{GgmlType::kQ4_K, {GgmlType::kQ4_K, GgmlType::kQ5_0, GgmlType::kF16}},
+                        Case{GgmlType::kQ5_K, {GgmlType::kQ5_K, GgmlType::kQ5_1, GgmlType::kF16}},
                         Case{GgmlType::kQ6_K, {GgmlType::kQ6_K, GgmlType::kQ8_0, GgmlType::kF16}},
                         Case{GgmlType::kQ5_0, {GgmlType::kQ5_0, GgmlType::kQ5_0, GgmlType::kF32}}}) {
     SCOPED_TRACE(GgmlTypeName(static_cast<uint32_t>(c.target)));
@@ -142,17 +143,22 @@ TEST(QuantizeModelTest, KQuantFallbacksAreLlamaCpps) {
   }
 }
 
-// A model whose matrices are Q5_0 (as llama.cpp's Q4_K_M files hold them
-// where rows are 896 long) loads and computes what its weights, expanded to
-// float32, compute: the only difference is the Q8_0 rounding of the
-// activations (the tolerance is families_test's for the quantized types).
-TEST(QuantizeModelTest, Q5_0ModelMatchesItsFloatExpansion) {
+// Models in the types llama.cpp's fixtures here do not cover (Q5_0 and Q5_1,
+// which Q4_K_M / Q5_K_M files hold where rows are 896 long, and Q5_K) load
+// and compute what their weights, expanded to float32, compute: the only
+// difference is the 8-bit rounding of the activations (the tolerance is
+// families_test's for the quantized types).
+class FiveBitModelTest : public ::testing::TestWithParam<GgmlType> {};
+
+TEST_P(FiveBitModelTest, MatchesItsFloatExpansion) {
+  const GgmlType type = GetParam();
+  const std::string name = GgmlTypeName(static_cast<uint32_t>(type));
   const std::string f32_path = TestData("families/models/tiny-random-qwen2-F32.gguf");
   const std::string f32_bytes = ReadAll(f32_path);
   auto f32 = GgufFile::Parse(Bytes(f32_bytes), f32_path);
   ASSERT_TRUE(f32.ok()) << f32.status();
   TempFile q5("", ".gguf"), expanded("", ".gguf");
-  ASSERT_TRUE(QuantizeGguf(*f32, GgmlType::kQ5_0, q5.path()).ok());
+  ASSERT_TRUE(QuantizeGguf(*f32, type, q5.path()).ok());
   const std::string q5_bytes = ReadAll(q5.path());
   auto q5_file = GgufFile::Parse(Bytes(q5_bytes), "q5");
   ASSERT_TRUE(q5_file.ok()) << q5_file.status();
@@ -161,8 +167,8 @@ TEST(QuantizeModelTest, Q5_0ModelMatchesItsFloatExpansion) {
   auto floats = Model::Load(expanded.path());
   ASSERT_TRUE(quant.ok()) << quant.status();
   ASSERT_TRUE(floats.ok()) << floats.status();
-  EXPECT_NE((*quant)->weight_types().find("Q5_0 x"), std::string::npos) << (*quant)->weight_types();
-  EXPECT_EQ((*floats)->weight_types().find("Q5_0"), std::string::npos) << (*floats)->weight_types();
+  EXPECT_NE((*quant)->weight_types().find(name + " x"), std::string::npos) << (*quant)->weight_types();
+  EXPECT_EQ((*floats)->weight_types().find(name), std::string::npos) << (*floats)->weight_types();
 
   const ModelConfig& c = (*quant)->config();
   std::vector<int32_t> tokens, positions;
@@ -183,10 +189,14 @@ TEST(QuantizeModelTest, Q5_0ModelMatchesItsFloatExpansion) {
     max_diff = std::max(max_diff, static_cast<double>(std::fabs(a[i] - b[i])));
     max_abs = std::max(max_abs, static_cast<double>(std::fabs(b[i])));
   }
-  std::printf("Q5_0 model vs its float expansion: max |logit difference| %.4g (max |logit| %.4g)\n", max_diff, max_abs);
+  std::printf("%s model vs its float expansion: max |logit difference| %.4g (max |logit| %.4g)\n", name.c_str(),
+              max_diff, max_abs);
   EXPECT_GT(max_abs, 0.1);
   EXPECT_LE(max_diff, 3e-2 * std::max(1.0, max_abs));
 }
+
+INSTANTIATE_TEST_SUITE_P(Types, FiveBitModelTest, ::testing::Values(GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ5_K),
+                         [](const auto& info) { return std::string(GgmlTypeName(static_cast<uint32_t>(info.param))); });
 
 TEST(QuantizeModelTest, RefusesWhatItCannotDo) {
   EXPECT_EQ(ParseQuantizeType("Q3_K").status().code(), absl::StatusCode::kInvalidArgument);
