@@ -4,6 +4,8 @@
 // measured in the same run. Results (Markdown) to stdout, progress to stderr.
 //   bench_engine --shape tinyllama-1.1b --types F32,F16,Q8_0,Q4_0,Q4_K,Q6_K
 //   bench_engine --model model.gguf
+#include <malloc.h>
+
 #include <chrono>
 #include <cstdio>
 #include <numeric>
@@ -190,6 +192,9 @@ int Main() {
       std::fprintf(stderr, "building random %s model in %s...\n", absl::GetFlag(FLAGS_shape).c_str(),
                    std::string(name).c_str());
       auto model = RandomModel(c, 1, *type);
+      // Give back the heap pages of building it (float32 matrices quantized
+      // and freed), as Model::Load does after parsing a file.
+      malloc_trim(0);
       rows.push_back(
           Measure(*model, std::string(name), np, nd, bw, model->weights().MatrixBytes() / 1e9, baseline_rss));
     }
