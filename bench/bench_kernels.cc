@@ -1,6 +1,7 @@
 // Kernel microbenchmark: DotRows over a whole weight matrix per type, at the
-// TinyLlama FFN shapes (5632 x 2048 and 2048 x 5632), on 1 and 2 threads,
-// against the memory read bandwidth measured in the same run.
+// TinyLlama FFN shapes (5632 x 2048 and 2048 x 5632) or those --shapes
+// names, on 1 and 2 threads, against the memory read bandwidth measured in
+// the same run.
 //
 // Decode reads every weight once per token, so a kernel is as fast as it
 // can be when it streams weights at the memory's read bandwidth. Each
@@ -10,7 +11,7 @@
 // bandwidths included) is repeated in --rounds round-robin passes over all
 // of them, and each keeps its best, so a quiet moment helps them all alike.
 // Results go to stdout as markdown tables. A second table times a prefill
-// (--prefill_tokens tokens through 5632 x 2048) one token at a time with
+// (--prefill_tokens tokens through the first shape) one token at a time with
 // DotRows and in tiles with DotRowsBatch.
 #include <immintrin.h>
 
@@ -26,9 +27,12 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "common/engine/gguf.h"
 #include "common/engine/quant.h"
+#include "common/engine/quantize_model.h"
 #include "common/engine/threading.h"
 
 ABSL_FLAG(int, rounds, 7, "round-robin passes over all measurements; each reports its best");
@@ -38,6 +42,9 @@ ABSL_FLAG(int, bandwidth_mib, 1024, "buffer for the read-bandwidth measurement, 
 ABSL_FLAG(std::string, isa, "", "force the kernels of this ISA (avx2, avx512-vnni); empty: detected");
 ABSL_FLAG(int, prefill_tokens, 512, "tokens of the prefill measurement (DotRowsBatch); 0 skips it");
 ABSL_FLAG(std::string, types, "F32,F16,BF16,Q8_0,Q4_0,Q4_K,Q6_K", "weight types to measure");
+ABSL_FLAG(std::string, shapes, "5632x2048,2048x5632",
+          "matrices as ROWSxCOLS, comma-separated (Qwen2.5-0.5B's: 896x896,128x896,4864x896,896x4864,151936x896); "
+          "the prefill table uses the first");
 
 namespace ape {
 namespace {
@@ -151,23 +158,31 @@ PrefillTimes PrefillMs(const Matrix& m, int tokens, int threads, int reps, std::
   return times;
 }
 
-GgmlType ParseType(const std::string& name) {
-  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_K,
-                     GgmlType::kQ6_K}) {
-    if (name == GgmlTypeName(static_cast<uint32_t>(t))) return t;
-  }
-  std::fprintf(stderr, "unknown type %s\n", name.c_str());
-  std::exit(2);
-}
-
 std::vector<GgmlType> ParseTypes(const std::string& list) {
   std::vector<GgmlType> types;
-  for (size_t at = 0; at <= list.size();) {
-    const size_t comma = std::min(list.find(',', at), list.size());
-    if (comma > at) types.push_back(ParseType(list.substr(at, comma - at)));
-    at = comma + 1;
+  for (absl::string_view name : absl::StrSplit(list, ',', absl::SkipEmpty())) {
+    auto t = ParseQuantizeType(std::string(name));
+    if (!t.ok()) {
+      std::fprintf(stderr, "%s\n", t.status().ToString().c_str());
+      std::exit(2);
+    }
+    types.push_back(*t);
   }
   return types;
+}
+
+std::vector<std::pair<int, int>> ParseShapes(const std::string& list) {
+  std::vector<std::pair<int, int>> shapes;
+  for (absl::string_view shape : absl::StrSplit(list, ',', absl::SkipEmpty())) {
+    std::pair<absl::string_view, absl::string_view> rc = absl::StrSplit(shape, absl::MaxSplits('x', 1));
+    int rows = 0, cols = 0;
+    if (!absl::SimpleAtoi(rc.first, &rows) || !absl::SimpleAtoi(rc.second, &cols) || rows <= 0 || cols <= 0) {
+      std::fprintf(stderr, "bad shape '%s': want ROWSxCOLS\n", std::string(shape).c_str());
+      std::exit(2);
+    }
+    shapes.emplace_back(rows, cols);
+  }
+  return shapes;
 }
 
 int Run() {
@@ -182,8 +197,10 @@ int Run() {
   std::mt19937 rng(1);
   const size_t total = static_cast<size_t>(absl::GetFlag(FLAGS_weights_mib)) << 20;
   std::vector<Matrix> matrices;
+  const std::vector<std::pair<int, int>> shapes = ParseShapes(absl::GetFlag(FLAGS_shapes));
   for (GgmlType type : ParseTypes(absl::GetFlag(FLAGS_types))) {
-    for (auto [rows, cols] : {std::pair{5632, 2048}, std::pair{2048, 5632}}) {
+    for (auto [rows, cols] : shapes) {
+      if (cols % GgmlBlockElements(static_cast<uint32_t>(type)) != 0) continue;  // (no such matrix of this type)
       matrices.push_back(MakeMatrix(type, rows, cols, total, rng));
     }
   }
@@ -220,12 +237,14 @@ int Run() {
 
   const int tokens = absl::GetFlag(FLAGS_prefill_tokens);
   if (tokens <= 0) return 0;
-  std::printf("\nPrefill of %d tokens through 5632 x 2048, ms (DotRows per token vs DotRowsBatch):\n\n", tokens);
+  if (shapes.empty()) return 0;
+  std::printf("\nPrefill of %d tokens through %d x %d, ms (DotRows per token vs DotRowsBatch):\n\n", tokens,
+              shapes[0].first, shapes[0].second);
   std::printf(
       "| type | 1 thread per token | 1 thread batch | speed-up | 2 threads per token | 2 threads batch | speed-up |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
   for (const Matrix& m : matrices) {
-    if (m.rows != 5632) continue;
+    if (m.rows != shapes[0].first || m.cols != shapes[0].second) continue;
     const PrefillTimes one = PrefillMs(m, tokens, 1, std::min(rounds, 3), rng);
     const PrefillTimes two = PrefillMs(m, tokens, 2, std::min(rounds, 3), rng);
     std::printf("| %s | %.0f | %.0f | %.1fx | %.0f | %.0f | %.1fx |\n", GgmlTypeName(static_cast<uint32_t>(m.type)),
