@@ -298,55 +298,45 @@ void QuantizeQ8_0(const float* x, uint8_t* out, int64_t n) {
   }
 }
 
-// GGML quantize_row_q4_0_ref: the scale maps the value of largest magnitude
-// to -8; values are then truncated from x/d + 8.5 and capped at 15.
+// GGML quantize_row_q4_0_ref / quantize_row_q5_0_ref: the scale maps the
+// value of largest magnitude to -2^(bits-1) (d = max / -8, max / -16);
+// quants are truncated from x/d + 2^(bits-1) + 0.5 and capped at 2^bits - 1.
+// Returns d; q[j] gets element j's quant.
+template <int kBits>
+float SymmetricLevels(const float* xb, int* q) {
+  constexpr int kHalf = 1 << (kBits - 1), kMax = (1 << kBits) - 1;
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < kQk0; ++j) {
+    if (amax < std::fabs(xb[j])) {
+      amax = std::fabs(xb[j]);
+      max = xb[j];
+    }
+  }
+  const float d = max / -kHalf;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  for (int j = 0; j < kQk0; ++j) q[j] = std::min(kMax, static_cast<int>(xb[j] * id + (kHalf + 0.5f)));
+  return d;
+}
+
 void QuantizeQ4_0(const float* x, uint8_t* out, int64_t n) {
   for (int64_t i = 0; i < n / kQk0; ++i) {
-    const float* xb = x + i * kQk0;
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < kQk0; ++j) {
-      if (amax < std::fabs(xb[j])) {
-        amax = std::fabs(xb[j]);
-        max = xb[j];
-      }
-    }
-    const float d = max / -8;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int q[kQk0];
     BlockQ4_0 b;
-    b.d = FloatToHalf(d);
-    for (int j = 0; j < kQk0 / 2; ++j) {
-      const float x0 = xb[j] * id;
-      const float x1 = xb[j + 16] * id;
-      const int q0 = std::min(15, static_cast<int>(x0 + 8.5f));
-      const int q1 = std::min(15, static_cast<int>(x1 + 8.5f));
-      b.qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
-    }
+    b.d = FloatToHalf(SymmetricLevels<4>(x + i * kQk0, q));
+    for (int j = 0; j < kQk0 / 2; ++j) b.qs[j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
     StoreBlock(b, out, i);
   }
 }
 
-// GGML quantize_row_q5_0_ref: as Q4_0 with 5 bits, the value of largest
-// magnitude mapped to -16, quants truncated from x/d + 16.5 and capped at 31.
 void QuantizeQ5_0(const float* x, uint8_t* out, int64_t n) {
   for (int64_t i = 0; i < n / kQk0; ++i) {
-    const float* xb = x + i * kQk0;
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < kQk0; ++j) {
-      if (amax < std::fabs(xb[j])) {
-        amax = std::fabs(xb[j]);
-        max = xb[j];
-      }
-    }
-    const float d = max / -16;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int q[kQk0];
     BlockQ5_0 b;
-    b.d = FloatToHalf(d);
+    b.d = FloatToHalf(SymmetricLevels<5>(x + i * kQk0, q));
     uint32_t qh = 0;
     for (int j = 0; j < kQk0 / 2; ++j) {
-      const int q0 = std::min(31, static_cast<int>(xb[j] * id + 16.5f));
-      const int q1 = std::min(31, static_cast<int>(xb[j + 16] * id + 16.5f));
-      b.qs[j] = static_cast<uint8_t>((q0 & 15) | (q1 & 15) << 4);
-      qh |= static_cast<uint32_t>(q0 >> 4) << j | static_cast<uint32_t>(q1 >> 4) << (j + 16);
+      b.qs[j] = static_cast<uint8_t>((q[j] & 15) | (q[j + 16] & 15) << 4);
+      qh |= static_cast<uint32_t>(q[j] >> 4) << j | static_cast<uint32_t>(q[j + 16] >> 4) << (j + 16);
     }
     std::memcpy(b.qh, &qh, 4);
     StoreBlock(b, out, i);
@@ -805,36 +795,21 @@ float DotFloatReference(const uint8_t* w, const uint8_t* x, int64_t n, int elem_
 
 // Block types as GGML's scalar vec_dot: an exact integer sum per block,
 // scaled and added in float.
-float DotQ8_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
-  float sum = 0;
-  for (int64_t i = 0; i < n / kQk0; ++i) {
-    const BlockQ8_0 b = LoadBlock<BlockQ8_0>(w, i), a = LoadBlock<BlockQ8_0>(act, i);
-    int sumi = 0;
-    for (int j = 0; j < kQk0; ++j) sumi += b.qs[j] * a.qs[j];
-    sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
-  }
-  return sum;
-}
 
-float DotQ4_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
+// Element j's signed quant of a block whose x = d * quant.
+inline int SignedQuant(const BlockQ8_0& b, int j) { return b.qs[j]; }
+inline int SignedQuant(const BlockQ4_0& b, int j) { return (j < 16 ? b.qs[j] & 15 : b.qs[j - 16] >> 4) - 8; }
+inline int SignedQuant(const BlockQ5_0& b, int j) { return Q5Quant(b, j) - 16; }
+
+// Q8_0, Q4_0, Q5_0 (Block) x Q8_0.
+template <typename Block>
+float DotScaledReference(const uint8_t* w, const uint8_t* act, int64_t n) {
   float sum = 0;
   for (int64_t i = 0; i < n / kQk0; ++i) {
-    const BlockQ4_0 b = LoadBlock<BlockQ4_0>(w, i);
+    const Block b = LoadBlock<Block>(w, i);
     const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
     int sumi = 0;
-    for (int j = 0; j < kQk0 / 2; ++j) { sumi += ((b.qs[j] & 15) - 8) * a.qs[j] + ((b.qs[j] >> 4) - 8) * a.qs[j + 16]; }
-    sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
-  }
-  return sum;
-}
-
-float DotQ5_0Reference(const uint8_t* w, const uint8_t* act, int64_t n) {
-  float sum = 0;
-  for (int64_t i = 0; i < n / kQk0; ++i) {
-    const BlockQ5_0 b = LoadBlock<BlockQ5_0>(w, i);
-    const BlockQ8_0 a = LoadBlock<BlockQ8_0>(act, i);
-    int sumi = 0;
-    for (int j = 0; j < kQk0; ++j) sumi += (Q5Quant(b, j) - 16) * a.qs[j];
+    for (int j = 0; j < kQk0; ++j) sumi += SignedQuant(b, j) * a.qs[j];
     sum += sumi * (HalfToFloat(b.d) * HalfToFloat(a.d));
   }
   return sum;
@@ -903,9 +878,9 @@ float DotRowReference(GgmlType t, const uint8_t* w, const uint8_t* act, int64_t 
       return DotFloatReference(w, act, n, 2, [](const uint8_t* p) { return HalfToFloat(LoadU16(p)); });
     case GgmlType::kBF16:
       return DotFloatReference(w, act, n, 2, [](const uint8_t* p) { return Bf16ToFloat(LoadU16(p)); });
-    case GgmlType::kQ8_0: return DotQ8_0Reference(w, act, n);
-    case GgmlType::kQ4_0: return DotQ4_0Reference(w, act, n);
-    case GgmlType::kQ5_0: return DotQ5_0Reference(w, act, n);
+    case GgmlType::kQ8_0: return DotScaledReference<BlockQ8_0>(w, act, n);
+    case GgmlType::kQ4_0: return DotScaledReference<BlockQ4_0>(w, act, n);
+    case GgmlType::kQ5_0: return DotScaledReference<BlockQ5_0>(w, act, n);
     case GgmlType::kQ5_1: return DotQ5_1Reference(w, act, n);
     case GgmlType::kQ4_K: return DotKMinReference<BlockQ4K>(w, act, n);
     case GgmlType::kQ5_K: return DotKMinReference<BlockQ5K>(w, act, n);
@@ -1203,40 +1178,37 @@ inline __m256i FifthBits(uint32_t bits) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
 }
 
-// A pair's 5-bit quants (Q5_0, Q5_1): the nibbles of q (Q4_0's layout) with
-// the fifth bits of the x and y registers or'ed in.
-inline void FiveBitPair(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256i* lo, __m256i* hi) {
+// The 5-bit quants (Q5_0, Q5_1: qh at byte kQh of a block, qs at kQs) of
+// the pair of blocks at wb (kBlock bytes apart), or of a last odd block
+// alone (second: false; its pair's second half is zero), in the pair layout:
+// Q4_0's nibbles, with the fifth bits or'ed in (the x register takes bits
+// 0..15 of each block's qh, the y register bits 16..31).
+template <size_t kBlock, size_t kQh, size_t kQs>
+inline void FiveBitPair(const uint8_t* wb, bool second, __m256i* lo, __m256i* hi) {
+  const __m256i q = second ? _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + kQs),
+                                                 reinterpret_cast<const __m128i*>(wb + kQs))
+                           : _mm256_zextsi128_si256(LoadU128(wb + kQs));
+  const uint32_t h0 = LoadU32(wb + kQh), h1 = second ? LoadU32(wb + kBlock + kQh) : 0;
   const __m256i m4 = _mm256_set1_epi8(15);
-  *lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits(x_bits));
-  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(y_bits));
+  *lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits((h0 & 0xffff) | h1 << 16));
+  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(h0 >> 16 | (h1 & 0xffff0000)));
 }
 
-// Q5_0 x Q8_0: Q4_0's nibbles plus the fifth bits, (q - 16) . a. For the
-// pair layout, the x register takes bits 0..15 of each block's qh, the y
-// register bits 16..31.
+// Q5_0 x Q8_0: (q - 16) . a, q the 5-bit quants.
 struct Q5_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ5_0);
 
   template <int T>
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 6),
-                                          reinterpret_cast<const __m128i*>(wb + 6));
-    const uint32_t h0 = LoadU32(wb + 2), h1 = LoadU32(wb + kBlock + 2);
-    Step<T>(q, (h0 & 0xffff) | h1 << 16, h0 >> 16 | (h1 & 0xffff0000), SpreadPair(TwoHalves(wb, kBlock)), a, a_stride,
-            acc);
+    __m256i lo, hi;
+    FiveBitPair<kBlock, 2, 6>(wb, true, &lo, &hi);
+    UnsignedPairStep<T, 1>(lo, hi, SpreadPair(TwoHalves(wb, kBlock)), a, a_stride, acc);
   }
   template <int T>
   static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const uint32_t h0 = LoadU32(wb + 2);
-    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 6)), h0 & 0xffff, h0 >> 16, HalfPairScale(wb), a, a_stride, acc);
-  }
-
-  template <int T>
-  static inline void Step(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256 dw, const ActPair* a, int64_t a_stride,
-                          __m256* acc) {
     __m256i lo, hi;
-    FiveBitPair(q, x_bits, y_bits, &lo, &hi);
-    UnsignedPairStep<T, 1>(lo, hi, dw, a, a_stride, acc);
+    FiveBitPair<kBlock, 2, 6>(wb, false, &lo, &hi);
+    UnsignedPairStep<T, 1>(lo, hi, HalfPairScale(wb), a, a_stride, acc);
   }
 };
 
@@ -1247,25 +1219,21 @@ struct Q5_1Pairs {
 
   template <int T>
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + 8),
-                                          reinterpret_cast<const __m128i*>(wb + 8));
-    const uint32_t h0 = LoadU32(wb + 4), h1 = LoadU32(wb + kBlock + 4);
-    Step<T>(q, (h0 & 0xffff) | h1 << 16, h0 >> 16 | (h1 & 0xffff0000), SpreadPair(TwoHalves(wb, kBlock)),
-            SpreadPair(TwoHalves(wb + 2, kBlock)), a, a_stride, acc);
+    __m256i lo, hi;
+    FiveBitPair<kBlock, 4, 8>(wb, true, &lo, &hi);
+    Step<T>(lo, hi, SpreadPair(TwoHalves(wb, kBlock)), SpreadPair(TwoHalves(wb + 2, kBlock)), a, a_stride, acc);
   }
   template <int T>
   static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const uint32_t h0 = LoadU32(wb + 4);
-    Step<T>(_mm256_zextsi128_si256(LoadU128(wb + 8)), h0 & 0xffff, h0 >> 16, HalfPairScale(wb), HalfPairScale(wb + 2),
-            a, a_stride, acc);
+    __m256i lo, hi;
+    FiveBitPair<kBlock, 4, 8>(wb, false, &lo, &hi);
+    Step<T>(lo, hi, HalfPairScale(wb), HalfPairScale(wb + 2), a, a_stride, acc);
   }
 
   template <int T>
-  static inline void Step(__m256i q, uint32_t x_bits, uint32_t y_bits, __m256 dw, __m256 mw, const ActPair* a,
-                          int64_t a_stride, __m256* acc) {
+  static inline void Step(__m256i lo, __m256i hi, __m256 dw, __m256 mw, const ActPair* a, int64_t a_stride,
+                          __m256* acc) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo, hi;
-    FiveBitPair(q, x_bits, y_bits, &lo, &hi);
     const __m256 mw8 = _mm256_mul_ps(mw, _mm256_set1_ps(0.125f));
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
