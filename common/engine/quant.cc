@@ -1169,13 +1169,19 @@ struct Q4_0Pairs {
   }
 };
 
-// 16 in byte i of the result where bit i of `bits` is set, else 0.
-inline __m256i FifthBits(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+// The fifth bits of a pair of Q5_0/Q5_1 blocks as bytes of 16 (set) or 0,
+// in the pair layout: x (elements 0..15 of each block) takes bits 0..15 of
+// each block's qh, y bits 16..31. qh2 = qh(2p) | qh(2p+1) << 32, broadcast
+// to both 128-bit lanes, so lane 0 spreads qh(2p)'s bytes, lane 1 qh(2p+1)'s.
+inline void FifthBits(uint64_t qh2, __m256i* x, __m256i* y) {
+  const __m256i v = _mm256_set1_epi64x(static_cast<int64_t>(qh2));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201)), sixteen = _mm256_set1_epi8(16);
+  const __m256i sx = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4,
+                                                             4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5));
+  const __m256i sy = _mm256_shuffle_epi8(v, _mm256_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 6, 6, 6, 6,
+                                                             6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7));
+  *x = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(sx, bit), bit), sixteen);
+  *y = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(sy, bit), bit), sixteen);
 }
 
 // The 5-bit quants (Q5_0, Q5_1: qh at byte kQh of a block, qs at kQs) of
@@ -1188,10 +1194,12 @@ inline void FiveBitPair(const uint8_t* wb, bool second, __m256i* lo, __m256i* hi
   const __m256i q = second ? _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(wb + kBlock + kQs),
                                                  reinterpret_cast<const __m128i*>(wb + kQs))
                            : _mm256_zextsi128_si256(LoadU128(wb + kQs));
-  const uint32_t h0 = LoadU32(wb + kQh), h1 = second ? LoadU32(wb + kBlock + kQh) : 0;
+  const uint64_t qh2 = LoadU32(wb + kQh) | (second ? uint64_t{LoadU32(wb + kBlock + kQh)} << 32 : 0);
+  __m256i x, y;
+  FifthBits(qh2, &x, &y);
   const __m256i m4 = _mm256_set1_epi8(15);
-  *lo = _mm256_or_si256(_mm256_and_si256(q, m4), FifthBits((h0 & 0xffff) | h1 << 16));
-  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), FifthBits(h0 >> 16 | (h1 & 0xffff0000)));
+  *lo = _mm256_or_si256(_mm256_and_si256(q, m4), x);
+  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), y);
 }
 
 // Q5_0 x Q8_0: (q - 16) . a, q the 5-bit quants.
