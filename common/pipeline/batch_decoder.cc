@@ -184,8 +184,7 @@ void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
 
   // The pass: decode rows first, then the chunks that fit.
   std::vector<Active*> batch;
-  std::vector<int> chunk;  // per batch entry: prompt tokens (0: a decode row)
-  std::vector<Transformer::StreamTokens> rows;
+  std::vector<Transformer::StreamTokens> rows;  // rows[b]: batch[b]'s tokens
   feed_.resize(active.size());
   int tokens = 0;
   for (size_t i = 0; i < active.size(); ++i) {
@@ -193,7 +192,6 @@ void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
     if (!feeding(a)) continue;
     feed_[i] = a.stepper.last_token();
     batch.push_back(&a);
-    chunk.push_back(0);
     rows.push_back({.tokens = {&feed_[i], 1},
                     .positions = {&a.next_position, 1},
                     .cache = a.session.cache.get(),
@@ -208,7 +206,6 @@ void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
     if (tokens + m > limit) break;  // first come, first served
     const std::span<const int32_t> t(a.session.to_prefill), pos(a.session.to_prefill_positions);
     batch.push_back(&a);
-    chunk.push_back(m);
     rows.push_back({.tokens = t.subspan(a.session.prefilled, m),
                     .positions = pos.subspan(a.session.prefilled, m),
                     .cache = a.session.cache.get(),
@@ -227,7 +224,7 @@ void BatchDecoder::Step(std::vector<std::unique_ptr<Active>>& active) {
   const size_t vocab = model_.config().vocab_size;
   for (size_t b = decoding; b < batch.size(); ++b) {
     Active& a = *batch[b];
-    a.session.prefilled += chunk[b];
+    a.session.prefilled += rows[b].tokens.size();
     a.stream->prefill_ms_ += ms;
     if (a.session.prefill_done()) PromptDone(a, logits_.data() + b * vocab);
   }
