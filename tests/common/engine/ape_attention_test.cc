@@ -36,9 +36,9 @@ struct RandomCache {
     for (auto& x : q) x = nd(rng);
     cache.size = slots;
   }
-  static ModelConfig MakeConfig(int h, int kvh, int hd) {
+  static ModelConfig MakeConfig(int h, int kvh, int hd, int layers = 1) {
     ModelConfig c;
-    c.n_layers = 1;
+    c.n_layers = layers;
     c.n_heads = h;
     c.n_kv_heads = kvh;
     c.head_dim = hd;
@@ -281,8 +281,7 @@ class ApeSegmentedTest : public ::testing::TestWithParam<SegmentedCase> {};
 TEST_P(ApeSegmentedTest, Float16SegmentsEqualRoundedFloat32Cache) {
   const SegmentedCase& k = GetParam();
   constexpr int kLayers = 3;
-  ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim);
-  c.n_layers = kLayers;
+  const ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim, kLayers);
   const int kv_dim = c.kv_dim();
   int read_only = 0;
   for (int r : k.runs) read_only += std::abs(r);
@@ -413,8 +412,7 @@ class ApeDecodeTest : public ::testing::TestWithParam<DecodeCase> {};
 TEST_P(ApeDecodeTest, ManySegmentsAgreeWithReference) {
   const DecodeCase& k = GetParam();
   constexpr int kLayers = 2;
-  ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim);
-  c.n_layers = kLayers;
+  const ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim, kLayers);
   const int kv_dim = c.kv_dim();
   std::mt19937 rng(11 + k.segments * 7 + k.head_dim);
   std::normal_distribution<float> nd(0.f, 1.5f);
