@@ -27,7 +27,10 @@
 #include "xxhash.h"
 
 ABSL_FLAG(std::string, shape, "qwen2.5-0.5b", "model shape: qwen2.5-0.5b, llama-3.2-1b, tinyllama-1.1b, small");
-ABSL_FLAG(int, prefill, 512, "prompt tokens prefilled as one block");
+ABSL_FLAG(int, prefill, 512, "prompt tokens prefilled in one Forward call");
+ABSL_FLAG(int, block, 256,
+          "tokens per internal block of the prefill (the Transformer's max_batch, which sizes its activation scratch; "
+          "256 is the engine's default, which the services use); 0 = the whole prompt as one block");
 ABSL_FLAG(int, decode, 32, "tokens decoded one at a time after the prompt");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, repeats, 3, "repeats; the best is reported");
@@ -94,7 +97,8 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
   std::vector<int32_t> tokens(np), pos(np + nd + kBatch);
   for (int i = 0; i < np; ++i) tokens[i] = 3 + (i * 37) % (c.vocab_size - 3);
   std::iota(pos.begin(), pos.end(), 0);
-  Transformer tf(model, np);
+  const int block = absl::GetFlag(FLAGS_block);
+  Transformer tf(model, std::max(block > 0 ? std::min(block, np) : np, kBatch));
   std::vector<float> logits(c.vocab_size);
   double best_prefill = 1e30, best_decode = 1e30, best_batch8 = 1e30;
   int64_t rss = 0;

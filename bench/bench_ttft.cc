@@ -4,7 +4,12 @@
 // Also decode tokens/s with and without APE attention. Markdown to stdout,
 // JSON lines to --json, progress to stderr. --max_sequential_tokens=0 skips
 // SEQUENTIAL (minutes at 16K tokens); --ape_repeats and --hot_cache_mb time
-// warm APE requests (KV pool warm; entries served from memory).
+// warm APE requests (KV pool warm; entries served from memory). Next to each
+// APE decode rate, the time a token takes against the time to read its bytes
+// once (every weight matrix in its stored type plus the float16 K/V of every
+// cached slot) at the read bandwidth measured right after that decode: the
+// fastest decode step against the fastest read pass, both the least disturbed
+// sample of one pass over memory on this shared machine, and the mean step.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +18,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
 #include "bench/random_model.h"
 #include "common/engine/quantize_model.h"
 #include "common/engine/transformer.h"
@@ -46,6 +52,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Run {
   double ttft_ms = 0, decode_tps = 0, load_ms = 0, prefill_ms = 0;
+  double fastest_token_ms = 0;  // the quickest decode step (token to token)
 };
 
 Run Measure(const Model& m, RedisStore* store, const DecodeInput& in, HotCache* hot = nullptr) {
@@ -53,11 +60,19 @@ Run Measure(const Model& m, RedisStore* store, const DecodeInput& in, HotCache* 
   DecodeHooks hooks;
   hooks.hot_cache = hot;
   auto t0 = Clock::now();
-  double first = 0;
+  double first = 0, fastest = 0;
+  Clock::time_point last;
   auto r = RunDecode(
       m, store, in, hooks,
       [&](const TokenEvent&) {
-        if (first == 0) first = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        const auto now = Clock::now();
+        if (first == 0) {
+          first = std::chrono::duration<double, std::milli>(now - t0).count();
+        } else {
+          const double step = std::chrono::duration<double, std::milli>(now - last).count();
+          if (fastest == 0 || step < fastest) fastest = step;
+        }
+        last = now;
         return true;
       },
       &st);
@@ -70,6 +85,7 @@ Run Measure(const Model& m, RedisStore* store, const DecodeInput& in, HotCache* 
   out.decode_tps = r->tokens.size() > 1 ? (r->tokens.size() - 1) / r->decode_seconds : 0;
   out.load_ms = st.cache_load_ms;
   out.prefill_ms = st.prefill_ms;
+  out.fastest_token_ms = fastest;
   return out;
 }
 
@@ -111,12 +127,18 @@ int Main() {
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json).empty()) json.open(absl::GetFlag(FLAGS_json), std::ios::app);
   const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
+  // Bytes a decoded token reads: the weights (the embedding contributes one
+  // row unless it is the classifier too), then per cached slot its float16
+  // K and V in every layer.
+  const ModelWeights& w = model->weights();
+  const double weight_bytes = double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
+  const double kv_bytes_per_slot = 2.0 * c.n_layers * c.kv_dim() * sizeof(uint16_t);
   std::printf("## Time to first token: %s, %d threads, contexts of %d tokens, %d-token query\n\n", what.c_str(),
               ComputeThreads(), lc, lq);
   std::printf(
       "| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load "
-      "| SEQUENTIAL decode | APE decode |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      "| SEQUENTIAL decode | APE decode | APE decode step / streaming weights + KV: fastest (mean) |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& ns : absl::GetFlag(FLAGS_contexts)) {
     const int n = std::stoi(ns);
     DecodeInput in;
@@ -148,6 +170,17 @@ int Main() {
                    one.prefill_ms);
       if (r == 0 || one.ttft_ms < ape.ttft_ms) ape = one;
     }
+    // The decode's reads at this moment's bandwidth: what the token would
+    // take if it only streamed its bytes once.
+    const int slots = in.prefix_tokens.size() + n * lc + lq + in.generate.max_tokens / 2;
+    const double bw = ReadBandwidthGBs(size_t{1} << 30, 5);
+    const double stream_s = (weight_bytes + slots * kv_bytes_per_slot) / (bw * 1e9);
+    const double stream_ratio = ape.fastest_token_ms / 1e3 / stream_s;
+    const double mean_ratio = ape.decode_tps > 0 ? 1.0 / ape.decode_tps / stream_s : 0;
+    std::fprintf(stderr,
+                 "  APE decode %.2f tok/s (fastest step %.1f ms): %.2fx (mean %.2fx) streaming %.0f MB at %.1f GB/s\n",
+                 ape.decode_tps, ape.fastest_token_ms, stream_ratio, mean_ratio,
+                 (weight_bytes + slots * kv_bytes_per_slot) / 1e6, bw);
     Run hot_run;
     if (absl::GetFlag(FLAGS_hot_cache_mb) > 0) {
       HotCache hot(static_cast<size_t>(absl::GetFlag(FLAGS_hot_cache_mb)) << 20);
@@ -167,19 +200,20 @@ int Main() {
       in.mode = DecodeMode::kSequential;
       seq = Measure(*model, nullptr, in);
     }
-    std::printf("| %d | %d | %s | %.0f ms | %s | %.0f ms | %.2f tok/s | %.2f tok/s |\n", n, prompt,
-                seq_ok ? absl::StrFormat("%.0f ms", seq.ttft_ms).c_str() : "skipped", ape.ttft_ms,
+    std::printf("| %d | %d | %s | %.0f ms | %s | %.0f ms | %.2f tok/s | %.2f tok/s | %.2fx (%.2fx) at %.1f GB/s |\n", n,
+                prompt, seq_ok ? absl::StrFormat("%.0f ms", seq.ttft_ms).c_str() : "skipped", ape.ttft_ms,
                 seq_ok ? absl::StrFormat("%.1fx", seq.ttft_ms / ape.ttft_ms).c_str() : "-", ape.load_ms, seq.decode_tps,
-                ape.decode_tps);
+                ape.decode_tps, stream_ratio, mean_ratio, bw);
     std::fflush(stdout);
     if (json.is_open()) {
       json << absl::StrFormat(
           "{\"shape\":\"%s\",\"contexts\":%d,\"context_tokens\":%d,\"prompt_tokens\":%d,\"sequential_ttft_ms\":%.3f,"
           "\"ape_ttft_ms\":%.3f,\"ape_cache_load_ms\":%.3f,\"sequential_decode_tps\":%.3f,\"ape_decode_tps\":%.3f,"
-          "\"ape_hot_ttft_ms\":%.3f,\"threads\":%d}\n",
+          "\"ape_hot_ttft_ms\":%.3f,\"ape_fastest_token_ms\":%.3f,\"ape_decode_stream_ratio\":%.3f,\"ape_decode_mean_"
+          "stream_ratio\":%.3f,\"bandwidth_gbs\":%.2f,\"threads\":%d}\n",
           absl::GetFlag(FLAGS_shape), n, lc, prompt, seq_ok ? seq.ttft_ms : -1.0, ape.ttft_ms, ape.load_ms,
-          seq.decode_tps, ape.decode_tps, absl::GetFlag(FLAGS_hot_cache_mb) > 0 ? hot_run.ttft_ms : -1.0,
-          ComputeThreads());
+          seq.decode_tps, ape.decode_tps, absl::GetFlag(FLAGS_hot_cache_mb) > 0 ? hot_run.ttft_ms : -1.0, stream_ratio,
+          bw, ComputeThreads());
       json.flush();
     }
   }
