@@ -1,6 +1,7 @@
 // The GGUF families against llama.cpp (tests/data/families/, see
 // tests/data/README.md): tiny random-weight qwen2, qwen3 and Llama-3.1-style
-// llama models in F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K. For each of a golden's three prompts
+// llama models in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q5_1 and Q5_K. For each of a golden's
+// three prompts
 // (13, 33 and 287 tokens: the last one crosses a 256-token block and reaches
 // positions where the Llama-3.1 frequency factors matter) we prefill the
 // golden's prompt ids, compare the last-position logits with llama.cpp's,
@@ -28,10 +29,12 @@
 //   F16/BF16 vs `dequant_f32` 1e-5: the golden also holds llama.cpp's run of
 //        the exactly dequantized weights with float32 activations, which is
 //        what this engine computes; it must agree as tightly as F32 does.
-//   Q8_0, Q4_0, Q4_K, Q6_K 3e-2. Here this engine computes what llama.cpp
-//        computes: the weights stay quantized and every product quantizes its
-//        activations to Q8_0 (Q8_0, Q4_0) or Q8_K (Q4_K, Q6_K) blocks and sums
-//        integer products per block. But that rounding amplifies the float32
+//   Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q5_1, Q5_K 3e-2. Here this engine computes
+//        what llama.cpp computes: the weights stay quantized and every product
+//        quantizes its activations to Q8_0 (Q8_0, Q4_0, Q5_0; for Q5_1
+//        llama.cpp's Q8_1, the same 8-bit values plus their sum times the
+//        scale rounded to float16, where we sum the values exactly) or Q8_K
+//        (Q4_K, Q5_K, Q6_K) blocks and sums integer products per block. But that rounding amplifies the float32
 //        differences that remain elsewhere (exp, SiLU, RoPE, summation order):
 //        an activation that differs by one ulp can round to the neighbouring
 //        8-bit step, a change of 1/127 of its block's largest value. Measured:
@@ -126,7 +129,7 @@ TEST_P(FamiliesTest, LogitsAndGreedyIdsMatchLlamaCpp) {
   const std::string name = f.name;
   // F16 and BF16: also against llama.cpp's run of the dequantized weights.
   const bool half_type = name.find("F16") != std::string::npos;
-  // Q8_0, Q4_0, Q4_K, Q6_K: teacher-forced decoding (see the header).
+  // Block types (Q8_0 ... Q5_K): teacher-forced decoding (see the header).
   const bool block_type = name.find("-Q") != std::string::npos;
   int undecided = 0, decided = 0;
 
@@ -174,12 +177,8 @@ TEST_P(FamiliesTest, LogitsAndGreedyIdsMatchLlamaCpp) {
       const int32_t next = block_type ? want_ids[step] : got_ids.back();
       tf.Forward(std::span(&next, 1), std::span(&pos, 1), cache, ApeParams{}, logits.data());
     }
-    if (!block_type) {
-      EXPECT_EQ(got_ids, want_ids);
-    }
-    if (half_type) {
-      EXPECT_EQ(got_ids, c["dequant_f32"]["generated_ids"].get<std::vector<int32_t>>());
-    }
+    if (!block_type) { EXPECT_EQ(got_ids, want_ids); }
+    if (half_type) { EXPECT_EQ(got_ids, c["dequant_f32"]["generated_ids"].get<std::vector<int32_t>>()); }
   }
   // Measured differences, for the record (tests/data/README.md quotes them).
   std::printf("%-28s max |logit diff| vs llama.cpp: last %.2e, steps %.2e", f.name, worst_llama_cpp, worst_steps);
@@ -192,7 +191,7 @@ std::vector<Fixture> AllFixtures() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
     for (const char* arch : {"qwen2", "qwen3", "llama31"}) {
-      for (const char* type : {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"}) {
+      for (const char* type : {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}) {
         v.push_back(std::string("tiny-random-") + arch + "-" + type);
       }
     }

@@ -59,9 +59,10 @@ std::vector<float> Dequantize(GgmlType t, const uint8_t* row, int64_t n) {
 // Bit-identity with llama-quantize
 // ---------------------------------------------------------------------------
 // tests/data/families/models/tiny-random-*-TYPE.gguf were made by
-// `llama-quantize --pure F32.gguf OUT.gguf TYPE` (llama.cpp 34af94cd, no
-// importance matrix): every 2-D matrix in TYPE. Quantizing the F32 file's
-// matrices row by row must give the same bytes.
+// `llama-quantize --pure F32.gguf OUT.gguf TYPE` (no importance matrix):
+// every 2-D matrix in TYPE; llama.cpp 34af94cd for F16 ... Q6_K, a later
+// llama.cpp (tests/data/README.md) for Q5_0, Q5_1 and Q5_K. Quantizing the
+// F32 file's matrices row by row must give the same bytes.
 
 struct Gguf {
   std::string bytes;
@@ -116,7 +117,9 @@ TEST_P(LlamaQuantizeTest, RowsAreBitIdentical) {
 INSTANTIATE_TEST_SUITE_P(Types, LlamaQuantizeTest,
                          ::testing::Values(FixtureCase{"F16", GgmlType::kF16}, FixtureCase{"BF16", GgmlType::kBF16},
                                            FixtureCase{"Q8_0", GgmlType::kQ8_0}, FixtureCase{"Q4_0", GgmlType::kQ4_0},
-                                           FixtureCase{"Q4_K", GgmlType::kQ4_K}, FixtureCase{"Q6_K", GgmlType::kQ6_K}),
+                                           FixtureCase{"Q4_K", GgmlType::kQ4_K}, FixtureCase{"Q6_K", GgmlType::kQ6_K},
+                                           FixtureCase{"Q5_0", GgmlType::kQ5_0}, FixtureCase{"Q5_1", GgmlType::kQ5_1},
+                                           FixtureCase{"Q5_K", GgmlType::kQ5_K}),
                          [](const auto& info) { return std::string(info.param.file_type); });
 
 // ---------------------------------------------------------------------------
@@ -409,8 +412,8 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
   }
 }
 
-// Q5_0 has no llama-quantize fixture here: a block worked by hand from
-// GGML's quantize_row_q5_0_ref. The value of largest magnitude is -1.6, so
+// A Q5_0 block worked by hand from GGML's quantize_row_q5_0_ref (the
+// fixtures check whole files; this pins the layout's bit positions). The value of largest magnitude is -1.6, so
 // d = -1.6 / -16 = 0.1 and q = min(31, int(x / d + 16.5)).
 TEST(QuantizeRowTest, Q5_0BlockByHand) {
   std::vector<float> x(32, 0.f);

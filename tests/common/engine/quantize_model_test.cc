@@ -1,5 +1,5 @@
 // QuantizeGguf against llama.cpp's quantizer: the fixtures of
-// tests/data/families/models/ in F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K were
+// tests/data/families/models/ in F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q5_1 and Q5_K were
 // made from the F32 files by `llama-quantize --pure` (tests/data/README.md).
 // Quantizing the same F32 files here must give the same tensors, byte for
 // byte, and the same metadata but for what the tool itself stamps.
@@ -34,7 +34,7 @@ TEST(QuantizeModelTest, SameTensorsAsLlamaQuantize) {
     const std::string f32_bytes = ReadAll(f32_path);
     auto f32 = GgufFile::Parse(Bytes(f32_bytes), f32_path);
     ASSERT_TRUE(f32.ok()) << f32.status();
-    for (const char* type_name : {"F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"}) {
+    for (const char* type_name : {"F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}) {
       SCOPED_TRACE(std::string(arch) + " " + type_name);
       auto type = ParseQuantizeType(type_name);
       ASSERT_TRUE(type.ok()) << type.status();
