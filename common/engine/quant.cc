@@ -1842,12 +1842,20 @@ const KernelSet*& ActiveKernels() {
 }  // namespace
 
 // One token. K-quant rows go one at a time (one sequential stream, as
-// PairsTile: faster from memory here than 4 rows side by side), the other
-// grid kernels 4 rows at a time.
+// PairsTile: faster from memory here than 4 rows side by side), and so do
+// rows shorter than kShortRowBytes; the other grid kernels take 4 rows at a
+// time. Rows of under 2 KB (Qwen2.5-0.5B's 896 columns in F16/BF16: 1792
+// bytes) read 4 side by side streamed at 59-70% of one thread's read
+// bandwidth, one at a time at 88-103% (bench_kernels, 3 alternations);
+// longer rows (F32 ones of 3584 bytes, F16 ones of 9728) did as well or
+// better 4 at a time. Either way each (row, token) result is the same chain
+// of operations (DotFloatRows), so the choice changes no output bit.
+constexpr size_t kShortRowBytes = 2048;
+
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
   if (BatchKernel batch = ActiveKernels()->BatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
   const KernelGrid& kernel = ActiveKernels()->For(t);
-  if (IsKQuant(t)) {
+  if (IsKQuant(t) || row_bytes < kShortRowBytes) {
     for (int r = 0; r < rows; ++r) kernel[0][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
     return;
   }
