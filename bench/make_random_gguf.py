@@ -12,6 +12,7 @@ models/recipe/gguf_io.py).
 
   /usr/bin/python3 bench/make_random_gguf.py --out /tmp/qwen-random.gguf
   /usr/bin/python3 bench/make_random_gguf.py --shape qwen2.5-1.5b --type f16 --out big.gguf
+  /usr/bin/python3 bench/make_random_gguf.py --shape tinyllama-1.1b --type f32 --out tl.gguf
 
 Weight types:
   q8_0 (default): GGML Q8_0 blocks written directly (a float16 scale d and 32
@@ -42,12 +43,20 @@ GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
 FILE_TYPE = {GGML_F32: 0, GGML_F16: 1, GGML_Q8_0: 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 QK8_0 = 32  # values per Q8_0 block; a block is 2 + 32 bytes
 
-# Published Qwen2.5 dimensions (config.json of the Hugging Face checkpoints).
+LLAMA_SPM_VOCAB = os.path.join(ROOT, "tests", "data", "vocab", "ggml-vocab-llama-spm.gguf")
+
+# Published dimensions (config.json of the Hugging Face checkpoints). Qwen2.5:
+# architecture qwen2, Q/K/V biases, output tied to the token embedding, RoPE
+# base 1e6. TinyLlama-1.1B: architecture llama, no biases, its own output
+# matrix, RoPE base 1e4, Llama 2's 32,000-token SentencePiece vocabulary.
+QWEN = dict(arch="qwen2", biases=True, tied=True, rope_base=1000000.0, rms_eps=1e-6, vocab=DEFAULT_VOCAB)
 SHAPES = {
-    "qwen2.5-0.5b": dict(dim=896, ffn=4864, layers=24, heads=14, kv_heads=2),
-    "qwen2.5-1.5b": dict(dim=1536, ffn=8960, layers=28, heads=12, kv_heads=2),
+    "qwen2.5-0.5b": dict(QWEN, dim=896, ffn=4864, layers=24, heads=14, kv_heads=2),
+    "qwen2.5-1.5b": dict(QWEN, dim=1536, ffn=8960, layers=28, heads=12, kv_heads=2),
+    "tinyllama-1.1b": dict(arch="llama", biases=False, tied=False, rope_base=10000.0, rms_eps=1e-5,
+                           vocab=LLAMA_SPM_VOCAB, dim=2048, ffn=5632, layers=22, heads=32, kv_heads=4),
     # Between the tiny fixtures and a real model: decodes in a few ms.
-    "small": dict(dim=256, ffn=768, layers=4, heads=8, kv_heads=2),
+    "small": dict(QWEN, dim=256, ffn=768, layers=4, heads=8, kv_heads=2),
 }
 
 
@@ -71,9 +80,10 @@ def random_tensor(rng, shape, gtype, std):
     return x.astype(np.float16 if gtype == GGML_F16 else np.float32).tobytes()
 
 
-def make_random_gguf(out, shape_name="qwen2.5-0.5b", vocab=DEFAULT_VOCAB, wtype="q8_0", layers=None, seed=0,
+def make_random_gguf(out, shape_name="qwen2.5-0.5b", vocab=None, wtype="q8_0", layers=None, seed=0,
                      context_length=32768):
     s = dict(SHAPES[shape_name])
+    vocab = vocab or s["vocab"]
     if layers:
         s["layers"] = layers
     dim, ffn, n_layers, heads, kv_heads = s["dim"], s["ffn"], s["layers"], s["heads"], s["kv_heads"]
@@ -85,39 +95,41 @@ def make_random_gguf(out, shape_name="qwen2.5-0.5b", vocab=DEFAULT_VOCAB, wtype=
 
     vkv, _ = read_gguf(vocab)
     n_vocab = len(vkv["tokenizer.ggml.tokens"][1])
-    arch = "qwen2"
+    arch = s["arch"]
     kv = {"general.architecture": (T_STR, arch, None),
           "general.name": (T_STR, f"random-{shape_name}-{wtype}", None)}
     for key, val in [("block_count", n_layers), ("context_length", context_length), ("embedding_length", dim),
                      ("feed_forward_length", ffn), ("attention.head_count", heads),
                      ("attention.head_count_kv", kv_heads)]:
         kv[f"{arch}.{key}"] = (T_U32, val, None)
-    kv[f"{arch}.rope.freq_base"] = (T_F32, 1000000.0, None)
-    kv[f"{arch}.attention.layer_norm_rms_epsilon"] = (T_F32, 1e-6, None)
+    kv[f"{arch}.rope.freq_base"] = (T_F32, s["rope_base"], None)
+    kv[f"{arch}.attention.layer_norm_rms_epsilon"] = (T_F32, s["rms_eps"], None)
     kv["general.file_type"] = (T_U32, FILE_TYPE[gtype], None)
     kv["general.quantization_version"] = (T_U32, 2, None)
     for key, entry in vkv.items():
         if key.startswith("tokenizer."):
             kv[key] = entry
 
-    # (name, shape [rows, cols] or [n], ggml type, deviation; 0 = ones). The
-    # output is tied to token_embd (no output.weight), as in Qwen2.5-0.5B.
+    # (name, shape [rows, cols] or [n], ggml type, deviation; 0 = ones). A
+    # tied output is token_embd itself (no output.weight), as in Qwen2.5-0.5B.
     specs = [("token_embd.weight", (n_vocab, dim), gtype, 1.0)]
     for i in range(n_layers):
         p = f"blk.{i}."
         specs += [(p + "attn_norm.weight", (dim,), GGML_F32, 0),
-                  (p + "attn_q.weight", (q_dim, dim), gtype, dim ** -0.5),
-                  (p + "attn_q.bias", (q_dim,), GGML_F32, 0.1),
-                  (p + "attn_k.weight", (kv_dim, dim), gtype, dim ** -0.5),
-                  (p + "attn_k.bias", (kv_dim,), GGML_F32, 0.1),
-                  (p + "attn_v.weight", (kv_dim, dim), gtype, dim ** -0.5),
-                  (p + "attn_v.bias", (kv_dim,), GGML_F32, 0.1),
-                  (p + "attn_output.weight", (dim, q_dim), gtype, q_dim ** -0.5),
+                  (p + "attn_q.weight", (q_dim, dim), gtype, dim ** -0.5)]
+        specs += [(p + "attn_q.bias", (q_dim,), GGML_F32, 0.1)] if s["biases"] else []
+        specs += [(p + "attn_k.weight", (kv_dim, dim), gtype, dim ** -0.5)]
+        specs += [(p + "attn_k.bias", (kv_dim,), GGML_F32, 0.1)] if s["biases"] else []
+        specs += [(p + "attn_v.weight", (kv_dim, dim), gtype, dim ** -0.5)]
+        specs += [(p + "attn_v.bias", (kv_dim,), GGML_F32, 0.1)] if s["biases"] else []
+        specs += [(p + "attn_output.weight", (dim, q_dim), gtype, q_dim ** -0.5),
                   (p + "ffn_norm.weight", (dim,), GGML_F32, 0),
                   (p + "ffn_gate.weight", (ffn, dim), gtype, dim ** -0.5),
                   (p + "ffn_up.weight", (ffn, dim), gtype, dim ** -0.5),
                   (p + "ffn_down.weight", (dim, ffn), gtype, ffn ** -0.5)]
     specs.append(("output_norm.weight", (dim,), GGML_F32, 0))
+    if not s["tied"]:
+        specs.append(("output.weight", (n_vocab, dim), gtype, dim ** -0.5))
 
     # Header: magic, version, counts, metadata, tensor infos (dims reversed:
     # dims[0] is the row length), padding to ALIGN; then each tensor's data
@@ -153,7 +165,8 @@ def main():
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--type", default="q8_0", choices=["q8_0", "f16", "f32"])
     ap.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: keep)")
-    ap.add_argument("--vocab", default=DEFAULT_VOCAB, help="vocabulary-only GGUF (a qwen2 BPE tokenizer)")
+    ap.add_argument("--vocab", default=None,
+                    help="vocabulary-only GGUF (default: the shape's: Qwen2 BPE, or Llama 2 SentencePiece for tinyllama)")
     ap.add_argument("--context-length", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -492,7 +492,7 @@ INSTANTIATE_TEST_SUITE_P(Segments, ApeDecodeTest,
                              DecodeCase{14, 2, 64, 60, 9, 5, 0, 0.8f, 0.9f},
                              // O keys after C inside the segments; big logits (T = 0.3).
                              DecodeCase{14, 2, 64, 25, 3, 1, 40, 0.3f, 2.0f},
-                             // GQA 8 (a head block of 7, then 1), head_dim 72 (rows of 144 bytes
+                             // GQA 8 (two head blocks of 4), head_dim 72 (rows of 144 bytes
                              // in float16: a 16-byte tail in the tile copy), one KV head.
                              DecodeCase{8, 1, 72, 30, 2, 3, 0, 0.7f, 1.3f},
                              // GQA 1 and 3, head_dim 8 and 128.
