@@ -205,10 +205,13 @@ class BatchingTest(unittest.TestCase):
             self.assertEqual(a.final.usage.generated_tokens, len(a.ids))
         self.assertEqual(len(solo[0].ids), 40)
         self.assertEqual(solo[1].final.finish_reason, "stop")
-        # Shared steps: rows = the tokens fed back; at least twice as many as steps.
-        # (every token but a stream's last is fed back)
+        # Shared steps: rows = the tokens fed back (every token but a stream's
+        # last); more rows than steps means steps were shared. How many share
+        # depends on when the 8 client threads get their requests in: usually
+        # more than 2 rows a step, but 1.8 on a loaded machine (CTest -j2 beside
+        # two busy loops), so the test asks for sharing, not for a width.
         self.assertEqual(rows, sum(len(s.ids) - 1 for s in together))
-        self.assertGreater(rows, 2 * steps, f"{rows} rows in {steps} steps")
+        self.assertGreater(rows, steps, f"{rows} rows in {steps} steps")
 
     def test_2_cancel_frees_the_slot(self):
         running = self.long_streams(8)
