@@ -212,8 +212,8 @@ int Main() {
           "\"ape_hot_ttft_ms\":%.3f,\"ape_fastest_token_ms\":%.3f,\"ape_decode_stream_ratio\":%.3f,\"ape_decode_mean_"
           "stream_ratio\":%.3f,\"bandwidth_gbs\":%.2f,\"threads\":%d}\n",
           absl::GetFlag(FLAGS_shape), n, lc, prompt, seq_ok ? seq.ttft_ms : -1.0, ape.ttft_ms, ape.load_ms,
-          seq.decode_tps, ape.decode_tps, absl::GetFlag(FLAGS_hot_cache_mb) > 0 ? hot_run.ttft_ms : -1.0, stream_ratio,
-          bw, ComputeThreads());
+          seq.decode_tps, ape.decode_tps, absl::GetFlag(FLAGS_hot_cache_mb) > 0 ? hot_run.ttft_ms : -1.0,
+          ape.fastest_token_ms, stream_ratio, mean_ratio, bw, ComputeThreads());
       json.flush();
     }
   }

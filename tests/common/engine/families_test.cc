@@ -1,7 +1,7 @@
 // The GGUF families against llama.cpp (tests/data/families/, see
 // tests/data/README.md): tiny random-weight qwen2, qwen3 and Llama-3.1-style
-// llama models in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q5_1 and Q5_K. For each of a golden's
-// three prompts
+// llama models in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q5_1 and
+// Q5_K. For each of a golden's three prompts
 // (13, 33 and 287 tokens: the last one crosses a 256-token block and reaches
 // positions where the Llama-3.1 frequency factors matter) we prefill the
 // golden's prompt ids, compare the last-position logits with llama.cpp's,
@@ -34,12 +34,13 @@
 //        quantizes its activations to Q8_0 (Q8_0, Q4_0, Q5_0; for Q5_1
 //        llama.cpp's Q8_1, the same 8-bit values plus their sum times the
 //        scale rounded to float16, where we sum the values exactly) or Q8_K
-//        (Q4_K, Q5_K, Q6_K) blocks and sums integer products per block. But that rounding amplifies the float32
-//        differences that remain elsewhere (exp, SiLU, RoPE, summation order):
-//        an activation that differs by one ulp can round to the neighbouring
-//        8-bit step, a change of 1/127 of its block's largest value. Measured:
-//        many prompts agree to 6e-7 (no step flipped), others differ by up to
-//        1.4e-2, the size of the rounding noise itself (llama.cpp's own
+//        (Q4_K, Q5_K, Q6_K) blocks and sums integer products per block. But
+//        that rounding amplifies the float32 differences that remain elsewhere
+//        (exp, SiLU, RoPE, summation order): an activation that differs by
+//        one ulp can round to the neighbouring 8-bit step, a change of 1/127
+//        of its block's largest value. Measured: many prompts agree to 6e-7
+//        (no step flipped), others differ by up to 1.4e-2 (1.6e-2 for Q5_1),
+//        the size of the rounding noise itself (llama.cpp's own
 //        float32-activation run, `dequant_f32`, differs from it by 0.009-0.022).
 //        3e-2 is about twice the worst measured.
 //        Greedy ids: the goldens' margins go down to 7.8e-5, far below that
