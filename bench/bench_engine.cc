@@ -93,12 +93,9 @@ constexpr int kBatch = 8;  // tokens of the decode-batch measurement
 Row Measure(const Model& model, const std::string& name, int np, int nd, double bw, double file_gb,
             int64_t baseline_rss) {
   const ModelConfig& c = model.config();
-  const ModelWeights& w = model.weights();
   const double layer_params = double(c.q_dim()) * c.dim * 2 + 2.0 * c.kv_dim() * c.dim + 3.0 * c.hidden_dim * c.dim;
   const double flops_per_token = 2.0 * (c.n_layers * layer_params);
-  // Bytes streamed per decoded token: every layer matrix and the classifier
-  // (the embedding contributes one row), in their stored types.
-  const double bytes_per_token = double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
+  const double bytes_per_token = WeightBytesPerToken(model.weights());
   std::vector<int32_t> tokens(np), pos(np + nd + kBatch);
   for (int i = 0; i < np; ++i) tokens[i] = 3 + (i * 37) % (c.vocab_size - 3);
   std::iota(pos.begin(), pos.end(), 0);

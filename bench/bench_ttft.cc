@@ -127,11 +127,9 @@ int Main() {
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json).empty()) json.open(absl::GetFlag(FLAGS_json), std::ios::app);
   const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
-  // Bytes a decoded token reads: the weights (the embedding contributes one
-  // row unless it is the classifier too), then per cached slot its float16
-  // K and V in every layer.
-  const ModelWeights& w = model->weights();
-  const double weight_bytes = double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
+  // Bytes a decoded token reads: the weights, then per cached slot its
+  // float16 K and V in every layer.
+  const double weight_bytes = WeightBytesPerToken(model->weights());
   const double kv_bytes_per_slot = 2.0 * c.n_layers * c.kv_dim() * sizeof(uint16_t);
   std::printf("## Time to first token: %s, %d threads, contexts of %d tokens, %d-token query\n\n", what.c_str(),
               ComputeThreads(), lc, lq);

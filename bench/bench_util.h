@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/engine/matvec.h"
+#include "common/engine/model.h"
 #include "common/engine/threading.h"
 #include "common/engine/weight_matrix.h"
 
@@ -26,6 +27,13 @@ namespace ape::bench {
 
 inline double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Bytes a decoded token reads from the weights: every layer matrix and the
+// classifier in their stored types; the embedding contributes one row
+// unless it is the classifier too.
+inline double WeightBytesPerToken(const ModelWeights& w) {
+  return double(w.MatrixBytes() - (w.wcls.empty() ? 0 : w.tok_emb.bytes()));
 }
 
 // Reads `bytes` bytes with 32-byte AVX loads as 4 interleaved streams (one

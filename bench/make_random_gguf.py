@@ -115,13 +115,11 @@ def make_random_gguf(out, shape_name="qwen2.5-0.5b", vocab=None, wtype="q8_0", l
     specs = [("token_embd.weight", (n_vocab, dim), gtype, 1.0)]
     for i in range(n_layers):
         p = f"blk.{i}."
-        specs += [(p + "attn_norm.weight", (dim,), GGML_F32, 0),
-                  (p + "attn_q.weight", (q_dim, dim), gtype, dim ** -0.5)]
-        specs += [(p + "attn_q.bias", (q_dim,), GGML_F32, 0.1)] if s["biases"] else []
-        specs += [(p + "attn_k.weight", (kv_dim, dim), gtype, dim ** -0.5)]
-        specs += [(p + "attn_k.bias", (kv_dim,), GGML_F32, 0.1)] if s["biases"] else []
-        specs += [(p + "attn_v.weight", (kv_dim, dim), gtype, dim ** -0.5)]
-        specs += [(p + "attn_v.bias", (kv_dim,), GGML_F32, 0.1)] if s["biases"] else []
+        specs.append((p + "attn_norm.weight", (dim,), GGML_F32, 0))
+        for m, rows in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+            specs.append((p + f"attn_{m}.weight", (rows, dim), gtype, dim ** -0.5))
+            if s["biases"]:
+                specs.append((p + f"attn_{m}.bias", (rows,), GGML_F32, 0.1))
         specs += [(p + "attn_output.weight", (dim, q_dim), gtype, q_dim ** -0.5),
                   (p + "ffn_norm.weight", (dim,), GGML_F32, 0),
                   (p + "ffn_gate.weight", (ffn, dim), gtype, dim ** -0.5),

@@ -413,8 +413,9 @@ TEST(QuantizeRowTest, RoundTripErrorBounds) {
 }
 
 // A Q5_0 block worked by hand from GGML's quantize_row_q5_0_ref (the
-// fixtures check whole files; this pins the layout's bit positions). The value of largest magnitude is -1.6, so
-// d = -1.6 / -16 = 0.1 and q = min(31, int(x / d + 16.5)).
+// fixtures check whole files; this pins the layout's bit positions). The
+// value of largest magnitude is -1.6, so d = -1.6 / -16 = 0.1 and
+// q = min(31, int(x / d + 16.5)).
 TEST(QuantizeRowTest, Q5_0BlockByHand) {
   std::vector<float> x(32, 0.f);
   x[0] = -1.6f;   // q = 0
