@@ -12,7 +12,9 @@
 // of them, and each keeps its best, so a quiet moment helps them all alike.
 // Results go to stdout as markdown tables. A second table times a prefill
 // (--prefill_tokens tokens through the first shape) one token at a time with
-// DotRows and in tiles with DotRowsBatch.
+// DotRows and in tiles with DotRowsBatch. A third times float weights'
+// prefill kernel (FloatGemm) against OpenBLAS sgemm at --gemm_tokens.
+#include <cblas.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -41,6 +43,8 @@ ABSL_FLAG(int, weights_mib, 384,
 ABSL_FLAG(int, bandwidth_mib, 1024, "buffer for the read-bandwidth measurement, MiB");
 ABSL_FLAG(std::string, isa, "", "force the kernels of this ISA (avx2, avx512-vnni); empty: detected");
 ABSL_FLAG(int, prefill_tokens, 512, "tokens of the prefill measurement (DotRowsBatch); 0 skips it");
+ABSL_FLAG(std::string, gemm_tokens, "17,32,64,256",
+          "token counts of the float prefill table (FloatGemm vs OpenBLAS); empty skips it");
 ABSL_FLAG(std::string, types, "F32,F16,BF16,Q8_0,Q4_0,Q4_K,Q6_K", "weight types to measure");
 ABSL_FLAG(std::string, shapes, "5632x2048,2048x5632",
           "matrices as ROWSxCOLS, comma-separated (Qwen2.5-0.5B's: 896x896,128x896,4864x896,896x4864,151936x896); "
@@ -158,6 +162,53 @@ PrefillTimes PrefillMs(const Matrix& m, int tokens, int threads, int reps, std::
   return times;
 }
 
+// Float prefill: FloatGemm (MatMul's kernel for F16/BF16 from 17 tokens on,
+// for F32 up to kFloatGemmMaxF32) against OpenBLAS sgemm (one thread) on
+// the same bands of rows, F16/BF16 bands converted to float32 first (what
+// MatMul did before FloatGemm). Both on 2 threads taking bands of 64 rows
+// as they free up, alternated `reps` times, best of each.
+struct GemmTimes {
+  double float_gemm_s, sgemm_s;
+};
+
+GemmTimes GemmSeconds(const Matrix& m, int tokens, int reps, std::mt19937& rng) {
+  SetComputeThreads(2);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(static_cast<size_t>(tokens) * m.cols), y(static_cast<size_t>(tokens) * m.rows);
+  for (float& v : x) v = normal(rng);
+  constexpr int kBand = 64;
+  const int tasks = (m.rows + kBand - 1) / kBand;
+  const uint8_t* w = m.data.data();
+  auto float_gemm = [&] {
+    ParallelFor(tasks, /*dynamic=*/true, [&](int64_t task) {
+      const int r0 = static_cast<int>(task) * kBand, rows = std::min(kBand, m.rows - r0);
+      FloatGemm(m.type, w + r0 * m.row_bytes, m.row_bytes, rows, x.data(), m.cols, tokens, m.cols, y.data() + r0,
+                m.rows);
+    });
+  };
+  auto sgemm = [&] {
+    ParallelFor(tasks, /*dynamic=*/true, [&](int64_t task) {
+      const int r0 = static_cast<int>(task) * kBand, rows = std::min(kBand, m.rows - r0);
+      const float* wf = reinterpret_cast<const float*>(w + r0 * m.row_bytes);
+      thread_local std::vector<float> band;
+      if (m.type != GgmlType::kF32) {
+        band.resize(static_cast<size_t>(rows) * m.cols);
+        for (int r = 0; r < rows; ++r)
+          DequantizeRow(m.type, w + (r0 + r) * m.row_bytes, band.data() + static_cast<size_t>(r) * m.cols, m.cols);
+        wf = band.data();
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, rows, m.cols, 1.f, x.data(), m.cols, wf, m.cols, 0.f,
+                  y.data() + r0, m.rows);
+    });
+  };
+  GemmTimes t{1e30, 1e30};
+  for (int i = 0; i < reps; ++i) {
+    t.float_gemm_s = std::min(t.float_gemm_s, BestSeconds(1, float_gemm));
+    t.sgemm_s = std::min(t.sgemm_s, BestSeconds(1, sgemm));
+  }
+  return t;
+}
+
 std::vector<GgmlType> ParseTypes(const std::string& list) {
   std::vector<GgmlType> types;
   for (absl::string_view name : absl::StrSplit(list, ',', absl::SkipEmpty())) {
@@ -234,6 +285,36 @@ int Run() {
                 100 * gbs2 / bw2);
   }
   std::fflush(stdout);
+
+  std::vector<int> gemm_tokens;
+  for (absl::string_view t : absl::StrSplit(absl::GetFlag(FLAGS_gemm_tokens), ',', absl::SkipEmpty())) {
+    int v = 0;
+    if (!absl::SimpleAtoi(t, &v) || v <= 0) {
+      std::fprintf(stderr, "bad --gemm_tokens entry '%s'\n", std::string(t).c_str());
+      return 2;
+    }
+    gemm_tokens.push_back(v);
+  }
+  bool gemm_header = false;
+  for (const Matrix& m : matrices) {
+    if (m.type != GgmlType::kF32 && m.type != GgmlType::kF16 && m.type != GgmlType::kBF16) continue;
+    for (int tokens : gemm_tokens) {
+      if (!gemm_header) {
+        std::printf(
+            "\nFloat prefill on 2 threads, GFLOP/s: FloatGemm against OpenBLAS sgemm on the same bands "
+            "(F16/BF16 converted to float32 first), alternated, best of %d:\n\n",
+            std::min(rounds, 5));
+        std::printf("| type | rows x cols | tokens | FloatGemm | OpenBLAS | FloatGemm / OpenBLAS |\n");
+        std::printf("|---|---|---:|---:|---:|---:|\n");
+        gemm_header = true;
+      }
+      const GemmTimes t = GemmSeconds(m, tokens, std::min(rounds, 5), rng);
+      const double gflop = 2.0 * m.rows * m.cols * tokens / 1e9;
+      std::printf("| %s | %d x %d | %d | %.1f | %.1f | %.2fx |\n", GgmlTypeName(static_cast<uint32_t>(m.type)), m.rows,
+                  m.cols, tokens, gflop / t.float_gemm_s, gflop / t.sgemm_s, t.sgemm_s / t.float_gemm_s);
+      std::fflush(stdout);
+    }
+  }
 
   const int tokens = absl::GetFlag(FLAGS_prefill_tokens);
   if (tokens <= 0) return 0;

@@ -44,9 +44,9 @@ void DotRowsMatMul(const float* x, int n, const WeightMatrix& w, float* y, int l
   }
 }
 
-// Many tokens, float weights: OpenBLAS sgemm on one thread per band of rows
-// (OpenBLAS is kept at one thread, threading.h), the bands split across the
-// compute threads. F16/BF16 bands are converted to float32 first, into a
+// Many tokens, F32/BF16 weights: OpenBLAS sgemm on one thread per band of
+// rows (OpenBLAS is kept at one thread, threading.h), the bands split across
+// the compute threads. BF16 bands are converted to float32 first, into a
 // per-thread tile. Bands are wide enough for sgemm to run at full speed and
 // narrow enough (a few per thread) to balance the threads.
 void SgemmMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
@@ -70,11 +70,24 @@ void SgemmMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy
   });
 }
 
+// Many tokens, float weights in their own type: FloatGemm on bands of 64
+// rows (many bands, handed out as threads free up, balance the threads).
+void FloatGemmMatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
+  constexpr int kBandRows = 64;
+  const int tasks = (w.rows + kBandRows - 1) / kBandRows;
+  ParallelFor(tasks, /*dynamic=*/true, [&](int64_t task) {
+    const int r0 = static_cast<int>(task) * kBandRows, rows = std::min(kBandRows, w.rows - r0);
+    FloatGemm(w.type, w.row(r0), w.row_bytes, rows, x, w.cols, n, w.cols, y + r0, ldy);
+  });
+}
+
 }  // namespace
 
 void MatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
   if (n <= kDecodeBatchMax || ActivationType(w.type) != GgmlType::kF32) {
     DotRowsMatMul(x, n, w, y, ldy);
+  } else if (w.type == GgmlType::kF16 || n <= kFloatGemmMaxTokens) {
+    FloatGemmMatMul(x, n, w, y, ldy);
   } else {
     SgemmMatMul(x, n, w, y, ldy);
   }

@@ -17,9 +17,19 @@
 //                       even where the margins are small
 //                       (tests/common/engine/families_test).
 //   more tokens (prefill)
-//     F32               OpenBLAS sgemm (one thread) on bands of rows split
-//                       across the compute threads.
-//     F16, BF16         the same, each band first converted to float32.
+//     F16               FloatGemm (quant.h): tiles of 4 rows x 3 tokens
+//                       that convert the weights in registers, on bands of
+//                       rows split across the compute threads: 1.2-1.3x
+//                       OpenBLAS on float32-converted bands at 256 tokens,
+//                       1.6-3.5x at 17-64 (bench_kernels' float prefill
+//                       table, bench/results/engine.md).
+//     F32, BF16         the same up to kFloatGemmMaxTokens (F32 1.0-1.4x
+//                       OpenBLAS at 17-48 tokens, BF16 1.05-1.8x: at a few
+//                       tokens OpenBLAS spends as long packing the weights
+//                       as multiplying); above, OpenBLAS sgemm (one thread)
+//                       on bands of rows, BF16 ones converted to float32
+//                       first: a tie or better there (0.9-1.05x FloatGemm's
+//                       time at 256 tokens).
 //     Q8_0 ... Q6_K     DotRowsBatch, as for a few tokens: integer dot
 //                       products (see bench/results/engine.md for why not
 //                       dequantize + sgemm).
@@ -33,6 +43,10 @@ namespace ape {
 // Largest token count of a decode batch: MatMul's rows are independent of
 // n up to here.
 constexpr int kDecodeBatchMax = 16;
+
+// Largest token count for which F32 and BF16 weights take FloatGemm, not
+// OpenBLAS.
+constexpr int kFloatGemmMaxTokens = 48;
 
 // y[t][o] = sum_i x[t][i] W[o][i] for t < n, o < w.rows, i < w.cols; rows of
 // y are `ldy` floats apart.

@@ -94,6 +94,16 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride);
 
+// Prefill with float weights (t is F32, F16 or BF16): y[j * ldy + r] =
+// dot(row r, token j) for r < rows and j < n_tokens, token j's n float32
+// activations at x + j * ldx. Tiles of 4 rows x 3 tokens that convert the
+// weights in registers (nothing packed): for 17 and more tokens, where the
+// DotRowsBatch order (bit-identical to one-token decode) is not needed. Not
+// bit-identical to DotRows (one accumulator per result instead of two).
+// Single-threaded: callers split rows across threads.
+void FloatGemm(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const float* x, size_t ldx, int n_tokens,
+               int64_t n, float* y, size_t ldy);
+
 // The same as DotRows, plain scalar C++: the reference the fast kernels are tested
 // against (identical results for integer paths up to float summation order).
 void DotRowsReference(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n,

@@ -32,7 +32,8 @@ TEST(MatVecTest, MatchesReferenceAcrossShapesAndThreads) {
     SetComputeThreads(threads);
     for (auto [out, in] : std::vector<std::pair<int, int>>{
              {1, 1}, {3, 7}, {4, 16}, {5, 17}, {33, 100}, {512, 64}, {1027, 515}, {64, 4099}}) {
-      for (int n : {1, 3, kDecodeBatchMax + 1}) {
+      // One token, a decode batch, FloatGemm (17..48 tokens), OpenBLAS (49 on).
+      for (int n : {1, 3, kDecodeBatchMax + 1, kFloatGemmMaxTokens, kFloatGemmMaxTokens + 1}) {
         std::vector<float> w(size_t(out) * in), x(size_t(n) * in), y(size_t(n) * out), ref(y.size());
         for (auto& v : w) v = u(rng);
         for (auto& v : x) v = u(rng);
@@ -46,8 +47,8 @@ TEST(MatVecTest, MatchesReferenceAcrossShapesAndThreads) {
 }
 
 // Both paths of MatMul for stored types (DotRowsBatch for decode batches;
-// for prefill, converted bands + sgemm for F16/BF16, DotRowsBatch for the
-// others) against the double loop over the dequantized
+// for prefill, FloatGemm for F16 and for BF16 up to kFloatGemmMaxTokens,
+// then converted bands + sgemm, DotRowsBatch for the others) against the double loop over the dequantized
 // matrix. Types whose dot products quantize the activations (Q8_0, Q4_0 with
 // Q8_0 blocks of 32; Q4_K, Q6_K with Q8_K blocks of 256) are allowed the
 // error that rounding brings: half a step (block max / 127) per element,
@@ -65,7 +66,7 @@ TEST(MatVecTest, StoredTypesMatchTheirDequantizedValues) {
         const WeightMatrix w = WeightMatrix::Quantized(type, values, out, in);
         const std::vector<float> wf = w.ToFloats();
         const int block = ActivationType(type) == GgmlType::kQ8_K ? 256 : 32;
-        for (int n : {1, 3, kDecodeBatchMax, kDecodeBatchMax + 1, 40}) {
+        for (int n : {1, 3, kDecodeBatchMax, kDecodeBatchMax + 1, kFloatGemmMaxTokens + 1}) {
           std::vector<float> x(size_t(n) * in), y(size_t(n) * out), ref(y.size());
           for (auto& v : x) v = nd(rng);
           MatMul(x.data(), n, w, y.data(), out);

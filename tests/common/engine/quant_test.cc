@@ -634,6 +634,45 @@ TEST(DotRowsBatchTest, MatchesReferencePerToken) {
   }
 }
 
+// FloatGemm (prefill with float weights) against the reference, token by
+// token: row lengths with and without a tail past the last 8 elements, row
+// and token counts that leave every remainder of the 4 x 3 tiles, padded
+// strides; nothing written outside the results. One accumulator of n/8
+// products per lane, then across the lanes: the same bound as above.
+TEST(FloatGemmTest, MatchesReferencePerToken) {
+  std::mt19937 rng(10);
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16}) {
+    for (int64_t n : {int64_t{8}, int64_t{13}, int64_t{896}, int64_t{2051}}) {
+      const size_t row_bytes = RowBytes(t, n);
+      for (auto [rows, tokens] : {std::pair{1, 1}, std::pair{5, 3}, std::pair{13, 7}, std::pair{70, 20}}) {
+        Bytes w(rows * row_bytes + 1);
+        for (int r = 0; r < rows; ++r) {
+          const Bytes row = RandomRow(t, n, rng);
+          std::memcpy(w.data() + 1 + r * row_bytes, row.data(), row_bytes);
+        }
+        const size_t ldx = n + 3, ldy = rows + 2;
+        std::vector<float> x(tokens * ldx);
+        for (int j = 0; j < tokens; ++j) {
+          const std::vector<float> v = RandomFloats(rng, n, 1.f);
+          std::copy(v.begin(), v.end(), x.begin() + j * ldx);
+        }
+        std::vector<float> y(tokens * ldy, -1.f), ref(rows);
+        FloatGemm(t, w.data() + 1, row_bytes, rows, x.data(), ldx, tokens, n, y.data(), ldy);
+        for (int j = 0; j < tokens; ++j) {
+          const uint8_t* a = reinterpret_cast<const uint8_t*>(x.data() + j * ldx);
+          DotRowsReference(t, w.data() + 1, row_bytes, rows, a, n, ref.data());
+          for (int r = 0; r < rows; ++r) {
+            const double m = TermMagnitude(t, w.data() + 1 + r * row_bytes, a, n);
+            ASSERT_NEAR(y[j * ldy + r], ref[r], (2 * (n / 8) + 16) * FLT_EPSILON * m)
+                << Name(t) << " n " << n << " rows " << rows << " row " << r << " token " << j;
+          }
+          for (size_t r = rows; r < ldy; ++r) ASSERT_EQ(y[j * ldy + r], -1.f) << "padding written";
+        }
+      }
+    }
+  }
+}
+
 // Decode batches: every token's results from DotRowsBatch, for any token
 // count up to 16 and row counts that leave every remainder, are
 // bit-identical to DotRows for that token alone (with each ISA's kernels).
