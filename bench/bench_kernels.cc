@@ -162,8 +162,8 @@ PrefillTimes PrefillMs(const Matrix& m, int tokens, int threads, int reps, std::
   return times;
 }
 
-// Float prefill: FloatGemm (MatMul's kernel for F16/BF16 from 17 tokens on,
-// for F32 up to kFloatGemmMaxF32) against OpenBLAS sgemm (one thread) on
+// Float prefill: FloatGemm (MatMul's kernel for F16 from 17 tokens on, for
+// F32 and BF16 up to kFloatGemmMaxTokens) against OpenBLAS sgemm (one thread) on
 // the same bands of rows, F16/BF16 bands converted to float32 first (what
 // MatMul did before FloatGemm). Both on 2 threads taking bands of 64 rows
 // as they free up, alternated `reps` times, best of each.

@@ -28,8 +28,8 @@
 //                       tokens OpenBLAS spends as long packing the weights
 //                       as multiplying); above, OpenBLAS sgemm (one thread)
 //                       on bands of rows, BF16 ones converted to float32
-//                       first: a tie or better there (0.9-1.05x FloatGemm's
-//                       time at 256 tokens).
+//                       first, as fast or a little faster there (FloatGemm
+//                       ran at 0.90-1.06x its speed at 256 tokens).
 //     Q8_0 ... Q6_K     DotRowsBatch, as for a few tokens: integer dot
 //                       products (see bench/results/engine.md for why not
 //                       dequantize + sgemm).
