@@ -694,13 +694,7 @@ GgmlType ActivationType(GgmlType t) {
 void DequantizeRow(GgmlType t, const uint8_t* row, float* out, int64_t n) {
   switch (t) {
     case GgmlType::kF32: std::memcpy(out, row, n * sizeof(float)); return;
-    case GgmlType::kF16: {
-      int64_t i = 0;  // 8 at a time with F16C (exact, as the scalar conversion)
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i))));
-      for (; i < n; ++i) out[i] = HalfToFloat(LoadU16(row + 2 * i));
-      return;
-    }
+    case GgmlType::kF16: HalfToFloat(reinterpret_cast<const uint16_t*>(row), out, n); return;  // F16C, any address
     case GgmlType::kBF16:
       for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(LoadU16(row + 2 * i));
       return;
