@@ -265,6 +265,18 @@ Bytes RandomRow(GgmlType t, int64_t n, std::mt19937& rng) {
   return row;
 }
 
+// `rows` random rows (RandomRow) back to back from byte `offset` on (1: an
+// odd address, as rows of a file may be).
+Bytes RandomRows(GgmlType t, int64_t n, int rows, std::mt19937& rng, size_t offset) {
+  const size_t row_bytes = RowBytes(t, n);
+  Bytes w(offset + rows * row_bytes);
+  for (int r = 0; r < rows; ++r) {
+    const Bytes row = RandomRow(t, n, rng);
+    std::memcpy(w.data() + offset + r * row_bytes, row.data(), row_bytes);
+  }
+  return w;
+}
+
 TEST(DequantizeRowTest, MatchesTheLayoutComment) {
   std::mt19937 rng(1);
   for (GgmlType t : kWeightTypes) {
@@ -539,11 +551,8 @@ TEST_P(DotRowsTest, MatchesReference) {
       const size_t row_bytes = RowBytes(t, n);
       for (int rows : {1, 2, 3, 4, 5, 7, 11}) {
         // Rows and activations start at odd addresses.
-        Bytes w(rows * row_bytes + 1), act(ActivationBytes(t, n) + 3);
-        for (int r = 0; r < rows; ++r) {
-          const Bytes row = RandomRow(t, n, rng);
-          std::memcpy(w.data() + 1 + r * row_bytes, row.data(), row_bytes);
-        }
+        const Bytes w = RandomRows(t, n, rows, rng, 1);
+        Bytes act(ActivationBytes(t, n) + 3);
         const std::vector<float> x = RandomFloats(rng, n, 1.f);
         PrepareActivations(t, x.data(), n, act.data() + 3);
         std::vector<float> fast(rows), ref(rows);
@@ -605,11 +614,7 @@ TEST(DotRowsBatchTest, MatchesReferencePerToken) {
     for (int64_t n : {int64_t{256}, int64_t{2048}, int64_t{2304}}) {
       const size_t row_bytes = RowBytes(t, n);
       for (auto [rows, tokens] : {std::pair{1, 1}, std::pair{5, 3}, std::pair{13, 9}, std::pair{70, 6}}) {
-        Bytes w(rows * row_bytes + 1);
-        for (int r = 0; r < rows; ++r) {
-          const Bytes row = RandomRow(t, n, rng);
-          std::memcpy(w.data() + 1 + r * row_bytes, row.data(), row_bytes);
-        }
+        const Bytes w = RandomRows(t, n, rows, rng, 1);
         const size_t act_stride = ActivationBytes(t, n) + 5;
         Bytes act(tokens * act_stride + 3);
         for (int j = 0; j < tokens; ++j) {
@@ -645,11 +650,7 @@ TEST(FloatGemmTest, MatchesReferencePerToken) {
     for (int64_t n : {int64_t{8}, int64_t{13}, int64_t{896}, int64_t{2051}}) {
       const size_t row_bytes = RowBytes(t, n);
       for (auto [rows, tokens] : {std::pair{1, 1}, std::pair{5, 3}, std::pair{13, 7}, std::pair{70, 20}}) {
-        Bytes w(rows * row_bytes + 1);
-        for (int r = 0; r < rows; ++r) {
-          const Bytes row = RandomRow(t, n, rng);
-          std::memcpy(w.data() + 1 + r * row_bytes, row.data(), row_bytes);
-        }
+        const Bytes w = RandomRows(t, n, rows, rng, 1);
         const size_t ldx = n + 3, ldy = rows + 2;
         std::vector<float> x(tokens * ldx);
         for (int j = 0; j < tokens; ++j) {
@@ -691,11 +692,7 @@ TEST(DotRowsBatchTest, BitIdenticalToDotRowsPerToken) {
       for (const int64_t n : {int64_t{512}, 4608 + int64_t{BlockElements(t)}}) {
         const size_t row_bytes = RowBytes(t, n);
         const int rows = 23;
-        Bytes w(rows * row_bytes);
-        for (int r = 0; r < rows; ++r) {
-          const Bytes row = RandomRow(t, n, rng);
-          std::memcpy(w.data() + r * row_bytes, row.data(), row_bytes);
-        }
+        const Bytes w = RandomRows(t, n, rows, rng, 0);
         const size_t act_stride = ActivationBytes(t, n);
         Bytes act(kMaxTokens * act_stride);
         for (int j = 0; j < kMaxTokens; ++j)
