@@ -41,6 +41,7 @@ ABSL_FLAG(std::string, redis, "",
           "(it needs --proto-max-bulk-len 512mb for big entries)");
 ABSL_FLAG(int, ape_repeats, 1,
           "APE requests per context count, the best TTFT kept (the first one warms the KV pool); SEQUENTIAL runs once");
+ABSL_FLAG(std::string, kv_dtype, "float16", "dtype of the cached entries: float16, float32 or int8");
 ABSL_FLAG(int, hot_cache_mb, 0,
           "> 0: also time APE with a hot-entry cache of this size (the decoder's --hot_cache_mb), after one request "
           "filled it");
@@ -127,12 +128,17 @@ int Main() {
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json).empty()) json.open(absl::GetFlag(FLAGS_json), std::ios::app);
   const int lc = absl::GetFlag(FLAGS_context_tokens), lq = absl::GetFlag(FLAGS_query_tokens);
-  // Bytes a decoded token reads: the weights, then per cached slot its
-  // float16 K and V in every layer.
+  absl::StatusOr<KvDtype> dtype = ParseKvDtype(absl::GetFlag(FLAGS_kv_dtype));
+  if (!dtype.ok()) {
+    std::fprintf(stderr, "--kv_dtype: %s\n", dtype.status().ToString().c_str());
+    return 2;
+  }
+  // Bytes a decoded token reads: the weights, then per cached slot its K and
+  // V in every layer, in the entries' dtype.
   const double weight_bytes = WeightBytesPerToken(model->weights());
-  const double kv_bytes_per_slot = 2.0 * c.n_layers * c.kv_dim() * sizeof(uint16_t);
-  std::printf("## Time to first token: %s, %d threads, contexts of %d tokens, %d-token query\n\n", what.c_str(),
-              ComputeThreads(), lc, lq);
+  const double kv_bytes_per_slot = static_cast<double>(KvBytesPerToken(c, *dtype));
+  std::printf("## Time to first token: %s, %s KV, %d threads, contexts of %d tokens, %d-token query\n\n", what.c_str(),
+              KvDtypeName(*dtype), ComputeThreads(), lc, lq);
   std::printf(
       "| contexts | prompt tokens | SEQUENTIAL TTFT | APE TTFT (Redis load + query prefill) | speedup | APE cache load "
       "| SEQUENTIAL decode | APE decode | APE decode step / streaming weights + KV: fastest (mean) |\n");
@@ -148,11 +154,12 @@ int Main() {
     }
     for (int j = 0; j < lq; ++j) in.query_tokens.push_back(3 + (j * 17) % (c.vocab_size - 3));
     in.generate.max_tokens = absl::GetFlag(FLAGS_decode_tokens);
-    in.dtype = KvDtype::kFloat16;
+    in.dtype = *dtype;
     // Fill the cache (the encoder's job, not timed), then time APE from Redis.
     std::fprintf(stderr, "%d contexts: encoding into Redis...\n", n);
     EncodeInput enc;
     enc.prefix_tokens = in.prefix_tokens;
+    enc.dtype = *dtype;
     for (auto& s : in.contexts) enc.contexts.push_back(*s.tokens);
     auto e = EncodeContexts(*model, store, enc);
     if (!e.ok()) {

@@ -285,11 +285,11 @@ absl::Status DecoderService::CheckPositions(DecodeInput* in_out) const {
 // checks in->max_kv_slots then, before allocating the cache).
 absl::Status DecoderService::CheckKvSlots(DecodeInput* in) const {
   // The prefix and contexts become entries in the request's dtype (used in
-  // place: float16 ones count half a float32 slot), except in SEQUENTIAL,
+  // place: float16 and int8 ones count half a float32 slot), except in SEQUENTIAL,
   // which computes them all in float32.
   int64_t entry_slots = in->prefix_tokens.size();
   for (const ContextSource& c : in->contexts) entry_slots += c.tokens ? c.tokens->size() : 1;
-  if (in->mode != DecodeMode::kSequential && in->dtype == KvDtype::kFloat16) entry_slots = (entry_slots + 1) / 2;
+  if (in->mode != DecodeMode::kSequential && in->dtype != KvDtype::kFloat32) entry_slots = (entry_slots + 1) / 2;
   const int64_t slots = int64_t{in->generate.max_tokens} + in->query_tokens.size() + entry_slots;
   RETURN_IF_ERROR(CheckKvBudget(kv_budget_, slots, "the request"));
   in->max_kv_slots = kv_budget_.max_slots;

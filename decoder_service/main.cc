@@ -22,7 +22,7 @@ ABSL_FLAG(std::string, encoder, "",
           "dns:///name:port, balanced round-robin over every address; empty = encode locally");
 ABSL_FLAG(std::string, ape_preset, "", "APE preset JSON (T, S); default: <model>.ape.json if present, else T=S=0.9");
 ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
-          "dtype of entries for contexts sent as content when a request does not say: float16 or float32");
+          "dtype of entries for contexts sent as content when a request does not say: float16, float32 or int8");
 ABSL_FLAG(int, ttl_seconds, 0, "expiry of entries encoded on the fly; 0 = none");
 ABSL_FLAG(int, max_contexts, 256, "contexts per request, at most");
 ABSL_FLAG(int, max_context_tokens, 0, "tokens per context, at most; 0 = the model's context length");

@@ -17,7 +17,7 @@ ABSL_FLAG(std::string, redis, "redis://127.0.0.1:6379",
 ABSL_FLAG(std::string, model, "", "model file (GGUF, or llama2.c .bin with --tokenizer)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer file for llama2.c checkpoints");
 ABSL_FLAG(ape::KvDtype, kv_dtype, ape::KvDtype::kFloat16,
-          "stored KV dtype when a request does not say: float16 or float32");
+          "stored KV dtype when a request does not say: float16, float32 or int8");
 ABSL_FLAG(int, ttl_seconds, 0, "expiry of new cache entries when a request does not say; 0 = none");
 ABSL_FLAG(int, max_contexts, 256,
           "contexts per request, at most (as the decoder's default: it sends all of a request's missing contexts in "

@@ -46,7 +46,7 @@ ABSL_FLAG(bool, chat, false,
 ABSL_FLAG(bool, print_prompt_ids, false,
           "generate: print the prompt's token ids as the model read them (BOS, chat markers, documents, query) to "
           "stderr, comma-separated after \"prompt_ids=\"");
-ABSL_FLAG(std::string, dtype, "float16", "KV dtype: float16 or float32");
+ABSL_FLAG(std::string, dtype, "float16", "KV dtype: float16, float32 or int8");
 ABSL_FLAG(int, batch, 1,
           "encode: documents per Encode request (1: each document's result as soon as it is done; more: fewer "
           "round trips, at most the encoder's --max_contexts)");
@@ -183,7 +183,7 @@ bool ReadText(const std::string& path, std::string* out) {
   return true;
 }
 
-// --dtype float16|float32 as the API's enum (KV_DTYPE_FLOAT16 | _FLOAT32):
+// --dtype float16|float32|int8 as the API's enum (KV_DTYPE_FLOAT16 | ...):
 // the names come from the proto, so there is no table to keep in step.
 bool ParseDtype(const char* command, v1::KvDtype* dtype) {
   const std::string name = absl::GetFlag(FLAGS_dtype);
@@ -192,7 +192,7 @@ bool ParseDtype(const char* command, v1::KvDtype* dtype) {
       *dtype != v1::KV_DTYPE_UNSPECIFIED) {
     return true;
   }
-  std::fprintf(stderr, "apectl %s: --dtype must be float16 or float32, not '%s'\n", command, name.c_str());
+  std::fprintf(stderr, "apectl %s: --dtype must be float16, float32 or int8, not '%s'\n", command, name.c_str());
   return false;
 }
 

@@ -113,9 +113,16 @@ __attribute__((always_inline)) inline __m256 Exp2V(__m256 x) {
 namespace {
 
 // Head `offset`.. of a K or V row of `seg` as float32: the row itself, or
-// converted into `buf` (head_dim floats) when it is stored as float16.
-inline const float* HeadRow(const KvSegment& seg, const uint8_t* row, int offset, int head_dim, float* buf) {
+// converted into `buf` (head_dim floats) when it is stored as float16 or
+// int8 (kv_dim: the row's values, before an int8 row's scales).
+inline const float* HeadRow(const KvSegment& seg, const uint8_t* row, int offset, int head_dim, int kv_dim,
+                            float* buf) {
   if (seg.element == KvElement::kFloat32) return reinterpret_cast<const float*>(row) + offset;
+  if (seg.element == KvElement::kInt8) {
+    const float scale = Int8Scale(row, kv_dim, offset / head_dim);
+    for (int d = 0; d < head_dim; ++d) buf[d] = scale * static_cast<float>(static_cast<int8_t>(row[offset + d]));
+    return buf;
+  }
   HalfToFloat(reinterpret_cast<const uint16_t*>(row) + offset, buf, head_dim);
   return buf;
 }
@@ -133,7 +140,7 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
     float tile_max = kNegInf;
     cache.ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
       for (int j = first - t0; j < first - t0 + count; ++j) {
-        const float* k = HeadRow(seg, seg.key_row(layer, t0 + j), kv_head_offset, head_dim, row);
+        const float* k = HeadRow(seg, seg.key_row(layer, t0 + j), kv_head_offset, head_dim, cache.kv_dim, row);
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int d = 0; d < head_dim; ++d) dot += q[d] * k[d];
@@ -153,7 +160,7 @@ void AccumulateBlock(const float* q, const KvCache& cache, int layer, int kv_hea
     for (int j = 0; j < nt; ++j) p[j] = Exp(s[j] - st->m);
     cache.ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
       for (int j = first - t0; j < first - t0 + count; ++j) {
-        const float* v = HeadRow(seg, seg.value_row(layer, t0 + j), kv_head_offset, head_dim, row);
+        const float* v = HeadRow(seg, seg.value_row(layer, t0 + j), kv_head_offset, head_dim, cache.kv_dim, row);
         st->l += p[j];
 #pragma omp simd
         for (int d = 0; d < head_dim; ++d) st->acc[d] += p[j] * v[d];
@@ -212,6 +219,13 @@ namespace {
 
 // ---- Reading K/V: the one place the kernel touches the cache's storage.
 
+// 8 int8 values at p (any alignment) as floats.
+inline __m256 Int8x8(const uint8_t* p) {
+  int64_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bits)));
+}
+
 // `count` keys and values of one KV head: key j of the tile is the head_dim
 // floats at k + j * stride (likewise v).
 struct KvTile {
@@ -228,8 +242,9 @@ struct KvTile {
 // then read the tile from L1/L2 as many times as they need. A tile may span
 // segments (kv_cache.h): each run of slots inside one is copied from its
 // rows, float16 ones converted on the way, 8 values per F16C instruction
-// (_mm256_cvtph_ps), so a float16 cache reads half the bytes of a float32 one
-// and the kernels below see float32 either way.
+// (_mm256_cvtph_ps), int8 ones widened and multiplied by their head's scale,
+// so a float16 cache reads half the bytes of a float32 one (int8 about a
+// quarter) and the kernels below see float32 either way.
 KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_dim, int begin, int count, float* buf) {
   const size_t off = static_cast<size_t>(g0) * head_dim;
   const int width = heads * head_dim;
@@ -240,6 +255,23 @@ KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_d
     float* dv = bv + static_cast<size_t>(first - begin) * width;
     const uint8_t* k = seg.key_row(layer, first);
     const uint8_t* v = seg.value_row(layer, first);
+    if (seg.element == KvElement::kInt8) {
+      for (int j = 0; j < n; ++j) {
+        for (const bool keys : {true, false}) {
+          const uint8_t* row = (keys ? k : v) + j * seg.row_stride;
+          float* out = (keys ? dk : dv) + static_cast<size_t>(j) * width;
+          for (int hi = 0; hi < heads; ++hi) {
+            const __m256 scale = _mm256_set1_ps(Int8Scale(row, cache.kv_dim, g0 + hi));
+            const uint8_t* q = row + off + static_cast<size_t>(hi) * head_dim;
+            float* o = out + static_cast<size_t>(hi) * head_dim;
+            int d = 0;
+            for (; d + kLanes <= head_dim; d += kLanes) _mm256_storeu_ps(o + d, _mm256_mul_ps(scale, Int8x8(q + d)));
+            for (; d < head_dim; ++d) o[d] = _mm256_cvtss_f32(scale) * static_cast<float>(static_cast<int8_t>(q[d]));
+          }
+        }
+      }
+      return;
+    }
     if (seg.element == KvElement::kFloat16) {
       for (int j = 0; j < n; ++j) {
         const uint16_t* kj = reinterpret_cast<const uint16_t*>(k + j * seg.row_stride) + off;
@@ -826,15 +858,22 @@ constexpr int kHeadBlock = 4;                              // query heads in reg
 
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 Load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 Load8(const int8_t* p) { return Int8x8(reinterpret_cast<const uint8_t*>(p)); }
+
+// An int8 key's scale multiplies its scores, an int8 value's scale its
+// converted vector (kv_cache.h's row layout); the float types have none.
+template <typename E>
+constexpr bool kScaled = std::is_same_v<E, int8_t>;
 
 // A run of tile slots inside one segment: K/V rows of KV head 0 at k, v.
 struct DecodeRun {
   const uint8_t* k;
   const uint8_t* v;
-  size_t stride;  // bytes between slots
-  int first;      // index of its first key in the tile
+  size_t stride;     // bytes between slots
+  size_t row_bytes;  // bytes of a row, all KV heads (int8: with the scales)
+  int first;         // index of its first key in the tile
   int count;
-  bool f16;
+  KvElement element;
 };
 
 // Prefetches of a tile's K and V rows, all KV heads, every 64-byte line,
@@ -852,10 +891,9 @@ struct DecodeRun {
 class TilePrefetch {
  public:
   // `slots` slots in `runs` (0: nothing to prefetch), over `total` work.
-  void Start(const DecodeRun* runs, int slots, size_t row_elems, int64_t total) {
+  void Start(const DecodeRun* runs, int slots, int64_t total) {
     runs_ = runs;
     slots_ = slots;
-    row_elems_ = row_elems;
     total_ = std::max<int64_t>(1, total);
     done_ = issued_ = 0;
     run_ = slot_ = 0;
@@ -869,20 +907,21 @@ class TilePrefetch {
   // Both rows of the next slot.
   void Slot() {
     const DecodeRun& r = runs_[run_];
-    const size_t rb = row_elems_ * (r.f16 ? sizeof(uint16_t) : sizeof(float));
+    const size_t rb = r.row_bytes;
     const char* k = reinterpret_cast<const char*>(r.k + slot_ * r.stride);
     const char* v = reinterpret_cast<const char*>(r.v + slot_ * r.stride);
     for (size_t i = 0; i < rb; i += 64) {
       _mm_prefetch(k + i, _MM_HINT_T0);
       _mm_prefetch(v + i, _MM_HINT_T0);
     }
+    _mm_prefetch(k + rb - 1, _MM_HINT_T0);  // a row ending in a line of its own
+    _mm_prefetch(v + rb - 1, _MM_HINT_T0);
     ++issued_;
     if (++slot_ == r.count) slot_ = 0, ++run_;
   }
 
   const DecodeRun* runs_ = nullptr;
   int slots_ = 0, run_ = 0, slot_ = 0;  // the next slot: slot_ of runs_[run_]
-  size_t row_elems_ = 0;
   int64_t total_ = 1, done_ = 0, issued_ = 0;
 };
 
@@ -893,9 +932,11 @@ class TilePrefetch {
 // through the same adds whichever keys and heads share its tree (so
 // results do not depend on how runs group the keys). KB odd: the last key
 // is paired with itself, and its partner's column lands one key further
-// (overwritten by that key, or padding).
+// (overwritten by that key, or padding). int8 keys: the dots are of the
+// unscaled values, each key's scale (scales[i]) multiplies its results.
 template <typename E, int KB, int HB>
-__attribute__((always_inline)) inline void ScoreKeys(const E* const* rows, const float* q, int hd, float* s) {
+__attribute__((always_inline)) inline void ScoreKeys(const E* const* rows, const float* scales, const float* q, int hd,
+                                                     float* s) {
   __m256 a[KB][HB];
 #pragma GCC unroll 16
   for (int i = 0; i < KB; ++i)
@@ -922,40 +963,56 @@ __attribute__((always_inline)) inline void ScoreKeys(const E* const* rows, const
       const __m256 t0 = _mm256_hadd_ps(a[i][h], a[i1][h]);
       const __m256 t1 = h + 1 < HB ? _mm256_hadd_ps(a[i][h + 1], a[i1][h + 1]) : t0;
       const __m256 u = _mm256_hadd_ps(t0, t1);
-      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+      if constexpr (kScaled<E>) r = _mm_mul_ps(r, _mm_setr_ps(scales[i], scales[i1], scales[i], scales[i1]));
       _mm_storel_pi(reinterpret_cast<__m64*>(s + h * kDecodeRowStride + i), r);
       if (h + 1 < HB) _mm_storeh_pi(reinterpret_cast<__m64*>(s + (h + 1) * kDecodeRowStride + i), r);
     }
   }
 }
 
+// The int8 scale of the KV head whose values start head_off elements into a
+// row at `row` (kScaled types only): scale_off = kv_dim + 4 * head bytes
+// from the row's start.
+inline float RowScale(const uint8_t* row, size_t scale_off) {
+  float x;
+  std::memcpy(&x, row + scale_off, sizeof(x));
+  return x;
+}
+
 // Scores of a run's keys for HB heads, into s[h][run.first + j].
 template <typename E, int HB>
-void ScoreRun(const DecodeRun& r, size_t head_off, const float* q, int hd, float* s, TilePrefetch* pf) {
+void ScoreRun(const DecodeRun& r, size_t head_off, size_t scale_off, const float* q, int hd, float* s,
+              TilePrefetch* pf) {
   constexpr int KB = 3;  // 3 x 4 accumulators, 3 K vectors and a q vector: 16 registers
   const auto row = [&](int j) { return reinterpret_cast<const E*>(r.k + j * r.stride) + head_off; };
+  const auto scale = [&](int j) { return kScaled<E> ? RowScale(r.k + j * r.stride, scale_off) : 1.f; };
   int j = 0;
   for (; j + KB <= r.count; j += KB) {
     const E* rows[KB];
-    for (int i = 0; i < KB; ++i) rows[i] = row(j + i);
-    ScoreKeys<E, KB, HB>(rows, q, hd, s + r.first + j);
+    float scales[KB];
+    for (int i = 0; i < KB; ++i) rows[i] = row(j + i), scales[i] = scale(j + i);
+    ScoreKeys<E, KB, HB>(rows, scales, q, hd, s + r.first + j);
     pf->Pace(KB * HB * (hd / kLanes));
   }
   if (r.count - j == 2) {
     const E* rows[2] = {row(j), row(j + 1)};
-    ScoreKeys<E, 2, HB>(rows, q, hd, s + r.first + j);
+    const float scales[2] = {scale(j), scale(j + 1)};
+    ScoreKeys<E, 2, HB>(rows, scales, q, hd, s + r.first + j);
   } else if (r.count - j == 1) {
     const E* rows[1] = {row(j)};
-    ScoreKeys<E, 1, HB>(rows, q, hd, s + r.first + j);
+    const float scales[1] = {scale(j)};
+    ScoreKeys<E, 1, HB>(rows, scales, q, hd, s + r.first + j);
   }
   pf->Pace((r.count - j) * HB * (hd / kLanes));
 }
 
 // acc[h][d..] += sum_j p[h][run.first + j] v_j[d..] for HB heads and DV
 // vectors of dims from d, the HB x DV accumulators in registers over the run.
+// int8 values: each converted vector times its row's scale.
 template <typename E, int HB, int DV>
-__attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, size_t head_off, const float* pr, int hd,
-                                                         int d, float* acc) {
+__attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, size_t head_off, size_t scale_off,
+                                                         const float* pr, int hd, int d, float* acc) {
   __m256 a[HB][DV];
 #pragma GCC unroll 16
   for (int h = 0; h < HB; ++h)
@@ -967,6 +1024,11 @@ __attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, siz
     __m256 x[DV];
 #pragma GCC unroll 16
     for (int u = 0; u < DV; ++u) x[u] = Load8(row + u * kLanes);
+    if constexpr (kScaled<E>) {
+      const __m256 sc = _mm256_set1_ps(RowScale(v, scale_off));
+#pragma GCC unroll 16
+      for (int u = 0; u < DV; ++u) x[u] = _mm256_mul_ps(x[u], sc);
+    }
 #pragma GCC unroll 16
     for (int h = 0; h < HB; ++h) {
       const __m256 pv = _mm256_broadcast_ss(pr + h * kDecodeRowStride + j);
@@ -981,16 +1043,17 @@ __attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, siz
 }
 
 template <typename E, int HB>
-void AddValuesRun(const DecodeRun& r, size_t head_off, const float* p, int hd, float* acc, TilePrefetch* pf) {
+void AddValuesRun(const DecodeRun& r, size_t head_off, size_t scale_off, const float* p, int hd, float* acc,
+                  TilePrefetch* pf) {
   constexpr int DV = HB <= 2 ? 4 : 2;  // HB x DV accumulators, DV V vectors and p: at most 13 registers
   const float* pr = p + r.first;
   int d = 0;
   for (; d + DV * kLanes <= hd; d += DV * kLanes) {
-    AddValuesDims<E, HB, DV>(r, head_off, pr, hd, d, acc);
+    AddValuesDims<E, HB, DV>(r, head_off, scale_off, pr, hd, d, acc);
     pf->Pace(r.count * HB * DV);
   }
   for (; d < hd; d += kLanes) {
-    AddValuesDims<E, HB, 1>(r, head_off, pr, hd, d, acc);
+    AddValuesDims<E, HB, 1>(r, head_off, scale_off, pr, hd, d, acc);
     pf->Pace(r.count * HB);
   }
 }
@@ -1000,10 +1063,11 @@ void AddValuesRun(const DecodeRun& r, size_t head_off, const float* p, int hd, f
 template <typename F>
 void ForEachTypedRun(const DecodeRun* runs, int n_runs, const F& f) {
   for (int i = 0; i < n_runs; ++i) {
-    if (runs[i].f16)
-      f(runs[i], uint16_t{});
-    else
-      f(runs[i], float{});
+    switch (runs[i].element) {
+      case KvElement::kFloat16: f(runs[i], uint16_t{}); break;
+      case KvElement::kInt8: f(runs[i], int8_t{}); break;
+      case KvElement::kFloat32: f(runs[i], float{}); break;
+    }
   }
 }
 
@@ -1073,9 +1137,17 @@ inline DecodeStates DecodeStatesAt(const DecodePlan& p, float* base) {
 // The runs of slots [t0, t0 + nt), each inside one segment.
 int TileRuns(const DecodePlan& p, int t0, int nt, DecodeRun* runs) {
   int n = 0;
+  const size_t row_bytes[3] = {KvRowBytes(KvElement::kFloat32, p.n_kv_heads, p.head_dim),
+                               KvRowBytes(KvElement::kFloat16, p.n_kv_heads, p.head_dim),
+                               KvRowBytes(KvElement::kInt8, p.n_kv_heads, p.head_dim)};
   p.cache->ForEachRun(t0, nt, [&](const KvSegment& seg, int first, int count) {
-    const bool f16 = seg.element == KvElement::kFloat16;
-    runs[n++] = {seg.key_row(p.layer, first), seg.value_row(p.layer, first), seg.row_stride, first - t0, count, f16};
+    runs[n++] = {seg.key_row(p.layer, first),
+                 seg.value_row(p.layer, first),
+                 seg.row_stride,
+                 row_bytes[static_cast<int>(seg.element)],
+                 first - t0,
+                 count,
+                 seg.element};
   });
   return n;
 }
@@ -1085,21 +1157,20 @@ int TileRuns(const DecodePlan& p, int t0, int nt, DecodeRun* runs) {
 // sequential pass of independent loads, which the hardware streams from
 // memory at full rate, leaving the tile in L1/L2 for the kernels' strided
 // passes (one KV head and 8 or 16 dims at a time: left to those, the rows
-// come from memory at a fraction of the bandwidth).
-void TouchTile(const DecodeRun* runs, int n_runs, size_t row_elems) {
-  __m128i sink = _mm_setzero_si128();
+// come from memory at a fraction of the bandwidth). One byte a line, and the
+// row's last byte for a row that ends in a line of its own.
+void TouchTile(const DecodeRun* runs, int n_runs) {
+  unsigned sink = 0;
   for (int r = 0; r < n_runs; ++r) {
-    const size_t rb = row_elems * (runs[r].f16 ? sizeof(uint16_t) : sizeof(float));  // a multiple of 16
+    const size_t rb = runs[r].row_bytes;
     for (int j = 0; j < runs[r].count; ++j) {
       const uint8_t* kj = runs[r].k + j * runs[r].stride;
       const uint8_t* vj = runs[r].v + j * runs[r].stride;
-      for (size_t i = 0; i < rb; i += 64) {
-        sink = _mm_or_si128(sink, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + i)));
-        sink = _mm_or_si128(sink, _mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + i)));
-      }
+      for (size_t i = 0; i < rb; i += 64) sink |= kj[i] | vj[i];
+      sink |= kj[rb - 1] | vj[rb - 1];
     }
   }
-  asm volatile("" : : "x"(sink));  // keep the loads
+  asm volatile("" : : "r"(sink));  // keep the loads
 }
 
 // Keys [begin, end) of one block into its states (block b: 0 = C, 1 = O).
@@ -1109,13 +1180,13 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
   const size_t s_size = static_cast<size_t>(G) * kDecodeRowStride;
   if (s_buf.size() < s_size) s_buf.resize(s_size);
   float* s = s_buf.data();
-  const size_t row_elems = static_cast<size_t>(p.n_kv_heads) * hd;
+  const size_t row_elems = static_cast<size_t>(p.n_kv_heads) * hd;  // = kv_dim
   // This tile's runs and the next one's, swapped at each step.
   DecodeRun run_buf[2][kDecodeMaxTile];
   DecodeRun* runs = run_buf[0];
   DecodeRun* next = run_buf[1];
   int n_runs = TileRuns(p, begin, std::min(p.tile, end - begin), runs);
-  TouchTile(runs, n_runs, row_elems);
+  TouchTile(runs, n_runs);
   TilePrefetch pf;
   for (int t0 = begin; t0 < end; t0 += p.tile) {
     const int nt = std::min(p.tile, end - t0), padded = CeilDiv(nt, kLanes) * kLanes;
@@ -1123,16 +1194,17 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
     // computed: 2 (score, values) x n_heads x nt x hd / 8 work steps.
     const int t1 = t0 + p.tile, nt1 = std::min(p.tile, end - t1);
     const int n_next = nt1 > 0 ? TileRuns(p, t1, nt1, next) : 0;
-    pf.Start(next, std::max(0, nt1), row_elems, int64_t{2} * p.n_heads * nt * (hd / kLanes));
+    pf.Start(next, std::max(0, nt1), int64_t{2} * p.n_heads * nt * (hd / kLanes));
     for (int g = 0; g < p.n_kv_heads; ++g) {
-      const size_t head_off = static_cast<size_t>(g) * hd;  // elements into a row
+      const size_t head_off = static_cast<size_t>(g) * hd;     // elements into a row
+      const size_t scale_off = row_elems + sizeof(float) * g;  // int8 rows: bytes to the head's scale
       for (int h0 = 0; h0 < G; h0 += kHeadBlock) {
         const int hb = std::min(kHeadBlock, G - h0);
         const float* q = p.q_scaled + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
         float* sh = s + h0 * kDecodeRowStride;
         WithHeadBlock(hb, [&](auto HB) {
           ForEachTypedRun(runs, n_runs, [&](const DecodeRun& r, auto e) {
-            ScoreRun<decltype(e), HB()>(r, head_off, q, hd, sh, &pf);
+            ScoreRun<decltype(e), HB()>(r, head_off, scale_off, q, hd, sh, &pf);
           });
         });
       }
@@ -1149,7 +1221,7 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
         float* acc = st.acc + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
         WithHeadBlock(hb, [&](auto HB) {
           ForEachTypedRun(runs, n_runs, [&](const DecodeRun& r, auto e) {
-            AddValuesRun<decltype(e), HB()>(r, head_off, s + h0 * kDecodeRowStride, hd, acc, &pf);
+            AddValuesRun<decltype(e), HB()>(r, head_off, scale_off, s + h0 * kDecodeRowStride, hd, acc, &pf);
           });
         });
       }

@@ -150,10 +150,49 @@ KvPool::Stats KvPool::stats() const {
   return stats_;
 }
 
+// ---- Rows ---------------------------------------------------------------------
+
+size_t KvRowBytes(KvElement element, int n_kv_heads, int head_dim) {
+  const size_t values = static_cast<size_t>(n_kv_heads) * head_dim;
+  switch (element) {
+    case KvElement::kFloat32: return values * sizeof(float);
+    case KvElement::kFloat16: return values * sizeof(uint16_t);
+    case KvElement::kInt8: return values + n_kv_heads * sizeof(float);
+  }
+  return 0;
+}
+
+void QuantizeInt8Row(const float* x, int n_kv_heads, int head_dim, uint8_t* row) {
+  const int kv_dim = n_kv_heads * head_dim;
+  for (int h = 0; h < n_kv_heads; ++h) {
+    const float* xh = x + static_cast<size_t>(h) * head_dim;
+    float amax = 0.f;
+    for (int d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(xh[d]));
+    const float scale = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* q = reinterpret_cast<int8_t*>(row) + static_cast<size_t>(h) * head_dim;
+    for (int d = 0; d < head_dim; ++d) {
+      q[d] = static_cast<int8_t>(std::clamp(std::nearbyint(xh[d] * inv), -127.f, 127.f));
+    }
+    std::memcpy(row + kv_dim + sizeof(float) * h, &scale, sizeof(scale));
+  }
+}
+
+void DequantizeInt8Row(const uint8_t* row, int n_kv_heads, int head_dim, float* x) {
+  const int kv_dim = n_kv_heads * head_dim;
+  for (int h = 0; h < n_kv_heads; ++h) {
+    const float scale = Int8Scale(row, kv_dim, h);
+    const int8_t* q = reinterpret_cast<const int8_t*>(row) + static_cast<size_t>(h) * head_dim;
+    float* xh = x + static_cast<size_t>(h) * head_dim;
+    for (int d = 0; d < head_dim; ++d) xh[d] = scale * static_cast<float>(q[d]);
+  }
+}
+
 // ---- KvCache ------------------------------------------------------------------
 
 KvCache::KvCache(const ModelConfig& config, int capacity, int writable_begin)
     : n_layers(config.n_layers),
+      n_kv_heads(config.n_kv_heads),
       kv_dim(config.kv_dim()),
       capacity(capacity),
       writable_begin(std::clamp(writable_begin, 0, capacity)),
@@ -218,6 +257,9 @@ void KvCache::ReadRow(int layer, int slot, float* key_out, float* value_out) con
   if (seg.element == KvElement::kFloat16) {
     HalfToFloat(reinterpret_cast<const uint16_t*>(kr), key_out, kv_dim);
     HalfToFloat(reinterpret_cast<const uint16_t*>(vr), value_out, kv_dim);
+  } else if (seg.element == KvElement::kInt8) {
+    DequantizeInt8Row(kr, n_kv_heads, kv_dim / n_kv_heads, key_out);
+    DequantizeInt8Row(vr, n_kv_heads, kv_dim / n_kv_heads, value_out);
   } else {
     std::memcpy(key_out, kr, kv_dim * sizeof(float));
     std::memcpy(value_out, vr, kv_dim * sizeof(float));
@@ -227,7 +269,7 @@ void KvCache::ReadRow(int layer, int slot, float* key_out, float* value_out) con
 size_t KvCache::KvBytesRead(int n) const {
   size_t bytes = 0;
   ForEachRun(0, n, [&](const KvSegment& seg, int, int count) {
-    bytes += 2 * static_cast<size_t>(count) * kv_dim * (seg.element == KvElement::kFloat16 ? 2 : 4);
+    bytes += 2 * static_cast<size_t>(count) * KvRowBytes(seg.element, n_kv_heads, kv_dim / n_kv_heads);
   });
   return bytes;
 }

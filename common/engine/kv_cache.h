@@ -7,8 +7,9 @@
 //   [ read-only segment | read-only segment | ... | writable segment        ]
 //     slots [0, a)        [a, b)                    [writable_begin, capacity)
 //
-// A read-only segment views K/V that live elsewhere, in float16 or float32,
-// in any layout with a fixed byte stride between slots and between layers
+// A read-only segment views K/V that live elsewhere, in float16, float32 or
+// int8 (rows with per-head scales, below), in any layout with a fixed byte
+// stride between slots and between layers
 // (a cache entry's payload, used in place: kv_block.h AttachKvBlock), kept
 // alive by a shared owner (the entry, which the decoder's hot cache may
 // share with other requests). The writable segment is float32, laid out
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -118,7 +120,29 @@ class KvPool {
 
 // ---- Segments ----------------------------------------------------------------
 
-enum class KvElement : uint8_t { kFloat32, kFloat16 };
+enum class KvElement : uint8_t { kFloat32, kFloat16, kInt8 };
+
+// An int8 row (one slot's keys, or its values) is kv_dim signed bytes, then
+// one float32 scale per KV head:
+//
+//   offset            size            field
+//   0                 kv_dim          int8 q[n_kv_heads][head_dim]
+//   kv_dim            4 * n_kv_heads  float32 scale[n_kv_heads]
+//
+// value[h][d] = scale[h] * q[h][d]. A head's scale is its largest |value| /
+// 127, so q lies in [-127, 127] and the error is at most scale / 2 (a head of
+// zeros has scale 0). Half the bytes of float16 at head_dim 64 (136 against
+// 256 bytes a row for 2 KV heads). The scales are at any 1-byte offset when
+// kv_dim is odd: read them with memcpy (Int8Scale).
+size_t KvRowBytes(KvElement element, int n_kv_heads, int head_dim);
+inline float Int8Scale(const uint8_t* row, int kv_dim, int head) {
+  float s;
+  std::memcpy(&s, row + kv_dim + sizeof(float) * head, sizeof(s));
+  return s;
+}
+// One row of kv_dim floats to int8 (the layout above) and back.
+void QuantizeInt8Row(const float* x, int n_kv_heads, int head_dim, uint8_t* row);
+void DequantizeInt8Row(const uint8_t* row, int n_kv_heads, int head_dim, float* x);
 
 // Slots [first_slot, first_slot + count) of a cache. The key row (kv_dim
 // elements) of slot first_slot + j in layer l is at
@@ -163,6 +187,7 @@ struct KvCache {
   KvCache& operator=(const KvCache&) = delete;
 
   const int n_layers;
+  const int n_kv_heads;
   const int kv_dim;          // n_kv_heads * head_dim
   const int capacity;        // slots allocated
   const int writable_begin;  // first slot of the writable segment

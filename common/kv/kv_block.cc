@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "common/engine/byte_reader.h"
@@ -49,6 +50,20 @@ Hash128 Checksum(const uint8_t* data, size_t n) {
 
 absl::Status Corrupt(const std::string& what) { return absl::DataLossError(absl::StrCat("KV block: ", what)); }
 
+// Index of the first int8 row scale (kv_cache.h) that is NaN, infinite or
+// negative, counted over the payload's scales, or -1. No encoder writes one.
+int64_t FirstBadScale(std::span<const uint8_t> payload, const KvBlockHeader& h) {
+  const size_t row = KvRowBytes(h.dtype, h.n_kv_heads, h.head_dim), kv_dim = size_t{h.n_kv_heads} * h.head_dim;
+  const size_t rows = payload.size() / row;
+  for (size_t r = 0; r < rows; ++r) {
+    for (uint32_t g = 0; g < h.n_kv_heads; ++g) {
+      const float s = Int8Scale(payload.data() + r * row, static_cast<int>(kv_dim), static_cast<int>(g));
+      if (!(s >= 0.f && s <= std::numeric_limits<float>::max())) return static_cast<int64_t>(r * h.n_kv_heads + g);
+    }
+  }
+  return -1;
+}
+
 // Index of the first NaN or infinity in a payload of `dtype` values, or -1:
 // the exponent bits all set (float16: 0x7C00 of 16 bits; float32: 0x7F800000).
 // 32 bytes at a time (the whole payload of every block read is scanned: at
@@ -89,15 +104,25 @@ const char* KvDtypeName(KvDtype d) {
   switch (d) {
     case KvDtype::kFloat16: return "float16";
     case KvDtype::kFloat32: return "float32";
+    case KvDtype::kInt8: return "int8";
   }
   return "unknown";
 }
 
 absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view name) {
-  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32, KvDtype::kInt8}) {
     if (name == KvDtypeName(d)) return d;
   }
-  return absl::InvalidArgumentError(absl::StrCat("KV dtype '", name, "' is neither float16 nor float32"));
+  return absl::InvalidArgumentError(absl::StrCat("KV dtype '", name, "' is not float16, float32 or int8"));
+}
+
+KvElement KvDtypeElement(KvDtype d) {
+  switch (d) {
+    case KvDtype::kFloat16: return KvElement::kFloat16;
+    case KvDtype::kInt8: return KvElement::kInt8;
+    case KvDtype::kFloat32: break;
+  }
+  return KvElement::kFloat32;
 }
 
 std::string HashToHex(const Hash128& h) {
@@ -139,7 +164,7 @@ absl::StatusOr<Hash128> HashFromHex(const std::string& hex) {
 }
 
 uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype) {
-  return 2ull * c.n_layers * c.kv_dim() * KvDtypeSize(dtype);
+  return 2ull * c.n_layers * KvRowBytes(dtype, c.n_kv_heads, c.head_dim);
 }
 
 std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> tokens, const KvCache& cache,
@@ -165,30 +190,31 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
   Put<uint64_t>(out, kReserved64);
   for (int32_t t : tokens) Put<int32_t>(out, t);
   // Payload: per layer, K then V rows of the block's slots, converted once
-  // (a run at a time: the slots may span the cache's segments).
-  std::vector<uint16_t> half(h.dtype == KvDtype::kFloat16 ? kv_dim : 0);
-  std::vector<float> row(h.dtype == KvDtype::kFloat32 ? kv_dim : 0);
+  // (a run at a time: the slots may span the cache's segments): a row in
+  // another dtype goes through float32.
+  const KvElement want = KvDtypeElement(h.dtype);
+  const size_t row_bytes = KvRowBytes(h.dtype, h.n_kv_heads, h.head_dim);
+  std::vector<float> keys_f32(kv_dim), values_f32(kv_dim);
+  std::vector<uint8_t> converted(row_bytes);
   for (uint32_t l = 0; l < h.n_layers; ++l) {
     for (const bool keys : {true, false}) {
       cache.ForEachRun(first_slot, static_cast<int>(h.num_tokens), [&](const KvSegment& seg, int first, int n) {
-        const bool same = (seg.element == KvElement::kFloat16) == (h.dtype == KvDtype::kFloat16);
-        if (same) {  // stored as the block wants it: the rows as they are
-          const size_t row_bytes = kv_dim * KvDtypeSize(h.dtype);
-          for (int j = 0; j < n; ++j) {
-            const uint8_t* r = keys ? seg.key_row(l, first + j) : seg.value_row(l, first + j);
-            out.append(reinterpret_cast<const char*>(r), row_bytes);
-          }
-          return;
-        }
         for (int j = 0; j < n; ++j) {
           const uint8_t* r = keys ? seg.key_row(l, first + j) : seg.value_row(l, first + j);
-          if (h.dtype == KvDtype::kFloat16) {  // float32 rows to float16
-            FloatToHalf(reinterpret_cast<const float*>(r), half.data(), kv_dim);
-            out.append(reinterpret_cast<const char*>(half.data()), kv_dim * sizeof(uint16_t));
-          } else {  // float16 rows to float32
-            HalfToFloat(reinterpret_cast<const uint16_t*>(r), row.data(), kv_dim);
-            out.append(reinterpret_cast<const char*>(row.data()), kv_dim * sizeof(float));
+          if (seg.element == want) {  // stored as the block wants it: the row as it is
+            out.append(reinterpret_cast<const char*>(r), row_bytes);
+            continue;
           }
+          cache.ReadRow(l, first + j, keys_f32.data(), values_f32.data());
+          const float* x = keys ? keys_f32.data() : values_f32.data();
+          switch (want) {
+            case KvElement::kFloat32: out.append(reinterpret_cast<const char*>(x), row_bytes); continue;
+            case KvElement::kFloat16: FloatToHalf(x, reinterpret_cast<uint16_t*>(converted.data()), kv_dim); break;
+            case KvElement::kInt8:
+              QuantizeInt8Row(x, static_cast<int>(h.n_kv_heads), static_cast<int>(h.head_dim), converted.data());
+              break;
+          }
+          out.append(reinterpret_cast<const char*>(converted.data()), row_bytes);
         }
       });
     }
@@ -229,7 +255,8 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const uint8_t> bytes)
   RETURN_IF_ERROR(r.Read(&h.prefix_key, "prefix_key"));
   RETURN_IF_ERROR(r.Read(&payload_bytes, "payload_bytes"));
   RETURN_IF_ERROR(r.Read(&reserved64, "reserved"));
-  if (dtype != static_cast<uint32_t>(KvDtype::kFloat16) && dtype != static_cast<uint32_t>(KvDtype::kFloat32)) {
+  if (dtype != static_cast<uint32_t>(KvDtype::kFloat16) && dtype != static_cast<uint32_t>(KvDtype::kFloat32) &&
+      dtype != static_cast<uint32_t>(KvDtype::kInt8)) {
     return Corrupt(absl::StrCat("unknown dtype ", dtype));
   }
   if (kind != static_cast<uint32_t>(KvKind::kPrefix) && kind != static_cast<uint32_t>(KvKind::kContext)) {
@@ -274,8 +301,13 @@ absl::StatusOr<KvBlockView> ParseKvBlock(std::span<const uint8_t> bytes) {
   std::memcpy(v.tokens.data(), bytes.data() + kKvHeaderFixedBytes, kTokenIdBytes * h.num_tokens);
   v.payload = bytes.subspan(header_bytes, payload_bytes);
   // A checksum proves the bytes are what a writer sealed, not that the writer
-  // was an encoder: keys and values a model computes are finite.
-  if (const int64_t bad = FirstNonFinite(v.payload, h.dtype); bad >= 0) {
+  // was an encoder: keys and values a model computes are finite (int8: any
+  // byte is a value, the scales must be finite and not negative).
+  if (h.dtype == KvDtype::kInt8) {
+    if (const int64_t bad = FirstBadScale(v.payload, h); bad >= 0) {
+      return Corrupt(absl::StrCat("payload scale ", bad, " is NaN, infinite or negative"));
+    }
+  } else if (const int64_t bad = FirstNonFinite(v.payload, h.dtype); bad >= 0) {
     return Corrupt(absl::StrCat("payload value ", bad, " is NaN or infinite"));
   }
   return v;
@@ -316,7 +348,7 @@ absl::Status CheckFitsCache(const KvBlockView& b, const KvCache& cache) {
   const KvBlockHeader& h = b.header;
   // Every size below comes from stored bytes: check it against the cache
   // before writing a single slot.
-  if (h.n_layers != static_cast<uint32_t>(cache.n_layers) ||
+  if (h.n_layers != static_cast<uint32_t>(cache.n_layers) || h.n_kv_heads != static_cast<uint32_t>(cache.n_kv_heads) ||
       static_cast<uint64_t>(h.n_kv_heads) * h.head_dim != static_cast<uint64_t>(cache.kv_dim)) {
     return absl::FailedPreconditionError("KV block shape does not match the cache");
   }
@@ -335,16 +367,21 @@ absl::Status LoadKvBlock(const KvBlockView& b, KvCache& cache, int dest_slot) {
                                                       " (writable from ", cache.writable_begin, ")"));
   }
   const size_t n = static_cast<size_t>(h.num_tokens) * h.n_kv_heads * h.head_dim;
-  const size_t es = KvDtypeSize(h.dtype);
+  const size_t row_bytes = KvRowBytes(h.dtype, h.n_kv_heads, h.head_dim), kv_dim = size_t{h.n_kv_heads} * h.head_dim;
   const uint8_t* p = b.payload.data();
   for (uint32_t l = 0; l < h.n_layers; ++l) {
     for (float* dst : {cache.key(l, dest_slot), cache.value(l, dest_slot)}) {
       if (h.dtype == KvDtype::kFloat16) {
         HalfToFloat(reinterpret_cast<const uint16_t*>(p), dst, n);  // payload offsets are even
+      } else if (h.dtype == KvDtype::kInt8) {
+        for (uint32_t j = 0; j < h.num_tokens; ++j) {
+          DequantizeInt8Row(p + j * row_bytes, static_cast<int>(h.n_kv_heads), static_cast<int>(h.head_dim),
+                            dst + j * kv_dim);
+        }
       } else {
         std::memcpy(dst, p, n * sizeof(float));
       }
-      p += n * es;
+      p += h.num_tokens * row_bytes;
     }
   }
   for (uint32_t i = 0; i < h.num_tokens; ++i) cache.pos[dest_slot + i] = static_cast<int32_t>(h.first_position + i);
@@ -357,13 +394,14 @@ absl::Status AttachKvBlock(const KvBlockView& b, std::shared_ptr<const void> own
   // The payload is, per layer, K [num_tokens][kv_dim] then V likewise: a
   // segment with a row stride of kv_dim elements and a layer stride of two
   // K/V halves.
-  const size_t half = static_cast<size_t>(h.num_tokens) * cache.kv_dim * KvDtypeSize(h.dtype);
+  const size_t row_bytes = KvRowBytes(h.dtype, h.n_kv_heads, h.head_dim);
+  const size_t half = static_cast<size_t>(h.num_tokens) * row_bytes;
   KvSegment seg;
   seg.count = static_cast<int>(h.num_tokens);
-  seg.element = h.dtype == KvDtype::kFloat16 ? KvElement::kFloat16 : KvElement::kFloat32;
+  seg.element = KvDtypeElement(h.dtype);
   seg.k = b.payload.data();
   seg.v = b.payload.data() + half;
-  seg.row_stride = static_cast<size_t>(cache.kv_dim) * KvDtypeSize(h.dtype);
+  seg.row_stride = row_bytes;
   seg.layer_stride = 2 * half;
   seg.owner = std::move(owner);
   return cache.AppendReadOnly(std::move(seg), static_cast<int>(h.first_position));

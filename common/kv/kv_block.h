@@ -23,13 +23,19 @@ constexpr size_t kKvHeaderFixedBytes = 96;
 constexpr size_t kKvChecksumBytes = 16;
 
 // The values are the format's (and ape.v1.KvDtype's): they are stored.
-enum class KvDtype : uint32_t { kFloat16 = 1, kFloat32 = 2 };
+enum class KvDtype : uint32_t { kFloat16 = 1, kFloat32 = 2, kInt8 = 3 };
 enum class KvKind : uint32_t { kPrefix = 1, kContext = 2 };
-// "float16" / "float32": the one spelling of a dtype in flags, logs and
-// tools. ParseKvDtype is its inverse: INVALID_ARGUMENT for any other name.
+// "float16" / "float32" / "int8": the one spelling of a dtype in flags, logs
+// and tools. ParseKvDtype is its inverse: INVALID_ARGUMENT for any other name.
 const char* KvDtypeName(KvDtype d);
 absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view name);
-inline size_t KvDtypeSize(KvDtype d) { return d == KvDtype::kFloat16 ? sizeof(uint16_t) : sizeof(float); }
+// How the engine's caches hold a block's rows (the same layouts).
+KvElement KvDtypeElement(KvDtype d);
+// Bytes of one slot's K (or V) row: kv_dim values, and for int8 the
+// per-KV-head scales after them (kv_cache.h).
+inline uint64_t KvRowBytes(KvDtype d, uint32_t n_kv_heads, uint32_t head_dim) {
+  return KvRowBytes(KvDtypeElement(d), static_cast<int>(n_kv_heads), static_cast<int>(head_dim));
+}
 
 using Hash128 = std::array<uint8_t, 16>;
 // 32 lowercase hex digits <-> 16 bytes (high half first).
@@ -49,10 +55,10 @@ struct KvBlockHeader {
   uint32_t num_tokens = 0;
   uint32_t first_position = 0;
   Hash128 prefix_key{};
-  uint64_t payload_bytes() const { return 2ull * n_layers * num_tokens * n_kv_heads * head_dim * KvDtypeSize(dtype); }
+  uint64_t payload_bytes() const { return 2ull * n_layers * num_tokens * KvRowBytes(dtype, n_kv_heads, head_dim); }
 };
 
-// Bytes one token costs in a block: 2 * layers * kv_dim * sizeof(dtype).
+// Bytes one token costs in a block: 2 * layers * KvRowBytes.
 uint64_t KvBytesPerToken(const ModelConfig& c, KvDtype dtype);
 
 // Serialises slots [first_slot, first_slot + header.num_tokens) of `cache`
@@ -112,8 +118,7 @@ absl::Status AttachKvBlock(const KvBlockView& block, std::shared_ptr<const void>
 // bytes are a string's or any memory `owner` keeps alive (the decoder reads
 // Redis replies straight into pooled memory, entry_loader.cc).
 struct KvEntry {
-  explicit KvEntry(std::string b)
-      : KvEntry(std::make_shared<const std::string>(std::move(b))) {}
+  explicit KvEntry(std::string b) : KvEntry(std::make_shared<const std::string>(std::move(b))) {}
   KvEntry(std::shared_ptr<const void> owner, std::span<const uint8_t> bytes)
       : owner_(std::move(owner)), bytes_(bytes) {}
   KvEntry(const KvEntry&) = delete;

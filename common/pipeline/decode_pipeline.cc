@@ -23,12 +23,13 @@ bool Cancelled(const DecodeHooks& hooks) { return hooks.cancelled && hooks.cance
 
 // RESOURCE_EXHAUSTED when the prompt and the tokens it may generate need more
 // than in.max_kv_slots float32 slots. `half_slots` of the prompt are float16
-// entries used in place (kv_cache.h): they take half a float32 slot's bytes.
+// or int8 entries used in place (kv_cache.h): they take at most half a float32
+// slot's bytes (int8 about a quarter, counted as half).
 absl::Status CheckKvSlots(const DecodeInput& in, int64_t prompt_tokens, int max_new_tokens, int64_t half_slots = 0) {
   const int64_t need = prompt_tokens - half_slots + (half_slots + 1) / 2 + max_new_tokens;
   if (in.max_kv_slots > 0 && need > in.max_kv_slots) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "request needs ", need, " KV slots", half_slots > 0 ? " (float16 entries counted as half a slot)" : "",
+        "request needs ", need, " KV slots", half_slots > 0 ? " (float16 and int8 entries counted as half a slot)" : "",
         ", the limit is ", in.max_kv_slots, " (the per-request KV budget)"));
   }
   return absl::OkStatus();
@@ -96,10 +97,10 @@ absl::StatusOr<DecodeSession> PrepareParallel(const Model& model, RedisStore* st
     return absl::InternalError("the prefix entry's length differs from the request's prefix");
   }
   int total_ctx = 0, longest = 0;
-  int64_t half_slots = 0;  // float16 entries' slots (the prefix's too)
+  int64_t half_slots = 0;  // float16 and int8 entries' slots (the prefix's too)
   for (size_t i = 0; i < entries.size(); ++i) {
     const KvBlockView& v = entries[i].view();
-    if (v.header.dtype == KvDtype::kFloat16) half_slots += v.header.num_tokens;
+    if (v.header.dtype != KvDtype::kFloat32) half_slots += v.header.num_tokens;
     if (i == 0) continue;
     total_ctx += v.header.num_tokens;
     longest = std::max<int>(longest, v.header.num_tokens);

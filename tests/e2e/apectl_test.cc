@@ -82,7 +82,7 @@ TEST(ApectlTest, BadDtypeIsRefusedBeforeAnyCall) {
                           " generate --dtype unspecified --decoder 127.0.0.1:1 --query q "}) {
     Result r = RunCmd(Apectl() + cmd + doc.path() + " 2>&1");
     EXPECT_EQ(r.exit_code, 2) << cmd << r.out;
-    EXPECT_NE(r.out.find("--dtype must be float16 or float32"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("--dtype must be float16, float32 or int8"), std::string::npos) << r.out;
   }
 }
 

@@ -10,6 +10,7 @@
 #include "ape/v1/encoder.grpc.pb.h"
 #include "common/kv/cache_key.h"
 #include "common/pipeline/encode_pipeline.h"
+#include "common/server/kv_dtype.h"
 #include "common/store/redis_store.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
@@ -97,7 +98,7 @@ class EncoderE2eTest : public ::testing::Test {
 TEST_F(EncoderE2eTest, StoredKvEqualsInProcessComputation) {
   EncoderProcess enc(redis_);
   ASSERT_TRUE(enc.ok()) << enc.Log();
-  for (v1::KvDtype dtype : {v1::KV_DTYPE_FLOAT32, v1::KV_DTYPE_FLOAT16}) {
+  for (v1::KvDtype dtype : {v1::KV_DTYPE_FLOAT32, v1::KV_DTYPE_FLOAT16, v1::KV_DTYPE_INT8}) {
     v1::EncodeResponse resp;
     grpc::Status s = Encode(enc, Request(dtype), &resp);
     ASSERT_TRUE(s.ok()) << s.error_message();
@@ -105,7 +106,7 @@ TEST_F(EncoderE2eTest, StoredKvEqualsInProcessComputation) {
     EXPECT_EQ(resp.model_fingerprint(), model_->fingerprint());
     EncodeInput in;
     in.prefix_tokens = model_->tokenizer().Encode("Once upon a time", true, false);
-    in.dtype = dtype == v1::KV_DTYPE_FLOAT32 ? KvDtype::kFloat32 : KvDtype::kFloat16;
+    in.dtype = *KvDtypeFromProto(dtype, KvDtype::kFloat16);
     EXPECT_EQ(resp.prefix().num_tokens(), in.prefix_tokens.size());
     RedisStore store(*ParseRedisUri(redis_.uri()));
     std::vector<std::string> keys = {resp.prefix().key(), resp.contexts(0).key(), resp.contexts(1).key()};

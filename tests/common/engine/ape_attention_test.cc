@@ -261,24 +261,68 @@ TEST_P(ApeKernelTest, AgreesWithReferenceKernel) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ApeKernelTest, ::testing::ValuesIn(KernelCases()), CaseName);
 
-// ---- A cache of segments (kv_cache.h): float16 and float32 runs viewed in
-// place, then the writable float32 segment.
+// A read-only segment of `count` slots of random values stored as `e`, laid
+// out as an entry's payload (per layer K then V, [slots][row] each) in a
+// buffer the segment keeps alive; `values` gets the float32 values it holds
+// (rounded through float16 or quantized to int8 as stored), in the same
+// [layer][K/V][slot][kv_dim] order. Values are drawn in that order.
+KvSegment RandomSegment(KvElement e, int count, const ModelConfig& c, std::mt19937& rng,
+                        std::normal_distribution<float>& nd, std::vector<float>* values) {
+  const int kv_dim = c.kv_dim();
+  const size_t row = KvRowBytes(e, c.n_kv_heads, c.head_dim), half = static_cast<size_t>(count) * row;
+  auto buf = std::make_shared<std::vector<uint8_t>>(2 * half * c.n_layers);
+  values->assign(2 * static_cast<size_t>(count) * kv_dim * c.n_layers, 0.f);
+  std::vector<float> x(kv_dim);
+  for (size_t r = 0; r < 2 * static_cast<size_t>(count) * c.n_layers; ++r) {
+    for (float& v : x) v = nd(rng);
+    uint8_t* out = buf->data() + r * row;
+    float* held = values->data() + r * kv_dim;
+    switch (e) {
+      case KvElement::kFloat32: std::memcpy(out, x.data(), row), std::copy(x.begin(), x.end(), held); break;
+      case KvElement::kFloat16:
+        for (int d = 0; d < kv_dim; ++d) {
+          const uint16_t h = FloatToHalf(x[d]);
+          std::memcpy(out + 2 * d, &h, 2);
+          held[d] = HalfToFloat(h);
+        }
+        break;
+      case KvElement::kInt8:
+        QuantizeInt8Row(x.data(), c.n_kv_heads, c.head_dim, out);
+        DequantizeInt8Row(out, c.n_kv_heads, c.head_dim, held);
+        break;
+    }
+  }
+  KvSegment seg;
+  seg.count = count;
+  seg.element = e;
+  seg.row_stride = row;
+  seg.layer_stride = 2 * half;
+  seg.k = buf->data();
+  seg.v = buf->data() + half;
+  seg.owner = buf;
+  return seg;
+}
+
+// ---- A cache of segments (kv_cache.h): float16, int8 and float32 runs
+// viewed in place, then the writable float32 segment.
 //
-// The same values in a flat float32 cache (rounded through float16 where a
-// segment stores float16) must give the same outputs: the kernel converts
-// per run of slots inside a tile, so tiles crossing segment boundaries,
-// segments of one slot, and layers other than 0 (the layer stride) are all
-// exercised. Bit-identical: the tiles see the same float32 values.
+// The same values in a flat float32 cache (rounded through float16, or
+// quantized, where a segment stores float16 or int8) must give the same
+// outputs: the kernel converts per run of slots inside a tile, so tiles
+// crossing segment boundaries, segments of one slot, and layers other than 0
+// (the layer stride) are all exercised. Bit-identical: the tiles see the same
+// float32 values (an int8 value is its scale times it, in both).
 struct SegmentedCase {
   int heads, kv_heads, head_dim, n;
   std::vector<int> runs;  // read-only segment lengths; negative = float32
   int writable;           // slots of the writable segment (rows included)
   int prefix;             // block C = [prefix, sum of runs)
+  bool int8 = false;      // the positive runs int8 instead of float16
 };
 
 class ApeSegmentedTest : public ::testing::TestWithParam<SegmentedCase> {};
 
-TEST_P(ApeSegmentedTest, Float16SegmentsEqualRoundedFloat32Cache) {
+TEST_P(ApeSegmentedTest, Float16AndInt8SegmentsEqualRoundedFloat32Cache) {
   const SegmentedCase& k = GetParam();
   constexpr int kLayers = 3;
   const ModelConfig c = RandomCache::MakeConfig(k.heads, k.kv_heads, k.head_dim, kLayers);
@@ -290,36 +334,18 @@ TEST_P(ApeSegmentedTest, Float16SegmentsEqualRoundedFloat32Cache) {
   std::normal_distribution<float> nd(0.f, 1.5f);
   KvCache flat(c, slots);
   KvCache segmented(c, slots, read_only);
-  // Read-only runs: each in an entry's payload layout, per layer K then V,
-  // [slots][kv_dim] each, in its own buffer kept alive by the cache.
+  const KvElement stored = k.int8 ? KvElement::kInt8 : KvElement::kFloat16;
+  // Read-only runs: each in an entry's payload layout, in its own buffer
+  // kept alive by the cache; the flat cache gets the values they hold.
   for (int r : k.runs) {
-    const bool f16 = r > 0;
     const int count = std::abs(r), first = segmented.size;
     const size_t half = static_cast<size_t>(count) * kv_dim;
-    auto buf = std::make_shared<std::vector<uint8_t>>(2 * half * kLayers * (f16 ? 2 : 4));
-    for (int l = 0; l < kLayers; ++l)
-      for (int kv = 0; kv < 2; ++kv)
-        for (size_t i = 0; i < half; ++i) {
-          float x = nd(rng);
-          const size_t at = (2 * l + kv) * half + i;
-          if (f16) {
-            const uint16_t h = FloatToHalf(x);
-            std::memcpy(buf->data() + 2 * at, &h, 2);
-            x = HalfToFloat(h);
-          } else {
-            std::memcpy(buf->data() + 4 * at, &x, 4);
-          }
-          float* dst = kv == 0 ? flat.key(l, first) : flat.value(l, first);
-          dst[i] = x;
-        }
-    KvSegment seg;
-    seg.count = count;
-    seg.element = f16 ? KvElement::kFloat16 : KvElement::kFloat32;
-    seg.row_stride = static_cast<size_t>(kv_dim) * (f16 ? 2 : 4);
-    seg.layer_stride = 2 * half * (f16 ? 2 : 4);
-    seg.k = buf->data();
-    seg.v = buf->data() + half * (f16 ? 2 : 4);
-    seg.owner = buf;
+    std::vector<float> values;
+    KvSegment seg = RandomSegment(r > 0 ? stored : KvElement::kFloat32, count, c, rng, nd, &values);
+    for (int l = 0; l < kLayers; ++l) {
+      std::copy_n(values.data() + 2 * l * half, half, flat.key(l, first));
+      std::copy_n(values.data() + (2 * l + 1) * half, half, flat.value(l, first));
+    }
     ASSERT_TRUE(segmented.AppendReadOnly(seg, 1000 + first).ok());
     for (int j = 0; j < count; ++j) flat.pos[first + j] = 1000 + first + j;
   }
@@ -371,9 +397,14 @@ TEST_P(ApeSegmentedTest, Float16SegmentsEqualRoundedFloat32Cache) {
         ASSERT_NEAR(got[i], ref_flat[i], 1e-5f * magnitude) << i;
       }
     }
-  // Bytes read: float16 runs count half.
+  // Bytes read: float16 runs count half, int8 ones a byte a value and their scales.
   size_t want_bytes = 0;
-  for (int r : k.runs) want_bytes += 2 * static_cast<size_t>(std::abs(r)) * kv_dim * (r > 0 ? 2 : 4);
+  for (int r : k.runs) {
+    want_bytes += 2 * static_cast<size_t>(std::abs(r)) *
+                  (r < 0    ? kv_dim * 4
+                   : k.int8 ? kv_dim + 4 * k.kv_heads
+                            : kv_dim * 2);
+  }
   want_bytes += 2 * static_cast<size_t>(k.writable) * kv_dim * 4;
   EXPECT_EQ(segmented.KvBytesRead(slots), want_bytes);
   EXPECT_EQ(flat.KvBytesRead(slots), 2 * static_cast<size_t>(slots) * kv_dim * 4);
@@ -388,7 +419,12 @@ INSTANTIATE_TEST_SUITE_P(
         // float32 runs between float16 ones (a float32 entry), head_dim 128, GQA 2.
         SegmentedCase{4, 2, 128, 3, {5, -40, 200, -1, 64}, 3, 5},
         // Odd widths: kv_dim 3 * 12 = 36 (not a multiple of 8: the scalar tail of the conversion).
-        SegmentedCase{3, 3, 12, 2, {2, 33, 17}, 4, 2}));
+        SegmentedCase{3, 3, 12, 2, {2, 33, 17}, 4, 2},
+        // int8 runs (rows of 136 bytes: values, then the 2 heads' scales), between float32 ones too.
+        SegmentedCase{14, 2, 64, 32, {8, 300, 1, 77, 129}, 40, 8, true},
+        SegmentedCase{4, 2, 128, 3, {5, -40, 200, -1, 64}, 3, 5, true},
+        // int8 with odd head_dim: scales at odd offsets, values past the last whole 8.
+        SegmentedCase{3, 3, 13, 2, {2, 33, 17}, 4, 2, true}));
 
 // ---- Decode (one row) over many segments: the head_dim-vectorized decode
 // kernel against the reference kernel and the matrix-product kernels.
@@ -405,6 +441,7 @@ struct DecodeCase {
   int prefix;    // block C = [prefix, context_end)
   int c_tail;    // context_end = read-only slots - c_tail (O after C within the segments); < 0: no C
   float T, S;
+  bool int8 = false;  // the segments that are not float32 are int8, not float16
 };
 
 class ApeDecodeTest : public ::testing::TestWithParam<DecodeCase> {};
@@ -425,28 +462,10 @@ TEST_P(ApeDecodeTest, ManySegmentsAgreeWithReference) {
   }
   const int slots = read_only + k.writable;
   KvCache cache(c, slots, read_only);
+  const KvElement stored = k.int8 ? KvElement::kInt8 : KvElement::kFloat16;
   for (int r : lengths) {
-    const bool f16 = r > 0;
-    const int count = std::abs(r);
-    const size_t half = static_cast<size_t>(count) * kv_dim, elem = f16 ? 2 : 4;
-    auto buf = std::make_shared<std::vector<uint8_t>>(2 * half * kLayers * elem);
-    for (size_t i = 0; i < 2 * half * kLayers; ++i) {
-      const float x = nd(rng);
-      if (f16) {
-        const uint16_t h = FloatToHalf(x);
-        std::memcpy(buf->data() + 2 * i, &h, 2);
-      } else {
-        std::memcpy(buf->data() + 4 * i, &x, 4);
-      }
-    }
-    KvSegment seg;
-    seg.count = count;
-    seg.element = f16 ? KvElement::kFloat16 : KvElement::kFloat32;
-    seg.row_stride = kv_dim * elem;
-    seg.layer_stride = 2 * half * elem;
-    seg.k = buf->data();
-    seg.v = buf->data() + half * elem;
-    seg.owner = buf;
+    std::vector<float> values;
+    KvSegment seg = RandomSegment(r > 0 ? stored : KvElement::kFloat32, std::abs(r), c, rng, nd, &values);
     ASSERT_TRUE(cache.AppendReadOnly(seg, cache.size).ok());
   }
   for (int l = 0; l < kLayers; ++l)
@@ -499,7 +518,11 @@ INSTANTIATE_TEST_SUITE_P(Segments, ApeDecodeTest,
                              DecodeCase{4, 4, 8, 40, 5, 2, 7, 0.9f, 0.9f},
                              DecodeCase{6, 2, 128, 20, 4, 0, 0, 0.5f, 0.8f},
                              // No context block: ordinary attention over the segments.
-                             DecodeCase{14, 2, 64, 10, 6, 0, -1, 1.f, 1.f}));
+                             DecodeCase{14, 2, 64, 10, 6, 0, -1, 1.f, 1.f},
+                             // int8 segments: the Qwen shape, GQA 8 with head_dim 72, GQA 1.
+                             DecodeCase{14, 2, 64, 60, 9, 5, 0, 0.8f, 0.9f, true},
+                             DecodeCase{8, 1, 72, 30, 2, 3, 0, 0.7f, 1.3f, true},
+                             DecodeCase{4, 4, 8, 40, 5, 2, 7, 0.9f, 0.9f, true}));
 
 }  // namespace
 }  // namespace ape

@@ -1,9 +1,11 @@
-// KV blocks: round trips (bit-exact float32, float16 within rounding),
-// keys, and malformed bytes (truncations, bit flips, foreign headers).
+// KV blocks: round trips (bit-exact float32, float16 within rounding, int8
+// within half a scale step), keys, and malformed bytes (truncations, bit
+// flips, foreign headers, damaged int8 scales).
 #include "common/kv/kv_block.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -56,12 +58,18 @@ class KvBlockTest : public ::testing::Test {
   Hash128 fp_;
 };
 
-TEST_F(KvBlockTest, RoundTripFloat32BitExactAndFloat16WithinRounding) {
+TEST_F(KvBlockTest, RoundTripFloat32BitExactFloat16AndInt8WithinRounding) {
   KvCache cache(model_->config(), 64);
   std::vector<int32_t> prefix, ctx;
   Compute(cache, &prefix, &ctx);
-  const int lp = prefix.size(), n = ctx.size();
-  for (KvDtype dtype : {KvDtype::kFloat32, KvDtype::kFloat16}) {
+  const int lp = prefix.size(), n = ctx.size(), hd = model_->config().head_dim;
+  // int8: at most half a step of the row's head scale (its largest |value| / 127).
+  const auto int8_bound = [&](const float* row, int d) {
+    float amax = 0.f;
+    for (int i = d / hd * hd; i < (d / hd + 1) * hd; ++i) amax = std::max(amax, std::abs(row[i]));
+    return amax / 127.f * 0.5f * (1.f + 1e-5f) + 1e-7f;
+  };
+  for (KvDtype dtype : {KvDtype::kFloat32, KvDtype::kFloat16, KvDtype::kInt8}) {
     std::string bytes = SerializeKvBlock(Header(dtype, n, lp), ctx, cache, lp);
     EXPECT_EQ(bytes.size(), kKvHeaderFixedBytes + 4 * n + KvBytesPerToken(model_->config(), dtype) * n + 16);
     auto view = ParseKvBlock({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
@@ -81,6 +89,9 @@ TEST_F(KvBlockTest, RoundTripFloat32BitExactAndFloat16WithinRounding) {
           if (dtype == KvDtype::kFloat32) {
             ASSERT_EQ(got_k, want_k);
             ASSERT_EQ(got_v, want_v);
+          } else if (dtype == KvDtype::kInt8) {
+            ASSERT_NEAR(got_k, want_k, int8_bound(cache.key(l, lp + t), d));
+            ASSERT_NEAR(got_v, want_v, int8_bound(cache.value(l, lp + t), d));
           } else {  // float16: relative error <= 2^-11 (normal range)
             ASSERT_NEAR(got_k, want_k, std::abs(want_k) * 4.9e-4f + 6e-8f);
             ASSERT_NEAR(got_v, want_v, std::abs(want_v) * 4.9e-4f + 6e-8f);
@@ -170,14 +181,62 @@ TEST_F(KvBlockTest, HeaderParsesFromTheFirstBytes) {
   EXPECT_EQ(ParseKvBlockHeader(bytes(newer, kKvHeaderFixedBytes)).status().code(), absl::StatusCode::kUnimplemented);
 }
 
+// An int8 block whose checksum is right but whose scale is not a scale an
+// encoder writes (negative, NaN, infinite) is refused.
+TEST_F(KvBlockTest, Int8BadScalesAreRefused) {
+  KvCache cache(model_->config(), 64);
+  std::vector<int32_t> prefix, ctx;
+  Compute(cache, &prefix, &ctx);
+  const KvBlockHeader h = Header(KvDtype::kInt8, ctx.size(), prefix.size());
+  const std::string block = SerializeKvBlock(h, ctx, cache, prefix.size());
+  const size_t header = kKvHeaderFixedBytes + 4 * ctx.size(), kv_dim = size_t{h.n_kv_heads} * h.head_dim;
+  const size_t row = KvRowBytes(KvDtype::kInt8, h.n_kv_heads, h.head_dim);
+  ASSERT_EQ(row, kv_dim + 4 * h.n_kv_heads);
+  ASSERT_TRUE(ParseKvBlock({reinterpret_cast<const uint8_t*>(block.data()), block.size()}).ok());
+  for (const float bad : {-1.f, std::nanf(""), INFINITY}) {
+    std::string b = block;
+    // The second KV head's scale of the third row (layer 0's keys).
+    std::memcpy(b.data() + header + 2 * row + kv_dim + 4 * (h.n_kv_heads - 1), &bad, sizeof(bad));
+    const XXH128_hash_t sum = XXH3_128bits(b.data(), b.size() - 16);
+    for (int i = 0; i < 8; ++i) {
+      b[b.size() - 16 + i] = static_cast<char>(sum.high64 >> (56 - 8 * i));
+      b[b.size() - 8 + i] = static_cast<char>(sum.low64 >> (56 - 8 * i));
+    }
+    auto v = ParseKvBlock({reinterpret_cast<const uint8_t*>(b.data()), b.size()});
+    EXPECT_EQ(v.status().code(), absl::StatusCode::kDataLoss) << bad;
+    EXPECT_NE(v.status().message().find("scale"), std::string::npos) << v.status();
+  }
+}
+
+// The int8 row of kv_cache.h, worked by hand: head 0 = {1, -0.5, 0.25, 0}
+// has scale 1/127 and values 127, -63.5 -> -64 (ties to even), 31.75 -> 32,
+// 0; head 1, all zeros, has scale 0.
+TEST(KvInt8RowTest, LayoutWorkedByHand) {
+  const float x[8] = {1.f, -0.5f, 0.25f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  ASSERT_EQ(KvRowBytes(KvElement::kInt8, 2, 4), 16u);
+  uint8_t row[16];
+  QuantizeInt8Row(x, 2, 4, row);
+  const uint8_t want_q[8] = {127, 0xC0, 32, 0, 0, 0, 0, 0};
+  EXPECT_EQ(std::memcmp(row, want_q, 8), 0);
+  EXPECT_EQ(Int8Scale(row, 8, 0), 1.f / 127.f);
+  EXPECT_EQ(Int8Scale(row, 8, 1), 0.f);
+  float back[8];
+  DequantizeInt8Row(row, 2, 4, back);
+  EXPECT_EQ(back[0], 127.f * (1.f / 127.f));
+  EXPECT_EQ(back[1], -64.f / 127.f);
+  EXPECT_EQ(back[2], 32.f / 127.f);
+  for (int i = 3; i < 8; ++i) EXPECT_EQ(back[i], 0.f);
+}
+
 TEST(KvDtypeTest, NamesRoundTripAndOthersAreRefused) {
-  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+  for (KvDtype d : {KvDtype::kFloat16, KvDtype::kFloat32, KvDtype::kInt8}) {
     auto parsed = ParseKvDtype(KvDtypeName(d));
     ASSERT_TRUE(parsed.ok()) << parsed.status();
     EXPECT_EQ(*parsed, d);
   }
   EXPECT_STREQ(KvDtypeName(KvDtype::kFloat16), "float16");
   EXPECT_STREQ(KvDtypeName(KvDtype::kFloat32), "float32");
+  EXPECT_STREQ(KvDtypeName(KvDtype::kInt8), "int8");
   for (const char* bad : {"", "fp16", "Float16", "float64", "float16 "}) {
     EXPECT_EQ(ParseKvDtype(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
@@ -286,7 +345,7 @@ TEST_F(KvBlockTest, AttachViewsPayloadInPlace) {
   std::vector<int32_t> prefix, ctx;
   Compute(cache, &prefix, &ctx);
   const int lp = prefix.size(), n = ctx.size(), kv_dim = cache.kv_dim;
-  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32, KvDtype::kInt8}) {
     auto entry = std::make_shared<KvEntry>(SerializeKvBlock(Header(dtype, n, lp), ctx, cache, lp));
     auto view = ParseKvBlock(entry->span());
     ASSERT_TRUE(view.ok()) << view.status();
@@ -315,7 +374,7 @@ TEST_F(KvBlockTest, AttachViewsPayloadInPlace) {
         EXPECT_EQ(std::as_const(attached).key(l, t) != nullptr, dtype == KvDtype::kFloat32);
       }
     // Slots n-3 .. n+2 span both segments: serialised back, they are the
-    // original values (float16 to float16 is exact).
+    // original values (float16 to float16, int8 to int8 is exact).
     std::vector<int32_t> six(ctx.begin() + n - 3, ctx.end());
     six.insert(six.end(), ctx.begin(), ctx.begin() + 3);
     const std::string again = SerializeKvBlock(Header(dtype, 6, lp), six, attached, n - 3);

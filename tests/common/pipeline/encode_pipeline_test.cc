@@ -71,7 +71,7 @@ class EncodePipelineTest : public ::testing::Test {
 };
 
 TEST_F(EncodePipelineTest, BlockwiseEncodingEqualsOneForwardPerSegment) {
-  for (KvDtype dtype : {KvDtype::kFloat32, KvDtype::kFloat16}) {
+  for (KvDtype dtype : {KvDtype::kFloat32, KvDtype::kFloat16, KvDtype::kInt8}) {
     const EncodeInput in = Input(dtype);
     int checks = 0;
     auto blocks = EncodeBlocks(*model_, in, [&] { return ++checks < 0; });
