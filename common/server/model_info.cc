@@ -20,6 +20,7 @@ void DescribeModel(const Model& m, v1::ModelInfoResponse* r) {
   r->set_eos_id(m.tokenizer().eos_id());
   r->set_kv_bytes_per_token_float16(KvBytesPerToken(c, KvDtype::kFloat16));
   r->set_kv_bytes_per_token_float32(KvBytesPerToken(c, KvDtype::kFloat32));
+  r->set_kv_bytes_per_token_int8(KvBytesPerToken(c, KvDtype::kInt8));
   r->set_model_path(m.path());
   r->set_chat_template(ChatFamilyName(DetectChatFormat(m.chat_template()).family));
   r->set_add_bos(m.tokenizer().add_bos());

@@ -247,6 +247,7 @@ TEST_F(EncoderE2eTest, TokenizeDetokenizeModelInfoHealthAndShutdown) {
   ASSERT_TRUE(enc.stub().ModelInfo(&c4, v1::ModelInfoRequest(), &info).ok());
   EXPECT_EQ(info.n_layers(), 5u);
   EXPECT_EQ(info.kv_bytes_per_token_float16(), 2u * 5 * 32 * 2);
+  EXPECT_EQ(info.kv_bytes_per_token_int8(), 2u * 5 * (32 + 4 * 4));  // 4 KV heads of 8: 32 bytes + 4 scales
   EXPECT_EQ(info.fingerprint(), model_->fingerprint());
   // Standard health service.
   grpc::ClientContext c5;
