@@ -6,6 +6,7 @@
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "ape/v1/cache.grpc.pb.h"
 #include "clients/apectl/commands.h"
@@ -36,8 +37,10 @@ std::string Name(v1::EntryState s) {
   return n.rfind("ENTRY_", 0) == 0 ? n.substr(6) : n;
 }
 
+// "float16", "float32", "int8" (the enum's names, as --dtype spells them); "-" when unset.
 std::string DtypeName(v1::KvDtype d) {
-  return d == v1::KV_DTYPE_FLOAT16 ? "float16" : d == v1::KV_DTYPE_FLOAT32 ? "float32" : "-";
+  if (d == v1::KV_DTYPE_UNSPECIFIED || !v1::KvDtype_IsValid(d)) return "-";
+  return absl::AsciiStrToLower(v1::KvDtype_Name(d).substr(std::string("KV_DTYPE_").size()));
 }
 
 // One line: key state kind tokens bytes dtype ttl idle fingerprint prefix.

@@ -238,12 +238,15 @@ class CacheAdminTest(Common, unittest.TestCase):
         self.assertEqual(int(self.s.redis_command("EXISTS", k1)), 0)
         self.assertEqual(int(self.s.redis_command("EXISTS", k2)), 1)
         # apectl cache: ls, stat, touch, rm (against the encoder this time).
+        k8 = self.encode(PREFIX_A, [" A doc kept as int8."], dtype=self.enc_pb.KV_DTYPE_INT8).contexts[0].key
         flags = [f"--cache-server={self.s.encoder}"]
         ls = run([f"{BIN}/apectl", "cache", "ls"] + flags)
         self.assertEqual(ls.returncode, 0, ls.stderr)
-        listed = {line.split("\t")[0] for line in ls.stdout.splitlines()}
+        lines = {line.split("\t")[0]: line.split("\t") for line in ls.stdout.splitlines()}
         content = {k for k in self.redis_keys() if re.fullmatch(r"ape:v1:kv:[0-9a-f]{32}", k)}
-        self.assertEqual(listed, content)
+        self.assertEqual(set(lines), content)
+        # key state kind tokens bytes dtype ...
+        self.assertEqual((lines[k2][5], lines[k8][5]), ("float16", "int8"))
         st = run([f"{BIN}/apectl", "cache", "stat", "--verify", k2] + flags)
         self.assertEqual(st.returncode, 0, st.stderr)
         self.assertIn("verified: true", st.stdout)
