@@ -215,10 +215,11 @@ int Main() {
           "{\"shape\":\"%s\",\"contexts\":%d,\"context_tokens\":%d,\"prompt_tokens\":%d,\"sequential_ttft_ms\":%.3f,"
           "\"ape_ttft_ms\":%.3f,\"ape_cache_load_ms\":%.3f,\"sequential_decode_tps\":%.3f,\"ape_decode_tps\":%.3f,"
           "\"ape_hot_ttft_ms\":%.3f,\"ape_fastest_token_ms\":%.3f,\"ape_decode_stream_ratio\":%.3f,\"ape_decode_mean_"
-          "stream_ratio\":%.3f,\"bandwidth_gbs\":%.2f,\"threads\":%d}\n",
+          "stream_ratio\":%.3f,\"bandwidth_gbs\":%.2f,\"threads\":%d,\"weights\":\"%s\",\"kv_dtype\":\"%s\"}\n",
           absl::GetFlag(FLAGS_shape), n, lc, prompt, seq_ok ? seq.ttft_ms : -1.0, ape.ttft_ms, ape.load_ms,
           seq.decode_tps, ape.decode_tps, absl::GetFlag(FLAGS_hot_cache_mb) > 0 ? hot_run.ttft_ms : -1.0,
-          ape.fastest_token_ms, stream_ratio, mean_ratio, bw, ComputeThreads());
+          ape.fastest_token_ms, stream_ratio, mean_ratio, bw, ComputeThreads(),
+          model->weight_types().empty() ? absl::GetFlag(FLAGS_type) : model->weight_types(), KvDtypeName(*dtype));
       json.flush();
     }
   }

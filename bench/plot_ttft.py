@@ -26,6 +26,7 @@ b.bar([str(x) for x in n], [r["sequential_ttft_ms"] / r["ape_ttft_ms"] for r in 
 b.set_xlabel("contexts")
 b.set_ylabel("speedup (SEQUENTIAL / APE)")
 b.grid(alpha=0.3, axis="y")
-fig.suptitle(f"Time to first token, {rows[0]['shape']} shape, {rows[0]['threads']} threads")
+setting = f", {rows[0]['kv_dtype']} entries" if "kv_dtype" in rows[0] else ""
+fig.suptitle(f"Time to first token, {rows[0]['shape']} shape{setting}, {rows[0]['threads']} threads")
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=100)
