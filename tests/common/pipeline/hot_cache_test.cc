@@ -189,7 +189,7 @@ class HotCachePipelineTest : public ::testing::Test {
 TEST_F(HotCachePipelineTest, HitAnswersLikeARedisRead) {
   const std::vector<std::string> docs = {" Lily had a red ball.", " Tom liked to run in the park with his big dog.",
                                          " The sun was hot."};
-  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32}) {
+  for (KvDtype dtype : {KvDtype::kFloat16, KvDtype::kFloat32, KvDtype::kInt8}) {
     SCOPED_TRACE(KvDtypeName(dtype));
     DecodeInput in = Input(docs, dtype);
     // Encoded into Redis by a first request without a hot cache.
