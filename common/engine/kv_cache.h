@@ -131,8 +131,8 @@ enum class KvElement : uint8_t { kFloat32, kFloat16, kInt8 };
 //
 // value[h][d] = scale[h] * q[h][d]. A head's scale is its largest |value| /
 // 127, so q lies in [-127, 127] and the error is at most scale / 2 (a head of
-// zeros has scale 0). Half the bytes of float16 at head_dim 64 (136 against
-// 256 bytes a row for 2 KV heads). The scales are at any 1-byte offset when
+// zeros has scale 0). A little over half float16's bytes at head_dim 64 (136
+// against 256 bytes a row for 2 KV heads). The scales are at any 1-byte offset when
 // kv_dim is odd: read them with memcpy (Int8Scale).
 size_t KvRowBytes(KvElement element, int n_kv_heads, int head_dim);
 inline float Int8Scale(const uint8_t* row, int kv_dim, int head) {
@@ -145,7 +145,7 @@ void QuantizeInt8Row(const float* x, int n_kv_heads, int head_dim, uint8_t* row)
 void DequantizeInt8Row(const uint8_t* row, int n_kv_heads, int head_dim, float* x);
 
 // Slots [first_slot, first_slot + count) of a cache. The key row (kv_dim
-// elements) of slot first_slot + j in layer l is at
+// elements, KvRowBytes bytes) of slot first_slot + j in layer l is at
 //   k + l * layer_stride + j * row_stride   (bytes), and likewise for v.
 struct KvSegment {
   int first_slot = 0;

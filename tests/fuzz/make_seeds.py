@@ -91,17 +91,24 @@ def tiny_llama2c():
 def kv_block_seed(kind, n_tokens, dtype, first_position, dest_slot):
     """A KV block of the kv_block_fuzzer's model shape (2 layers, 1 KV head,
     head_dim 4), prefixed by the fuzzer's destination slot byte and a 16-byte
-    key; the checksum is left zero (the fuzzer re-seals every input)."""
+    key; the checksum is left zero (the fuzzer re-seals every input). dtype
+    1 float16, 2 float32, 3 int8 (each row 4 int8 values, then a float32
+    scale: kv_block_format.md)."""
     rng = random.Random(n_tokens)
     layers, kv_heads, head_dim = 2, 1, 4
-    size = 2 if dtype == 1 else 4
-    payload_bytes = 2 * layers * n_tokens * kv_heads * head_dim * size
+    size = {1: 2, 2: 4, 3: 1}[dtype]
+    row = kv_heads * head_dim * size + (4 * kv_heads if dtype == 3 else 0)
+    payload_bytes = 2 * layers * n_tokens * row
     header = b"APEKV\r\n\x1a" + struct.pack("<II", 1, 96 + 4 * n_tokens) + bytes(range(16))
     header += struct.pack("<IIIIIIII", layers, kv_heads, head_dim, dtype, kind, n_tokens, first_position, 0)
     header += bytes(range(16, 32)) + struct.pack("<QQ", payload_bytes, 0)
     tokens = struct.pack(f"<{n_tokens}i", *[rng.randrange(16) for _ in range(n_tokens)])
-    values = [rng.uniform(-2, 2) for _ in range(payload_bytes // size)]
-    payload = f16_bytes(values) if dtype == 1 else struct.pack(f"<{len(values)}f", *values)
+    if dtype == 3:
+        payload = b"".join(struct.pack("<4bf", *[rng.randrange(-127, 128) for _ in range(4)], rng.uniform(0, 0.02))
+                           for _ in range(payload_bytes // row))
+    else:
+        values = [rng.uniform(-2, 2) for _ in range(payload_bytes // size)]
+        payload = f16_bytes(values) if dtype == 1 else struct.pack(f"<{len(values)}f", *values)
     return bytes([dest_slot]) + bytes(16) + header + tokens + payload + bytes(16)
 
 
@@ -119,6 +126,7 @@ def main():
     write("kv_block_fuzzer", "prefix-f16.bin", kv_block_seed(1, 5, 1, 0, 0))
     write("kv_block_fuzzer", "context-f32.bin", kv_block_seed(2, 12, 2, 5, 5))
     write("kv_block_fuzzer", "context-past-the-cache.bin", kv_block_seed(2, 60, 1, 5, 30))
+    write("kv_block_fuzzer", "context-int8.bin", kv_block_seed(2, 7, 3, 5, 9))
     for i, text in enumerate(["Once upon a time", "  double  spaces\nand a newline", "caf\u00e9 \u65e5\u672c",
                               "", "\x00\xff"]):
         write("tokenizer_fuzzer", f"text{i}.txt", text.encode("utf-8", "surrogateescape"))
