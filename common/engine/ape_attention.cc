@@ -119,8 +119,7 @@ inline const float* HeadRow(const KvSegment& seg, const uint8_t* row, int offset
                             float* buf) {
   if (seg.element == KvElement::kFloat32) return reinterpret_cast<const float*>(row) + offset;
   if (seg.element == KvElement::kInt8) {
-    const float scale = Int8Scale(row, kv_dim, offset / head_dim);
-    for (int d = 0; d < head_dim; ++d) buf[d] = scale * static_cast<float>(static_cast<int8_t>(row[offset + d]));
+    DequantizeInt8Head(row, kv_dim, offset / head_dim, head_dim, buf);
     return buf;
   }
   HalfToFloat(reinterpret_cast<const uint16_t*>(row) + offset, buf, head_dim);
@@ -261,12 +260,7 @@ KvTile LoadKvTile(const KvCache& cache, int layer, int g0, int heads, int head_d
           const uint8_t* row = (keys ? k : v) + j * seg.row_stride;
           float* out = (keys ? dk : dv) + static_cast<size_t>(j) * width;
           for (int hi = 0; hi < heads; ++hi) {
-            const __m256 scale = _mm256_set1_ps(Int8Scale(row, cache.kv_dim, g0 + hi));
-            const uint8_t* q = row + off + static_cast<size_t>(hi) * head_dim;
-            float* o = out + static_cast<size_t>(hi) * head_dim;
-            int d = 0;
-            for (; d + kLanes <= head_dim; d += kLanes) _mm256_storeu_ps(o + d, _mm256_mul_ps(scale, Int8x8(q + d)));
-            for (; d < head_dim; ++d) o[d] = _mm256_cvtss_f32(scale) * static_cast<float>(static_cast<int8_t>(q[d]));
+            DequantizeInt8Head(row, cache.kv_dim, g0 + hi, head_dim, out + static_cast<size_t>(hi) * head_dim);
           }
         }
       }
@@ -971,22 +965,15 @@ __attribute__((always_inline)) inline void ScoreKeys(const E* const* rows, const
   }
 }
 
-// The int8 scale of the KV head whose values start head_off elements into a
-// row at `row` (kScaled types only): scale_off = kv_dim + 4 * head bytes
-// from the row's start.
-inline float RowScale(const uint8_t* row, size_t scale_off) {
-  float x;
-  std::memcpy(&x, row + scale_off, sizeof(x));
-  return x;
-}
-
-// Scores of a run's keys for HB heads, into s[h][run.first + j].
+// Scores of a run's keys for HB heads, into s[h][run.first + j]; the KV
+// head's values start head_off elements into a row, kv_dim elements are the
+// row's values (before an int8 row's scales).
 template <typename E, int HB>
-void ScoreRun(const DecodeRun& r, size_t head_off, size_t scale_off, const float* q, int hd, float* s,
-              TilePrefetch* pf) {
+void ScoreRun(const DecodeRun& r, size_t head_off, int kv_dim, const float* q, int hd, float* s, TilePrefetch* pf) {
   constexpr int KB = 3;  // 3 x 4 accumulators, 3 K vectors and a q vector: 16 registers
+  const int head = static_cast<int>(head_off) / hd;
   const auto row = [&](int j) { return reinterpret_cast<const E*>(r.k + j * r.stride) + head_off; };
-  const auto scale = [&](int j) { return kScaled<E> ? RowScale(r.k + j * r.stride, scale_off) : 1.f; };
+  const auto scale = [&](int j) { return kScaled<E> ? Int8Scale(r.k + j * r.stride, kv_dim, head) : 1.f; };
   int j = 0;
   for (; j + KB <= r.count; j += KB) {
     const E* rows[KB];
@@ -1011,8 +998,9 @@ void ScoreRun(const DecodeRun& r, size_t head_off, size_t scale_off, const float
 // vectors of dims from d, the HB x DV accumulators in registers over the run.
 // int8 values: each converted vector times its row's scale.
 template <typename E, int HB, int DV>
-__attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, size_t head_off, size_t scale_off,
+__attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, size_t head_off, int kv_dim,
                                                          const float* pr, int hd, int d, float* acc) {
+  const int head = static_cast<int>(head_off) / hd;
   __m256 a[HB][DV];
 #pragma GCC unroll 16
   for (int h = 0; h < HB; ++h)
@@ -1025,7 +1013,7 @@ __attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, siz
 #pragma GCC unroll 16
     for (int u = 0; u < DV; ++u) x[u] = Load8(row + u * kLanes);
     if constexpr (kScaled<E>) {
-      const __m256 sc = _mm256_set1_ps(RowScale(v, scale_off));
+      const __m256 sc = _mm256_set1_ps(Int8Scale(v, kv_dim, head));
 #pragma GCC unroll 16
       for (int u = 0; u < DV; ++u) x[u] = _mm256_mul_ps(x[u], sc);
     }
@@ -1043,17 +1031,17 @@ __attribute__((always_inline)) inline void AddValuesDims(const DecodeRun& r, siz
 }
 
 template <typename E, int HB>
-void AddValuesRun(const DecodeRun& r, size_t head_off, size_t scale_off, const float* p, int hd, float* acc,
+void AddValuesRun(const DecodeRun& r, size_t head_off, int kv_dim, const float* p, int hd, float* acc,
                   TilePrefetch* pf) {
   constexpr int DV = HB <= 2 ? 4 : 2;  // HB x DV accumulators, DV V vectors and p: at most 13 registers
   const float* pr = p + r.first;
   int d = 0;
   for (; d + DV * kLanes <= hd; d += DV * kLanes) {
-    AddValuesDims<E, HB, DV>(r, head_off, scale_off, pr, hd, d, acc);
+    AddValuesDims<E, HB, DV>(r, head_off, kv_dim, pr, hd, d, acc);
     pf->Pace(r.count * HB * DV);
   }
   for (; d < hd; d += kLanes) {
-    AddValuesDims<E, HB, 1>(r, head_off, scale_off, pr, hd, d, acc);
+    AddValuesDims<E, HB, 1>(r, head_off, kv_dim, pr, hd, d, acc);
     pf->Pace(r.count * HB);
   }
 }
@@ -1180,7 +1168,7 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
   const size_t s_size = static_cast<size_t>(G) * kDecodeRowStride;
   if (s_buf.size() < s_size) s_buf.resize(s_size);
   float* s = s_buf.data();
-  const size_t row_elems = static_cast<size_t>(p.n_kv_heads) * hd;  // = kv_dim
+  const int kv_dim = p.n_kv_heads * hd;  // a row's values (an int8 row's scales follow them)
   // This tile's runs and the next one's, swapped at each step.
   DecodeRun run_buf[2][kDecodeMaxTile];
   DecodeRun* runs = run_buf[0];
@@ -1196,15 +1184,14 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
     const int n_next = nt1 > 0 ? TileRuns(p, t1, nt1, next) : 0;
     pf.Start(next, std::max(0, nt1), int64_t{2} * p.n_heads * nt * (hd / kLanes));
     for (int g = 0; g < p.n_kv_heads; ++g) {
-      const size_t head_off = static_cast<size_t>(g) * hd;     // elements into a row
-      const size_t scale_off = row_elems + sizeof(float) * g;  // int8 rows: bytes to the head's scale
+      const size_t head_off = static_cast<size_t>(g) * hd;  // elements into a row
       for (int h0 = 0; h0 < G; h0 += kHeadBlock) {
         const int hb = std::min(kHeadBlock, G - h0);
         const float* q = p.q_scaled + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
         float* sh = s + h0 * kDecodeRowStride;
         WithHeadBlock(hb, [&](auto HB) {
           ForEachTypedRun(runs, n_runs, [&](const DecodeRun& r, auto e) {
-            ScoreRun<decltype(e), HB()>(r, head_off, scale_off, q, hd, sh, &pf);
+            ScoreRun<decltype(e), HB()>(r, head_off, kv_dim, q, hd, sh, &pf);
           });
         });
       }
@@ -1221,7 +1208,7 @@ void DecodeKeys(const DecodePlan& p, int begin, int end, int b, const DecodeStat
         float* acc = st.acc + (static_cast<size_t>(b) * p.n_heads + g * G + h0) * hd;
         WithHeadBlock(hb, [&](auto HB) {
           ForEachTypedRun(runs, n_runs, [&](const DecodeRun& r, auto e) {
-            AddValuesRun<decltype(e), HB()>(r, head_off, scale_off, s + h0 * kDecodeRowStride, hd, acc, &pf);
+            AddValuesRun<decltype(e), HB()>(r, head_off, kv_dim, s + h0 * kDecodeRowStride, hd, acc, &pf);
           });
         });
       }

@@ -180,12 +180,19 @@ void QuantizeInt8Row(const float* x, int n_kv_heads, int head_dim, uint8_t* row)
 
 void DequantizeInt8Row(const uint8_t* row, int n_kv_heads, int head_dim, float* x) {
   const int kv_dim = n_kv_heads * head_dim;
-  for (int h = 0; h < n_kv_heads; ++h) {
-    const float scale = Int8Scale(row, kv_dim, h);
-    const int8_t* q = reinterpret_cast<const int8_t*>(row) + static_cast<size_t>(h) * head_dim;
-    float* xh = x + static_cast<size_t>(h) * head_dim;
-    for (int d = 0; d < head_dim; ++d) xh[d] = scale * static_cast<float>(q[d]);
+  for (int h = 0; h < n_kv_heads; ++h)
+    DequantizeInt8Head(row, kv_dim, h, head_dim, x + static_cast<size_t>(h) * head_dim);
+}
+
+const float* RowAsFloat(KvElement element, const uint8_t* row, int n_kv_heads, int head_dim, float* buf) {
+  switch (element) {
+    case KvElement::kFloat32: return reinterpret_cast<const float*>(row);
+    case KvElement::kFloat16:
+      HalfToFloat(reinterpret_cast<const uint16_t*>(row), buf, size_t{1} * n_kv_heads * head_dim);
+      break;
+    case KvElement::kInt8: DequantizeInt8Row(row, n_kv_heads, head_dim, buf); break;
   }
+  return buf;
 }
 
 // ---- KvCache ------------------------------------------------------------------
@@ -252,17 +259,10 @@ const float* KvCache::value(int layer, int slot) const {
 
 void KvCache::ReadRow(int layer, int slot, float* key_out, float* value_out) const {
   const KvSegment& seg = SegmentOf(slot);
-  const uint8_t* kr = seg.key_row(layer, slot);
-  const uint8_t* vr = seg.value_row(layer, slot);
-  if (seg.element == KvElement::kFloat16) {
-    HalfToFloat(reinterpret_cast<const uint16_t*>(kr), key_out, kv_dim);
-    HalfToFloat(reinterpret_cast<const uint16_t*>(vr), value_out, kv_dim);
-  } else if (seg.element == KvElement::kInt8) {
-    DequantizeInt8Row(kr, n_kv_heads, kv_dim / n_kv_heads, key_out);
-    DequantizeInt8Row(vr, n_kv_heads, kv_dim / n_kv_heads, value_out);
-  } else {
-    std::memcpy(key_out, kr, kv_dim * sizeof(float));
-    std::memcpy(value_out, vr, kv_dim * sizeof(float));
+  for (auto [row, out] :
+       {std::pair{seg.key_row(layer, slot), key_out}, std::pair{seg.value_row(layer, slot), value_out}}) {
+    const float* x = RowAsFloat(seg.element, row, n_kv_heads, kv_dim / n_kv_heads, out);
+    if (x != out) std::memcpy(out, x, kv_dim * sizeof(float));
   }
 }
 

@@ -140,9 +140,20 @@ inline float Int8Scale(const uint8_t* row, int kv_dim, int head) {
   std::memcpy(&s, row + kv_dim + sizeof(float) * head, sizeof(s));
   return s;
 }
+// Head `head` of an int8 row as head_dim floats, scale times each value:
+// the one conversion every reader of int8 rows goes through (inline, so the
+// attention's tile copy vectorizes it).
+inline void DequantizeInt8Head(const uint8_t* row, int kv_dim, int head, int head_dim, float* out) {
+  const float scale = Int8Scale(row, kv_dim, head);
+  const int8_t* q = reinterpret_cast<const int8_t*>(row) + static_cast<size_t>(head) * head_dim;
+  for (int d = 0; d < head_dim; ++d) out[d] = scale * static_cast<float>(q[d]);
+}
 // One row of kv_dim floats to int8 (the layout above) and back.
 void QuantizeInt8Row(const float* x, int n_kv_heads, int head_dim, uint8_t* row);
 void DequantizeInt8Row(const uint8_t* row, int n_kv_heads, int head_dim, float* x);
+// A K or V row stored as `element` as kv_dim floats: the row itself when it
+// is float32, else converted into `buf` (kv_dim floats).
+const float* RowAsFloat(KvElement element, const uint8_t* row, int n_kv_heads, int head_dim, float* buf);
 
 // Slots [first_slot, first_slot + count) of a cache. The key row (kv_dim
 // elements, KvRowBytes bytes) of slot first_slot + j in layer l is at

@@ -194,7 +194,7 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
   // another dtype goes through float32.
   const KvElement want = KvDtypeElement(h.dtype);
   const size_t row_bytes = KvRowBytes(h.dtype, h.n_kv_heads, h.head_dim);
-  std::vector<float> keys_f32(kv_dim), values_f32(kv_dim);
+  std::vector<float> row_f32(kv_dim);
   std::vector<uint8_t> converted(row_bytes);
   for (uint32_t l = 0; l < h.n_layers; ++l) {
     for (const bool keys : {true, false}) {
@@ -205,8 +205,8 @@ std::string SerializeKvBlock(const KvBlockHeader& h, std::span<const int32_t> to
             out.append(reinterpret_cast<const char*>(r), row_bytes);
             continue;
           }
-          cache.ReadRow(l, first + j, keys_f32.data(), values_f32.data());
-          const float* x = keys ? keys_f32.data() : values_f32.data();
+          const float* x =
+              RowAsFloat(seg.element, r, static_cast<int>(h.n_kv_heads), static_cast<int>(h.head_dim), row_f32.data());
           switch (want) {
             case KvElement::kFloat32: out.append(reinterpret_cast<const char*>(x), row_bytes); continue;
             case KvElement::kFloat16: FloatToHalf(x, reinterpret_cast<uint16_t*>(converted.data()), kv_dim); break;
