@@ -1051,8 +1051,11 @@ inline __m256 SpreadPair(__m128 s) {
 struct alignas(64) ActPair {
   int8_t x[32];    // elements 0..15 of block 2p, then of block 2p+1
   int8_t y[32];    // elements 16..31, the same way
-  float d[8];      // d(2p) x4, d(2p+1) x4, as float
-  int32_t off[8];  // Q4_0: 8 * the sum of the activations each lane covers
+  float d[8];  // d(2p) x4, d(2p+1) x4, as float
+  union {
+    int32_t off[8];  // Q4_0, Q5_0: 8 * the sum of the activations each lane covers
+    float sum[8];    // Q5_1 instead: that sum (the lane's 8 activations) times d, as float
+  };
 };
 static_assert(sizeof(ActPair) == 128);
 
@@ -1063,7 +1066,9 @@ constexpr int64_t kPairSliceBytes = 16 << 10;
 
 inline __m256i LoadA256(const int8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// One token's Q8_0 blocks (PrepareActivations) -> (nb + 1) / 2 ActPairs.
+// One token's Q8_0 blocks (PrepareActivations) -> (nb + 1) / 2 ActPairs,
+// with `off` or, for kinds with a minimum term (kScaledSums), `sum`.
+template <bool kScaledSums>
 void MakeActPairs(const uint8_t* act, int64_t nb, ActPair* out) {
   constexpr size_t kBlock = sizeof(BlockQ8_0);
   const __m256i eights = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
@@ -1078,7 +1083,14 @@ void MakeActPairs(const uint8_t* act, int64_t nb, ActPair* out) {
     const float d0 = HalfToFloat(LoadU16(ab)), d1 = second ? HalfToFloat(LoadU16(ab + kBlock)) : 0.f;
     _mm256_store_ps(o.d, _mm256_setr_m128(_mm_set1_ps(d0), _mm_set1_ps(d1)));
     const __m256i sum8 = _mm256_add_epi16(_mm256_maddubs_epi16(eights, x), _mm256_maddubs_epi16(eights, y));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o.off), _mm256_madd_epi16(sum8, ones));
+    const __m256i off = _mm256_madd_epi16(sum8, ones);
+    if constexpr (kScaledSums) {
+      // off / 8 is exact in float (|sum| <= 8 * 127); times d rounds once.
+      const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(0.125f));
+      _mm256_store_ps(o.sum, _mm256_mul_ps(sum, _mm256_load_ps(o.d)));
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(o.off), off);
+    }
   }
 }
 
@@ -1098,6 +1110,7 @@ inline __m256 HalfPairScale(const uint8_t* d) { return _mm256_zextps128_ps256(_m
 // (exact: a in -127..127).
 struct Q8_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ8_0);
+  static constexpr bool kScaledSums = false;  // reads ActPair::off
 
   // A whole pair of blocks at wb, and an odd last block alone.
   template <int T>
@@ -1149,6 +1162,7 @@ inline void UnsignedPairStep(__m256i lo, __m256i hi, __m256 dw, const ActPair* a
 // Q4_0 x Q8_0: (q - 8) . a, the nibbles unsigned.
 struct Q4_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ4_0);
+  static constexpr bool kScaledSums = false;  // reads ActPair::off
 
   template <int T>
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
@@ -1205,6 +1219,7 @@ inline void FiveBitPair(const uint8_t* wb, bool second, __m256i* lo, __m256i* hi
 // Q5_0 x Q8_0: (q - 16) . a, q the 5-bit quants.
 struct Q5_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ5_0);
+  static constexpr bool kScaledSums = false;  // reads ActPair::off
 
   template <int T>
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
@@ -1221,9 +1236,11 @@ struct Q5_0Pairs {
 };
 
 // Q5_1 x Q8_0: d * (q . a) + m * sum(a) per block, q as Q5_0's; sum(a)
-// from ActPair::off (8 * sum(a) per lane, so m is taken / 8, exactly).
+// times the activations' d from ActPair::sum, made once per token for
+// every row.
 struct Q5_1Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ5_1);
+  static constexpr bool kScaledSums = true;
 
   template <int T>
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
@@ -1242,15 +1259,13 @@ struct Q5_1Pairs {
   static inline void Step(__m256i lo, __m256i hi, __m256 dw, __m256 mw, const ActPair* a, int64_t a_stride,
                           __m256* acc) {
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 mw8 = _mm256_mul_ps(mw, _mm256_set1_ps(0.125f));
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
       const __m256i p16 =
           _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
-      const __m256 da = _mm256_load_ps(aj.d);
-      const __m256 off = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), _mm256_mul_ps(dw, da), acc[j]);
-      acc[j] = _mm256_fmadd_ps(off, _mm256_mul_ps(mw8, da), acc[j]);
+      const __m256 dwa = _mm256_mul_ps(dw, _mm256_load_ps(aj.d));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dwa, acc[j]);
+      acc[j] = _mm256_fmadd_ps(mw, _mm256_load_ps(aj.sum), acc[j]);
     }
   }
 };
@@ -1331,7 +1346,8 @@ void PairsBatch(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act
     const int r1 = std::min(rows, r0 + chunk);
     for (int j0 = 0; j0 < n_tokens; j0 += group) {
       const int tokens = std::min(group, n_tokens - j0);
-      for (int j = 0; j < tokens; ++j) MakeActPairs(act + (j0 + j) * act_stride, nb, pairs.data() + j * np);
+      for (int j = 0; j < tokens; ++j)
+        MakeActPairs<K::kScaledSums>(act + (j0 + j) * act_stride, nb, pairs.data() + j * np);
       const uint8_t* wr = w + r0 * row_bytes;
       float* yr = y + j0 * y_stride + r0;
       switch (tokens) {
