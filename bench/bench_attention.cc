@@ -62,6 +62,7 @@ ABSL_FLAG(std::string, cases, "",
 ABSL_FLAG(int, key_tile, ape::ApeKernelOptions{}.key_tile, "ApeKernelOptions::key_tile");
 ABSL_FLAG(int, target_lanes, ape::ApeKernelOptions{}.target_lanes, "ApeKernelOptions::target_lanes");
 ABSL_FLAG(int, min_chunk_keys, ape::ApeKernelOptions{}.min_chunk_keys, "ApeKernelOptions::min_chunk_keys");
+ABSL_FLAG(bool, avx512, true, "ApeKernelOptions::avx512: AVX-512 lane blocks where the CPU has them");
 
 namespace ape::bench {
 namespace {
@@ -177,7 +178,7 @@ void SetUp(Case& k, std::shared_ptr<KvCache> cache, bool decode_kernel = true) {
   k.out.resize(k.q.size());
   Fill(k.q.data(), k.q.size(), 6);
   const ApeKernelOptions opt{absl::GetFlag(FLAGS_key_tile), absl::GetFlag(FLAGS_target_lanes),
-                             absl::GetFlag(FLAGS_min_chunk_keys), decode_kernel};
+                             absl::GetFlag(FLAGS_min_chunk_keys), decode_kernel, absl::GetFlag(FLAGS_avx512)};
   k.fast.run = [&k, heads, kv_heads, hd, layers, opt](int call) {
     ApeAttention(k.q.data(), k.n, k.first_slot, *k.cache, call % layers, heads, kv_heads, hd, k.ape, k.out.data(), opt);
   };

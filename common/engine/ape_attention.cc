@@ -21,6 +21,7 @@
 // they are the task's "lanes", lane = row * group + head_in_group, so that
 //
 //   Q_g     [lanes][d]          stored transposed, Qt [d][lanes], 8 lanes per AVX2 vector
+//                               (16 per AVX-512 register, where the CPU has them)
 //   S       = K_tile Q_g^T      [keys][lanes], times 1/sqrt(d) (and 1/T in C)
 //   m, l    online softmax of S down each lane (column), masked only on the
 //           tiles of the causal diagonal; C and O keys never share a tile
@@ -66,6 +67,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kLanes = 8;  // floats per AVX2 vector
+constexpr int kMaxBlockVectors = 6;  // lanes of one lane block, in vectors (BlockVectors)
 constexpr float kLog2E = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
 // expf for finite x, branch-free so that tile loops vectorize (Cephes'
@@ -312,6 +314,7 @@ struct Plan {
   int64_t tasks;        // (KV heads, row tile, key chunk) triples
   int key_tile;         // keys per tile, all of a task's KV heads together
   size_t state_floats;  // the C and O states of one task's lanes
+  bool wide;            // lane blocks in AVX-512 registers (AttendTile512)
 };
 
 // A task: KV heads [g0, g0 + heads), query rows [r0, r0 + rows), chunk
@@ -322,6 +325,7 @@ struct Task {
   int head_lanes;    // rows * group
   int head_vectors;  // head_lanes rounded up to whole vectors
   int vectors;       // heads * head_vectors
+  bool wide;         // Plan::wide
 };
 
 inline int CeilDiv(int a, int b) { return (a + b - 1) / b; }
@@ -366,6 +370,7 @@ Plan MakePlan(const float* q, int n, int first_slot, const KvCache& cache, int l
     p.chunks = std::clamp(CeilDiv(wanted, tasks), 1, std::max(1, keys / std::max(1, opt.min_chunk_keys)));
   p.tasks = static_cast<int64_t>(tasks) * p.chunks;
   p.state_floats = 2 * StateFloats(p.heads_per_task * head_vectors, head_dim);
+  p.wide = opt.avx512 && CpuHasAvx512();
   return p;
 }
 
@@ -383,6 +388,7 @@ inline Task TaskAt(const Plan& p, int64_t i) {
   t.head_lanes = t.rows * p.group;
   t.head_vectors = CeilDiv(t.head_lanes, kLanes);
   t.vectors = t.heads * t.head_vectors;
+  t.wide = p.wide;
   return t;
 }
 
@@ -409,14 +415,22 @@ inline void ResetStates(const LaneStates& s, int vectors, int head_dim) {
 
 // Lane blocks are 3 vectors (24 lanes) when they can be; 4 vectors left go
 // as 2 + 2, not 3 + 1 (a one-vector block runs the slowest kernels).
-inline int BlockVectors(int vectors_left) { return vectors_left == 4 ? 2 : std::min(vectors_left, 3); }
+// Wide (AVX-512), blocks are 6, 4 or 2 vectors (3, 2 or 1 registers of
+// 16 lanes), 6 when they can be; an odd count leaves 3 or 1 to the AVX2
+// kernels (7 = 4 + 3, 5 = 2 + 3).
+inline int BlockVectors(int vectors_left, bool wide) {
+  if (!wide) return vectors_left == 4 ? 2 : std::min(vectors_left, 3);
+  if (vectors_left == 8 || vectors_left == 7) return 4;
+  if (vectors_left == 5) return 2;
+  return vectors_left >= 6 ? 6 : vectors_left;
+}
 
 // Calls f(KV head - g0, first lane, vectors) for each lane block of a task.
 template <typename F>
 void ForEachBlock(const Task& t, const F& f) {
   for (int hi = 0; hi < t.heads; ++hi)
     for (int v0 = 0, w = 0; v0 < t.head_vectors; v0 += w) {
-      w = BlockVectors(t.head_vectors - v0);
+      w = BlockVectors(t.head_vectors - v0, t.wide);
       f(hi, (hi * t.head_vectors + v0) * kLanes, w);
     }
 }
@@ -614,21 +628,153 @@ void AttendTile(const KvTile& kv, int slot0, const ScoreOut& out, const float* q
   AddValueTile<NV>(kv.v, kv.stride, kv.count, out.s, head_dim, acc);
 }
 
+// ---- The same kernels on AVX-512 registers (where the CPU has AVX512F).
+//
+// A lane block of NZ registers of 16 lanes is a block of 2 NZ AVX2 vectors
+// in the same layout (W = 16 NZ lanes side by side), and every lane goes
+// through the same operations in the same order as above: its scores are
+// one FMA chain over d, its acc one FMA chain over the keys, and the
+// softmax between them is UpdateSoftmax itself. So the results are the AVX2
+// kernels' bit for bit; only twice the lanes go per instruction, and the 32
+// registers hold taller tiles (MR keys, MD dims).
+
+#define APE_ATTENTION_AVX512 __attribute__((target("avx512f")))
+
+template <int MR, int NZ>
+APE_ATTENTION_AVX512 inline void ScoreKeys512(const float* k, size_t k_stride, const float* qt, int head_dim, int slot,
+                                              const ScoreOut& out) {
+  constexpr int W = 16 * NZ;
+  __m512 acc[MR][NZ];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  for (int d = 0; d < head_dim; ++d) {
+    __m512 qz[NZ];
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) qz[z] = _mm512_loadu_ps(qt + d * W + z * 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 kb = _mm512_set1_ps(k[i * k_stride + d]);
+#pragma GCC unroll 16
+      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(kb, qz[z], acc[i][z]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(*out.scale);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) {
+      __m512 x = _mm512_mul_ps(acc[i][z], scale);
+      if (out.last != nullptr) {
+        const __m512i last = _mm512_loadu_si512(out.last + z * 16);
+        const __mmask16 hidden = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(slot + i), last);
+        x = _mm512_mask_mov_ps(x, hidden, _mm512_set1_ps(kNegInf));
+      }
+      _mm512_storeu_ps(out.s + i * W + z * 16, x);
+      float* max = out.max + z * 16;
+      // (maskz with every lane: _mm512_max_ps's undefined source trips GCC 12's -Wuninitialized)
+      _mm512_storeu_ps(max, _mm512_maskz_max_ps(0xFFFF, _mm512_loadu_ps(max), x));
+    }
+}
+
+template <int NZ, int MR>
+APE_ATTENTION_AVX512 inline void ScoreRest512(const float* k, size_t k_stride, int rest, const float* qt, int head_dim,
+                                              int slot, const ScoreOut& out) {
+  if constexpr (MR > 0) {
+    if (rest == MR) return ScoreKeys512<MR, NZ>(k, k_stride, qt, head_dim, slot, out);
+    ScoreRest512<NZ, MR - 1>(k, k_stride, rest, qt, head_dim, slot, out);
+  }
+}
+
+// Keys (scores) or dims (values) per step for NZ registers of lanes: MR x NZ
+// accumulators + NZ operands + a broadcast within the 32 registers.
+template <int NZ>
+constexpr int kTall512 = NZ == 3 ? 8 : NZ == 2 ? 12 : 16;
+
+template <int NZ>
+APE_ATTENTION_AVX512 void ScoreTile512(const KvTile& kv, const float* qt, int head_dim, int slot0, const ScoreOut& out) {
+  constexpr int MR = kTall512<NZ>;
+  std::fill(out.max, out.max + NZ * 16, kNegInf);
+  int j = 0;
+  for (; j + MR <= kv.count; j += MR) {
+    const ScoreOut at{out.s + j * NZ * 16, out.max, out.scale, out.last};
+    ScoreKeys512<MR, NZ>(kv.k + j * kv.stride, kv.stride, qt, head_dim, slot0 + j, at);
+  }
+  const ScoreOut at{out.s + j * NZ * 16, out.max, out.scale, out.last};
+  ScoreRest512<NZ, MR - 1>(kv.k + j * kv.stride, kv.stride, kv.count - j, qt, head_dim, slot0 + j, at);
+}
+
+template <int MD, int NZ>
+APE_ATTENTION_AVX512 inline void AddValues512(const float* v, size_t v_stride, int nt, const float* p, float* acc) {
+  constexpr int W = 16 * NZ;
+  __m512 a[MD][NZ];
+#pragma GCC unroll 16
+  for (int i = 0; i < MD; ++i)
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) a[i][z] = _mm512_loadu_ps(acc + i * W + z * 16);
+  for (int j = 0; j < nt; ++j) {
+    __m512 pz[NZ];
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) pz[z] = _mm512_loadu_ps(p + j * W + z * 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MD; ++i) {
+      const __m512 vb = _mm512_set1_ps(v[j * v_stride + i]);
+#pragma GCC unroll 16
+      for (int z = 0; z < NZ; ++z) a[i][z] = _mm512_fmadd_ps(vb, pz[z], a[i][z]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MD; ++i)
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(acc + i * W + z * 16, a[i][z]);
+}
+
+template <int NZ, int MD>
+APE_ATTENTION_AVX512 inline void AddValuesRest512(const float* v, size_t v_stride, int nt, int rest, const float* p,
+                                                  float* acc) {
+  if constexpr (MD > 0) {
+    if (rest == MD) return AddValues512<MD, NZ>(v, v_stride, nt, p, acc);
+    AddValuesRest512<NZ, MD - 1>(v, v_stride, nt, rest, p, acc);
+  }
+}
+
+template <int NZ>
+APE_ATTENTION_AVX512 void AddValueTile512(const float* v, size_t v_stride, int nt, const float* p, int head_dim,
+                                          float* acc) {
+  constexpr int MD = kTall512<NZ>;
+  int d = 0;
+  for (; d + MD <= head_dim; d += MD) AddValues512<MD, NZ>(v + d, v_stride, nt, p, acc + d * NZ * 16);
+  AddValuesRest512<NZ, MD - 1>(v + d, v_stride, nt, head_dim - d, p, acc + d * NZ * 16);
+}
+
+// AttendTile for a lane block of NZ AVX-512 registers (2 NZ vectors).
+template <int NZ>
+APE_ATTENTION_AVX512 void AttendTile512(const KvTile& kv, int slot0, const ScoreOut& out, const float* qt,
+                                        int head_dim, float* m, float* l, float* acc) {
+  ScoreTile512<NZ>(kv, qt, head_dim, slot0, out);
+  UpdateSoftmax<2 * NZ>(out.s, kv.count, out.max, out.last != nullptr, m, l, acc, head_dim);
+  AddValueTile512<NZ>(kv.v, kv.stride, kv.count, out.s, head_dim, acc);
+}
+
+#undef APE_ATTENTION_AVX512
+
 // ---- A task: pack the lanes, walk the key tiles, leave the states.
 
 // A worker thread's buffers, grown on first use and kept.
 struct Scratch {
   std::vector<float> qt;                                         // [lane block][head_dim][block width]
   std::vector<int32_t> last;                                     // [lanes] last visible slot
-  std::vector<float> s;                                          // [key_tile][24] scores, then p
-  std::vector<float> tile_max = std::vector<float>(3 * kLanes);  // [24] per lane
+  std::vector<float> s;                                                         // [key_tile][48] scores, then p
+  std::vector<float> tile_max = std::vector<float>(kMaxBlockVectors * kLanes);  // [48] per lane
   std::vector<float> states;                                     // C and O states when the task finalizes itself
   std::vector<float> kv;                                         // [2][key_tile][heads][head_dim] a K/V tile
   void Reserve(const Plan& p, int vectors) {
     const size_t lanes = static_cast<size_t>(vectors) * kLanes;
     if (qt.size() < lanes * p.head_dim) qt.resize(lanes * p.head_dim);
     if (last.size() < lanes) last.resize(lanes);
-    if (s.size() < static_cast<size_t>(p.key_tile) * 3 * kLanes) s.resize(static_cast<size_t>(p.key_tile) * 3 * kLanes);
+    const size_t s_floats = static_cast<size_t>(p.key_tile) * kMaxBlockVectors * kLanes;
+    if (s.size() < s_floats) s.resize(s_floats);
     const size_t tile = 2 * static_cast<size_t>(p.key_tile) * p.heads_per_task * p.head_dim;
     if (states.size() < p.state_floats) states.resize(p.state_floats);
     if (kv.size() < tile) kv.resize(tile);
@@ -692,6 +838,12 @@ void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, c
         const ScoreOut out{sc.s.data(), sc.tile_max.data(), scale, masked ? sc.last.data() + b0 : nullptr};
         const float* qt = sc.qt.data() + static_cast<size_t>(b0) * hd;
         float* acc = st.acc + static_cast<size_t>(b0) * hd;
+        if (t.wide && w % 2 == 0) {
+          if (w == 6) AttendTile512<3>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+          if (w == 4) AttendTile512<2>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+          if (w == 2) AttendTile512<1>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
+          return;
+        }
         if (w == 3) AttendTile<3>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
         if (w == 2) AttendTile<2>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
         if (w == 1) AttendTile<1>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
@@ -1294,6 +1446,14 @@ void DecodeAttention(const float* q, int first_slot, const KvCache& cache, int l
 }
 
 }  // namespace
+
+bool CpuHasAvx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+}
 
 void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,
                   int head_dim, const ApeParams& ape, float* out, const ApeKernelOptions& options) {

@@ -40,7 +40,13 @@ struct ApeKernelOptions {
   // (ape_attention.cc, "Decode"); false sends it through the matrix-product
   // kernels like a block of rows (for comparison in tests and benchmarks).
   bool decode_kernel = true;
+  // Lane blocks in AVX-512 registers where the CPU has AVX512F (16 lanes per
+  // instruction; results bit-identical to AVX2's); false keeps AVX2.
+  bool avx512 = true;
 };
+
+// Whether this CPU runs the AVX-512 lane blocks (ApeKernelOptions::avx512).
+bool CpuHasAvx512();
 
 // ApeAttention with explicit blocking (same result up to rounding).
 void ApeAttention(const float* q, int n, int first_slot, const KvCache& cache, int layer, int n_heads, int n_kv_heads,

@@ -259,6 +259,30 @@ TEST_P(ApeKernelTest, AgreesWithReferenceKernel) {
   SetComputeThreads(2);
 }
 
+// The AVX-512 lane blocks run every lane through the AVX2 kernels'
+// operations in the same order (ape_attention.cc), so the two give the same
+// bits, for every blocking: lane blocks of 1, 2 and 3 registers, and odd
+// vector counts whose last block stays AVX2.
+TEST_P(ApeKernelTest, Avx512LaneBlocksGiveAvx2Bits) {
+  if (!CpuHasAvx512()) GTEST_SKIP() << "this CPU has no AVX512F: both settings run the AVX2 kernels";
+  const KernelCase& k = GetParam();
+  const int slots = k.first_slot + k.n;
+  RandomCache s(k.heads, k.kv_heads, k.head_dim, slots, k.n, 91 + slots + k.n + k.heads);
+  const ApeParams p{k.prefix, k.prefix + k.contexts, k.T, k.S};
+  const size_t size = static_cast<size_t>(k.n) * k.heads * k.head_dim;
+  const ApeKernelOptions kBlockings[] = {{}, {23, 16, 50}, {64, 96, 50}, {128, 512, 512, /*decode_kernel=*/false}};
+  for (ApeKernelOptions opt : kBlockings) {
+    std::vector<float> narrow(size, NAN), wide(size, NAN);
+    opt.avx512 = false;
+    ApeAttention(s.q.data(), k.n, k.first_slot, s.cache, 0, k.heads, k.kv_heads, k.head_dim, p, narrow.data(), opt);
+    opt.avx512 = true;
+    ApeAttention(s.q.data(), k.n, k.first_slot, s.cache, 0, k.heads, k.kv_heads, k.head_dim, p, wide.data(), opt);
+    size_t differ = 0;
+    for (size_t i = 0; i < size; ++i) differ += std::memcmp(&narrow[i], &wide[i], sizeof(float)) != 0;
+    EXPECT_EQ(differ, 0u) << "target_lanes " << opt.target_lanes << ", key_tile " << opt.key_tile;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, ApeKernelTest, ::testing::ValuesIn(KernelCases()), CaseName);
 
 // A read-only segment of `count` slots of random values stored as `e`, laid
