@@ -42,6 +42,7 @@ ABSL_FLAG(int, repeats, 3, "repeats; the best is reported");
 ABSL_FLAG(std::string, types, "F32",
           "weight types of the random model, comma-separated (F32,F16,BF16,Q8_0,Q4_0,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K)");
 ABSL_FLAG(std::string, model, "", "a GGUF file to benchmark instead of a random model");
+ABSL_FLAG(std::string, kernels, "", "weight kernels' ISA (avx2, avx512-vnni); empty = the best this CPU has");
 
 namespace ape::bench {
 namespace {
@@ -147,6 +148,10 @@ Row Measure(const Model& model, const std::string& name, int np, int nd, double 
 
 int Main() {
   SetComputeThreads(absl::GetFlag(FLAGS_threads));
+  if (!ForceKernelIsaForTesting(absl::GetFlag(FLAGS_kernels).c_str())) {
+    std::fprintf(stderr, "--kernels=%s: not available on this CPU\n", absl::GetFlag(FLAGS_kernels).c_str());
+    return 2;
+  }
   const int np = absl::GetFlag(FLAGS_prefill), nd = absl::GetFlag(FLAGS_decode);
   const std::string model_path = absl::GetFlag(FLAGS_model);
   auto load = [&]() -> std::unique_ptr<Model> {
@@ -228,10 +233,10 @@ int Main() {
   std::printf("| parameters | %.0f M |\n", c.num_params() / 1e6);
   std::printf("| memory read bandwidth | %.1f GB/s |\n", bw);
   std::printf("| resident memory before the model (libraries, probe buffers) | %.3f GB |\n", baseline_rss / 1e9);
-  std::printf("| sgemm at prefill shapes (m=%d), OpenBLAS on %d threads | %.1f GFLOP/s |\n", np, ComputeThreads(),
-              sgemm_probe.openblas_threads);
-  std::printf("| sgemm at prefill shapes (m=%d), one-thread OpenBLAS on row bands (MatMul F32) | %.1f GFLOP/s |\n", np,
-              sgemm_probe.engine_bands);
+  std::printf("| sgemm at prefill shapes (m=%d), OpenBLAS (%s kernels) on %d threads | %.1f GFLOP/s |\n", np,
+              openblas_get_corename(), ComputeThreads(), sgemm_probe.openblas_threads);
+  std::printf("| sgemm at prefill shapes (m=%d), MatMul F32 (%s on row bands) | %.1f GFLOP/s |\n", np,
+              BlasHasCpuKernels() ? "one-thread OpenBLAS" : "FloatGemm", sgemm_probe.engine_bands);
   std::printf("| causal attention of %d tokens, all layers | %.2f s |\n", np, attn_seconds);
   std::printf("| model fingerprint (XXH3-128) | %.1f GB/s = %.3f s per GB |\n\n", fp_gbs, 1.0 / fp_gbs);
   std::printf(

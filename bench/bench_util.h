@@ -22,6 +22,7 @@
 #include "common/engine/weight_matrix.h"
 
 extern "C" void openblas_set_num_threads(int);
+extern "C" char* openblas_get_corename(void);
 
 namespace ape::bench {
 
@@ -93,7 +94,8 @@ inline double ReadBandwidthGBs(size_t bytes, int reps) {
 // for each {out, in} of `shapes`, best of `reps`, GFLOP/s. Two ways: OpenBLAS
 // on its own threads (ComputeThreads() of them; the engine keeps OpenBLAS at
 // one thread otherwise) and the engine's MatMul (float32 weights: one-thread
-// sgemm on bands of rows across the compute threads). `best` is the larger.
+// sgemm on bands of rows across the compute threads, or FloatGemm where
+// OpenBLAS runs generic kernels: BlasHasCpuKernels). `best` is the larger.
 struct SgemmProbe {
   double openblas_threads = 0, engine_bands = 0;
   double best() const { return std::max(openblas_threads, engine_bands); }

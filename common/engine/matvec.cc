@@ -3,10 +3,13 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <string_view>
 #include <vector>
 
 #include "common/engine/quant.h"
 #include "common/engine/threading.h"
+
+extern "C" char* openblas_get_corename(void);
 
 namespace ape {
 namespace {
@@ -83,10 +86,20 @@ void FloatGemmMatMul(const float* x, int n, const WeightMatrix& w, float* y, int
 
 }  // namespace
 
+bool BlasHasCpuKernels() {
+  static const bool known = [] {
+    const std::string_view core = openblas_get_corename();
+    for (std::string_view k : {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"})
+      if (core == k) return true;
+    return false;
+  }();
+  return known;
+}
+
 void MatMul(const float* x, int n, const WeightMatrix& w, float* y, int ldy) {
   if (n <= kDecodeBatchMax || ActivationType(w.type) != GgmlType::kF32) {
     DotRowsMatMul(x, n, w, y, ldy);
-  } else if (w.type == GgmlType::kF16 || n <= kFloatGemmMaxTokens) {
+  } else if (w.type == GgmlType::kF16 || n <= kFloatGemmMaxTokens || !BlasHasCpuKernels()) {
     FloatGemmMatMul(x, n, w, y, ldy);
   } else {
     SgemmMatMul(x, n, w, y, ldy);

@@ -29,7 +29,9 @@
 //                       as multiplying); above, OpenBLAS sgemm (one thread)
 //                       on bands of rows, BF16 ones converted to float32
 //                       first, as fast or a little faster there (FloatGemm
-//                       ran at 0.90-1.06x its speed at 256 tokens).
+//                       ran at 0.90-1.06x its speed at 256 tokens). Unless
+//                       OpenBLAS runs generic kernels on this CPU
+//                       (BlasHasCpuKernels): then FloatGemm at every size.
 //     Q8_0 ... Q6_K     DotRowsBatch, as for a few tokens: integer dot
 //                       products (see bench/results/engine.md for why not
 //                       dequantize + sgemm).
@@ -47,6 +49,14 @@ constexpr int kDecodeBatchMax = 16;
 // Largest token count for which F32 and BF16 weights take FloatGemm, not
 // OpenBLAS.
 constexpr int kFloatGemmMaxTokens = 48;
+
+// Whether OpenBLAS picked kernels written for this CPU's vector units. It
+// picks by CPU model when it loads, and takes a model newer than itself for
+// an old one: Debian's 0.3.21 runs an Emerald Rapids Xeon (AVX-512) on its
+// Prescott (SSE3) kernels, at a third of FloatGemm's speed (measured:
+// bench/results/engine.md). Known AVX2/AVX-512 cores: Haswell, Zen,
+// SkylakeX, Cooperlake, SapphireRapids.
+bool BlasHasCpuKernels();
 
 // y[t][o] = sum_i x[t][i] W[o][i] for t < n, o < w.rows, i < w.cols; rows of
 // y are `ldy` floats apart.
