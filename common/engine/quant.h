@@ -36,8 +36,8 @@
 //
 // Dot products take the activations in the form their weight type wants
 // (ActivationType): float32 for F32/F16/BF16, Q8_0 blocks for Q8_0/Q4_0/Q5_0/Q5_1,
-// Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 paths (F/BW/VL and
-// VNNI: float, Q8_0 and Q4_0 weights) at run time where the CPU has them and
+// Q8_K blocks for Q4_K/Q6_K. The kernels pick AVX-512 paths (float
+// weights) at run time where the CPU has AVX512F/BW/VL and VNNI, and
 // AVX2+FMA+F16C otherwise; every kernel has a plain scalar twin
 // (DotRowsReference) that tests compare with.
 #ifndef APESERVE_COMMON_ENGINE_QUANT_H_
