@@ -1726,15 +1726,25 @@ namespace {
 using RowsKernel = void (*)(APE_KERNEL_ARGS);
 using KernelGrid = RowsKernel[4][4];
 // A whole DotRowsBatch (DotRows: n_tokens = 1) for types whose kernels
-// tile rows and tokens themselves (the AVX2 Q8_0/Q4_0 pairs).
+// tile rows and tokens themselves: the pair kernels of Q8_0, Q4_0, Q5_0 and
+// Q5_1 (AVX2; on AVX-512 CPUs too, where they measured faster than
+// vpdpbusd kernels), or null.
 using BatchKernel = void (*)(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                              int n_tokens, int64_t n, float* y, size_t y_stride);
 
+BatchKernel PairsBatchFor(GgmlType t) {
+  switch (t) {
+    case GgmlType::kQ8_0: return DotQ8_0BatchAvx2;
+    case GgmlType::kQ4_0: return DotQ4_0BatchAvx2;
+    case GgmlType::kQ5_0: return DotQ5_0BatchAvx2;
+    case GgmlType::kQ5_1: return DotQ5_1BatchAvx2;
+    default: return nullptr;
+  }
+}
+
 struct KernelSet {
   const char* isa;
-  KernelGrid f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k;
-  BatchKernel q8_0_batch, q4_0_batch;  // null: the grid
-  BatchKernel q5_0_batch, q5_1_batch;  // the AVX2 pairs in both sets
+  KernelGrid f32, f16, bf16, q4_k, q5_k, q6_k;
   // One row against T = 1..8 tokens ([T - 1]), for the token groups of
   // Q4_K/Q5_K/Q6_K decode batches and prefill.
   RowsKernel q4_k_tokens[8], q5_k_tokens[8], q6_k_tokens[8];
@@ -1743,23 +1753,11 @@ struct KernelSet {
     return t == GgmlType::kQ4_K ? q4_k_tokens : t == GgmlType::kQ5_K ? q5_k_tokens : q6_k_tokens;
   }
 
-  BatchKernel BatchFor(GgmlType t) const {
-    switch (t) {
-      case GgmlType::kQ8_0: return q8_0_batch;
-      case GgmlType::kQ4_0: return q4_0_batch;
-      case GgmlType::kQ5_0: return q5_0_batch;
-      case GgmlType::kQ5_1: return q5_1_batch;
-      default: return nullptr;
-    }
-  }
-
   const KernelGrid& For(GgmlType t) const {
     switch (t) {
       case GgmlType::kF32: return f32;
       case GgmlType::kF16: return f16;
       case GgmlType::kBF16: return bf16;
-      case GgmlType::kQ8_0: return q8_0;
-      case GgmlType::kQ4_0: return q4_0;
       case GgmlType::kQ4_K: return q4_k;
       case GgmlType::kQ5_K: return q5_k;
       case GgmlType::kQ6_K: return q6_k;
@@ -1779,15 +1777,9 @@ constexpr KernelSet kAvx2 = {"avx2",
                              APE_GRID(DotF32Avx2),
                              APE_GRID(DotF16Avx2),
                              APE_GRID(DotBf16Avx2),
-                             {},
-                             {},
                              APE_GRID(DotQ4KAvx2),
                              APE_GRID(DotQ5KAvx2),
                              APE_GRID(DotQ6KAvx2),
-                             DotQ8_0BatchAvx2,
-                             DotQ4_0BatchAvx2,
-                             DotQ5_0BatchAvx2,
-                             DotQ5_1BatchAvx2,
                              APE_TOKENS(DotQ4KAvx2),
                              APE_TOKENS(DotQ5KAvx2),
                              APE_TOKENS(DotQ6KAvx2)};
@@ -1796,15 +1788,9 @@ constexpr KernelSet kAvx512 = {"avx512-vnni",
                                APE_GRID(DotF32Avx512),
                                APE_GRID(DotF16Avx512),
                                APE_GRID(DotBf16Avx512),
-                               {},
-                               {},
                                APE_GRID(DotQ4KAvx2),
                                APE_GRID(DotQ5KAvx2),
                                APE_GRID(DotQ6KAvx2),
-                               DotQ8_0BatchAvx2,
-                               DotQ4_0BatchAvx2,
-                               DotQ5_0BatchAvx2,
-                               DotQ5_1BatchAvx2,
                                APE_TOKENS(DotQ4KAvx2),
                                APE_TOKENS(DotQ5KAvx2),
                                APE_TOKENS(DotQ6KAvx2)};
@@ -1842,7 +1828,7 @@ const KernelSet*& ActiveKernels() {
 constexpr size_t kShortRowBytes = 2048;
 
 void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, int64_t n, float* y) {
-  if (BatchKernel batch = ActiveKernels()->BatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
+  if (BatchKernel batch = PairsBatchFor(t)) return batch(w, row_bytes, rows, act, 0, 1, n, y, 0);
   const KernelGrid& kernel = ActiveKernels()->For(t);
   if (IsKQuant(t) || row_bytes < kShortRowBytes) {
     for (int r = 0; r < rows; ++r) kernel[0][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
@@ -1853,21 +1839,18 @@ void DotRows(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uin
   if (r < rows) kernel[rows - r - 1][0](w + r * row_bytes, row_bytes, act, 0, n, y + r, 0);
 }
 
-// Kernels with a BatchKernel (AVX2 Q8_0/Q4_0: PairsBatch) tile rows and
-// tokens themselves; K-quants run token groups of up to 8 (below). Otherwise
-// each group of tokens runs blocks of R rows against T tokens: one token group
-// unpacks each weight block once for T tokens, except for Q4_0 (AVX-512),
-// whose nibbles cost less to unpack than what a wider token group repeats per
-// token (it runs 4 rows x 1 token, as DotRows). A decode batch (activations
-// that fit in L2) takes a block of rows through all its token groups while
-// the block is in L1; a prefill takes chunks of about 64 KiB of rows through
-// one token group after another (the chunk stays in L2, a group's
-// activations in L1). Either way memory is read once.
+// Kernels with a BatchKernel (the Q8_0/Q4_0/Q5_0/Q5_1 pairs: PairsBatch)
+// tile rows and tokens themselves; K-quants run token groups of up to 8
+// (below), F16/BF16 rows are converted to float32 first. F32 runs each row
+// against groups of 4 tokens. A decode batch (activations that fit in L2)
+// takes a row through all its token groups while it is in L1; a prefill
+// takes chunks of about 64 KiB of rows through one token group after
+// another (the chunk stays in L2, a group's activations in L1). Either way
+// memory is read once.
 void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                   int n_tokens, int64_t n, float* y, size_t y_stride) {
   if (n_tokens <= 0 || rows <= 0) return;
-  if (BatchKernel batch = ActiveKernels()->BatchFor(t))
-    return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
+  if (BatchKernel batch = PairsBatchFor(t)) return batch(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
   if (n_tokens == 1) return DotRows(t, w, row_bytes, rows, act, n, y);
   if (IsKQuant(t)) {
     // A row at a time against token groups of up to 8 (split evenly), in
@@ -1917,25 +1900,25 @@ void DotRowsBatch(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, cons
     return;
   }
   const KernelGrid& kernel = ActiveKernels()->For(t);
-  const int block_rows = t == GgmlType::kQ4_0 ? 4 : 1, group = t == GgmlType::kQ4_0 ? 1 : 4;
-  auto run = [&](int r, int rb, int j) {
-    const int tokens = std::min(group, n_tokens - j);
-    kernel[rb - 1][tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r,
-                               y_stride);
+  constexpr int kGroup = 4;
+  auto run = [&](int r, int j) {
+    const int tokens = std::min(kGroup, n_tokens - j);
+    kernel[0][tokens - 1](w + r * row_bytes, row_bytes, act + j * act_stride, act_stride, n, y + j * y_stride + r,
+                          y_stride);
   };
   if (static_cast<size_t>(n_tokens) * act_stride <= (256 << 10)) {
     // A decode batch: its activations fit in L2, so each block of rows goes
     // through every token group while it is in L1, and the weights stream
     // from memory once, without pause, under the arithmetic.
-    for (int r = 0; r < rows; r += block_rows)
-      for (int j = 0; j < n_tokens; j += group) run(r, std::min(block_rows, rows - r), j);
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < n_tokens; j += kGroup) run(r, j);
     return;
   }
   const int chunk = static_cast<int>(std::max<size_t>(4, (64 << 10) / std::max<size_t>(row_bytes, 1)));
   for (int r0 = 0; r0 < rows; r0 += chunk) {
     const int r1 = std::min(rows, r0 + chunk);
-    for (int j = 0; j < n_tokens; j += group) {
-      for (int r = r0; r < r1; r += block_rows) run(r, std::min(block_rows, r1 - r), j);
+    for (int j = 0; j < n_tokens; j += kGroup) {
+      for (int r = r0; r < r1; ++r) run(r, j);
     }
   }
 }
