@@ -48,6 +48,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -66,7 +67,7 @@ namespace ape {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kLanes = 8;  // floats per AVX2 vector
+constexpr int kLanes = 8;            // floats per AVX2 vector
 constexpr int kMaxBlockVectors = 6;  // lanes of one lane block, in vectors (BlockVectors)
 constexpr float kLog2E = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
@@ -690,10 +691,11 @@ APE_ATTENTION_AVX512 inline void ScoreRest512(const float* k, size_t k_stride, i
 // Keys (scores) or dims (values) per step for NZ registers of lanes: MR x NZ
 // accumulators + NZ operands + a broadcast within the 32 registers.
 template <int NZ>
-constexpr int kTall512 = NZ == 3 ? 8 : NZ == 2 ? 12 : 16;
+constexpr int kTall512 = NZ == 3 ? 8 : (NZ == 2 ? 12 : 16);
 
 template <int NZ>
-APE_ATTENTION_AVX512 void ScoreTile512(const KvTile& kv, const float* qt, int head_dim, int slot0, const ScoreOut& out) {
+APE_ATTENTION_AVX512 void ScoreTile512(const KvTile& kv, const float* qt, int head_dim, int slot0,
+                                       const ScoreOut& out) {
   constexpr int MR = kTall512<NZ>;
   std::fill(out.max, out.max + NZ * 16, kNegInf);
   int j = 0;
@@ -750,8 +752,8 @@ APE_ATTENTION_AVX512 void AddValueTile512(const float* v, size_t v_stride, int n
 
 // AttendTile for a lane block of NZ AVX-512 registers (2 NZ vectors).
 template <int NZ>
-APE_ATTENTION_AVX512 void AttendTile512(const KvTile& kv, int slot0, const ScoreOut& out, const float* qt,
-                                        int head_dim, float* m, float* l, float* acc) {
+APE_ATTENTION_AVX512 void AttendTile512(const KvTile& kv, int slot0, const ScoreOut& out, const float* qt, int head_dim,
+                                        float* m, float* l, float* acc) {
   ScoreTile512<NZ>(kv, qt, head_dim, slot0, out);
   UpdateSoftmax<2 * NZ>(out.s, kv.count, out.max, out.last != nullptr, m, l, acc, head_dim);
   AddValueTile512<NZ>(kv.v, kv.stride, kv.count, out.s, head_dim, acc);
@@ -763,12 +765,12 @@ APE_ATTENTION_AVX512 void AttendTile512(const KvTile& kv, int slot0, const Score
 
 // A worker thread's buffers, grown on first use and kept.
 struct Scratch {
-  std::vector<float> qt;                                         // [lane block][head_dim][block width]
-  std::vector<int32_t> last;                                     // [lanes] last visible slot
-  std::vector<float> s;                                                         // [key_tile][48] scores, then p
-  std::vector<float> tile_max = std::vector<float>(kMaxBlockVectors * kLanes);  // [48] per lane
-  std::vector<float> states;                                     // C and O states when the task finalizes itself
-  std::vector<float> kv;                                         // [2][key_tile][heads][head_dim] a K/V tile
+  std::vector<float> qt;                                  // [lane block][head_dim][block width]
+  std::vector<int32_t> last;                              // [lanes] last visible slot
+  std::vector<float> s;                                   // [key_tile][48] scores, then p
+  std::array<float, kMaxBlockVectors * kLanes> tile_max;  // [48] per lane
+  std::vector<float> states;                              // C and O states when the task finalizes itself
+  std::vector<float> kv;                                  // [2][key_tile][heads][head_dim] a K/V tile
   void Reserve(const Plan& p, int vectors) {
     const size_t lanes = static_cast<size_t>(vectors) * kLanes;
     if (qt.size() < lanes * p.head_dim) qt.resize(lanes * p.head_dim);

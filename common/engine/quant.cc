@@ -1049,9 +1049,9 @@ inline __m256 SpreadPair(__m128 s) {
 // in order; at the end the lanes' horizontal sum. So DotRows and
 // DotRowsBatch agree bit for bit for any number of tokens.
 struct alignas(64) ActPair {
-  int8_t x[32];    // elements 0..15 of block 2p, then of block 2p+1
-  int8_t y[32];    // elements 16..31, the same way
-  float d[8];  // d(2p) x4, d(2p+1) x4, as float
+  int8_t x[32];  // elements 0..15 of block 2p, then of block 2p+1
+  int8_t y[32];  // elements 16..31, the same way
+  float d[8];    // d(2p) x4, d(2p+1) x4, as float
   union {
     int32_t off[8];  // Q4_0, Q5_0: 8 * the sum of the activations each lane covers
     float sum[8];    // Q5_1 instead: that sum (the lane's 8 activations) times d, as float
@@ -1784,15 +1784,9 @@ constexpr KernelSet kAvx2 = {"avx2",
                              APE_TOKENS(DotQ5KAvx2),
                              APE_TOKENS(DotQ6KAvx2)};
 
-constexpr KernelSet kAvx512 = {"avx512-vnni",
-                               APE_GRID(DotF32Avx512),
-                               APE_GRID(DotF16Avx512),
-                               APE_GRID(DotBf16Avx512),
-                               APE_GRID(DotQ4KAvx2),
-                               APE_GRID(DotQ5KAvx2),
-                               APE_GRID(DotQ6KAvx2),
-                               APE_TOKENS(DotQ4KAvx2),
-                               APE_TOKENS(DotQ5KAvx2),
+constexpr KernelSet kAvx512 = {"avx512-vnni",           APE_GRID(DotF32Avx512), APE_GRID(DotF16Avx512),
+                               APE_GRID(DotBf16Avx512), APE_GRID(DotQ4KAvx2),   APE_GRID(DotQ5KAvx2),
+                               APE_GRID(DotQ6KAvx2),    APE_TOKENS(DotQ4KAvx2), APE_TOKENS(DotQ5KAvx2),
                                APE_TOKENS(DotQ6KAvx2)};
 
 #undef APE_TOKENS
