@@ -1105,9 +1105,37 @@ inline void PrefetchPair(const uint8_t* wb, size_t ahead) {
 // [d x4 | 0 x4]: the scales of an odd last block's pair.
 inline __m256 HalfPairScale(const uint8_t* d) { return _mm256_zextps128_ps256(_mm_set1_ps(HalfToFloat(LoadU16(d)))); }
 
+// The int32 lanes of u1 . s1 + u2 . s2, u unsigned bytes and s signed ones
+// (lane i sums bytes 4i..4i+3 of both products): on AVX2 maddubs gives
+// int16 sums of byte pairs, then madd the int32 lanes (kPairs16: the two
+// products' int16 sums are added first, for quants small enough that they
+// fit); with kVnni, two vpdpbusd (AVX512-VNNI on 256-bit registers) give the
+// int32 lanes at once. Every sum is exact, so both give the same integers
+// and the kernels the same bits. vpdpbusd is written in asm, so that this
+// file keeps its AVX2 baseline: the kVnni kernels run only where the CPU
+// has it (PairsBatchFor). The kinds take it for token groups (T > 1) only:
+// alternated on an Emerald Rapids Xeon, it made 64-token prefill about 1.2x
+// faster and one-token decode no faster, or slower (Q4_0 53-55 against
+// 60-61 tokens/s), where a step's two chained vpdpbusd are its longest
+// latency.
+template <bool kVnni, bool kPairs16>
+inline __m256i DotBytes(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+  if constexpr (kVnni) {
+    __m256i acc = _mm256_setzero_si256();
+    asm("vpdpbusd %1, %2, %0\n\tvpdpbusd %3, %4, %0" : "+&x"(acc) : "x"(s1), "x"(u1), "x"(s2), "x"(u2));
+    return acc;
+  } else {
+    const __m256i ones = _mm256_set1_epi16(1), p1 = _mm256_maddubs_epi16(u1, s1), p2 = _mm256_maddubs_epi16(u2, s2);
+    if constexpr (kPairs16) return _mm256_madd_epi16(_mm256_add_epi16(p1, p2), ones);
+    return _mm256_add_epi32(_mm256_madd_epi16(p1, ones), _mm256_madd_epi16(p2, ones));
+  }
+}
+
 // Q8_0 x Q8_0, one pair of blocks of one row against T tokens: the
-// weights' magnitudes once, then per token maddubs(|w|, a with w's sign)
-// (exact: a in -127..127).
+// weights' magnitudes once, then per token |w| . (a with w's sign)
+// (exact: a in -127..127; a byte pair's products reach 2 * 128 * 127, so
+// the two halves' int16 sums are not added before widening).
+template <bool kVnni>
 struct Q8_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ8_0);
   static constexpr bool kScaledSums = false;  // reads ActPair::off
@@ -1129,13 +1157,11 @@ struct Q8_0Pairs {
 
   template <int T>
   static inline void Step(__m256i x, __m256i y, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i ux = _mm256_sign_epi8(x, x), uy = _mm256_sign_epi8(y, y);
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
-      const __m256i px = _mm256_maddubs_epi16(ux, _mm256_sign_epi8(LoadA256(aj.x), x));
-      const __m256i py = _mm256_maddubs_epi16(uy, _mm256_sign_epi8(LoadA256(aj.y), y));
-      const __m256i sumi = _mm256_add_epi32(_mm256_madd_epi16(px, ones), _mm256_madd_epi16(py, ones));
+      const __m256i sumi = DotBytes < kVnni && (T > 1),
+                    false > (ux, _mm256_sign_epi8(LoadA256(aj.x), x), uy, _mm256_sign_epi8(LoadA256(aj.y), y));
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
     }
   }
@@ -1145,21 +1171,20 @@ struct Q8_0Pairs {
 // 16) against T tokens: (u - bias) . a = u . a - bias * sum(a), u in maddubs'
 // unsigned operand, the second term from ActPair::off (8 * sum(a)) shifted.
 // lo holds the pair's elements 0..15 (the x layout), hi 16..31 (y).
-template <int T, int kBiasShift>
+template <int T, int kBiasShift, bool kVnni>
 inline void UnsignedPairStep(__m256i lo, __m256i hi, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int j = 0; j < T; ++j) {
     const ActPair& aj = a[j * a_stride];
     // Quant x activation pairs: at most 4 * 31 * 127 in int16.
-    const __m256i p16 =
-        _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
+    const __m256i dot = DotBytes < kVnni && (T > 1), true > (lo, LoadA256(aj.x), hi, LoadA256(aj.y));
     const __m256i bias = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)), kBiasShift);
-    const __m256i sumi = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones), bias);
+    const __m256i sumi = _mm256_sub_epi32(dot, bias);
     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
   }
 }
 
 // Q4_0 x Q8_0: (q - 8) . a, the nibbles unsigned.
+template <bool kVnni>
 struct Q4_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ4_0);
   static constexpr bool kScaledSums = false;  // reads ActPair::off
@@ -1178,8 +1203,8 @@ struct Q4_0Pairs {
   template <int T>
   static inline void Step(__m256i q, __m256 dw, const ActPair* a, int64_t a_stride, __m256* acc) {
     const __m256i m4 = _mm256_set1_epi8(15);
-    UnsignedPairStep<T, 0>(_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), dw, a, a_stride,
-                           acc);
+    UnsignedPairStep<T, 0, kVnni>(_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), dw, a,
+                                  a_stride, acc);
   }
 };
 
@@ -1217,6 +1242,7 @@ inline void FiveBitPair(const uint8_t* wb, bool second, __m256i* lo, __m256i* hi
 }
 
 // Q5_0 x Q8_0: (q - 16) . a, q the 5-bit quants.
+template <bool kVnni>
 struct Q5_0Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ5_0);
   static constexpr bool kScaledSums = false;  // reads ActPair::off
@@ -1225,19 +1251,20 @@ struct Q5_0Pairs {
   static inline void Pair(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
     __m256i lo, hi;
     FiveBitPair<kBlock, 2, 6>(wb, true, &lo, &hi);
-    UnsignedPairStep<T, 1>(lo, hi, SpreadPair(TwoHalves(wb, kBlock)), a, a_stride, acc);
+    UnsignedPairStep<T, 1, kVnni>(lo, hi, SpreadPair(TwoHalves(wb, kBlock)), a, a_stride, acc);
   }
   template <int T>
   static inline void Odd(const uint8_t* wb, const ActPair* a, int64_t a_stride, __m256* acc) {
     __m256i lo, hi;
     FiveBitPair<kBlock, 2, 6>(wb, false, &lo, &hi);
-    UnsignedPairStep<T, 1>(lo, hi, HalfPairScale(wb), a, a_stride, acc);
+    UnsignedPairStep<T, 1, kVnni>(lo, hi, HalfPairScale(wb), a, a_stride, acc);
   }
 };
 
 // Q5_1 x Q8_0: d * (q . a) + m * sum(a) per block, q as Q5_0's; sum(a)
 // times the activations' d from ActPair::sum, made once per token for
 // every row.
+template <bool kVnni>
 struct Q5_1Pairs {
   static constexpr size_t kBlock = sizeof(BlockQ5_1);
   static constexpr bool kScaledSums = true;
@@ -1258,13 +1285,11 @@ struct Q5_1Pairs {
   template <int T>
   static inline void Step(__m256i lo, __m256i hi, __m256 dw, __m256 mw, const ActPair* a, int64_t a_stride,
                           __m256* acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
-      const __m256i p16 =
-          _mm256_add_epi16(_mm256_maddubs_epi16(lo, LoadA256(aj.x)), _mm256_maddubs_epi16(hi, LoadA256(aj.y)));
+      const __m256i dot = DotBytes < kVnni && (T > 1), true > (lo, LoadA256(aj.x), hi, LoadA256(aj.y));
       const __m256 dwa = _mm256_mul_ps(dw, _mm256_load_ps(aj.d));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dwa, acc[j]);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dwa, acc[j]);
       acc[j] = _mm256_fmadd_ps(mw, _mm256_load_ps(aj.sum), acc[j]);
     }
   }
@@ -1362,23 +1387,6 @@ void PairsBatch(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act
       }
     }
   }
-}
-
-void DotQ8_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
-                      int64_t n, float* y, size_t y_stride) {
-  PairsBatch<Q8_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
-}
-void DotQ4_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
-                      int64_t n, float* y, size_t y_stride) {
-  PairsBatch<Q4_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
-}
-void DotQ5_0BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
-                      int64_t n, float* y, size_t y_stride) {
-  PairsBatch<Q5_0Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
-}
-void DotQ5_1BatchAvx2(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride, int n_tokens,
-                      int64_t n, float* y, size_t y_stride) {
-  PairsBatch<Q5_1Pairs>(w, row_bytes, rows, act, act_stride, n_tokens, n, y, y_stride);
 }
 
 // Shuffle masks: kBroadcast16.mask[k] copies int16 lane k of each 128-bit
@@ -1639,13 +1647,14 @@ void FloatGemm(GgmlType t, const uint8_t* w, size_t row_bytes, int rows, const f
 // ---------------------------------------------------------------------------
 // 7. AVX-512 kernels (AVX512F/BW/VL + VNNI), chosen at run time
 // ---------------------------------------------------------------------------
-// Float weights run 16 lanes wide. The block types keep the AVX2 kernels.
-// Q8_0 and Q4_0 had AVX-512 kernels with vpdpbusd (u8 x s8 dot products of
-// 4 into int32, R rows x T tokens); on an Emerald Rapids Xeon the AVX2 pair
-// kernels (section 6) measured faster in the same window, decode 1.2-1.3x
-// and 64-token prefill 1.2-1.5x (bench/results/engine.md), so they went.
-// Q4_K and Q6_K: their int16 step carries the sub-block scale multiply,
-// which vpdpbusd would move to a slow 32-bit multiply. BF16 weights do not
+// Float weights run 16 lanes wide. The block types keep the AVX2 kernels,
+// the pair kernels (section 6) with vpdpbusd for token groups. Q8_0 and
+// Q4_0 had AVX-512 kernels of their own (vpdpbusd, R rows x T tokens); on
+// an Emerald Rapids Xeon the pair kernels measured faster in the same
+// window, decode 1.2-1.3x and 64-token prefill 1.2-1.5x
+// (bench/results/engine.md), so they went. Q4_K and Q6_K: their int16 step
+// carries the sub-block scale multiply, which vpdpbusd would move to a slow
+// 32-bit multiply. BF16 weights do not
 // use AVX512_BF16's vdpbf16ps: it needs bf16 activations, and these stay
 // float32 (the kernels are bound by memory, not by the convert).
 namespace {
@@ -1727,17 +1736,17 @@ using RowsKernel = void (*)(APE_KERNEL_ARGS);
 using KernelGrid = RowsKernel[4][4];
 // A whole DotRowsBatch (DotRows: n_tokens = 1) for types whose kernels
 // tile rows and tokens themselves: the pair kernels of Q8_0, Q4_0, Q5_0 and
-// Q5_1 (AVX2; on AVX-512 CPUs too, where they measured faster than
-// vpdpbusd kernels), or null.
+// Q5_1 (PairsBatch; kVnni where the CPU has AVX512-VNNI), or null.
 using BatchKernel = void (*)(const uint8_t* w, size_t row_bytes, int rows, const uint8_t* act, size_t act_stride,
                              int n_tokens, int64_t n, float* y, size_t y_stride);
 
-BatchKernel PairsBatchFor(GgmlType t) {
+template <bool kVnni>
+BatchKernel PairsBatchOf(GgmlType t) {
   switch (t) {
-    case GgmlType::kQ8_0: return DotQ8_0BatchAvx2;
-    case GgmlType::kQ4_0: return DotQ4_0BatchAvx2;
-    case GgmlType::kQ5_0: return DotQ5_0BatchAvx2;
-    case GgmlType::kQ5_1: return DotQ5_1BatchAvx2;
+    case GgmlType::kQ8_0: return PairsBatch<Q8_0Pairs<kVnni>>;
+    case GgmlType::kQ4_0: return PairsBatch<Q4_0Pairs<kVnni>>;
+    case GgmlType::kQ5_0: return PairsBatch<Q5_0Pairs<kVnni>>;
+    case GgmlType::kQ5_1: return PairsBatch<Q5_1Pairs<kVnni>>;
     default: return nullptr;
   }
 }
@@ -1806,6 +1815,12 @@ const KernelSet* DetectKernels() { return HasAvx512Vnni() ? &kAvx512 : &kAvx2; }
 const KernelSet*& ActiveKernels() {
   static const KernelSet* active = DetectKernels();
   return active;
+}
+
+// The pair kernels with vpdpbusd under the AVX-512 kernel set (which needs
+// AVX512-VNNI and VL), with maddubs otherwise.
+BatchKernel PairsBatchFor(GgmlType t) {
+  return ActiveKernels() == &kAvx512 ? PairsBatchOf<true>(t) : PairsBatchOf<false>(t);
 }
 
 }  // namespace

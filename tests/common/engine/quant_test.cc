@@ -716,6 +716,34 @@ TEST(DotRowsBatchTest, BitIdenticalToDotRowsPerToken) {
   ForceKernelIsaForTesting(nullptr);
 }
 
+// The pair kernels (Q8_0, Q4_0, Q5_0, Q5_1) sum their byte products with
+// vpdpbusd under the AVX-512 kernels and with maddubs under AVX2: the same
+// exact integers, so the same bits, for one token and for batches.
+TEST(DotRowsBatchTest, PairKernelsGiveTheSameBitsOnEveryIsa) {
+  if (!ForceKernelIsaForTesting("avx512-vnni")) GTEST_SKIP() << "this CPU has no avx512-vnni kernels";
+  std::mt19937 rng(12);
+  for (GgmlType t : {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ5_0, GgmlType::kQ5_1}) {
+    for (const int64_t n : {int64_t{32}, int64_t{896}, int64_t{4608 + 32}}) {
+      const size_t row_bytes = RowBytes(t, n);
+      constexpr int kRows = 19, kTokens = 11;
+      const Bytes w = RandomRows(t, n, kRows, rng, 0);
+      const size_t act_stride = ActivationBytes(t, n);
+      Bytes act(kTokens * act_stride);
+      for (int j = 0; j < kTokens; ++j)
+        PrepareActivations(t, RandomFloats(rng, n, 1.f).data(), n, act.data() + j * act_stride);
+      std::vector<float> got[2];
+      for (int v = 0; v < 2; ++v) {
+        ASSERT_TRUE(ForceKernelIsaForTesting(v == 0 ? "avx2" : "avx512-vnni"));
+        got[v].resize(kTokens * kRows + kRows);
+        DotRowsBatch(t, w.data(), row_bytes, kRows, act.data(), act_stride, kTokens, n, got[v].data(), kRows);
+        DotRows(t, w.data(), row_bytes, kRows, act.data(), n, got[v].data() + kTokens * kRows);
+      }
+      EXPECT_EQ(std::memcmp(got[0].data(), got[1].data(), got[0].size() * sizeof(float)), 0) << Name(t) << " n " << n;
+    }
+  }
+  ForceKernelIsaForTesting(nullptr);
+}
+
 TEST(KernelIsaTest, NamesAKnownPath) {
   const std::string isa = KernelIsa();
   EXPECT_TRUE(isa == "avx2" || isa == "avx512-vnni") << isa;
