@@ -212,8 +212,9 @@ int Main() {
 
   // The ceilings, measured as bench_engine does (bench_util.h): a
   // 512x4096x4096 product as the engine runs it (MatMul: one-thread sgemm on
-  // bands of rows across the compute threads; OpenBLAS itself is kept at one
-  // thread), and a read of 512 MB on the compute threads.
+  // bands of rows across the compute threads, OpenBLAS itself kept at one
+  // thread, or FloatGemm where OpenBLAS runs generic kernels), and a read of
+  // 512 MB on the compute threads.
   const int m = 512, n = 4096, kk = 4096;
   std::vector<float> a(static_cast<size_t>(m) * kk), b(static_cast<size_t>(n) * kk), c(static_cast<size_t>(m) * n);
   Fill(a.data(), a.size(), 1);
