@@ -1113,11 +1113,17 @@ inline __m256 HalfPairScale(const uint8_t* d) { return _mm256_zextps128_ps256(_m
 // int32 lanes at once. Every sum is exact, so both give the same integers
 // and the kernels the same bits. vpdpbusd is written in asm, so that this
 // file keeps its AVX2 baseline: the kVnni kernels run only where the CPU
-// has it (PairsBatchFor). The kinds take it for token groups (T > 1) only:
+// has it (PairsBatchFor). The kinds take it for token groups only (UseVnni):
 // alternated on an Emerald Rapids Xeon, it made 64-token prefill about 1.2x
 // faster and one-token decode no faster, or slower (Q4_0 53-55 against
 // 60-61 tokens/s), where a step's two chained vpdpbusd are its longest
 // latency.
+// vpdpbusd for a kernel of T tokens: for token groups only (above).
+template <bool kVnni, int T>
+constexpr bool UseVnni() {
+  return kVnni && T > 1;
+}
+
 template <bool kVnni, bool kPairs16>
 inline __m256i DotBytes(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
   if constexpr (kVnni) {
@@ -1160,8 +1166,8 @@ struct Q8_0Pairs {
     const __m256i ux = _mm256_sign_epi8(x, x), uy = _mm256_sign_epi8(y, y);
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
-      const __m256i sumi = DotBytes < kVnni && (T > 1),
-                    false > (ux, _mm256_sign_epi8(LoadA256(aj.x), x), uy, _mm256_sign_epi8(LoadA256(aj.y), y));
+      const __m256i sumi = DotBytes<UseVnni<kVnni, T>(), false>(ux, _mm256_sign_epi8(LoadA256(aj.x), x), uy,
+                                                                _mm256_sign_epi8(LoadA256(aj.y), y));
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
     }
   }
@@ -1176,7 +1182,7 @@ inline void UnsignedPairStep(__m256i lo, __m256i hi, __m256 dw, const ActPair* a
   for (int j = 0; j < T; ++j) {
     const ActPair& aj = a[j * a_stride];
     // Quant x activation pairs: at most 4 * 31 * 127 in int16.
-    const __m256i dot = DotBytes < kVnni && (T > 1), true > (lo, LoadA256(aj.x), hi, LoadA256(aj.y));
+    const __m256i dot = DotBytes<UseVnni<kVnni, T>(), true>(lo, LoadA256(aj.x), hi, LoadA256(aj.y));
     const __m256i bias = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(aj.off)), kBiasShift);
     const __m256i sumi = _mm256_sub_epi32(dot, bias);
     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dw, _mm256_load_ps(aj.d)), acc[j]);
@@ -1287,7 +1293,7 @@ struct Q5_1Pairs {
                           __m256* acc) {
     for (int j = 0; j < T; ++j) {
       const ActPair& aj = a[j * a_stride];
-      const __m256i dot = DotBytes < kVnni && (T > 1), true > (lo, LoadA256(aj.x), hi, LoadA256(aj.y));
+      const __m256i dot = DotBytes<UseVnni<kVnni, T>(), true>(lo, LoadA256(aj.x), hi, LoadA256(aj.y));
       const __m256 dwa = _mm256_mul_ps(dw, _mm256_load_ps(aj.d));
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dwa, acc[j]);
       acc[j] = _mm256_fmadd_ps(mw, _mm256_load_ps(aj.sum), acc[j]);
