@@ -168,8 +168,8 @@ def write_markdown(path, records, args, command, width_note):
         "which flatters the points with more streams: read them next to the load average.",
         "",
         "The decoder batches: --max_concurrent streams share one decode step per engine iteration (each",
-        "weight matrix read once for all of them), and a newcomer's prompt is prefilled 64 tokens per",
-        "iteration between steps (docs/APE.md section 9).",
+        "weight matrix read once for all of them), and a newcomer's prompt is prefilled --prefill_chunk",
+        "tokens (default 32) per iteration, riding along in the step where it fits (docs/APE.md section 9).",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

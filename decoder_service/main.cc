@@ -46,7 +46,7 @@ ABSL_FLAG(int64_t, hot_cache_mb, 0,
 ABSL_FLAG(int, max_concurrent, 8,
           "requests computing at once: the width of the decode batch (streams sharing one forward step; "
           "1 to 256); more wait in the queue");
-ABSL_FLAG(int, prefill_chunk, 64,
+ABSL_FLAG(int, prefill_chunk, 32,
           "prompt tokens prefilled between two decode steps: bounds how long a newcomer's prefill stalls the "
           "running streams (1 to 1024)");
 ABSL_FLAG(int, max_queue, 16, "requests waiting for compute before RESOURCE_EXHAUSTED");

@@ -55,13 +55,14 @@ namespace ape {
 struct BatchDecoderOptions {
   // Streams in the batch at once (rows of one decode step); 1 to 256.
   int max_streams = 8;
-  // Prompt tokens prefilled per engine iteration. 64 rows already run the
-  // weight products as matrix products (sgemm and the batched quantized
+  // Prompt tokens prefilled per engine iteration. 32 rows already run the
+  // weight products as matrix products (FloatGemm and the batched quantized
   // kernels are near their peak from a few dozen rows on), while the stall
-  // a chunk imposes on the decoding streams stays bounded by 64 tokens'
-  // worth of prefill. Larger chunks buy little throughput for longer stalls.
-  // 1 to 1024.
-  int prefill_chunk = 64;
+  // a chunk imposes on the decoding streams stays bounded by 32 tokens'
+  // worth of prefill. Larger chunks buy little throughput for longer stalls:
+  // at 8 streams, 32 measured more tokens/s and a lower p99 inter-token
+  // latency than 64 (bench/results/load.md). 1 to 1024.
+  int prefill_chunk = 32;
 };
 
 // One request in the engine, shared by the engine and its consumer.
