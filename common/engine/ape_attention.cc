@@ -326,7 +326,6 @@ struct Task {
   int head_lanes;    // rows * group
   int head_vectors;  // head_lanes rounded up to whole vectors
   int vectors;       // heads * head_vectors
-  bool wide;         // Plan::wide
 };
 
 inline int CeilDiv(int a, int b) { return (a + b - 1) / b; }
@@ -389,7 +388,6 @@ inline Task TaskAt(const Plan& p, int64_t i) {
   t.head_lanes = t.rows * p.group;
   t.head_vectors = CeilDiv(t.head_lanes, kLanes);
   t.vectors = t.heads * t.head_vectors;
-  t.wide = p.wide;
   return t;
 }
 
@@ -428,10 +426,10 @@ inline int BlockVectors(int vectors_left, bool wide) {
 
 // Calls f(KV head - g0, first lane, vectors) for each lane block of a task.
 template <typename F>
-void ForEachBlock(const Task& t, const F& f) {
+void ForEachBlock(const Plan& p, const Task& t, const F& f) {
   for (int hi = 0; hi < t.heads; ++hi)
     for (int v0 = 0, w = 0; v0 < t.head_vectors; v0 += w) {
-      w = BlockVectors(t.head_vectors - v0, t.wide);
+      w = BlockVectors(t.head_vectors - v0, p.wide);
       f(hi, (hi * t.head_vectors + v0) * kLanes, w);
     }
 }
@@ -440,7 +438,7 @@ void ForEachBlock(const Task& t, const F& f) {
 // task's real lanes (not the padding of a KV head's last vector).
 template <typename F>
 void ForEachLane(const Plan& p, const Task& t, const F& f) {
-  ForEachBlock(t, [&](int hi, int b0, int w) {
+  ForEachBlock(p, t, [&](int hi, int b0, int w) {
     const int head_first = hi * t.head_vectors * kLanes;
     for (int lane = b0; lane < std::min(b0 + w * kLanes, head_first + t.head_lanes); ++lane) {
       const int i = lane - head_first;
@@ -791,7 +789,7 @@ Scratch& ThreadScratch() {
 // Qt per lane block (padding lanes are zero) and each lane's last slot.
 void PackLanes(const Plan& p, const Task& t, float* qt, int32_t* last) {
   const int hd = p.head_dim;
-  ForEachBlock(t, [&](int hi, int b0, int w) {
+  ForEachBlock(p, t, [&](int hi, int b0, int w) {
     const int head_first = hi * t.head_vectors * kLanes, width = w * kLanes;
     float* block = qt + static_cast<size_t>(b0) * hd;
     for (int lane = b0; lane < b0 + width; ++lane) {
@@ -835,12 +833,12 @@ void AttendKeys(const Plan& p, const Task& t, int begin, int end, Scratch& sc, c
     for (int t0 = pos; t0 < next; t0 += p.key_tile) {
       const int nt = std::min(p.key_tile, next - t0);
       const KvTile kv = LoadKvTile(*p.cache, p.layer, t.g0, t.heads, hd, t0, nt, sc.kv.data());
-      ForEachBlock(t, [&](int hi, int b0, int w) {
+      ForEachBlock(p, t, [&](int hi, int b0, int w) {
         const KvTile head{kv.k + hi * hd, kv.v + hi * hd, kv.stride, kv.count};
         const ScoreOut out{sc.s.data(), sc.tile_max.data(), scale, masked ? sc.last.data() + b0 : nullptr};
         const float* qt = sc.qt.data() + static_cast<size_t>(b0) * hd;
         float* acc = st.acc + static_cast<size_t>(b0) * hd;
-        if (t.wide && w % 2 == 0) {
+        if (p.wide && w % 2 == 0) {
           if (w == 6) AttendTile512<3>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
           if (w == 4) AttendTile512<2>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
           if (w == 2) AttendTile512<1>(head, t0, out, qt, hd, st.m + b0, st.l + b0, acc);
